@@ -1,0 +1,607 @@
+"""Load and validate ``configuration.yml``; every problem is reported at once, with file:line.
+
+The file is read into YAML nodes (which know their line), then walked key by key. Each problem
+becomes a :class:`~mail2alert.errors.ConfigProblem`; if there is any, :func:`load` raises one
+:class:`~mail2alert.errors.ConfigError` carrying them all, so an operator fixes everything in
+one pass. Nothing is started from a file that has a problem.
+
+``$NAME`` and ``${NAME}`` in string values are replaced from the environment (``$$`` is a
+literal ``$``); an unset variable is a problem, never left as text.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from mail2alert.actions import check_action
+from mail2alert.errors import ConfigError, ConfigProblem, RuleArgumentError
+from mail2alert.managers import MANAGER_TYPES
+from mail2alert.managers.base import ManagerType, Option
+from mail2alert.model import Secret
+from mail2alert.routing import Manager, Rule
+
+ENV_CONFIG = "MAIL2ALERT_CONFIGURATION"
+DEFAULT_CONFIG = "configuration.yml"
+
+_VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_STR = "tag:yaml.org,2002:str"
+_NULL = "tag:yaml.org,2002:null"
+_BOOL = "tag:yaml.org,2002:bool"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A ``host:port`` address; IPv6 hosts are written ``[::1]:1025``."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How delivery to ``remote-smtp`` is retried (seconds), in the spirit of Postfix."""
+
+    retry_initial: float = 60.0
+    retry_max: float = 3600.0
+    give_up_after: float = 5 * 86400.0
+    timeout: float = 30.0
+    connections: int = 4
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """A manager as configured: its routing part plus its type-specific options."""
+
+    manager: Manager
+    options: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, valid configuration."""
+
+    path: str
+    local_smtp: HostPort
+    remote_smtp: HostPort
+    managers: tuple[ManagerConfig, ...]
+    data_dir: Path
+    delivery: Delivery = Delivery()
+    intake_workers: int = 1
+
+    @property
+    def routing(self) -> tuple[Manager, ...]:
+        """The managers in order, as :func:`mail2alert.routing.route` takes them."""
+        return tuple(m.manager for m in self.managers)
+
+    def summary(self) -> str:
+        """One line: how many managers, rules and actions."""
+        rules = sum(len(m.manager.rules) for m in self.managers)
+        actions = sum(len(r.actions) for m in self.managers for r in m.manager.rules)
+        names = ", ".join(m.manager.type.name for m in self.managers) or "none"
+        return (
+            f"{len(self.managers)} manager{'s' * (len(self.managers) != 1)} ({names}), "
+            f"{rules} rule{'s' * (rules != 1)}, {actions} action{'s' * (actions != 1)}"
+        )
+
+
+def config_path(explicit: str | None) -> Path:
+    """Where the configuration is: ``--config``, else ``$MAIL2ALERT_CONFIGURATION``, else ./."""
+    return Path(explicit or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the configuration file at ``path``; raise ConfigError listing all."""
+    name = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem(name, 0, "", "no such file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError([ConfigProblem(name, 0, "", f"cannot read: {reason}")]) from None
+    return parse(text, name, os.environ if env is None else env)
+
+
+def parse(text: str, filename: str, env: Mapping[str, str]) -> Config:
+    """Validate configuration text; ``filename`` is only used in messages."""
+    walker = _Walker(filename, env)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        what = exc.problem or exc.context or "invalid YAML"
+        hint = ""
+        if "[" in (text.splitlines()[line - 1] if 0 < line <= len(text.splitlines()) else ""):
+            hint = ' (quote IPv6 addresses: "[::1]:1025")'
+        raise ConfigError(
+            [ConfigProblem(filename, line, "", f"YAML syntax error: {what}{hint}")]
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([ConfigProblem(filename, 0, "", f"YAML error: {exc}")]) from None
+    config = walker.config(root)
+    if walker.problems or config is None:
+        raise ConfigError(
+            walker.problems or [ConfigProblem(filename, 0, "", "empty configuration")]
+        )
+    return config
+
+
+def _did_you_mean(word: str, choices: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+class _Walker:
+    """Turns YAML nodes into a Config, collecting problems instead of stopping at the first."""
+
+    def __init__(self, filename: str, env: Mapping[str, str]) -> None:
+        self.filename = filename
+        self.env = env
+        self.problems: list[ConfigProblem] = []
+
+    def problem(self, node: Node | None, path: str, message: str) -> None:
+        line = _line(node) if node is not None else 0
+        self.problems.append(ConfigProblem(self.filename, line, path, message))
+
+    # -- shapes ---------------------------------------------------------------------------
+
+    def mapping(
+        self,
+        node: Node,
+        path: str,
+        *,
+        known: Collection[str],
+        required: Collection[str] = (),
+        what: str = "",
+    ) -> dict[str, Node] | None:
+        if not isinstance(node, MappingNode):
+            self.problem(node, path, f"expected a mapping of keys, got {_kind(node)}")
+            return None
+        out: dict[str, Node] = {}
+        for key_node, value in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            where = f"{path}.{key}" if path and key else (key or path)
+            if not isinstance(key, str):
+                self.problem(key_node, path, "keys must be plain names")
+            elif key in out:
+                self.problem(key_node, where, f"duplicate key {key!r}")
+            elif key not in known:
+                hint = _did_you_mean(key, known)
+                self.problem(key_node, where, f"unknown key {key!r}{what}{hint}")
+            else:
+                out[key] = value
+        for key in required:
+            if key not in out:
+                self.problem(node, path, f"missing required key {key!r}")
+        return out
+
+    def sequence(self, node: Node, path: str, *, single_ok: bool = False) -> list[Node] | None:
+        if isinstance(node, SequenceNode):
+            return list(node.value)
+        if single_ok and isinstance(node, ScalarNode) and node.tag != _NULL:
+            return [node]
+        self.problem(node, path, f"expected a list, got {_kind(node)}")
+        return None
+
+    def text(self, node: Node, path: str, *, allow_numbers: bool = False) -> str | None:
+        ok_tags = {_STR} | ({_INT, _FLOAT} if allow_numbers else set())
+        if not isinstance(node, ScalarNode) or node.tag not in ok_tags:
+            self.problem(node, path, f"expected text, got {_kind(node)}")
+            return None
+        return self.expand(node, path, str(node.value))
+
+    def expand(self, node: Node, path: str, value: str) -> str | None:
+        missing: list[str] = []
+
+        def substitute(found: re.Match[str]) -> str:
+            name = found.group(1) or found.group(2)
+            if name is None:
+                return "$"
+            if name not in self.env:
+                missing.append(name)
+                return ""
+            return self.env[name]
+
+        result = _VAR.sub(substitute, value)
+        for name in missing:
+            self.problem(node, path, f"environment variable {name!r} is not set")
+        return None if missing else result
+
+    def text_list(self, node: Node, path: str) -> list[tuple[str, Node]]:
+        items = self.sequence(node, path, single_ok=True) or []
+        out: list[tuple[str, Node]] = []
+        for i, item in enumerate(items):
+            value = self.text(item, f"{path}[{i}]" if isinstance(node, SequenceNode) else path)
+            if value is not None:
+                out.append((value, item))
+        return out
+
+    def seconds(self, node: Node, path: str) -> float | None:
+        raw = node.value if isinstance(node, ScalarNode) and node.tag != _NULL else None
+        found = _DURATION.match(str(raw)) if raw is not None else None
+        if isinstance(node, ScalarNode) and node.tag == _STR and found is None:
+            expanded = self.expand(node, path, str(raw))
+            found = _DURATION.match(expanded) if expanded is not None else None
+            if expanded is None:
+                return None
+        if found is None or float(found.group(1)) <= 0:
+            self.problem(
+                node,
+                path,
+                f"expected a positive duration like 30s, 10m, 1h, 5d or seconds, got {_show(node)}",
+            )
+            return None
+        return float(found.group(1)) * _UNITS[found.group(2)]
+
+    def integer(self, node: Node, path: str, *, minimum: int) -> int | None:
+        if isinstance(node, ScalarNode) and node.tag == _INT and int(node.value) >= minimum:
+            return int(node.value)
+        self.problem(
+            node, path, f"expected a whole number of at least {minimum}, got {_show(node)}"
+        )
+        return None
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        if isinstance(node, ScalarNode) and node.tag == _BOOL:
+            return str(node.value).lower() in ("true", "yes", "on")
+        self.problem(node, path, f"expected true or false, got {_show(node)}")
+        return None
+
+    def host_port(self, node: Node, path: str, *, allow_zero: bool = False) -> HostPort | None:
+        value = self.text(node, path)
+        if value is None:
+            return None
+        found = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]\s]+)):(\d{1,5})$", value.strip())
+        port = int(found.group(3)) if found else -1
+        if not found or not (0 if allow_zero else 1) <= port <= 65535:
+            self.problem(
+                node,
+                path,
+                f'expected host:port (e.g. localhost:1025 or "[::1]:1025"), got {value!r}',
+            )
+            return None
+        return HostPort(found.group(1) or found.group(2), port)
+
+    def actions(self, node: Node, path: str) -> tuple[str, ...]:
+        items = self.sequence(node, path) or []
+        out: list[str] = []
+        for i, item in enumerate(items):
+            uri = self.text(item, f"{path}[{i}]")
+            if uri is None:
+                continue
+            problem = check_action(uri.strip())
+            if problem:
+                self.problem(item, f"{path}[{i}]", problem)
+            else:
+                out.append(uri.strip())
+        if not items and isinstance(node, SequenceNode):
+            self.problem(node, path, "needs at least one action")
+        return tuple(out)
+
+    # -- the configuration ------------------------------------------------------------------
+
+    def config(self, root: Node | None) -> Config | None:
+        if root is None:
+            self.problem(None, "", "the file is empty")
+            return None
+        top = self.mapping(
+            root,
+            "",
+            known=(
+                "local-smtp",
+                "remote-smtp",
+                "managers",
+                "data-dir",
+                "delivery",
+                "intake-workers",
+            ),
+            required=("remote-smtp", "managers"),
+        )
+        if top is None:
+            return None
+        local = self._optional(
+            top, "local-smtp", lambda n, p: self.host_port(n, p, allow_zero=True)
+        )
+        remote = self._optional(top, "remote-smtp", self.host_port)
+        data_dir = self._optional(top, "data-dir", self.text)
+        workers = self._optional(top, "intake-workers", lambda n, p: self.integer(n, p, minimum=1))
+        delivery = self._optional(top, "delivery", self.delivery)
+        managers: list[ManagerConfig] = []
+        if "managers" in top:
+            for i, node in enumerate(self.sequence(top["managers"], "managers") or []):
+                built = self.manager(node, f"managers[{i}]", i)
+                if built is not None:
+                    managers.append(built)
+        if self.problems or remote is None:
+            return None
+        return Config(
+            path=self.filename,
+            local_smtp=local or HostPort("localhost", 1025),
+            remote_smtp=remote,
+            managers=tuple(managers),
+            data_dir=Path(data_dir or "./mail2alert-data"),
+            delivery=delivery or Delivery(),
+            intake_workers=workers or 1,
+        )
+
+    def _optional(
+        self, keys: Mapping[str, Node], key: str, read: Callable[[Node, str], T | None]
+    ) -> T | None:
+        return read(keys[key], key) if key in keys else None
+
+    def delivery(self, node: Node, path: str) -> Delivery | None:
+        keys = self.mapping(
+            node,
+            path,
+            known=("retry-initial", "retry-max", "give-up-after", "timeout", "connections"),
+        )
+        if keys is None:
+            return None
+        default = Delivery()
+        values: dict[str, float] = {}
+        for key in ("retry-initial", "retry-max", "give-up-after", "timeout"):
+            if key in keys:
+                seconds = self.seconds(keys[key], f"{path}.{key}")
+                if seconds is not None:
+                    values[key] = seconds
+        connections = default.connections
+        if "connections" in keys:
+            connections = self.integer(keys["connections"], f"{path}.connections", minimum=1) or 1
+        result = Delivery(
+            retry_initial=values.get("retry-initial", default.retry_initial),
+            retry_max=values.get("retry-max", default.retry_max),
+            give_up_after=values.get("give-up-after", default.give_up_after),
+            timeout=values.get("timeout", default.timeout),
+            connections=connections,
+        )
+        if result.retry_initial > result.retry_max:
+            self.problem(node, path, "retry-initial must not be longer than retry-max")
+        return result
+
+    def manager(self, node: Node, path: str, index: int) -> ManagerConfig | None:
+        common = ("name", "messages-we-want", "rules", "fallback")
+        if not isinstance(node, MappingNode):
+            self.problem(
+                node, path, f"expected a manager (a mapping with 'name'), got {_kind(node)}"
+            )
+            return None
+        names = {k.value: v for k, v in node.value if isinstance(k, ScalarNode)}
+        mtype: ManagerType | None = None
+        if "name" in names:
+            type_name = self.text(names["name"], f"{path}.name")
+            mtype = MANAGER_TYPES.get(type_name or "")
+            if type_name is not None and mtype is None:
+                known = ", ".join(MANAGER_TYPES)
+                self.problem(
+                    names["name"],
+                    f"{path}.name",
+                    f"unknown manager {type_name!r}{_did_you_mean(type_name, MANAGER_TYPES)}"
+                    f" (known: {known})",
+                )
+        options_known = (
+            tuple(mtype.options)
+            if mtype
+            else tuple(k for t in MANAGER_TYPES.values() for k in t.options)
+        )
+        keys = self.mapping(
+            node,
+            path,
+            known=common + options_known,
+            required=("name", "messages-we-want"),
+            what=f" for a {mtype.name} manager" if mtype else "",
+        )
+        if keys is None:
+            return None
+        wants = (
+            self.wants(keys["messages-we-want"], f"{path}.messages-we-want")
+            if ("messages-we-want" in keys)
+            else None
+        )
+        fallback = self.actions(keys["fallback"], f"{path}.fallback") if "fallback" in keys else ()
+        if mtype is None:
+            return None
+        options = self.options(mtype, keys, path)
+        rules: list[Rule] = []
+        if "rules" in keys:
+            for i, rule_node in enumerate(self.sequence(keys["rules"], f"{path}.rules") or []):
+                rule = self.rule(rule_node, f"{path}.rules[{i}]", mtype, options)
+                if rule is not None:
+                    rules.append(rule)
+        if wants is None:
+            return None
+        manager = Manager(
+            type=mtype,
+            index=index,
+            wants_to=wants[0],
+            wants_from=wants[1],
+            rules=tuple(rules),
+            fallback=fallback,
+            line=_line(node),
+        )
+        return ManagerConfig(manager, options)
+
+    def wants(self, node: Node, path: str) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+        keys = self.mapping(node, path, known=("to", "from"))
+        if keys is None:
+            return None
+        if not keys:
+            self.problem(node, path, "needs 'to' or 'from' (an address or a list of addresses)")
+            return None
+        found: dict[str, tuple[str, ...]] = {}
+        for key, value in keys.items():
+            addresses = [a.strip().lower() for a, _ in self.text_list(value, f"{path}.{key}")]
+            for address in addresses:
+                if "@" not in address:
+                    self.problem(value, f"{path}.{key}", f"{address!r} is not a mail address")
+            found[key] = tuple(addresses)
+        return found.get("to", ()), found.get("from", ())
+
+    def options(self, mtype: ManagerType, keys: Mapping[str, Node], path: str) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for name, option in mtype.options.items():
+            if name in keys:
+                value = self.option(option, keys[name], f"{path}.{name}")
+                if value is not None:
+                    out[name] = value
+            elif option.default is not None:
+                out[name] = option.default
+        return out
+
+    def option(self, option: Option, node: Node, path: str) -> object | None:
+        if option.kind == "seconds":
+            return self.seconds(node, path)
+        if option.kind == "bool":
+            return self.boolean(node, path)
+        value = self.text(node, path)
+        if value is None:
+            return None
+        if option.kind == "secret":
+            return Secret(value)
+        if option.kind == "url":
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                shown = value if not parts.password else value.replace(parts.password, "***")
+                self.problem(node, path, f"expected an http:// or https:// URL, got {shown!r}")
+                return None
+            return value.rstrip("/")
+        if option.kind == "path" and not Path(value).is_file():
+            self.problem(node, path, f"no such file: {value!r}")
+            return None
+        return value
+
+    def rule(
+        self, node: Node, path: str, mtype: ManagerType, options: Mapping[str, object]
+    ) -> Rule | None:
+        keys = self.mapping(node, path, known=("actions", "filter"), required=("actions", "filter"))
+        if keys is None:
+            return None
+        actions = self.actions(keys["actions"], f"{path}.actions") if "actions" in keys else ()
+        if "filter" not in keys:
+            return None
+        fpath = f"{path}.filter"
+        fkeys = self.mapping(
+            keys["filter"],
+            fpath,
+            known=("function", "args", "events", "event"),
+            required=("function",),
+        )
+        if fkeys is None:
+            return None
+        events = self.events(fkeys, fpath, mtype)
+        if "function" not in fkeys:
+            return None
+        name = self.text(fkeys["function"], f"{fpath}.function")
+        if name is None:
+            return None
+        function = mtype.functions.get(name)
+        if function is None:
+            hint = _did_you_mean(name, mtype.functions)
+            known = ", ".join(mtype.functions)
+            self.problem(
+                fkeys["function"],
+                f"{fpath}.function",
+                f"unknown function {name!r} for the {mtype.name} manager{hint}"
+                + ("" if hint else f" (known: {known})"),
+            )
+            return None
+        args_node = fkeys.get("args")
+        arg_nodes = self.sequence(args_node, f"{fpath}.args") if args_node is not None else []
+        if arg_nodes is None:
+            return None
+        args = [
+            self.text(a, f"{fpath}.args[{i}]", allow_numbers=True) for i, a in enumerate(arg_nodes)
+        ]
+        arity = function.arity_problem(len(args))
+        if arity:
+            self.problem(args_node or fkeys["function"], f"{fpath}.args", arity)
+            return None
+        if any(a is None for a in args):
+            return None
+        clean = tuple(a for a in args if a is not None)
+        try:
+            predicate = function.compile(clean)
+        except RuleArgumentError as exc:
+            self.problem(arg_nodes[exc.index], f"{fpath}.args[{exc.index}]", str(exc))
+            return None
+        if function.needs_groups and "url" not in options:
+            self.problem(
+                fkeys["function"],
+                f"{fpath}.function",
+                f"{function.name} needs pipeline groups from GoCD: set 'url' on this manager",
+            )
+        if not actions:
+            return None
+        return Rule(function, clean, predicate, actions, events, _line(node))
+
+    def events(
+        self, fkeys: Mapping[str, Node], fpath: str, mtype: ManagerType
+    ) -> frozenset[str] | None:
+        if "events" in fkeys and "event" in fkeys:
+            self.problem(fkeys["event"], f"{fpath}.event", "give 'events' or 'event', not both")
+            return None
+        key = "events" if "events" in fkeys else "event" if "event" in fkeys else None
+        if key is None:
+            return None
+        node = fkeys[key]
+        if not mtype.events:
+            self.problem(
+                node,
+                f"{fpath}.{key}",
+                f"the {mtype.name} manager has no events: remove '{key}'",
+            )
+            return None
+        out: set[str] = set()
+        for value, item in self.text_list(node, f"{fpath}.{key}"):
+            event = value.strip().upper()
+            if event not in mtype.events:
+                hint = _did_you_mean(event, mtype.events)
+                self.problem(
+                    item,
+                    f"{fpath}.{key}",
+                    f"unknown event {value!r}{hint} (known: {', '.join(mtype.events)})",
+                )
+            else:
+                out.add(event)
+        return frozenset(out)
+
+
+def _kind(node: Node | None) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node is None or node.tag == _NULL:
+        return "nothing"
+    return {_BOOL: "true/false", _INT: "a number", _FLOAT: "a number"}.get(
+        node.tag, f"text {node.value!r}"
+    )
+
+
+def _show(node: Node) -> str:
+    if isinstance(node, ScalarNode) and node.tag != _NULL:
+        return repr(node.value)
+    return _kind(node)

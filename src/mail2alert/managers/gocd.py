@@ -1,0 +1,171 @@
+"""The ``gocd`` manager: the ``mail`` manager plus GoCD stage facts and the ``pipelines.*`` rules.
+
+It reads ``Stage [<pipeline>/<counter>/<stage>/<counter>] <verb>`` subjects into a
+:class:`~mail2alert.model.Stage` and an event, and asks the pipeline-group snapshot (kept fresh
+by the poller in :mod:`mail2alert.gocd`) which group a pipeline is in.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mail2alert.errors import RuleArgumentError
+from mail2alert.managers.base import (
+    Context,
+    ManagerType,
+    Option,
+    Predicate,
+    RuleFunction,
+    Verdict,
+    read_alert,
+)
+from mail2alert.managers.mail import MAIL
+from mail2alert.message import RawMessage
+from mail2alert.model import EVENTS, Alert, Envelope, Stage
+
+#: GoCD's verbs and the events mail2alert calls them.
+VERBS: dict[str, str] = {
+    "passed": "PASSES",
+    "failed": "FAILS",
+    "is broken": "BREAKS",
+    "is fixed": "FIXED",
+    "is cancelled": "CANCELLED",
+}
+
+_NAME = r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*"
+_SUBJECT = re.compile(
+    rf"^Stage \[(?P<pipeline>{_NAME})/(?P<pc>\d+)/(?P<stage>{_NAME})/(?P<sc>\d+)\] "
+    rf"(?P<verb>{'|'.join(re.escape(v) for v in VERBS)})\s*$"
+)
+
+
+def parse_subject(subject: str) -> Stage | None:
+    """The stage a GoCD stage-mail subject names, or None for any other subject."""
+    found = _SUBJECT.match(" ".join(subject.split()))
+    if not found:
+        return None
+    return Stage(
+        pipeline=found["pipeline"],
+        pipeline_counter=int(found["pc"]),
+        stage=found["stage"],
+        stage_counter=int(found["sc"]),
+        verb=found["verb"],
+    )
+
+
+def read_gocd_alert(message: RawMessage, envelope: Envelope, context: Context) -> Alert:
+    """The common facts plus the stage and its event when the subject names one."""
+    alert = read_alert(message, envelope, context)
+    stage = parse_subject(alert.subject)
+    if stage is None:
+        return alert
+    return Alert(
+        envelope=alert.envelope,
+        subject=alert.subject,
+        from_header=alert.from_header,
+        message_id=alert.message_id,
+        stage=stage,
+        event=VERBS[stage.verb],
+    )
+
+
+def _compile_any(args: tuple[str, ...]) -> Predicate:
+    def any_pipeline(alert: Alert, context: Context) -> Verdict:
+        if alert.stage is None:
+            return Verdict(False, "not a stage mail (no pipeline in the subject)")
+        return Verdict(True, f"pipeline {alert.stage.pipeline!r}")
+
+    return any_pipeline
+
+
+def _group_verdict(pipeline: str, group: str, context: Context, *, via: str = "") -> Verdict:
+    if context.groups is None:
+        return Verdict(False, "no pipeline groups from GoCD yet", waiting=True)
+    shown = f"pipeline {pipeline!r}{via}"
+    if context.groups.in_group(pipeline, group):
+        return Verdict(True, f"{shown} is in group {group!r}")
+    actual = context.groups.group_of(pipeline)
+    where = f"is in group {actual!r}" if actual else "is unknown to GoCD"
+    return Verdict(False, f"{shown} {where}, not in {group!r}")
+
+
+def _compile_in_group(args: tuple[str, ...]) -> Predicate:
+    (group,) = args
+
+    def in_group(alert: Alert, context: Context) -> Verdict:
+        if alert.stage is None:
+            return Verdict(False, "not a stage mail (no pipeline in the subject)")
+        return _group_verdict(alert.stage.pipeline, group, context)
+
+    return in_group
+
+
+def _compile_name_like_in_group(args: tuple[str, ...]) -> Predicate:
+    pattern_text, group = args
+    try:
+        pattern = re.compile(pattern_text, re.IGNORECASE)
+    except re.error as exc:
+        raise RuleArgumentError(0, f"invalid regular expression {pattern_text!r}: {exc}") from None
+    if pattern.groups < 1:
+        raise RuleArgumentError(
+            0,
+            f"regular expression {pattern_text!r} has no group: its first group names the "
+            "pipeline to look up, e.g. '(.+)-release.*'",
+        )
+
+    def name_like_in_group(alert: Alert, context: Context) -> Verdict:
+        if alert.stage is None:
+            return Verdict(False, "not a stage mail (no pipeline in the subject)")
+        found = pattern.match(alert.stage.pipeline)
+        if not found or not found.group(1):
+            return Verdict(
+                False, f"pipeline {alert.stage.pipeline!r} does not match {pattern_text!r}"
+            )
+        return _group_verdict(
+            found.group(1), group, context, via=f" (from {alert.stage.pipeline!r})"
+        )
+
+    return name_like_in_group
+
+
+ANY = RuleFunction(
+    name="pipelines.any",
+    summary="any stage mail, whatever its pipeline",
+    params=(),
+    compile=_compile_any,
+)
+IN_GROUP = RuleFunction(
+    name="pipelines.in_group",
+    summary="the pipeline is in this pipeline group",
+    params=(("group", "group"),),
+    compile=_compile_in_group,
+    needs_groups=True,
+)
+NAME_LIKE_IN_GROUP = RuleFunction(
+    name="pipelines.name_like_in_group",
+    summary="the regex's first group, applied to the pipeline name, names a pipeline in the group",
+    params=(("pattern", "regex"), ("group", "group")),
+    compile=_compile_name_like_in_group,
+    needs_groups=True,
+)
+
+GOCD = ManagerType(
+    name="gocd",
+    summary="routes GoCD stage mails by pipeline group and event",
+    read=read_gocd_alert,
+    functions={
+        **MAIL.functions,
+        **{f.name: f for f in (ANY, IN_GROUP, NAME_LIKE_IN_GROUP)},
+    },
+    events=EVENTS,
+    options={
+        "url": Option("url", "GoCD's base URL, e.g. https://ci.example.com/go"),
+        "user": Option("text", "user for HTTP basic auth"),
+        "passwd": Option("secret", "password for HTTP basic auth"),
+        "token": Option("secret", "access token (Authorization: bearer)"),
+        "poll-interval": Option("seconds", "how often to read pipeline groups", 30.0),
+        "ca-file": Option("path", "CA bundle for GoCD's TLS certificate"),
+        "verify": Option("bool", "verify GoCD's TLS certificate", True),
+        "hold-max": Option("seconds", "how long to hold mail while GoCD data is missing", 600.0),
+    },
+)

@@ -1,0 +1,246 @@
+"""Bytes in, facts out: header splitting, decoding and byte-exact rewriting, safe on any input.
+
+Routing reads a handful of headers on every message, so headers are split here at the byte
+level instead of building a full :mod:`email` object tree; the body is decoded only when a
+manager asks for it. Nothing in this module raises on malformed input: a header that cannot be
+decoded is returned as the best text we can make of it.
+"""
+
+from __future__ import annotations
+
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import re
+import time
+from dataclasses import dataclass
+from functools import cached_property
+
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
+_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    """One header field exactly as it stands in the message, continuation lines included."""
+
+    name: str
+    raw: bytes
+
+    @property
+    def value(self) -> bytes:
+        """The raw value, still folded, without the name, colon and line ending."""
+        return self.raw.split(b":", 1)[1].rstrip(b"\r\n")
+
+
+@dataclass(frozen=True)
+class RawMessage:
+    """A message split into its header fields and body, byte for byte."""
+
+    data: bytes
+    fields: tuple[HeaderField, ...]
+    body_offset: int
+    newline: bytes
+
+    @classmethod
+    def parse(cls, data: bytes) -> RawMessage:
+        """Split ``data`` into header fields; never raises.
+
+        A line that is neither a field nor a continuation ends the header section, as it
+        would for a mail client, and is left in the body.
+        """
+        fields: list[HeaderField] = []
+        newline = b"\r\n" if b"\r\n" in data[:2000] or b"\n" not in data[:2000] else b"\n"
+        pos = 0
+        size = len(data)
+        current_start = -1
+        current_name = ""
+        while pos < size:
+            end = data.find(b"\n", pos)
+            end = size if end < 0 else end + 1
+            line = data[pos:end]
+            if line in (b"\r\n", b"\n"):
+                if current_start >= 0:
+                    fields.append(HeaderField(current_name, data[current_start:pos]))
+                return cls(data, tuple(fields), end, newline)
+            if line[:1] in (b" ", b"\t") and current_start >= 0:
+                pos = end
+                continue
+            colon = line.find(b":")
+            name = line[:colon] if colon > 0 else b""
+            if not name or any(c <= 32 or c >= 127 for c in name):
+                break
+            if current_start >= 0:
+                fields.append(HeaderField(current_name, data[current_start:pos]))
+            current_start = pos
+            current_name = name.decode("ascii").lower()
+            pos = end
+        if current_start >= 0:
+            fields.append(HeaderField(current_name, data[current_start:pos]))
+        return cls(data, tuple(fields), pos, newline)
+
+    def get_raw(self, name: str) -> bytes | None:
+        """The raw value of the first field called ``name`` (case-insensitive)."""
+        wanted = name.lower()
+        for f in self.fields:
+            if f.name == wanted:
+                return f.value
+        return None
+
+    def get(self, name: str) -> str:
+        """The first ``name`` field, unfolded and decoded (RFC 2047, any charset); '' if absent."""
+        raw = self.get_raw(name)
+        return "" if raw is None else decode_header_value(raw)
+
+    @property
+    def header_end(self) -> int:
+        """Offset just past the last header field (fields always start at offset 0)."""
+        return sum(len(f.raw) for f in self.fields)
+
+    @property
+    def body(self) -> bytes:
+        """The body bytes, after the blank line that ends the header section."""
+        return self.data[self.body_offset :]
+
+    @cached_property
+    def body_text(self) -> str:
+        """The first text/plain part as text (transfer encoding and charset decoded)."""
+        return body_text(self.data)
+
+
+def decode_header_value(raw: bytes) -> str:
+    """Unfold and decode a raw header value; 8-bit bytes are read as UTF-8, else Latin-1."""
+    unfolded = _FOLD.sub(b"", raw).strip()
+    try:
+        text = unfolded.decode("utf-8")
+    except UnicodeDecodeError:
+        text = unfolded.decode("latin-1")
+    if "=?" not in text:
+        return text
+    try:
+        return str(email.header.make_header(email.header.decode_header(text)))
+    except (LookupError, ValueError, UnicodeError, email.errors.HeaderParseError):
+        return _decode_words_leniently(text)
+
+
+def _decode_words_leniently(text: str) -> str:
+    """Decode what encoded words we can, one by one, replacing what we cannot."""
+    out: list[str] = []
+    try:
+        parts = email.header.decode_header(text)
+    except (ValueError, email.errors.HeaderParseError):
+        return text
+    for chunk, charset in parts:
+        if isinstance(chunk, str):
+            out.append(chunk)
+            continue
+        try:
+            out.append(chunk.decode(charset or "ascii", errors="replace"))
+        except LookupError:
+            out.append(chunk.decode("latin-1"))
+    return "".join(out)
+
+
+def address_of(header_text: str) -> str:
+    """The bare address in a From:/To:-style value, or '' when there is none."""
+    _, addr = email.utils.parseaddr(header_text)
+    if addr and "@" in addr:
+        return addr
+    found = _ADDRESS.search(header_text)
+    return found.group(0).strip("<>") if found else ""
+
+
+def body_text(data: bytes) -> str:
+    """Text of the first text/plain part (or the whole body), decoded; never raises."""
+    try:
+        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
+        part = next(
+            (p for p in msg.walk() if p.get_content_type() == "text/plain"),
+            msg if not msg.is_multipart() else None,
+        )
+        if part is None:
+            return ""
+        payload = part.get_payload(decode=True)
+        if not isinstance(payload, bytes):
+            return ""
+        charset = part.get_content_charset() or "utf-8"
+        try:
+            return payload.decode(charset, errors="replace")
+        except LookupError:
+            return payload.decode("latin-1")
+    except Exception:  # noqa: BLE001 - a body we cannot read must never stop routing
+        return ""
+
+
+def received_header(
+    *, helo: str, peer: str, hostname: str, queue_id: str, recipient: str | None, newline: bytes
+) -> bytes:
+    """A ``Received:`` trace field (RFC 5321 section 4.4) for a message we accepted."""
+    stamp = email.utils.formatdate(time.time(), localtime=True)
+    helo = _printable(helo) or "unknown"
+    lines = [
+        f"Received: from {helo} ({_printable(peer)})",
+        f"\tby {hostname} (mail2alert) with ESMTP id {queue_id}",
+    ]
+    if recipient:
+        lines.append(f"\tfor <{_printable(recipient)}>; {stamp}")
+    else:
+        lines[-1] += f"; {stamp}"
+    return newline.join(line.encode("utf-8", "replace") for line in lines) + newline
+
+
+def _printable(text: str) -> str:
+    return "".join(c for c in text if c.isprintable() and c not in "\r\n")
+
+
+def rewrite(
+    message: RawMessage, *, from_value: str | None, to_addresses: tuple[str, ...], prepend: bytes
+) -> bytes:
+    """The message with new ``From:``/``To:`` fields and ``prepend`` in front; all else as is.
+
+    The new fields take the place of the first old ones; further From:/To: fields are removed.
+    ``from_value`` None keeps the original From: field.
+    """
+    nl = message.newline
+    new_to = _fold_addresses(to_addresses, nl)
+    new_from = b"From: " + from_value.encode("utf-8") + nl if from_value is not None else None
+    out = [prepend]
+    seen_from = seen_to = False
+    for f in message.fields:
+        if f.name == "to":
+            if not seen_to:
+                out.append(new_to)
+                seen_to = True
+            continue
+        if f.name == "from" and new_from is not None:
+            if not seen_from:
+                out.append(new_from)
+                seen_from = True
+            continue
+        out.append(f.raw)
+    if not seen_from and new_from is not None:
+        out.append(new_from)
+    if not seen_to:
+        out.append(new_to)
+    rest = message.data[message.header_end :]
+    if rest and not rest.startswith((b"\r\n", b"\n")):
+        # A line that is not a header field ended the section: keep it as the body's start.
+        rest = nl + rest
+    out.append(rest)
+    return b"".join(out)
+
+
+def _fold_addresses(addresses: tuple[str, ...], nl: bytes) -> bytes:
+    """``To: a, b, ...`` folded so that no line grows past 78 characters where avoidable."""
+    lines: list[str] = []
+    line = "To:"
+    for i, addr in enumerate(addresses):
+        piece = f" {addr}" + ("," if i < len(addresses) - 1 else "")
+        if len(line) + len(piece) > 78 and line != "To:":
+            lines.append(line)
+            line = " " + piece.lstrip(" ")
+        else:
+            line += piece
+    lines.append(line)
+    return nl.join(s.encode("utf-8") for s in lines) + nl

@@ -1,0 +1,155 @@
+"""Frozen records shared by every module: what came in, what was decided, what goes out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+#: GoCD stage events, in the order the original documented them.
+EVENTS: tuple[str, ...] = ("PASSES", "FAILS", "BREAKS", "FIXED", "CANCELLED")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The SMTP envelope: who sent the message and to whom (RCPT TO), as received."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A GoCD stage run named by a stage mail's subject."""
+
+    pipeline: str
+    pipeline_counter: int
+    stage: str
+    stage_counter: int
+    verb: str
+    """The verb as GoCD wrote it (``passed``, ``is broken``...)."""
+
+    @property
+    def locator(self) -> str:
+        """GoCD's stage locator, ``pipeline/counter/stage/counter``."""
+        return f"{self.pipeline}/{self.pipeline_counter}/{self.stage}/{self.stage_counter}"
+
+
+@dataclass(frozen=True)
+class Alert:
+    """A received message with the facts the managers read from it.
+
+    ``event`` is the event rules see (after any correction); ``stage.verb`` keeps what GoCD
+    said.
+    """
+
+    envelope: Envelope
+    subject: str
+    from_header: str
+    message_id: str
+    stage: Stage | None = None
+    event: str | None = None
+    details_url: str | None = None
+    changes: str | None = None
+
+
+@dataclass(frozen=True)
+class PipelineGroups:
+    """Which pipelines are in which pipeline group: an immutable snapshot of GoCD's config.
+
+    Names are kept as GoCD spells them; look-ups are case-insensitive, as in GoCD.
+    """
+
+    groups: Mapping[str, tuple[str, ...]]
+    fetched_at: float = 0.0
+    source: str = ""
+    _by_pipeline: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    _by_group: Mapping[str, frozenset[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_pipeline: dict[str, str] = {}
+        by_group: dict[str, frozenset[str]] = {}
+        for group, pipelines in self.groups.items():
+            by_group[group.lower()] = frozenset(p.lower() for p in pipelines)
+            for pipeline in pipelines:
+                by_pipeline.setdefault(pipeline.lower(), group)
+        object.__setattr__(self, "_by_pipeline", by_pipeline)
+        object.__setattr__(self, "_by_group", by_group)
+
+    def group_of(self, pipeline: str) -> str | None:
+        """The group a pipeline is in, or None when GoCD does not know the pipeline."""
+        return self._by_pipeline.get(pipeline.lower())
+
+    def in_group(self, pipeline: str, group: str) -> bool:
+        """Whether ``pipeline`` is in ``group`` (both compared case-insensitively)."""
+        return pipeline.lower() in self._by_group.get(group.lower(), frozenset())
+
+    def has_group(self, group: str) -> bool:
+        """Whether GoCD knows a group of this name."""
+        return group.lower() in self._by_group
+
+
+@dataclass(frozen=True)
+class RuleTrace:
+    """How one rule judged one alert: the operator-facing reason, matched or not."""
+
+    index: int
+    matched: bool
+    reason: str
+    actions: tuple[str, ...] = ()
+
+
+Outcome = Literal["deliver", "drop", "relay", "hold"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What routing decided for one message.
+
+    - ``deliver``: send to ``actions`` (mailto recipients are in ``recipients``).
+    - ``drop``: a manager wanted it but no rule matched.
+    - ``relay``: no manager wanted it (or routing failed); pass it upstream unchanged.
+    - ``hold``: rules need GoCD data that is not there yet; keep it and route again later.
+    """
+
+    outcome: Outcome
+    manager: str | None
+    reason: str
+    actions: tuple[str, ...] = ()
+    trace: tuple[RuleTrace, ...] = ()
+    alert: Alert | None = None
+    passthrough: tuple[str, ...] = ()
+    """Recipients the deciding manager did not take: they get the message unchanged."""
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        """The addresses of the ``mailto:`` actions, in order."""
+        return tuple(a[len("mailto:") :] for a in self.actions if a.lower().startswith("mailto:"))
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One thing to deliver: a mail (envelope + bytes) headed upstream."""
+
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    kind: str = "smtp"
+    meta: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A password, token or chat URL: shown as ``***`` everywhere but where it is used."""
+
+    value: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return "***"
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    def reveal(self) -> str:
+        """The secret itself, for the one place that sends it."""
+        return self.value

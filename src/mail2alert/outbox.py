@@ -1,0 +1,325 @@
+"""The durable outbox: SQLite in WAL mode, the one place where accepted mail lives.
+
+A message is answered 250 only after :meth:`Outbox.put` has committed it with
+``synchronous=FULL`` (so it survives a power cut, as a Postfix queue file does). Intake commits
+through :class:`GroupCommitter`, which puts every message that arrived during one fsync into
+the next transaction: one fsync serves many SMTP sessions.
+
+Tables::
+
+    messages    one row per accepted message: envelope, subject, routing outcome and reason;
+                ``raw`` is kept only while the message is held for GoCD data
+    items       one row per thing to deliver: bytes, state (pending/done/dead), attempts,
+                next try, last error
+    recipients  per item and recipient: pending/done/dead and the server's last answer
+
+Delivery state (done, retry later) is written with ``synchronous=NORMAL``: a power cut may
+forget that an item was delivered and send it again, but never lose it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mail2alert.errors import OutboxError
+from mail2alert.model import Decision, Envelope, Outgoing
+
+DB_NAME = "outbox.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    received REAL NOT NULL,
+    mail_from TEXT NOT NULL,
+    rcpt_tos TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    manager TEXT,
+    outcome TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    raw BLOB
+);
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    mail_from TEXT NOT NULL,
+    data BLOB NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    created REAL NOT NULL,
+    next_try REAL NOT NULL,
+    last_error TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS items_due ON items (state, next_try);
+CREATE INDEX IF NOT EXISTS items_message ON items (message_id);
+CREATE TABLE IF NOT EXISTS recipients (
+    item_id INTEGER NOT NULL,
+    rcpt TEXT NOT NULL,
+    state TEXT NOT NULL,
+    last_error TEXT NOT NULL DEFAULT '',
+    UNIQUE (item_id, rcpt)
+);
+"""
+
+
+def new_queue_id() -> str:
+    """A short, unique, roughly time-ordered queue id, like Postfix's (e.g. ``19C2F0A3B7E1``)."""
+    return f"{int(time.time() * 1000) & 0xFFFFFFFF:08X}{secrets.token_hex(3).upper()}"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """One received message and what it turned into, ready to be committed."""
+
+    queue_id: str
+    received: float
+    envelope: Envelope
+    subject: str
+    decision: Decision
+    items: tuple[Outgoing, ...]
+    raw: bytes | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """An outgoing item as stored, with the recipients still to be served."""
+
+    id: int
+    message_id: str
+    kind: str
+    mail_from: str
+    data: bytes
+    attempts: int
+    created: float
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RecipientResult:
+    """What the upstream server said about one recipient: done, retry (4xx) or dead (5xx)."""
+
+    rcpt: str
+    state: str
+    reason: str = ""
+
+
+class Outbox:
+    """A connection to the outbox database. Not thread-safe: one per thread."""
+
+    def __init__(self, data_dir: Path, *, durable: bool = True) -> None:
+        self.path = data_dir / DB_NAME
+        try:
+            data_dir.mkdir(parents=True, exist_ok=True)
+            # The connection may be opened by one thread and then used by one other only.
+            self.db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=False
+            )
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            self.db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"cannot open the outbox in {data_dir}: {exc}") from None
+
+    def close(self) -> None:
+        """Close the connection (a WAL checkpoint happens when the last one closes)."""
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back on any error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    def put(self, batch: Sequence[Accepted]) -> None:
+        """Commit messages and their items in one transaction (durable when this returns)."""
+        try:
+            with self.transaction() as db:
+                for a in batch:
+                    d = a.decision
+                    db.execute(
+                        "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
+                        (
+                            a.queue_id,
+                            a.received,
+                            a.envelope.mail_from,
+                            json.dumps(a.envelope.rcpt_tos),
+                            a.subject,
+                            d.manager,
+                            d.outcome,
+                            d.reason,
+                            a.raw,
+                        ),
+                    )
+                    for item in a.items:
+                        self._insert_item(db, a.queue_id, a.received, item)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot commit to the outbox: {exc}") from exc
+
+    @staticmethod
+    def _insert_item(db: sqlite3.Connection, queue_id: str, now: float, item: Outgoing) -> None:
+        cursor = db.execute(
+            "INSERT INTO items (message_id, kind, mail_from, data, state, created, next_try)"
+            " VALUES (?,?,?,?,'pending',?,?)",
+            (queue_id, item.kind, item.mail_from, item.data, now, now),
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO recipients (item_id, rcpt, state) VALUES (?,?,'pending')",
+            [(cursor.lastrowid, r) for r in item.recipients],
+        )
+
+    def due(self, now: float, limit: int, exclude: Sequence[int] = ()) -> list[Item]:
+        """Pending items whose next try has come, oldest first."""
+        rows = self.db.execute(
+            "SELECT id, message_id, kind, mail_from, data, attempts, created FROM items"
+            " WHERE state='pending' AND next_try<=? ORDER BY next_try, id LIMIT ?",
+            (now, limit + len(exclude)),
+        ).fetchall()
+        skip = set(exclude)
+        items: list[Item] = []
+        for row in rows:
+            if row[0] in skip:
+                continue
+            rcpts = tuple(
+                r
+                for (r,) in self.db.execute(
+                    "SELECT rcpt FROM recipients"
+                    " WHERE item_id=? AND state='pending' ORDER BY rowid",
+                    (row[0],),
+                )
+            )
+            item_id, message_id, kind, mail_from, data, attempts, created = row
+            items.append(Item(item_id, message_id, kind, mail_from, data, attempts, created, rcpts))
+            if len(items) >= limit:
+                break
+        return items
+
+    def next_due(self, exclude: Sequence[int] = ()) -> float | None:
+        """When the next pending item (not in ``exclude``) is due, or None if there is none."""
+        marks = ",".join("?" * len(exclude))
+        row = self.db.execute(
+            f"SELECT MIN(next_try) FROM items WHERE state='pending' AND id NOT IN ({marks})",  # noqa: S608 - only placeholders are interpolated
+            tuple(exclude),
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def record(
+        self, results: Sequence[tuple[Item, Sequence[RecipientResult], float | None, str]]
+    ) -> None:
+        """Store delivery attempts: per recipient outcome, then the item's new state.
+
+        Each result is (item, recipient results, next try or None, error). An item is done
+        when no recipient is left pending, dead when all that are left are dead, and else
+        pending again at ``next try``.
+        """
+        with self.transaction() as db:
+            for item, rcpt_results, next_try, error in results:
+                db.executemany(
+                    "UPDATE recipients SET state=?, last_error=? WHERE item_id=? AND rcpt=?",
+                    [(r.state, r.reason, item.id, r.rcpt) for r in rcpt_results],
+                )
+                if next_try is None:
+                    db.execute(
+                        "UPDATE recipients SET state='dead', last_error=?"
+                        " WHERE item_id=? AND state='pending'",
+                        (error, item.id),
+                    )
+                states = {
+                    s
+                    for (s,) in db.execute(
+                        "SELECT state FROM recipients WHERE item_id=?", (item.id,)
+                    )
+                }
+                if "pending" in states:
+                    db.execute(
+                        "UPDATE items SET attempts=attempts+1, next_try=?, last_error=? WHERE id=?",
+                        (next_try, error, item.id),
+                    )
+                    continue
+                final = "dead" if "dead" in states else "done"
+                # A delivered item's bytes are not needed any more; its row stays as a record.
+                db.execute(
+                    "UPDATE items SET state=?, attempts=attempts+1, last_error=?,"
+                    " data=CASE WHEN ?='done' THEN x'' ELSE data END WHERE id=?",
+                    (final, error, final, item.id),
+                )
+
+    def counts(self) -> dict[str, int]:
+        """How many items are in each state."""
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM items GROUP BY state"))
+
+
+class GroupCommitter:
+    """Commits accepted messages from a writer thread, many per fsync.
+
+    :meth:`put` returns once the message is durable; the event loop is never blocked by
+    SQLite or fsync.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self._outbox = Outbox(data_dir, durable=True)
+        self._queue: queue.SimpleQueue[tuple[Accepted, asyncio.Future[None]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+        self._thread.start()
+
+    async def put(self, accepted: Accepted) -> None:
+        """Return once ``accepted`` is committed; raise OutboxError if it could not be."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put((accepted, future))
+        await future
+
+    def close(self) -> None:
+        """Finish what was queued, then stop the writer thread."""
+        self._queue.put(None)
+        self._thread.join()
+        self._outbox.close()
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < 512:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                batch.append(more)
+            error: BaseException | None = None
+            try:
+                self._outbox.put([a for a, _ in batch])
+            except OutboxError as exc:
+                error = exc
+            loop = batch[0][1].get_loop()
+            loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
+
+
+def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)

@@ -1,0 +1,132 @@
+"""THE rule engine: managers + rules + one message -> a :class:`~mail2alert.model.Decision`.
+
+``serve`` calls :func:`route` for every message, and so does every command that shows or tests
+routing, so what an operator tests is exactly what runs. It is pure and synchronous: the
+caller supplies everything it may know (the message, the GoCD snapshot) in a
+:class:`~mail2alert.managers.base.Context`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mail2alert.managers.base import Context, ManagerType, Predicate, RuleFunction
+from mail2alert.message import RawMessage
+from mail2alert.model import Alert, Decision, Envelope, RuleTrace
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One configured rule, compiled: a predicate, optional events, and actions."""
+
+    function: RuleFunction
+    args: tuple[str, ...]
+    predicate: Predicate
+    actions: tuple[str, ...]
+    events: frozenset[str] | None = None
+    line: int = 0
+
+    def judge(self, index: int, alert: Alert, context: Context) -> tuple[RuleTrace, bool]:
+        """This rule's verdict on ``alert`` and whether it waits for GoCD data."""
+        if self.events is not None:
+            if alert.event is None:
+                return RuleTrace(index, False, "has no event (not a stage mail)"), False
+            if alert.event not in self.events:
+                wanted = ", ".join(sorted(self.events))
+                return RuleTrace(index, False, f"event {alert.event} is not one of {wanted}"), False
+        verdict = self.predicate(alert, context)
+        actions = self.actions if verdict.matched else ()
+        return RuleTrace(index, verdict.matched, verdict.reason, actions), verdict.waiting
+
+
+@dataclass(frozen=True)
+class Manager:
+    """One configured manager: its type, the mail it wants and its rules, in config order."""
+
+    type: ManagerType
+    index: int
+    wants_to: tuple[str, ...] = ()
+    wants_from: tuple[str, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    fallback: tuple[str, ...] = ()
+    line: int = 0
+
+    @property
+    def label(self) -> str:
+        """How logs and reports name this manager: ``gocd`` or ``gocd#2`` if repeated."""
+        return f"{self.type.name}#{self.index}"
+
+    def wanted_recipients(self, envelope: Envelope) -> tuple[str, ...] | None:
+        """The recipients this manager takes, or None when it does not want the message.
+
+        Every key that is set must match (``to`` one of the recipients, ``from`` the sender),
+        case-insensitively. With ``to``, only the matching recipients are taken; the others
+        still get the message unchanged.
+        """
+        if self.wants_from and envelope.mail_from.lower() not in self.wants_from:
+            return None
+        if not self.wants_to:
+            return envelope.rcpt_tos
+        taken = tuple(r for r in envelope.rcpt_tos if r.lower() in self.wants_to)
+        return taken or None
+
+
+def route(
+    managers: Sequence[Manager], envelope: Envelope, message: RawMessage, context: Context
+) -> Decision:
+    """Decide what happens to one message: deliver to actions, drop, hold, or relay.
+
+    The first manager (in configuration order) that wants the message decides. All its rules
+    are judged; the actions of every matching rule are collected, de-duplicated, in the order
+    first seen. If any rule could only be judged with GoCD data that is missing and nothing
+    matched, the decision is ``hold``.
+    """
+    for manager in managers:
+        taken = manager.wanted_recipients(envelope)
+        if taken is None:
+            continue
+        alert = manager.type.read(message, envelope, context)
+        rest = tuple(r for r in envelope.rcpt_tos if r not in taken)
+        traces: list[RuleTrace] = []
+        actions: dict[str, None] = {}
+        waiting = False
+        for index, rule in enumerate(manager.rules):
+            trace, rule_waits = rule.judge(index, alert, context)
+            traces.append(trace)
+            waiting = waiting or rule_waits
+            actions.update(dict.fromkeys(trace.actions))
+        if waiting:
+            return Decision(
+                "hold",
+                manager.label,
+                "waiting for pipeline groups from GoCD",
+                trace=tuple(traces),
+                alert=alert,
+                passthrough=rest,
+            )
+        if actions:
+            matched = sum(t.matched for t in traces)
+            reason = f"{matched} of {len(traces)} rules matched"
+            return Decision(
+                "deliver", manager.label, reason, tuple(actions), tuple(traces), alert, rest
+            )
+        if manager.fallback:
+            return Decision(
+                "deliver",
+                manager.label,
+                "no rule matched: fallback actions",
+                manager.fallback,
+                tuple(traces),
+                alert,
+                rest,
+            )
+        return Decision(
+            "drop",
+            manager.label,
+            "no rule matched",
+            trace=tuple(traces),
+            alert=alert,
+            passthrough=rest,
+        )
+    return Decision("relay", None, "no manager wants it")

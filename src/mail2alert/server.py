@@ -1,0 +1,150 @@
+"""The SMTP side: an aiosmtpd handler that parses, routes, commits, and only then says 250.
+
+It never opens a socket itself (:mod:`mail2alert.app` does), and it never sends anything: the
+outcome of routing goes into the outbox, and the dispatcher delivers from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from mail2alert.actions import outgoing_for
+from mail2alert.errors import OutboxError
+from mail2alert.managers.base import Context
+from mail2alert.message import RawMessage, received_header
+from mail2alert.model import Decision, Envelope
+from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id
+from mail2alert.routing import Manager, route
+
+log = logging.getLogger(__name__)
+
+REPLY_QUEUED = "250 2.0.0 Ok: queued as {}"
+REPLY_NOT_QUEUED = "451 4.3.0 Requested action aborted: cannot queue the message, try again later"
+
+
+def accept(
+    queue_id: str,
+    envelope: Envelope,
+    data: bytes,
+    managers: Sequence[Manager],
+    context: Context,
+    *,
+    helo: str = "",
+    peer: str = "",
+    hostname: str = "localhost",
+) -> Accepted:
+    """Route one received message and build what the outbox must keep; never raises.
+
+    If routing itself fails (our bug, never the sender's), the message is relayed unchanged
+    and the error logged with its queue id.
+    """
+    now = time.time()
+    message = RawMessage.parse(data)
+    try:
+        decision = route(managers, envelope, message, context)
+    except Exception:
+        log.exception("%s: routing failed; relaying the message unchanged", queue_id)
+        decision = Decision("relay", None, "routing failed: relayed unchanged")
+    single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+    received = received_header(
+        helo=helo,
+        peer=peer,
+        hostname=hostname,
+        queue_id=queue_id,
+        recipient=single,
+        newline=message.newline,
+    )
+    items = outgoing_for(decision, envelope, message, received)
+    subject = decision.alert.subject if decision.alert else message.get("subject")
+    return Accepted(
+        queue_id,
+        now,
+        envelope,
+        subject,
+        decision,
+        tuple(items),
+        raw=data if decision.outcome == "hold" else None,
+    )
+
+
+def describe(accepted: Accepted) -> str:
+    """The one log line per message decision."""
+    d = accepted.decision
+    head = (
+        f"{accepted.queue_id}: from=<{accepted.envelope.mail_from}> "
+        f"to=<{','.join(accepted.envelope.rcpt_tos)}> subject={accepted.subject[:120]!r}"
+    )
+    who = f"manager={d.manager} " if d.manager else ""
+    if d.outcome == "deliver":
+        return f"{head} {who}deliver={','.join(d.actions)} ({d.reason})"
+    return f"{head} {who}{d.outcome} ({d.reason})"
+
+
+class Handler:
+    """aiosmtpd handler: accepts every recipient, answers DATA once the outcome is durable."""
+
+    def __init__(
+        self,
+        committer: GroupCommitter,
+        managers: Callable[[], Sequence[Manager]],
+        context: Callable[[], Context],
+        *,
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.committer = committer
+        self.managers = managers
+        self.context = context
+        self.on_commit = on_commit
+        self.hostname = socket.gethostname()
+        self.in_flight = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        """Route, commit, then answer: 250 with the queue id, or 451 so the sender retries."""
+        self.in_flight += 1
+        try:
+            queue_id = new_queue_id()
+            content = envelope.content
+            data = content if isinstance(content, bytes) else (content or "").encode("utf-8")
+            peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+            accepted = accept(
+                queue_id,
+                Envelope(envelope.mail_from or "", tuple(envelope.rcpt_tos)),
+                data,
+                self.managers(),
+                self.context(),
+                helo=session.host_name or "",
+                peer=peer,
+                hostname=self.hostname,
+            )
+            try:
+                await self.committer.put(accepted)
+            except OutboxError as exc:
+                log.error("%s: not queued, sender told to retry: %s", queue_id, exc)
+                return REPLY_NOT_QUEUED
+            log.info("%s", describe(accepted))
+            self.on_commit()
+            return REPLY_QUEUED.format(queue_id)
+        finally:
+            self.in_flight -= 1
+
+
+def smtp_factory(handler: Handler, *, hostname: str | None = None) -> Callable[[], Any]:
+    """A protocol factory for ``loop.create_server``: aiosmtpd with SMTPUTF8 and 8BITMIME."""
+
+    def make() -> SMTP:
+        return SMTP(
+            handler,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=hostname or handler.hostname,
+            ident="mail2alert ESMTP",
+        )
+
+    return make

@@ -1,0 +1,304 @@
+"""Helpers for mail2alert's tests and for operators' own: capture servers, a service in a thread,
+sample GoCD mails.
+
+Everything here uses real sockets on loopback; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from mail2alert.config import Config
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Captured:
+    """One message as an SMTP server received it."""
+
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    data: bytes
+
+
+@dataclass
+class _Script:
+    data_replies: list[str] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+
+
+class _CaptureHandler:
+    def __init__(self, owner: CaptureServer) -> None:
+        self.owner = owner
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        reply = self.owner.script.rcpt_replies.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        with self.owner.changed:
+            if self.owner.script.data_replies:
+                reply = self.owner.script.data_replies.pop(0)
+                self.owner.refused += 1
+                self.owner.changed.notify_all()
+                return reply
+            content = envelope.content
+            data = content if isinstance(content, bytes) else (content or "").encode()
+            self.owner.messages.append(
+                Captured(envelope.mail_from or "", tuple(envelope.rcpt_tos), data)
+            )
+            self.owner.changed.notify_all()
+        if self.owner.echo:
+            print(_show(self.owner.messages[-1]), flush=True)
+        return "250 2.0.0 OK captured"
+
+
+def _show(message: Captured) -> str:
+    text = message.data.decode("utf-8", "replace").replace("\r\n", "\n")
+    line = "-" * 72
+    return (
+        f"{line}\nMAIL FROM: <{message.mail_from}>\nRCPT TO: "
+        f"{', '.join(f'<{r}>' for r in message.rcpt_tos)}\n\n{text.rstrip()}\n{line}"
+    )
+
+
+class CaptureServer:
+    """An SMTP server on loopback that keeps what it receives, in its own thread.
+
+    It can be told to refuse: ``refuse_data("451 4.3.0 busy")`` answers the next DATA so,
+    ``refuse_rcpt(addr, "550 5.1.1 no such user")`` refuses a recipient. ``stop()`` and
+    ``start()`` again keep the same port, to play an upstream that goes down and comes back.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, echo: bool = False) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.echo = echo
+        self.messages: list[Captured] = []
+        self.refused = 0
+        self.script = _Script()
+        self.changed = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.Server | None = None
+
+    def refuse_data(self, *replies: str) -> None:
+        """Answer the next DATA commands with these replies, in order."""
+        with self.changed:
+            self.script.data_replies.extend(replies)
+
+    def refuse_rcpt(self, address: str, reply: str) -> None:
+        """Answer RCPT TO for ``address`` with ``reply`` until told otherwise."""
+        self.script.rcpt_replies[address.lower()] = reply
+
+    def accept_rcpt(self, address: str) -> None:
+        """Accept ``address`` again."""
+        self.script.rcpt_replies.pop(address.lower(), None)
+
+    def start(self) -> CaptureServer:
+        """Listen (again) on the server's port."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            handler = _CaptureHandler(self)
+            try:
+                self._server = loop.run_until_complete(
+                    loop.create_server(
+                        lambda: SMTP(handler, enable_SMTPUTF8=True, decode_data=False),
+                        self.host,
+                        self.port,
+                        reuse_address=True,
+                    )
+                )
+            except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+                failure.append(exc)
+                ready.set()
+                return
+            ready.set()
+            loop.run_forever()
+            self._server.close()
+            loop.run_until_complete(self._server.wait_closed())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"capture-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and close every connection."""
+        if self._loop is None or self._thread is None:
+            return
+        loop = self._loop
+
+        def shut() -> None:
+            if self._server is not None:
+                self._server.close()
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+            loop.call_later(0.05, loop.stop)
+
+        loop.call_soon_threadsafe(shut)
+        self._thread.join(10)
+        self._loop = None
+
+    def wait_for(self, count: int, timeout: float = 15.0) -> list[Captured]:
+        """Wait until ``count`` messages have arrived; return them. Raises TimeoutError."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: len(self.messages) >= count, timeout):
+                raise TimeoutError(f"expected {count} messages, got {len(self.messages)}")
+            return list(self.messages)
+
+    def wait_refused(self, count: int, timeout: float = 15.0) -> None:
+        """Wait until ``count`` DATA commands have been refused as scripted."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.refused >= count, timeout):
+                raise TimeoutError(f"expected {count} refusals, got {self.refused}")
+
+    def __enter__(self) -> CaptureServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run_capture(host: str, port: int) -> None:
+    """Run a printing capture server until interrupted (``mail2alert capture``)."""
+    server = CaptureServer(host, port, echo=True).start()
+    print(f"capturing mail on {host}:{port}; every message received is printed here", flush=True)
+    stop = threading.Event()
+    try:
+        stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+class ServiceThread:
+    """A mail2alert :class:`~mail2alert.app.Service` running in a thread, for end-to-end tests."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.service: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._failure: list[BaseException] = []
+
+    @property
+    def port(self) -> int:
+        """The port mail2alert listens on."""
+        return int(self.service.addresses[0][1])
+
+    def start(self) -> ServiceThread:
+        """Start the service; raise what start-up raised."""
+        from mail2alert.app import Service
+
+        async def main() -> None:
+            self.service = Service(self.config)
+            try:
+                await self.service.start()
+            except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
+                self._failure.append(exc)
+                self._ready.set()
+                return
+            self._ready.set()
+            await self.service.wait()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            loop.run_until_complete(main())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="mail2alert", daemon=True)
+        self._thread.start()
+        self._ready.wait(15)
+        if self._failure:
+            self._thread.join()
+            raise self._failure[0]
+        return self
+
+    def stop(self) -> None:
+        """Stop gracefully, as SIGTERM would."""
+        if self._loop is not None and self._thread is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self.service.request_stop)
+            self._thread.join(30)
+
+    def __enter__(self) -> ServiceThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def gocd_stage_mail(
+    subject: str = "Stage [my-pipeline/6/my-stage/1] is broken",
+    *,
+    to: str = "mail2alert@example.com",
+    sender: str = "go@example.com",
+    body: str | None = None,
+) -> bytes:
+    """A stage notification mail as GoCD's JavaMail writes it (CRLF line endings)."""
+    text = (
+        body
+        if body is not None
+        else (
+            "See details: https://ci.example.com/go/pipelines/my-pipeline/6/my-stage/1\n\n"
+            "-- CHANGES --\n\nGit: https://git.example.com/app.git\n"
+            "revision: 1f5557f8a1c3, modified by Jane Doe <jane@example.com> on 2024-03-15\n"
+            "Fix flaky test in payment module\n\nSent by Go on behalf of ci-robot\n"
+        )
+    )
+    headers = [
+        f"From: {sender}",
+        f"Sender: {sender}",
+        f"Reply-To: {sender}",
+        f"To: {to}",
+        "Message-ID: <1234.5678.JavaMail.go@ci.example.com>",
+        f"Subject: {subject}",
+        "MIME-Version: 1.0",
+        "Content-Type: text/plain; charset=us-ascii",
+        "Content-Transfer-Encoding: 7bit",
+    ]
+    return ("\r\n".join(headers) + "\r\n\r\n" + text.replace("\n", "\r\n")).encode("ascii")
+
+
+def iter_lines(data: bytes) -> Iterator[str]:
+    """The lines of a message, decoded leniently (for assertions)."""
+    yield from data.decode("utf-8", "replace").splitlines()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    run_capture("localhost", int(sys.argv[1]) if len(sys.argv) > 1 else 8025)
