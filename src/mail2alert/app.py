@@ -13,8 +13,11 @@ import contextlib
 import logging
 import signal
 import socket
+import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from aiosmtpd.smtp import SMTP
@@ -22,15 +25,19 @@ from aiosmtpd.smtp import SMTP
 from mail2alert.config import Config, HostPort
 from mail2alert.dispatcher import Dispatcher
 from mail2alert.errors import Mail2AlertError, StartupError
+from mail2alert.gocd.poller import GroupPoller, client_from_options
 from mail2alert.managers.base import Context
-from mail2alert.outbox import GroupCommitter
+from mail2alert.model import PipelineGroups
+from mail2alert.outbox import GroupCommitter, HistoryView, Outbox
 from mail2alert.routing import Manager
-from mail2alert.server import Handler, smtp_factory
+from mail2alert.server import Handler, accept, describe, smtp_factory
 
 log = logging.getLogger(__name__)
 
 #: How long a stop waits for SMTP sessions in the middle of a transaction.
 GRACE = 10.0
+#: How often held mail is looked at even when no new GoCD data arrived (for hold-max).
+HOLD_CHECK = 5.0
 
 
 def bind(address: HostPort) -> list[socket.socket]:
@@ -83,6 +90,12 @@ class Service:
         self._dispatcher: Dispatcher | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
         self._handler: Handler | None = None
+        self._history: HistoryView | None = None
+        self._holds: Outbox | None = None
+        self._holds_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="holds")
+        self._held_wake = asyncio.Event()
+        self._pollers: list[GroupPoller] = []
+        self._background: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         """Open the outbox, bind the listener and start delivering. Raises StartupError."""
@@ -90,6 +103,8 @@ class Service:
         try:
             self._committer = GroupCommitter(cfg.data_dir)
             self._dispatcher = Dispatcher(cfg.data_dir, cfg.remote_smtp, cfg.delivery)
+            self._history = HistoryView(cfg.data_dir)
+            self._holds = Outbox(cfg.data_dir)
         except Mail2AlertError as exc:
             raise StartupError(f"data-dir {str(cfg.data_dir)!r}: {exc}") from None
         try:
@@ -115,6 +130,7 @@ class Service:
             self._servers.append(await loop.create_server(factory, sock=sock))
             self.addresses.append(sock.getsockname()[:2])
         self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._stop))
+        self._start_gocd()
         shown = ", ".join(str(HostPort(h, p)) for h, p in self.addresses)
         log.info(
             "mail2alert listening on %s, delivering to %s; %s",
@@ -122,6 +138,80 @@ class Service:
             cfg.remote_smtp,
             cfg.summary(),
         )
+
+    def _start_gocd(self) -> None:
+        """Start a poller per gocd manager with a url, and the task that releases held mail."""
+        for manager in self.managers:
+            if "url" not in manager.options:
+                continue
+            poller = GroupPoller(
+                manager.label,
+                client_from_options(manager.options),
+                interval=manager.seconds("poll-interval", 30.0),
+                data_dir=self.config.data_dir,
+                on_snapshot=self._on_snapshot,
+                on_cctray=self._seed_history,
+            )
+            self._pollers.append(poller)
+            if poller.snapshot is not None:
+                self._on_snapshot(manager.label, poller.snapshot)
+            self._background.append(asyncio.create_task(poller.run(self._stop)))
+        assert self._history is not None
+        self.context = replace(self.context, last_results=self._history)
+        self._background.append(asyncio.create_task(self._release_held_until_stopped()))
+
+    def _on_snapshot(self, label: str, groups: PipelineGroups) -> None:
+        if self.context.snapshots.get(label) is groups:
+            return
+        self.context = replace(self.context, snapshots={**self.context.snapshots, label: groups})
+        self._held_wake.set()
+
+    def _seed_history(self, results: Mapping[tuple[str, str], str]) -> None:
+        assert self._holds is not None
+        self._holds.seed_history(dict(results), time.time())
+
+    async def _release_held_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        every = min([HOLD_CHECK] + [m.seconds("hold-max", 600.0) / 2 for m in self.managers])
+        while not self._stop.is_set():
+            try:
+                released = await loop.run_in_executor(self._holds_executor, self.release_held)
+            except Mail2AlertError as exc:
+                log.error("held mail could not be released: %s", exc)
+                released = 0
+            if released and self._dispatcher is not None:
+                self._dispatcher.wake()
+            waiter = asyncio.ensure_future(self._held_wake.wait())
+            stopper = asyncio.ensure_future(self._stop.wait())
+            await asyncio.wait({waiter, stopper}, timeout=every, return_when="FIRST_COMPLETED")
+            waiter.cancel()
+            stopper.cancel()
+            self._held_wake.clear()
+
+    def release_held(self) -> int:
+        """Route held messages again; those still waiting past ``hold-max`` stop waiting."""
+        assert self._holds is not None
+        now = time.time()
+        released = 0
+        for queue_id, received, envelope, raw in self._holds.held():
+            label = next((m.label for m in self.managers if m.wanted_recipients(envelope)), None)
+            manager = next((m for m in self.managers if m.label == label), None)
+            hold_max = manager.seconds("hold-max", 600.0) if manager else 0.0
+            accepted = accept(
+                queue_id,
+                envelope,
+                raw,
+                self.managers,
+                self.context,
+                received_at=received,
+                stop_holding=now - received >= hold_max,
+            )
+            if accepted.decision.outcome == "hold":
+                continue
+            self._holds.release(accepted)
+            log.info("%s (after holding %.0fs)", describe(accepted), now - received)
+            released += 1
+        return released
 
     def request_stop(self) -> None:
         """Ask the service to stop (what SIGTERM and SIGINT do)."""
@@ -150,6 +240,11 @@ class Service:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         if self._dispatch_task is not None:
             await self._dispatch_task
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._holds_executor.shutdown(wait=True)
+        for closable in (self._holds, self._history):
+            if closable is not None:
+                closable.close()
         if self._committer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._committer.close)
         log.info("mail2alert stopped")

@@ -441,6 +441,7 @@ class _Walker:
             rules=tuple(rules),
             fallback=fallback,
             line=_line(node),
+            options=options,
         )
         return ManagerConfig(manager, options)
 
@@ -454,6 +455,9 @@ class _Walker:
         found: dict[str, tuple[str, ...]] = {}
         for key, value in keys.items():
             addresses = [a.strip().lower() for a, _ in self.text_list(value, f"{path}.{key}")]
+            if not addresses and isinstance(value, SequenceNode):
+                # An empty list would leave the manager without criteria: it would take all mail.
+                self.problem(value, f"{path}.{key}", "needs at least one address")
             for address in addresses:
                 if "@" not in address:
                     self.problem(value, f"{path}.{key}", f"{address!r} is not a mail address")

@@ -133,7 +133,13 @@ class Dispatcher:
                 except TimeoutError:
                     await connection.close_if_idle(IDLE_CLOSE)
                     continue
-                attempt = await connection.send(item)
+                try:
+                    attempt = await connection.send(item)
+                except Exception as exc:
+                    # A bug must not end this worker: its item would stay claimed until restart.
+                    log.exception("%s: delivery attempt failed unexpectedly", item.message_id)
+                    await connection.close()
+                    attempt = Attempt((), f"internal error: {type(exc).__name__}: {exc}")
                 self._results.append(self._judge(item, attempt, connection.address))
                 self._idle.set()
         finally:

@@ -118,9 +118,13 @@ def decode_header_value(raw: bytes) -> str:
         text = unfolded.decode("latin-1")
     if "=?" not in text:
         return text
+    if not text.isascii():
+        # make_header reads unencoded parts as ASCII, which would mangle 8-bit text beside
+        # an encoded word ("café =?utf-8?Q?x?=" became "caf\ufffd x").
+        return _decode_words_leniently(text)
     try:
         return str(email.header.make_header(email.header.decode_header(text)))
-    except (LookupError, ValueError, UnicodeError, email.errors.HeaderParseError):
+    except (LookupError, ValueError, UnicodeError, email.errors.MessageError):
         return _decode_words_leniently(text)
 
 
@@ -129,17 +133,30 @@ def _decode_words_leniently(text: str) -> str:
     out: list[str] = []
     try:
         parts = email.header.decode_header(text)
-    except (ValueError, email.errors.HeaderParseError):
+    except (ValueError, email.errors.MessageError):
         return text
     for chunk, charset in parts:
         if isinstance(chunk, str):
             out.append(chunk)
-            continue
-        try:
-            out.append(chunk.decode(charset or "ascii", errors="replace"))
-        except LookupError:
-            out.append(chunk.decode("latin-1"))
+        elif charset is None:
+            # decode_header hands back unencoded text as raw-unicode-escape bytes.
+            out.append(chunk.decode("raw-unicode-escape", errors="replace"))
+        else:
+            out.append(_decode_chunk(chunk, charset))
     return "".join(out)
+
+
+def _decode_chunk(chunk: bytes, charset: str) -> str:
+    """An encoded word's bytes as text; an unknown charset is read as UTF-8, else Latin-1."""
+    try:
+        return chunk.decode(charset, errors="replace")
+    except (LookupError, UnicodeError):
+        # Unknown, or a codec such as idna or punycode that fails whatever ``errors`` says.
+        pass
+    try:
+        return chunk.decode("utf-8")
+    except UnicodeDecodeError:
+        return chunk.decode("latin-1")
 
 
 def address_of(header_text: str) -> str:
@@ -218,7 +235,9 @@ def rewrite(
                 out.append(new_from)
                 seen_from = True
             continue
-        out.append(f.raw)
+        # The last field of a message cut short has no line ending; give it one, or the
+        # next field would be glued onto its value.
+        out.append(f.raw if f.raw.endswith(b"\n") else f.raw + nl)
     if not seen_from and new_from is not None:
         out.append(new_from)
     if not seen_to:

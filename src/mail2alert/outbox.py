@@ -12,6 +12,8 @@ Tables::
     items       one row per thing to deliver: bytes, state (pending/done/dead), attempts,
                 next try, last error
     recipients  per item and recipient: pending/done/dead and the server's last answer
+    history     per GoCD pipeline/stage the last result (passed/failed), for event correction
+    seen_events GoCD stage events already accepted, to deliver each only once
 
 Delivery state (done, retry later) is written with ``synchronous=NORMAL``: a power cut may
 forget that an item was delivered and send it again, but never lose it.
@@ -26,7 +28,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +71,18 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_error TEXT NOT NULL DEFAULT '',
     UNIQUE (item_id, rcpt)
 );
+CREATE TABLE IF NOT EXISTS history (
+    pipeline TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    result TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (pipeline, stage)
+);
+CREATE TABLE IF NOT EXISTS seen_events (
+    key TEXT PRIMARY KEY,
+    queue_id TEXT NOT NULL,
+    at REAL NOT NULL
+);
 """
 
 
@@ -88,6 +102,11 @@ class Accepted:
     decision: Decision
     items: tuple[Outgoing, ...]
     raw: bytes | None = None
+    history: tuple[str, str, str] | None = None
+    """``(pipeline, stage, result)`` to remember for the event correction, lower case."""
+    event_key: str | None = None
+    """Identifies a GoCD event; a second one within ``event_window`` seconds is a duplicate."""
+    event_window: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,30 +164,117 @@ class Outbox:
             raise
         self.db.execute("COMMIT")
 
-    def put(self, batch: Sequence[Accepted]) -> None:
-        """Commit messages and their items in one transaction (durable when this returns)."""
+    def put(self, batch: Sequence[Accepted]) -> dict[str, str]:
+        """Commit messages and their items in one transaction (durable when this returns).
+
+        Returns ``{queue id: original queue id}`` for the GoCD events that were duplicates:
+        those are recorded, but nothing is sent for them.
+        """
+        duplicates: dict[str, str] = {}
         try:
             with self.transaction() as db:
                 for a in batch:
-                    d = a.decision
-                    db.execute(
-                        "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
-                        (
-                            a.queue_id,
-                            a.received,
-                            a.envelope.mail_from,
-                            json.dumps(a.envelope.rcpt_tos),
-                            a.subject,
-                            d.manager,
-                            d.outcome,
-                            d.reason,
-                            a.raw,
-                        ),
-                    )
-                    for item in a.items:
-                        self._insert_item(db, a.queue_id, a.received, item)
+                    original = self._seen_before(db, a)
+                    if original is not None:
+                        duplicates[a.queue_id] = original
+                    self._insert_message(db, a, duplicate_of=original)
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot commit to the outbox: {exc}") from exc
+        return duplicates
+
+    @staticmethod
+    def _seen_before(db: sqlite3.Connection, a: Accepted) -> str | None:
+        if a.event_key is None:
+            return None
+        row = db.execute(
+            "SELECT queue_id, at FROM seen_events WHERE key=?", (a.event_key,)
+        ).fetchone()
+        if row is not None and a.received - row[1] < a.event_window:
+            return str(row[0])
+        db.execute(
+            "INSERT OR REPLACE INTO seen_events VALUES (?,?,?)",
+            (a.event_key, a.queue_id, a.received),
+        )
+        return None
+
+    def _insert_message(
+        self, db: sqlite3.Connection, a: Accepted, *, duplicate_of: str | None = None
+    ) -> None:
+        d = a.decision
+        outcome: str = d.outcome
+        reason = d.reason
+        if duplicate_of is not None:
+            outcome, reason = "duplicate", f"same GoCD event as {duplicate_of}: delivered once"
+        db.execute(
+            "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                a.queue_id,
+                a.received,
+                a.envelope.mail_from,
+                json.dumps(a.envelope.rcpt_tos),
+                a.subject,
+                d.manager,
+                outcome,
+                reason,
+                a.raw,
+            ),
+        )
+        if duplicate_of is not None:
+            return
+        for item in a.items:
+            self._insert_item(db, a.queue_id, a.received, item)
+        if a.history is not None:
+            db.execute("INSERT OR REPLACE INTO history VALUES (?,?,?,?)", (*a.history, a.received))
+
+    def held(self) -> list[tuple[str, float, Envelope, bytes]]:
+        """Messages held for GoCD data: (queue id, received, envelope, raw bytes)."""
+        rows = self.db.execute(
+            "SELECT id, received, mail_from, rcpt_tos, raw FROM messages"
+            " WHERE outcome='hold' ORDER BY received"
+        ).fetchall()
+        return [
+            (qid, at, Envelope(sender, tuple(json.loads(rcpts))), bytes(raw))
+            for qid, at, sender, rcpts, raw in rows
+        ]
+
+    def release(self, accepted: Accepted) -> None:
+        """Replace a held message's outcome with a new decision and queue its items."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM messages WHERE id=? AND outcome='hold'", (accepted.queue_id,))
+            original = self._seen_before(db, accepted)
+            self._insert_message(db, accepted, duplicate_of=original)
+
+    def seed_history(self, results: dict[tuple[str, str], str], at: float) -> None:
+        """Remember results from cctray.xml for stages mail2alert has not seen itself."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO history VALUES (?,?,?,?)",
+                [(p, s, r, at) for (p, s), r in results.items()],
+            )
+
+    def last_result(self, pipeline: str, stage: str) -> str | None:
+        """The last known result of a stage: passed, failed, or None."""
+        row = self.db.execute(
+            "SELECT result FROM history WHERE pipeline=? AND stage=?", (pipeline, stage)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def purge(self, now: float, *, keep: float = 7 * 86400) -> None:
+        """Forget delivered items and old records; pending, dead and held ones stay."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM seen_events WHERE at < ?", (now - 86400,))
+            old = now - keep
+            db.execute(
+                "DELETE FROM recipients WHERE item_id IN"
+                " (SELECT id FROM items WHERE state='done' AND created < ?)",
+                (old,),
+            )
+            db.execute("DELETE FROM items WHERE state='done' AND created < ?", (old,))
+            db.execute(
+                "DELETE FROM messages WHERE received < ? AND outcome != 'hold'"
+                " AND id NOT IN (SELECT message_id FROM items)",
+                (old,),
+            )
 
     @staticmethod
     def _insert_item(db: sqlite3.Connection, queue_id: str, now: float, item: Outgoing) -> None:
@@ -272,17 +378,20 @@ class GroupCommitter:
 
     def __init__(self, data_dir: Path) -> None:
         self._outbox = Outbox(data_dir, durable=True)
-        self._queue: queue.SimpleQueue[tuple[Accepted, asyncio.Future[None]] | None] = (
+        self._queue: queue.SimpleQueue[tuple[Accepted, asyncio.Future[str | None]] | None] = (
             queue.SimpleQueue()
         )
         self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
         self._thread.start()
 
-    async def put(self, accepted: Accepted) -> None:
-        """Return once ``accepted`` is committed; raise OutboxError if it could not be."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    async def put(self, accepted: Accepted) -> str | None:
+        """Return once ``accepted`` is committed; raise OutboxError if it could not be.
+
+        The result is the queue id of the original when this was a duplicate GoCD event.
+        """
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._queue.put((accepted, future))
-        await future
+        return await future
 
     def close(self) -> None:
         """Finish what was queued, then stop the writer thread."""
@@ -307,19 +416,49 @@ class GroupCommitter:
                     break
                 batch.append(more)
             error: BaseException | None = None
+            duplicates: dict[str, str] = {}
             try:
-                self._outbox.put([a for a, _ in batch])
+                duplicates = self._outbox.put([a for a, _ in batch])
             except OutboxError as exc:
                 error = exc
-            loop = batch[0][1].get_loop()
-            loop.call_soon_threadsafe(_settle, [f for _, f in batch], error)
+            settled = [(f, duplicates.get(a.queue_id)) for a, f in batch]
+            batch[0][1].get_loop().call_soon_threadsafe(_settle, settled, error)
 
 
-def _settle(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
-    for future in futures:
+def _settle(
+    settled: list[tuple[asyncio.Future[str | None], str | None]], error: BaseException | None
+) -> None:
+    for future, duplicate_of in settled:
         if future.done():
             continue
         if error is None:
-            future.set_result(None)
+            future.set_result(duplicate_of)
         else:
             future.set_exception(error)
+
+
+class HistoryView(Mapping[tuple[str, str], str]):
+    """The outbox's stage history as a read-only mapping, for :class:`Context.last_results`.
+
+    Each look-up reads the database, so routing always sees the latest committed result.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self._outbox = Outbox(data_dir, durable=False)
+
+    def __getitem__(self, key: tuple[str, str]) -> str:
+        result = self._outbox.last_result(*key)
+        if result is None:
+            raise KeyError(key)
+        return result
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        rows = self._outbox.db.execute("SELECT pipeline, stage FROM history").fetchall()
+        return iter([(str(p), str(s)) for p, s in rows])
+
+    def __len__(self) -> int:
+        return int(self._outbox.db.execute("SELECT COUNT(*) FROM history").fetchone()[0])
+
+    def close(self) -> None:
+        """Close the view's connection."""
+        self._outbox.close()

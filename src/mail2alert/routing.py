@@ -8,8 +8,8 @@ caller supplies everything it may know (the message, the GoCD snapshot) in a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from mail2alert.managers.base import Context, ManagerType, Predicate, RuleFunction
 from mail2alert.message import RawMessage
@@ -51,11 +51,18 @@ class Manager:
     rules: tuple[Rule, ...] = ()
     fallback: tuple[str, ...] = ()
     line: int = 0
+    options: Mapping[str, object] = field(default_factory=dict)
+    """The manager type's own keys (``url``, ``hold-max``...), validated."""
 
     @property
     def label(self) -> str:
         """How logs and reports name this manager: ``gocd`` or ``gocd#2`` if repeated."""
         return f"{self.type.name}#{self.index}"
+
+    def seconds(self, key: str, default: float) -> float:
+        """A duration option (``hold-max``, ``poll-interval``...) in seconds."""
+        value = self.options.get(key, default)
+        return float(value) if isinstance(value, int | float) else default
 
     def wanted_recipients(self, envelope: Envelope) -> tuple[str, ...] | None:
         """The recipients this manager takes, or None when it does not want the message.
@@ -86,6 +93,8 @@ def route(
         taken = manager.wanted_recipients(envelope)
         if taken is None:
             continue
+        if manager.label in context.snapshots:
+            context = replace(context, groups=context.snapshots[manager.label])
         alert = manager.type.read(message, envelope, context)
         rest = tuple(r for r in envelope.rcpt_tos if r not in taken)
         traces: list[RuleTrace] = []

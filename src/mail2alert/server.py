@@ -10,6 +10,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, Session
@@ -18,6 +19,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from mail2alert.actions import outgoing_for
 from mail2alert.errors import OutboxError
 from mail2alert.managers.base import Context
+from mail2alert.managers.gocd import stage_result
 from mail2alert.message import RawMessage, received_header
 from mail2alert.model import Decision, Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id
@@ -39,19 +41,24 @@ def accept(
     helo: str = "",
     peer: str = "",
     hostname: str = "localhost",
+    received_at: float | None = None,
+    stop_holding: bool = False,
 ) -> Accepted:
     """Route one received message and build what the outbox must keep; never raises.
 
     If routing itself fails (our bug, never the sender's), the message is relayed unchanged
-    and the error logged with its queue id.
+    and the error logged with its queue id. With ``stop_holding``, a message that would be
+    held again goes to its manager's ``fallback`` actions, or is relayed unchanged.
     """
-    now = time.time()
+    now = time.time() if received_at is None else received_at
     message = RawMessage.parse(data)
     try:
         decision = route(managers, envelope, message, context)
     except Exception:
         log.exception("%s: routing failed; relaying the message unchanged", queue_id)
         decision = Decision("relay", None, "routing failed: relayed unchanged")
+    if decision.outcome == "hold" and stop_holding:
+        decision = _stop_holding(queue_id, decision, managers)
     single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
     received = received_header(
         helo=helo,
@@ -62,7 +69,19 @@ def accept(
         newline=message.newline,
     )
     items = outgoing_for(decision, envelope, message, received)
-    subject = decision.alert.subject if decision.alert else message.get("subject")
+    alert = decision.alert
+    subject = alert.subject if alert else message.get("subject")
+    history = event_key = None
+    window = 0.0
+    if alert is not None and alert.stage is not None and decision.outcome != "hold":
+        stage = alert.stage
+        result = stage_result(stage)
+        if result:
+            history = (stage.pipeline.lower(), stage.stage.lower(), result)
+        manager = next((m for m in managers if m.label == decision.manager), None)
+        window = manager.seconds("duplicate-window", 0.0) if manager else 0.0
+        if window > 0:
+            event_key = f"{decision.manager}:{stage.locator.lower()}:{stage.verb}"
     return Accepted(
         queue_id,
         now,
@@ -71,7 +90,30 @@ def accept(
         decision,
         tuple(items),
         raw=data if decision.outcome == "hold" else None,
+        history=history,
+        event_key=event_key,
+        event_window=window,
     )
+
+
+def _stop_holding(queue_id: str, decision: Decision, managers: Sequence[Manager]) -> Decision:
+    manager = next((m for m in managers if m.label == decision.manager), None)
+    if manager is not None and manager.fallback:
+        log.warning(
+            "%s: no pipeline groups from GoCD in time; sending to %s's fallback actions",
+            queue_id,
+            manager.label,
+        )
+        return replace(
+            decision,
+            outcome="deliver",
+            reason="no GoCD data in time: fallback actions",
+            actions=manager.fallback,
+        )
+    log.warning(
+        "%s: no pipeline groups from GoCD in time and no fallback; relaying unchanged", queue_id
+    )
+    return replace(decision, outcome="relay", reason="no GoCD data in time: relayed unchanged")
 
 
 def describe(accepted: Accepted) -> str:
@@ -124,11 +166,19 @@ class Handler:
                 hostname=self.hostname,
             )
             try:
-                await self.committer.put(accepted)
+                duplicate_of = await self.committer.put(accepted)
             except OutboxError as exc:
                 log.error("%s: not queued, sender told to retry: %s", queue_id, exc)
                 return REPLY_NOT_QUEUED
-            log.info("%s", describe(accepted))
+            if duplicate_of is not None:
+                log.info(
+                    "%s: same GoCD event as %s, already delivered once: %s",
+                    queue_id,
+                    duplicate_of,
+                    accepted.subject,
+                )
+            else:
+                log.info("%s", describe(accepted))
             self.on_commit()
             return REPLY_QUEUED.format(queue_id)
         finally:

@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -302,3 +302,214 @@ def iter_lines(data: bytes) -> Iterator[str]:
 
 if __name__ == "__main__":  # pragma: no cover
     run_capture("localhost", int(sys.argv[1]) if len(sys.argv) > 1 else 8025)
+
+
+# -- a fake GoCD -------------------------------------------------------------------------------
+
+
+class FakeGoCD:
+    """A GoCD server on loopback that answers the way GoCD does (see shared gocd.md).
+
+    It serves the three pipeline-group endpoints in GoCD's payload shapes, enforcing the
+    vendor Accept header (404 on a wrong version, as GoCD does) and auth (basic or bearer,
+    401 when wrong), sends ETags and answers If-None-Match with 304, and serves cctray.xml.
+    ``endpoints`` limits which endpoints exist (the others answer 404, like an old or a
+    restricted GoCD); ``admin_forbidden`` makes the admin API answer 403, as for a non-admin.
+    ``stop()`` and ``start()`` again keep the port, to play a GoCD that goes down.
+    """
+
+    ACCEPT: ClassVar[dict[str, tuple[str, ...]]] = {
+        "admin": ("application/vnd.go.cd.v1+json", "application/vnd.go.cd+json"),
+        "dashboard": ("application/vnd.go.cd.v4+json", "application/vnd.go.cd+json"),
+    }
+
+    def __init__(
+        self,
+        groups: dict[str, list[str]],
+        *,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        endpoints: tuple[str, ...] = ("admin", "dashboard", "legacy", "cctray"),
+        admin_forbidden: bool = False,
+        cctray: dict[tuple[str, str], str] | None = None,
+    ) -> None:
+        self.groups = groups
+        self.user = user
+        self.password = password
+        self.token = token
+        self.endpoints = endpoints
+        self.admin_forbidden = admin_forbidden
+        self.cctray = cctray or {}
+        self.port = free_port()
+        self.requests: list[tuple[str, str, int]] = []
+        self.changed = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL a gocd manager's ``url`` is set to."""
+        return f"http://127.0.0.1:{self.port}/go"
+
+    def payload(self, endpoint: str) -> Any:
+        """The JSON GoCD would send for ``endpoint`` with the current groups."""
+        base = f"{self.url}/api"
+        if endpoint == "admin":
+            return {
+                "_links": {"self": {"href": f"{base}/admin/pipeline_groups"}},
+                "_embedded": {
+                    "groups": [
+                        {
+                            "_links": {"self": {"href": f"{base}/admin/pipeline_groups/{g}"}},
+                            "name": g,
+                            "authorization": {"view": {"users": [], "roles": []}},
+                            "pipelines": [
+                                {
+                                    "_links": {"self": {"href": f"{base}/admin/pipelines/{p}"}},
+                                    "name": p,
+                                }
+                                for p in ps
+                            ],
+                        }
+                        for g, ps in self.groups.items()
+                    ]
+                },
+            }
+        if endpoint == "dashboard":
+            return {
+                "_links": {"self": {"href": f"{base}/dashboard"}},
+                "_embedded": {
+                    "pipeline_groups": [
+                        {"name": g, "pipelines": list(ps), "can_administer": False}
+                        for g, ps in self.groups.items()
+                    ],
+                    "pipelines": [],
+                },
+            }
+        return [
+            {
+                "name": g,
+                "pipelines": [
+                    {"name": p, "label": "${COUNT}", "stages": [{"name": "build"}], "materials": []}
+                    for p in ps
+                ],
+            }
+            for g, ps in self.groups.items()
+        ]
+
+    def _authorized(self, header: str) -> bool:
+        import base64
+
+        if self.token is not None:
+            scheme, _, value = header.partition(" ")
+            return scheme.lower() == "bearer" and value == self.token
+        if self.user is not None:
+            expected = base64.b64encode(f"{self.user}:{self.password or ''}".encode()).decode()
+            return header == f"Basic {expected}"
+        return True
+
+    def _answer(
+        self, endpoint: str, accept: str, auth: str, etag: str
+    ) -> tuple[int, dict[str, str], str]:
+        import hashlib
+        import json
+
+        if not self._authorized(auth):
+            return (
+                401,
+                {"Content-Type": "application/json"},
+                '{"message": "You are not authenticated!"}',
+            )
+        if endpoint not in self.endpoints:
+            return 404, {"Content-Type": "application/json"}, '{"message": "not found"}'
+        if endpoint == "cctray":
+            projects = "".join(
+                f'<Project name="{p} :: {s}" activity="Sleeping" lastBuildStatus="{st}" '
+                f'lastBuildLabel="1" lastBuildTime="2024-03-15T16:40:02" webUrl="{self.url}"/>'
+                for (p, s), st in self.cctray.items()
+            )
+            return 200, {"Content-Type": "application/xml"}, f"<Projects>{projects}</Projects>"
+        wanted = self.ACCEPT.get(endpoint)
+        if wanted is not None and accept.split(";")[0].strip() not in wanted:
+            return (
+                404,
+                {"Content-Type": "application/json"},
+                ('{"message": "The url you are trying to reach appears to be incorrect."}'),
+            )
+        if endpoint == "admin" and self.admin_forbidden:
+            return 403, {"Content-Type": "application/json"}, '{"message": "forbidden"}'
+        body = json.dumps(self.payload(endpoint))
+        tag = '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
+        kind = {"admin": "v1", "dashboard": "v4"}.get(endpoint)
+        ctype = f"application/vnd.go.cd.{kind}+json; charset=utf-8" if kind else "application/json"
+        if etag == tag:
+            return 304, {"ETag": tag}, ""
+        return 200, {"Content-Type": ctype, "ETag": tag}, body
+
+    def start(self) -> FakeGoCD:
+        """Serve (again) on the fake's port."""
+        from aiohttp import web
+
+        paths = {
+            "/go/api/admin/pipeline_groups": "admin",
+            "/go/api/dashboard": "dashboard",
+            "/go/api/config/pipeline_groups": "legacy",
+            "/go/cctray.xml": "cctray",
+        }
+
+        async def handle(request: web.Request) -> web.Response:
+            endpoint = paths.get(request.path, "unknown")
+            status, headers, body = self._answer(
+                endpoint,
+                request.headers.get("Accept", ""),
+                request.headers.get("Authorization", ""),
+                request.headers.get("If-None-Match", ""),
+            )
+            with self.changed:
+                self.requests.append((request.path, request.headers.get("Accept", ""), status))
+                self.changed.notify_all()
+            return web.Response(status=status, headers=headers, text=body or None)
+
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_get("/{tail:.*}", handle)
+            runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+            loop.run_until_complete(site.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"fake-gocd-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        """Stop answering; connections are refused until ``start()``."""
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+    def wait_requests(self, path_part: str, count: int = 1, timeout: float = 15.0) -> None:
+        """Wait until ``count`` requests whose path contains ``path_part`` were answered."""
+        with self.changed:
+            ok = self.changed.wait_for(
+                lambda: sum(path_part in p for p, _, _ in self.requests) >= count, timeout
+            )
+        if not ok:
+            raise TimeoutError(f"expected {count} requests to {path_part}, got {self.requests}")
+
+    def __enter__(self) -> FakeGoCD:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -23,12 +23,14 @@ from mail2alert.model import Alert, Envelope, PipelineGroups
 class Context:
     """What routing may know beyond the message itself.
 
-    ``groups`` is None while no snapshot of GoCD's pipeline groups has ever been had.
-    ``last_results`` maps ``(pipeline, stage)`` (lower case) to the last known result,
-    ``passed`` or ``failed``, for the event correction of the gocd manager.
+    ``snapshots`` holds the latest pipeline groups per manager (by label, e.g. ``gocd#0``);
+    routing puts the deciding manager's into ``groups``, which is None while that manager has
+    never had a snapshot. ``last_results`` maps ``(pipeline, stage)`` (lower case) to the last
+    known result, ``passed`` or ``failed``, for the event correction of the gocd manager.
     """
 
     groups: PipelineGroups | None = None
+    snapshots: Mapping[str, PipelineGroups] = field(default_factory=dict)
     last_results: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
 

@@ -8,6 +8,7 @@ by the poller in :mod:`mail2alert.gocd`) which group a pipeline is in.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from mail2alert.errors import RuleArgumentError
 from mail2alert.managers.base import (
@@ -53,19 +54,51 @@ def parse_subject(subject: str) -> Stage | None:
     )
 
 
+_DETAILS = re.compile(r"^See details:\s*(\S+)", re.MULTILINE)
+_CHANGES = re.compile(
+    r"^-- (?:CHECK-INS|CHANGES) --[ \t]*\n(?P<changes>.*?)(?:^Sent by Go on behalf of.*)?\Z",
+    re.MULTILINE | re.DOTALL,
+)
+
+
+def corrected_event(stage: Stage, last_result: str | None) -> str:
+    """The event rules see: GoCD's, corrected by the last result mail2alert knows.
+
+    GoCD compares with the previous run including cancelled ones, and forgets across its own
+    restarts; so a ``failed`` after a known pass is BREAKS and a ``passed`` after a known
+    failure is FIXED. A cancel is reported as GoCD said it and never changes the last result.
+    """
+    event = VERBS[stage.verb]
+    if event == "FAILS" and last_result == "passed":
+        return "BREAKS"
+    if event == "PASSES" and last_result == "failed":
+        return "FIXED"
+    return event
+
+
+def stage_result(stage: Stage) -> str | None:
+    """What a stage mail says of the run's result for the history: passed, failed or None."""
+    return {"PASSES": "passed", "FIXED": "passed", "FAILS": "failed", "BREAKS": "failed"}.get(
+        VERBS[stage.verb]
+    )
+
+
 def read_gocd_alert(message: RawMessage, envelope: Envelope, context: Context) -> Alert:
-    """The common facts plus the stage and its event when the subject names one."""
+    """The common facts plus, for a stage mail, the stage, its event, details URL and changes."""
     alert = read_alert(message, envelope, context)
     stage = parse_subject(alert.subject)
     if stage is None:
         return alert
-    return Alert(
-        envelope=alert.envelope,
-        subject=alert.subject,
-        from_header=alert.from_header,
-        message_id=alert.message_id,
+    body = message.body_text.replace("\r\n", "\n")
+    details = _DETAILS.search(body)
+    changes = _CHANGES.search(body)
+    last = context.last_results.get((stage.pipeline.lower(), stage.stage.lower()))
+    return replace(
+        alert,
         stage=stage,
-        event=VERBS[stage.verb],
+        event=corrected_event(stage, last),
+        details_url=details.group(1) if details else None,
+        changes=changes.group("changes").strip() if changes else None,
     )
 
 
@@ -167,5 +200,8 @@ GOCD = ManagerType(
         "ca-file": Option("path", "CA bundle for GoCD's TLS certificate"),
         "verify": Option("bool", "verify GoCD's TLS certificate", True),
         "hold-max": Option("seconds", "how long to hold mail while GoCD data is missing", 600.0),
+        "duplicate-window": Option(
+            "seconds", "how long the same stage event is delivered only once", 600.0
+        ),
     },
 )

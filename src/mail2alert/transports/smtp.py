@@ -66,9 +66,14 @@ class SmtpConnection:
     async def _send(self, item: Item) -> Attempt:
         smtp = await self._connection()
         options: list[str] = []
-        if not all(a.isascii() for a in (item.mail_from, *item.recipients)) and (
-            smtp.supports_extension("smtputf8")
-        ):
+        if not all(a.isascii() for a in (item.mail_from, *item.recipients)):
+            if not smtp.supports_extension("smtputf8"):
+                # Like Postfix: a non-ASCII address cannot be sent to a server without SMTPUTF8.
+                return Attempt(
+                    (),
+                    f"{self.address} does not support SMTPUTF8 (non-ASCII address)",
+                    permanent=True,
+                )
             options.append("SMTPUTF8")
         try:
             refused, _ = await smtp.sendmail(
@@ -97,6 +102,11 @@ class SmtpConnection:
         )
         await smtp.connect()
         self._smtp = smtp
+        # EHLO now: the server's extensions (SMTPUTF8) must be known before MAIL FROM.
+        try:
+            await smtp.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            await smtp.helo()
         return smtp
 
     async def close_if_idle(self, idle: float) -> None:

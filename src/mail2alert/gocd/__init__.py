@@ -1,0 +1,1 @@
+"""GoCD: API client, background poller with its last good snapshot, and history."""

@@ -1,0 +1,153 @@
+"""Keep each gocd manager's pipeline groups fresh, in the background.
+
+Routing never waits on GoCD: it reads the last good snapshot. The snapshot is kept in memory
+and in ``data-dir`` (so a restart while GoCD is down still routes by group). Failures are
+logged once per change of state, with the URL and status; recovery is logged too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from mail2alert.errors import GocdError
+from mail2alert.gocd.client import GocdClient, parse_groups
+from mail2alert.model import PipelineGroups, Secret
+
+log = logging.getLogger(__name__)
+
+
+def snapshot_path(data_dir: Path, url: str) -> Path:
+    """Where the last good snapshot of GoCD at ``url`` is kept."""
+    digest = hashlib.sha256(url.encode()).hexdigest()[:16]
+    return data_dir / f"gocd-groups-{digest}.json"
+
+
+def save_snapshot(path: Path, groups: PipelineGroups) -> None:
+    """Write the snapshot atomically (a crash leaves the old file or the new one)."""
+    tmp = path.with_suffix(".tmp")
+    payload = {
+        "fetched_at": groups.fetched_at,
+        "source": groups.source,
+        "groups": [{"name": g, "pipelines": list(p)} for g, p in groups.groups.items()],
+    }
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def load_snapshot(path: Path) -> PipelineGroups | None:
+    """The snapshot kept at ``path``, or None when there is none (or it is unreadable)."""
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        groups = parse_groups(payload["groups"], source=str(payload.get("source", "")))
+    except (OSError, ValueError, KeyError, TypeError, GocdError):
+        return None
+    return PipelineGroups(groups.groups, float(payload.get("fetched_at", 0)), groups.source)
+
+
+def client_from_options(options: Mapping[str, object]) -> GocdClient:
+    """A GoCD client from a gocd manager's configured options."""
+    password = options.get("passwd")
+    token = options.get("token")
+    return GocdClient(
+        str(options["url"]),
+        user=str(options["user"]) if "user" in options else None,
+        password=password if isinstance(password, Secret) else None,
+        token=token if isinstance(token, Secret) else None,
+        verify=bool(options.get("verify", True)),
+        ca_file=str(options["ca-file"]) if "ca-file" in options else None,
+    )
+
+
+class GroupPoller:
+    """Polls one GoCD for pipeline groups every ``interval`` seconds; keeps the last good."""
+
+    def __init__(
+        self,
+        label: str,
+        client: GocdClient,
+        *,
+        interval: float,
+        data_dir: Path,
+        on_snapshot: Callable[[str, PipelineGroups], None] = lambda label, groups: None,
+        on_cctray: Callable[[Mapping[tuple[str, str], str]], None] | None = None,
+    ) -> None:
+        self.label = label
+        self.client = client
+        self.interval = interval
+        self.path = snapshot_path(data_dir, client.url)
+        self.on_snapshot = on_snapshot
+        self.on_cctray = on_cctray
+        self.snapshot = load_snapshot(self.path)
+        self.state = "starting"
+        if self.snapshot is not None:
+            age = time.time() - self.snapshot.fetched_at
+            log.info(
+                "%s: using the pipeline groups kept from %s (%d groups, %.0fs old)",
+                label,
+                client.url,
+                len(self.snapshot.groups),
+                age,
+            )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Poll until ``stop`` is set."""
+        if self.on_cctray is not None:
+            await self._seed_history()
+        while not stop.is_set():
+            await self.poll_once()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.interval)
+
+    async def poll_once(self) -> None:
+        """Read pipeline groups once; keep them if they are good, log any change of state."""
+        try:
+            groups = await self.client.pipeline_groups()
+        except GocdError as exc:
+            self._set_state(f"failing: {exc}")
+            return
+        changed = self.snapshot is None or dict(groups.groups) != dict(self.snapshot.groups)
+        self.snapshot = groups
+        endpoint = self.client.endpoint.path if self.client.endpoint else "?"
+        self._set_state(f"ok via {endpoint}")
+        if changed:
+            log.info(
+                "%s: %d pipeline groups, %d pipelines from %s%s",
+                self.label,
+                len(groups.groups),
+                sum(len(p) for p in groups.groups.values()),
+                self.client.url,
+                endpoint,
+            )
+            await asyncio.get_running_loop().run_in_executor(None, save_snapshot, self.path, groups)
+        self.on_snapshot(self.label, groups)
+
+    async def _seed_history(self) -> None:
+        assert self.on_cctray is not None
+        try:
+            results = await self.client.cctray()
+        except GocdError as exc:
+            log.warning("%s: history not seeded from cctray.xml: %s", self.label, exc)
+            return
+        self.on_cctray(results)
+        log.info("%s: history seeded with %d stages from cctray.xml", self.label, len(results))
+
+    def _set_state(self, state: str) -> None:
+        if state == self.state:
+            return
+        previous, self.state = self.state, state
+        if state.startswith("failing"):
+            kept = "keeping the last snapshot" if self.snapshot else "no snapshot yet"
+            log.warning("%s: GoCD %s (%s)", self.label, state, kept)
+        elif previous.startswith("failing"):
+            log.info("%s: GoCD recovered, %s", self.label, state)
