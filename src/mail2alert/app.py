@@ -1,9 +1,15 @@
-"""Build and run the service: listener, intake, outbox, dispatcher; graceful stop.
+"""Build and run the service: listener, intake, outbox, dispatcher, GoCD; graceful stop.
 
 :class:`Service` is what ``mail2alert serve`` runs and what the end-to-end tests start in a
 thread (see :mod:`mail2alert.testing`). Start-up failures raise
 :class:`~mail2alert.errors.StartupError` before anything listens, so a process is never left
 running without its listener.
+
+With ``intake-workers: N`` above 1, :func:`run` binds the listening sockets, checks the data
+dir, then forks N intake processes that share the sockets (the kernel spreads connections
+over them) and keeps delivery, GoCD polling and held mail in the parent. SMTP intake is CPU
+bound in Python, so this is how mail2alert uses more than one core. Intake processes tell
+the parent about new mail through a pipe and learn new GoCD snapshots from ``data-dir``.
 """
 
 from __future__ import annotations
@@ -11,21 +17,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
 from mail2alert.config import Config, HostPort
 from mail2alert.dispatcher import Dispatcher
 from mail2alert.errors import Mail2AlertError, StartupError
-from mail2alert.gocd.poller import GroupPoller, client_from_options
+from mail2alert.gocd.poller import GroupPoller, client_from_options, load_snapshot, snapshot_path
 from mail2alert.managers.base import Context
 from mail2alert.model import PipelineGroups
 from mail2alert.outbox import GroupCommitter, HistoryView, Outbox
@@ -38,6 +45,10 @@ log = logging.getLogger(__name__)
 GRACE = 10.0
 #: How often held mail is looked at even when no new GoCD data arrived (for hold-max).
 HOLD_CHECK = 5.0
+#: How often an intake process looks for a new GoCD snapshot in data-dir.
+SNAPSHOT_CHECK = 1.0
+
+T = TypeVar("T")
 
 
 def bind(address: HostPort) -> list[socket.socket]:
@@ -75,11 +86,30 @@ def bind(address: HostPort) -> list[socket.socket]:
     return sockets
 
 
-class Service:
-    """mail2alert running: SMTP intake on ``local-smtp`` and delivery to ``remote-smtp``."""
+Role = Literal["all", "intake", "delivery"]
 
-    def __init__(self, config: Config) -> None:
+
+class Service:
+    """mail2alert running: SMTP intake on ``local-smtp`` and delivery to ``remote-smtp``.
+
+    ``role`` splits the work for several processes: ``intake`` listens and commits,
+    ``delivery`` delivers, polls GoCD and releases held mail; ``all`` does everything.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        role: Role = "all",
+        sockets: list[socket.socket] | None = None,
+        wake_fd: int | None = None,
+        lifeline_fd: int | None = None,
+    ) -> None:
         self.config = config
+        self._lifeline_fd = lifeline_fd
+        self.role = role
+        self._sockets = sockets
+        self._wake_fd = wake_fd
         self.managers: Sequence[Manager] = config.routing
         self.context = Context()
         self.addresses: list[tuple[str, int]] = []
@@ -101,22 +131,42 @@ class Service:
         """Open the outbox, bind the listener and start delivering. Raises StartupError."""
         cfg = self.config
         try:
-            self._committer = GroupCommitter(cfg.data_dir)
-            self._dispatcher = Dispatcher(cfg.data_dir, cfg.remote_smtp, cfg.delivery)
             self._history = HistoryView(cfg.data_dir)
-            self._holds = Outbox(cfg.data_dir)
+            self.context = replace(self.context, last_results=self._history)
+            if self.role != "delivery":
+                self._committer = GroupCommitter(cfg.data_dir)
+            if self.role != "intake":
+                self._dispatcher = Dispatcher(cfg.data_dir, cfg.remote_smtp, cfg.delivery)
+                self._holds = Outbox(cfg.data_dir)
         except Mail2AlertError as exc:
+            await self._close_storage()
             raise StartupError(f"data-dir {str(cfg.data_dir)!r}: {exc}") from None
+        if self.role != "intake":
+            assert self._dispatcher is not None
+            self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._stop))
+            self._start_gocd()
+        else:
+            self._background.append(asyncio.create_task(self._follow_snapshots()))
+            if self._lifeline_fd is not None:
+                asyncio.get_running_loop().add_reader(self._lifeline_fd, self._parent_gone)
+        if self.role == "delivery":
+            log.info("delivering to %s; %s", cfg.remote_smtp, cfg.summary())
+            return
         try:
-            sockets = bind(cfg.local_smtp)
+            await self._listen()
         except StartupError:
-            await asyncio.get_running_loop().run_in_executor(None, self._committer.close)
+            await self.stop()
             raise
+
+    async def _listen(self) -> None:
+        cfg = self.config
+        sockets = self._sockets if self._sockets is not None else bind(cfg.local_smtp)
+        assert self._committer is not None
         self._handler = Handler(
             self._committer,
             lambda: self.managers,
             lambda: self.context,
-            on_commit=self._dispatcher.wake,
+            on_commit=self._dispatcher.wake if self._dispatcher else self._wake_parent,
         )
         make = smtp_factory(self._handler)
 
@@ -129,9 +179,10 @@ class Service:
         for sock in sockets:
             self._servers.append(await loop.create_server(factory, sock=sock))
             self.addresses.append(sock.getsockname()[:2])
-        self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._stop))
-        self._start_gocd()
         shown = ", ".join(str(HostPort(h, p)) for h, p in self.addresses)
+        if self.role == "intake":
+            log.info("intake worker %d listening on %s", os.getpid(), shown)
+            return
         log.info(
             "mail2alert listening on %s, delivering to %s; %s",
             shown,
@@ -156,9 +207,41 @@ class Service:
             if poller.snapshot is not None:
                 self._on_snapshot(manager.label, poller.snapshot)
             self._background.append(asyncio.create_task(poller.run(self._stop)))
-        assert self._history is not None
-        self.context = replace(self.context, last_results=self._history)
         self._background.append(asyncio.create_task(self._release_held_until_stopped()))
+
+    def _parent_gone(self) -> None:
+        """The lifeline pipe closed: the parent died (even by kill -9), so stop too."""
+        assert self._lifeline_fd is not None
+        asyncio.get_running_loop().remove_reader(self._lifeline_fd)
+        if not self.stopping:
+            log.warning("intake worker %d: the main process is gone; stopping", os.getpid())
+        self.request_stop()
+
+    def _wake_parent(self) -> None:
+        """Tell the delivery process that new items were committed (never blocks)."""
+        if self._wake_fd is not None:
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self._wake_fd, b".")
+
+    async def _follow_snapshots(self) -> None:
+        """In an intake process: pick up the snapshots the delivery process saves."""
+        paths = {
+            m.label: snapshot_path(self.config.data_dir, str(m.options["url"]))
+            for m in self.managers
+            if "url" in m.options
+        }
+        seen: dict[str, float] = {}
+        while not self._stop.is_set():
+            for label, path in paths.items():
+                with contextlib.suppress(OSError):
+                    mtime = path.stat().st_mtime
+                    if seen.get(label) != mtime:
+                        seen[label] = mtime
+                        groups = load_snapshot(path)
+                        if groups is not None:
+                            self._on_snapshot(label, groups)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), SNAPSHOT_CHECK)
 
     def _on_snapshot(self, label: str, groups: PipelineGroups) -> None:
         if self.context.snapshots.get(label) is groups:
@@ -217,6 +300,20 @@ class Service:
         """Ask the service to stop (what SIGTERM and SIGINT do)."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was requested."""
+        return self._stop.is_set()
+
+    @property
+    def dispatcher(self) -> Dispatcher | None:
+        """The dispatcher, in the roles that deliver."""
+        return self._dispatcher
+
+    async def stopped(self) -> None:
+        """Return once a stop is requested (without stopping anything yet)."""
+        await self._stop.wait()
+
     async def wait(self) -> None:
         """Run until a stop is requested, then stop gracefully."""
         await self._stop.wait()
@@ -241,13 +338,18 @@ class Service:
         if self._dispatch_task is not None:
             await self._dispatch_task
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self._close_storage()
+        log.info("mail2alert stopped" if self.role == "all" else f"mail2alert {self.role} stopped")
+
+    async def _close_storage(self) -> None:
         self._holds_executor.shutdown(wait=True)
         for closable in (self._holds, self._history):
             if closable is not None:
                 closable.close()
+        self._holds = self._history = None
         if self._committer is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._committer.close)
-        log.info("mail2alert stopped")
+            self._committer = None
 
     def _busy(self) -> bool:
         if self._handler is not None and self._handler.in_flight:
@@ -258,9 +360,17 @@ class Service:
         )
 
 
-async def serve(config: Config, *, ready: Callable[[Service], None] = lambda s: None) -> None:
+async def serve(
+    config: Config,
+    *,
+    role: Role = "all",
+    sockets: list[socket.socket] | None = None,
+    wake_fd: int | None = None,
+    lifeline_fd: int | None = None,
+    ready: Callable[[Service], None] = lambda s: None,
+) -> None:
     """Run the service until SIGTERM or SIGINT; raise StartupError if it cannot start."""
-    service = Service(config)
+    service = Service(config, role=role, sockets=sockets, wake_fd=wake_fd, lifeline_fd=lifeline_fd)
     await service.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -273,8 +383,8 @@ async def serve(config: Config, *, ready: Callable[[Service], None] = lambda s: 
             loop.remove_signal_handler(sig)
 
 
-def run(config: Config) -> None:
-    """``serve`` on uvloop when it is installed, else on asyncio's own loop."""
+def _run_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` on uvloop when it is installed, else on asyncio's own loop."""
     try:
         import uvloop
 
@@ -282,4 +392,107 @@ def run(config: Config) -> None:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         factory = None
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(serve(config))
+        return runner.run(main)
+
+
+def run(config: Config) -> int:
+    """``mail2alert serve``: run until SIGTERM/SIGINT; the exit code. Raises StartupError."""
+    sockets = bind(config.local_smtp)
+    try:
+        Outbox(config.data_dir).close()  # fail now, before forking, if data-dir is unusable
+    except Mail2AlertError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"data-dir {str(config.data_dir)!r}: {exc}") from None
+    if config.intake_workers <= 1:
+        _run_loop(serve(config, sockets=sockets))
+        return 0
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    # The workers watch the lifeline's read end: it reaches EOF when this process dies.
+    lifeline_r, lifeline_w = os.pipe()
+    children = [
+        _fork_intake(config, sockets, (read_fd, lifeline_w), write_fd, lifeline_r)
+        for _ in range(config.intake_workers)
+    ]
+    os.close(write_fd)
+    os.close(lifeline_r)
+    for sock in sockets:
+        sock.close()
+    try:
+        return _run_loop(_supervise(config, children, read_fd))
+    finally:
+        os.close(lifeline_w)
+
+
+def _fork_intake(
+    config: Config,
+    sockets: list[socket.socket],
+    parent_fds: tuple[int, ...],
+    wake_fd: int,
+    lifeline_fd: int,
+) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        for fd in parent_fds:
+            os.close(fd)
+        _run_loop(
+            serve(config, role="intake", sockets=sockets, wake_fd=wake_fd, lifeline_fd=lifeline_fd)
+        )
+        code = 0
+    except BaseException:
+        # A forked child must never return into the parent's code: log, then _exit below.
+        log.exception("intake worker %d failed", os.getpid())
+    finally:
+        os._exit(code)
+
+
+async def _supervise(config: Config, children: list[int], read_fd: int) -> int:
+    """The parent: deliver, and stop everything when told to or when a worker dies."""
+    service = Service(config, role="delivery")
+    loop = asyncio.get_running_loop()
+    alive = set(children)
+    exit_code = 0
+
+    async def reap() -> None:
+        nonlocal exit_code
+        while alive:
+            # uvloop keeps SIGCHLD for itself, so a thread waits for the workers instead.
+            pid, status = await loop.run_in_executor(None, os.wait)
+            alive.discard(pid)
+            if not service.stopping:
+                code = os.waitstatus_to_exitcode(status)
+                log.error("intake worker %d exited unexpectedly (%d); stopping", pid, code)
+                exit_code = 1
+                service.request_stop()
+
+    def wake() -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(read_fd, 4096)
+        if service.dispatcher is not None:
+            service.dispatcher.wake()
+
+    reaper = asyncio.create_task(reap())
+    loop.add_reader(read_fd, wake)
+    try:
+        await service.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.request_stop)
+        log.info(
+            "mail2alert listening on %s with %d intake workers",
+            config.local_smtp,
+            len(children),
+        )
+        await service.stopped()
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        await reaper
+        await service.stop()
+    finally:
+        loop.remove_reader(read_fd)
+        os.close(read_fd)
+    return exit_code

@@ -91,8 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             log.error("%s", problem)
         raise Mail2AlertError(f"not starting: {path} is invalid") from None
-    app.run(loaded)
-    return 0
+    return app.run(loaded)
 
 
 def cmd_capture(args: argparse.Namespace) -> int:

@@ -118,6 +118,7 @@ class GroupPoller:
             return
         changed = self.snapshot is None or dict(groups.groups) != dict(self.snapshot.groups)
         self.snapshot = groups
+        self.on_snapshot(self.label, groups)
         endpoint = self.client.endpoint.path if self.client.endpoint else "?"
         self._set_state(f"ok via {endpoint}")
         if changed:
@@ -130,7 +131,6 @@ class GroupPoller:
                 endpoint,
             )
             await asyncio.get_running_loop().run_in_executor(None, save_snapshot, self.path, groups)
-        self.on_snapshot(self.label, groups)
 
     async def _seed_history(self) -> None:
         assert self.on_cctray is not None

@@ -1,0 +1,860 @@
+"""mail2alert.config and `mail2alert check`: validate, report every problem with file:line."""
+
+from __future__ import annotations
+
+import logging
+import textwrap
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import pytest
+
+from mail2alert import cli, config
+from mail2alert.config import Config, Delivery, HostPort
+from mail2alert.errors import ConfigError
+from mail2alert.model import Secret
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "configuration.yml"
+
+
+def parse(text: str, env: Mapping[str, str] | None = None) -> Config:
+    """Parse dedented YAML as ``configuration.yml``; line 1 is the first line of ``text``."""
+    return config.parse(textwrap.dedent(text), "configuration.yml", env or {})
+
+
+def problems(text: str, env: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem reported for ``text``, as the operator reads them."""
+    with pytest.raises(ConfigError) as caught:
+        parse(text, env)
+    return [str(p) for p in caught.value.problems]
+
+
+# -- what loads ---------------------------------------------------------------------------------
+
+
+def test_the_example_from_the_original_readme_loads_unchanged() -> None:
+    loaded = config.load(EXAMPLE)
+
+    assert loaded.local_smtp == HostPort("localhost", 1025)
+    assert loaded.remote_smtp == HostPort("localhost", 8025)
+    assert [m.manager.type.name for m in loaded.managers] == ["gocd", "mail"]
+
+
+def test_the_example_gocd_manager_has_its_wants_rules_and_options() -> None:
+    gocd = config.load(EXAMPLE).managers[0]
+
+    assert gocd.manager.wants_to == ("mail2alert@example.com",)
+    assert gocd.manager.wants_from == ()
+    assert gocd.options["url"] == "http://localhost:8080/go"
+    assert gocd.options["user"] == "olle"
+    assert gocd.options["passwd"] == Secret("pelle")
+    assert [r.function.name for r in gocd.manager.rules] == [
+        "pipelines.in_group",
+        "pipelines.name_like_in_group",
+    ]
+    assert [r.events for r in gocd.manager.rules] == [
+        frozenset({"BREAKS"}),
+        frozenset({"BREAKS", "FIXED"}),
+    ]
+    assert gocd.manager.rules[1].args == ("(.+)-release.*", "my-group")
+    assert gocd.manager.rules[1].actions == ("mailto:cat@example.com",)
+
+
+def test_the_example_mail_manager_has_its_wants_and_rule() -> None:
+    mail = config.load(EXAMPLE).managers[1].manager
+
+    assert mail.wants_from == ("go@example.com",)
+    assert mail.wants_to == ()
+    (rule,) = mail.rules
+    assert rule.function.name == "mail.in_subject"
+    assert rule.args == ("server", "backup")
+    assert rule.actions == ("mailto:sys@example.com", "mailto:op@example.com")
+    assert rule.events is None
+
+
+def test_optional_settings_have_their_defaults() -> None:
+    loaded = config.load(EXAMPLE)
+
+    assert loaded.data_dir == Path("./mail2alert-data")
+    assert loaded.delivery == Delivery(retry_initial=60, retry_max=3600, give_up_after=5 * 86400)
+
+
+def test_local_smtp_defaults_to_localhost_1025() -> None:
+    loaded = parse(
+        """\
+        remote-smtp: localhost:8025
+        managers: []
+        """
+    )
+
+    assert loaded.local_smtp == HostPort("localhost", 1025)
+
+
+def test_an_ipv6_address_is_written_in_brackets_and_quoted() -> None:
+    loaded = parse(
+        """\
+        local-smtp: "[::1]:1025"
+        remote-smtp: "[2001:db8::25]:25"
+        managers: []
+        """
+    )
+
+    assert loaded.local_smtp == HostPort("::1", 1025)
+    assert loaded.remote_smtp == HostPort("2001:db8::25", 25)
+    assert str(loaded.local_smtp) == "[::1]:1025"
+
+
+def test_data_dir_and_delivery_can_be_set() -> None:
+    loaded = parse(
+        """\
+        remote-smtp: localhost:8025
+        managers: []
+        data-dir: /var/lib/mail2alert
+        delivery:
+          retry-initial: 30s
+          retry-max: 10m
+          give-up-after: 2d
+        """
+    )
+
+    assert loaded.data_dir == Path("/var/lib/mail2alert")
+    assert loaded.delivery == Delivery(retry_initial=30, retry_max=600, give_up_after=2 * 86400)
+
+
+def test_the_documented_delivery_defaults_are_the_defaults() -> None:
+    loaded = parse(
+        """\
+        remote-smtp: localhost:8025
+        managers: []
+        delivery: {retry-initial: 1m, retry-max: 1h, give-up-after: 5d}
+        """
+    )
+
+    assert loaded.delivery == Delivery()
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [("30s", 30), ("10m", 600), ("1h", 3600), ("5d", 432_000), ("90", 90), ("1.5h", 5400)],
+)
+def test_durations_take_a_unit_or_plain_seconds(written: str, seconds: float) -> None:
+    loaded = parse(
+        f"""\
+        remote-smtp: localhost:8025
+        managers: []
+        delivery:
+          give-up-after: {written}
+        """
+    )
+
+    assert loaded.delivery.give_up_after == seconds
+
+
+def test_messages_we_want_takes_one_address_or_a_list_lower_cased() -> None:
+    loaded = parse(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              to: Alerts@Example.com
+          - name: mail
+            messages-we-want:
+              from:
+                - GO@example.com
+                - ci@example.com
+        """
+    )
+
+    first, second = (m.manager for m in loaded.managers)
+    assert first.wants_to == ("alerts@example.com",)
+    assert second.wants_from == ("go@example.com", "ci@example.com")
+
+
+def test_the_event_alias_from_the_original_readme_works() -> None:
+    loaded = parse(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  event: breaks
+                  function: pipelines.any
+        """
+    )
+
+    assert loaded.managers[0].manager.rules[0].events == frozenset({"BREAKS"})
+
+
+def test_environment_variables_are_replaced_in_string_values() -> None:
+    loaded = parse(
+        """\
+        remote-smtp: ${SMTP_HOST}:$SMTP_PORT
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            user: $GOUSER
+            messages-we-want:
+              to: mail2alert@example.com
+        """,
+        {"SMTP_HOST": "mx.example.com", "SMTP_PORT": "25", "GOUSER": "olle"},
+    )
+
+    assert loaded.remote_smtp == HostPort("mx.example.com", 25)
+    assert loaded.managers[0].options["user"] == "olle"
+
+
+def test_a_double_dollar_is_a_literal_dollar() -> None:
+    loaded = parse(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            passwd: pa$$word$$
+            messages-we-want:
+              to: mail2alert@example.com
+        """
+    )
+
+    passwd = loaded.managers[0].options["passwd"]
+    assert isinstance(passwd, Secret)
+    assert passwd.reveal() == "pa$word$"
+
+
+def test_a_password_from_the_environment_never_shows_in_str_or_repr() -> None:
+    loaded = parse(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            user: olle
+            passwd: $GOPASS
+            token: ${GOTOKEN}
+            messages-we-want:
+              to: mail2alert@example.com
+        """,
+        {"GOPASS": "s3cret-pa55", "GOTOKEN": "t0ken-abc"},
+    )
+
+    for shown in (str(loaded), repr(loaded), str(loaded.managers), repr(loaded.managers[0])):
+        assert "s3cret-pa55" not in shown
+        assert "t0ken-abc" not in shown
+    passwd = loaded.managers[0].options["passwd"]
+    assert isinstance(passwd, Secret)
+    assert passwd.reveal() == "s3cret-pa55"
+
+
+# -- one test per class of problem ----------------------------------------------------------------
+
+
+def test_a_yaml_syntax_error_is_reported_with_its_line() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: "mail
+        """
+    ) == [
+        "configuration.yml:4: YAML syntax error: found unexpected end of stream",
+    ]
+
+
+def test_an_unquoted_ipv6_address_is_a_yaml_error_with_a_hint() -> None:
+    assert problems(
+        """\
+        local-smtp: [::1]:1025
+        remote-smtp: localhost:8025
+        managers: []
+        """
+    ) == [
+        "configuration.yml:1: YAML syntax error: expected the node content, but found ':'"
+        ' (quote IPv6 addresses: "[::1]:1025")',
+    ]
+
+
+def test_an_unknown_key_is_reported_with_a_suggestion() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            pasword: pelle
+            messages-we-want:
+              to: mail2alert@example.com
+        """
+    ) == [
+        "configuration.yml:5: managers[0].pasword: unknown key 'pasword' for a gocd manager"
+        " (did you mean 'passwd'?)",
+    ]
+
+
+def test_a_missing_required_key_is_reported_where_it_belongs() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:ops@example.com
+        """
+    ) == [
+        "configuration.yml:7: managers[0].rules[0]: missing required key 'filter'",
+    ]
+
+
+def test_a_missing_top_level_key_is_reported_at_the_top() -> None:
+    assert problems(
+        """\
+        local-smtp: localhost:1025
+        managers: []
+        """
+    ) == [
+        "configuration.yml:1: missing required key 'remote-smtp'",
+    ]
+
+
+def test_a_value_of_the_wrong_type_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:ops@example.com
+                filter:
+                  function: mail.in_subject
+                  args: backup
+        """
+    ) == [
+        "configuration.yml:11: managers[0].rules[0].filter.args: expected a list,"
+        " got text 'backup'",
+    ]
+
+
+def test_an_unknown_manager_name_is_reported_with_a_suggestion() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocdd
+            messages-we-want:
+              to: mail2alert@example.com
+        """
+    ) == [
+        "configuration.yml:3: managers[0].name: unknown manager 'gocdd' (did you mean 'gocd'?)"
+        " (known: gocd, mail)",
+    ]
+
+
+def test_an_unknown_function_is_reported_with_a_suggestion() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  function: pipelines.in_grup
+                  args:
+                    - my-group
+        """
+    ) == [
+        "configuration.yml:11: managers[0].rules[0].filter.function: unknown function"
+        " 'pipelines.in_grup' for the gocd manager (did you mean 'pipelines.in_group'?)",
+    ]
+
+
+def test_a_function_of_another_manager_is_unknown_and_the_known_ones_are_listed() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  function: pipelines.any
+        """
+    ) == [
+        "configuration.yml:10: managers[0].rules[0].filter.function: unknown function"
+        " 'pipelines.any' for the mail manager (known: mail.in_subject)",
+    ]
+
+
+def test_a_wrong_number_of_args_is_reported_with_the_signature() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  function: pipelines.in_group
+                  args:
+                    - my-group
+                    - other-group
+        """
+    ) == [
+        "configuration.yml:13: managers[0].rules[0].filter.args: pipelines.in_group(group)"
+        " takes 1 argument, got 2",
+    ]
+
+
+def test_an_invalid_regex_is_reported_at_its_argument() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  function: pipelines.name_like_in_group
+                  args:
+                    - (.+-release
+                    - my-group
+        """
+    ) == [
+        "configuration.yml:13: managers[0].rules[0].filter.args[0]: invalid regular expression"
+        " '(.+-release': missing ), unterminated subpattern at position 0",
+    ]
+
+
+def test_a_regex_without_a_group_is_reported_for_name_like_in_group() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  function: pipelines.name_like_in_group
+                  args:
+                    - .+-release.*
+                    - my-group
+        """
+    ) == [
+        "configuration.yml:13: managers[0].rules[0].filter.args[0]: regular expression"
+        " '.+-release.*' has no group: its first group names the pipeline to look up,"
+        " e.g. '(.+)-release.*'",
+    ]
+
+
+def test_an_unknown_event_is_reported_with_a_suggestion() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  events:
+                    - BREAKS
+                    - BRAKES
+                  function: pipelines.any
+        """
+    ) == [
+        "configuration.yml:12: managers[0].rules[0].filter.events: unknown event 'BRAKES'"
+        " (did you mean 'BREAKS'?) (known: PASSES, FAILS, BREAKS, FIXED, CANCELLED)",
+    ]
+
+
+def test_an_action_with_an_unsupported_scheme_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - mailto:ops@example.com
+                  - slack:#builds
+                filter:
+                  function: mail.in_subject
+                  args: [backup]
+        """
+    ) == [
+        "configuration.yml:9: managers[0].rules[0].actions[1]: unsupported action scheme"
+        " 'slack:' (supported: mailto:)",
+    ]
+
+
+def test_a_mailto_action_with_a_bad_address_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - mailto:ops@
+                filter:
+                  function: mail.in_subject
+                  args: [backup]
+        """
+    ) == [
+        "configuration.yml:8: managers[0].rules[0].actions[0]: 'mailto:ops@' is not a valid"
+        " mail address",
+    ]
+
+
+def test_a_bad_host_port_is_reported() -> None:
+    assert problems(
+        """\
+        local-smtp: localhost:99999
+        remote-smtp: localhost
+        managers: []
+        """
+    ) == [
+        "configuration.yml:1: local-smtp: expected host:port (e.g. localhost:1025 or"
+        " \"[::1]:1025\"), got 'localhost:99999'",
+        "configuration.yml:2: remote-smtp: expected host:port (e.g. localhost:1025 or"
+        " \"[::1]:1025\"), got 'localhost'",
+    ]
+
+
+def test_events_on_a_manager_without_events_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - mailto:ops@example.com
+                filter:
+                  events: [BREAKS]
+                  function: mail.in_subject
+                  args: [backup]
+        """
+    ) == [
+        "configuration.yml:10: managers[0].rules[0].filter.events: the mail manager has no"
+        " events: remove 'events'",
+    ]
+
+
+def test_both_event_and_events_in_one_filter_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  events: [BREAKS]
+                  event: FIXED
+                  function: pipelines.any
+        """
+    ) == [
+        "configuration.yml:11: managers[0].rules[0].filter.event: give 'events' or 'event',"
+        " not both",
+    ]
+
+
+def test_an_unset_environment_variable_is_reported_by_name_and_place() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            user: $GOUSER
+            passwd: ${GOPASS}
+            messages-we-want:
+              to: mail2alert@example.com
+        """,
+        {"GOUSER": "olle"},
+    ) == [
+        "configuration.yml:6: managers[0].passwd: environment variable 'GOPASS' is not set",
+    ]
+
+
+def test_a_duplicate_key_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers: []
+        remote-smtp: localhost:25
+        """
+    ) == [
+        "configuration.yml:3: remote-smtp: duplicate key 'remote-smtp'",
+    ]
+
+
+def test_a_bad_duration_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers: []
+        delivery:
+          retry-initial: 5 minutes
+        """
+    ) == [
+        "configuration.yml:4: delivery.retry-initial: expected a positive duration like 30s,"
+        " 10m, 1h, 5d or seconds, got '5 minutes'",
+    ]
+
+
+def test_retry_initial_longer_than_retry_max_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers: []
+        delivery:
+          retry-initial: 2h
+          retry-max: 1h
+        """
+    ) == [
+        "configuration.yml:4: delivery: retry-initial must not be longer than retry-max",
+    ]
+
+
+def test_an_empty_address_list_in_messages_we_want_is_reported() -> None:
+    """An empty list would leave the manager without criteria, and it would take all mail."""
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              to: []
+        """
+    ) == [
+        "configuration.yml:5: managers[0].messages-we-want.to: needs at least one address",
+    ]
+
+
+def test_an_empty_file_is_reported() -> None:
+    assert problems("") == ["configuration.yml: the file is empty"]
+
+
+def test_every_problem_is_reported_at_once_in_file_order() -> None:
+    assert problems(
+        """\
+        local-smtp: localhost
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            url: http://localhost:8080/go
+            passwd: $GOPASS
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions:
+                  - mailto:cat@example.com
+                filter:
+                  function: pipelines.in_grup
+                  args: [my-group]
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - sms:+4612345
+                filter:
+                  function: mail.in_subject
+                  args: [backup]
+        delivery:
+          retry-max: forever
+        """
+    ) == [
+        "configuration.yml:1: local-smtp: expected host:port (e.g. localhost:1025 or"
+        " \"[::1]:1025\"), got 'localhost'",
+        "configuration.yml:6: managers[0].passwd: environment variable 'GOPASS' is not set",
+        "configuration.yml:13: managers[0].rules[0].filter.function: unknown function"
+        " 'pipelines.in_grup' for the gocd manager (did you mean 'pipelines.in_group'?)",
+        "configuration.yml:20: managers[1].rules[0].actions[0]: unsupported action scheme"
+        " 'sms:' (supported: mailto:)",
+        "configuration.yml:25: delivery.retry-max: expected a positive duration like 30s,"
+        " 10m, 1h, 5d or seconds, got 'forever'",
+    ]
+
+
+# -- finding and reading the file --------------------------------------------------------------
+
+
+def test_config_path_prefers_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(config.ENV_CONFIG, "/etc/mail2alert/configuration.yml")
+
+    assert config.config_path("given.yml") == Path("given.yml")
+
+
+def test_config_path_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MAIL2ALERT_CONFIGURATION", "/etc/mail2alert/configuration.yml")
+
+    assert config.config_path(None) == Path("/etc/mail2alert/configuration.yml")
+
+
+def test_config_path_defaults_to_the_working_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MAIL2ALERT_CONFIGURATION", raising=False)
+
+    assert config.config_path(None) == Path("configuration.yml")
+
+
+def test_load_reads_a_file_and_names_it_in_problems(tmp_path: Path) -> None:
+    path = tmp_path / "configuration.yml"
+    path.write_text("remote-smtp: localhost\nmanagers: []\n", encoding="utf-8")
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path, env={})
+
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}:1: remote-smtp: expected host:port (e.g. localhost:1025 or"
+        " \"[::1]:1025\"), got 'localhost'",
+    ]
+
+
+def test_load_takes_variables_from_the_process_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "configuration.yml"
+    path.write_text("remote-smtp: $UPSTREAM\nmanagers: []\n", encoding="utf-8")
+    monkeypatch.setenv("UPSTREAM", "mx.example.com:25")
+
+    assert config.load(path).remote_smtp == HostPort("mx.example.com", 25)
+
+
+def test_load_of_a_missing_file_is_one_problem(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.yml"
+
+    with pytest.raises(ConfigError) as caught:
+        config.load(path)
+
+    assert [str(p) for p in caught.value.problems] == [f"{path}: no such file"]
+
+
+# -- mail2alert check ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """cli.main() reconfigures the root logger (basicConfig force=True); undo that afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_check_of_a_valid_file_prints_one_summary_line(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["check", "--config", str(EXAMPLE)])
+
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out == f"{EXAMPLE}: OK, 2 managers (gocd, mail), 3 rules, 4 actions\n"
+    assert err == ""
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_check_of_an_invalid_file_prints_every_problem_and_a_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "configuration.yml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            remote-smtp: localhost:8025
+            managers:
+              - name: mail
+                messages-we-want:
+                  from: go@example.com
+                rules:
+                  - actions:
+                      - mailto:ops@
+                    filter:
+                      function: mail.in_subjet
+                      args: [backup]
+            """
+        ),
+        encoding="utf-8",
+    )
+
+    code = cli.main(["check", "--config", str(path)])
+
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert out == ""
+    assert err.splitlines() == [
+        f"{path}:8: managers[0].rules[0].actions[0]: 'mailto:ops@' is not a valid mail address",
+        f"{path}:10: managers[0].rules[0].filter.function: unknown function 'mail.in_subjet'"
+        " for the mail manager (did you mean 'mail.in_subject'?)",
+        f"{path}: invalid, 2 problems",
+    ]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_check_finds_the_file_through_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("MAIL2ALERT_CONFIGURATION", str(EXAMPLE))
+
+    code = cli.main(["check"])
+
+    assert code == 0
+    assert capsys.readouterr().out.startswith(f"{EXAMPLE}: OK, ")
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_check_of_a_missing_file_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "configuration.yml"
+
+    code = cli.main(["check", "--config", str(path)])
+
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"{path}: no such file",
+        f"{path}: invalid, 1 problem",
+    ]
