@@ -371,12 +371,13 @@ async def serve(
 ) -> None:
     """Run the service until SIGTERM or SIGINT; raise StartupError if it cannot start."""
     service = Service(config, role=role, sockets=sockets, wake_fd=wake_fd, lifeline_fd=lifeline_fd)
-    await service.start()
     loop = asyncio.get_running_loop()
+    # Handlers first: a SIGTERM during start-up then stops the service cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
-    ready(service)
     try:
+        await service.start()
+        ready(service)
         await service.wait()
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
