@@ -43,6 +43,21 @@ def check_action(uri: str) -> str | None:
     return check(uri)
 
 
+def mask(uri: str) -> str:
+    """An action URI fit to show: mail addresses as they are, any other target's secrets hidden.
+
+    Chat URLs carry their credentials in the URL itself, so only the scheme and the host
+    (or, for opaque URIs such as ``slack:#channel``, the whole) are shown.
+    """
+    scheme, sep, rest = uri.partition(":")
+    if scheme.lower() == "mailto" or not sep:
+        return uri
+    if not rest.startswith("//"):
+        return uri
+    host = rest[2:].split("/", 1)[0].rsplit("@", 1)[-1]
+    return f"{scheme}://{host}/***" if host else f"{scheme}://***"
+
+
 def outgoing_for(
     decision: Decision, envelope: Envelope, message: RawMessage, received: bytes
 ) -> list[Outgoing]:

@@ -24,14 +24,16 @@ import time
 import weakref
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
 from mail2alert.config import Config, HostPort
+from mail2alert.config import load as load_config
 from mail2alert.dispatcher import Dispatcher
-from mail2alert.errors import Mail2AlertError, StartupError
+from mail2alert.errors import ConfigError, Mail2AlertError, StartupError
 from mail2alert.gocd.poller import GroupPoller, client_from_options, load_snapshot, snapshot_path
 from mail2alert.managers.base import Context
 from mail2alert.model import PipelineGroups
@@ -47,11 +49,22 @@ GRACE = 10.0
 HOLD_CHECK = 5.0
 #: How often an intake process looks for a new GoCD snapshot in data-dir.
 SNAPSHOT_CHECK = 1.0
+#: How often the configuration file is looked at for changes.
+CONFIG_CHECK = 2.0
 
 T = TypeVar("T")
 
 
-def bind(address: HostPort) -> list[socket.socket]:
+@dataclass(frozen=True)
+class ReloadStatus:
+    """How the last configuration (re)load went."""
+
+    ok: bool
+    at: float
+    message: str
+
+
+def bind(address: HostPort, *, reuse_port: bool = False) -> list[socket.socket]:
     """Listening sockets for ``address`` (every address the host name resolves to).
 
     Port 0 binds one ephemeral port on the first address. Raises StartupError.
@@ -72,6 +85,9 @@ def bind(address: HostPort) -> list[socket.socket]:
             sock = socket.socket(family, kind, proto)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                # Intake workers that rebind after a reload share the new port this way.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(sockaddr)
@@ -125,7 +141,15 @@ class Service:
         self._holds_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="holds")
         self._held_wake = asyncio.Event()
         self._pollers: list[GroupPoller] = []
+        self._poller_tasks: list[asyncio.Task[None]] = []
+        self._pollers_stop = asyncio.Event()
+        self._dispatch_stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
+        self._reloading = asyncio.Lock()
+        #: How the last reload went, for operators and for the metrics to come.
+        self.reload_status = ReloadStatus(ok=True, at=time.time(), message="loaded at start")
+        #: Called after every successful reload (the supervisor forwards it to its workers).
+        self.on_reload: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Open the outbox, bind the listener and start delivering. Raises StartupError."""
@@ -143,8 +167,10 @@ class Service:
             raise StartupError(f"data-dir {str(cfg.data_dir)!r}: {exc}") from None
         if self.role != "intake":
             assert self._dispatcher is not None
-            self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._stop))
-            self._start_gocd()
+            self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._dispatch_stop))
+            self._start_pollers()
+            self._background.append(asyncio.create_task(self._release_held_until_stopped()))
+            self._background.append(asyncio.create_task(self._watch_config()))
         else:
             self._background.append(asyncio.create_task(self._follow_snapshots()))
             if self._lifeline_fd is not None:
@@ -161,6 +187,20 @@ class Service:
     async def _listen(self) -> None:
         cfg = self.config
         sockets = self._sockets if self._sockets is not None else bind(cfg.local_smtp)
+        await self._serve_on(sockets)
+        shown = ", ".join(str(HostPort(h, p)) for h, p in self.addresses)
+        if self.role == "intake":
+            log.info("intake worker %d listening on %s", os.getpid(), shown)
+            return
+        log.info(
+            "mail2alert listening on %s, delivering to %s; %s",
+            shown,
+            cfg.remote_smtp,
+            cfg.summary(),
+        )
+
+    async def _serve_on(self, sockets: list[socket.socket]) -> None:
+        """Accept SMTP sessions on ``sockets`` (in place of any earlier listener)."""
         assert self._committer is not None
         self._handler = Handler(
             self._committer,
@@ -176,22 +216,17 @@ class Service:
             return session
 
         loop = asyncio.get_running_loop()
-        for sock in sockets:
-            self._servers.append(await loop.create_server(factory, sock=sock))
-            self.addresses.append(sock.getsockname()[:2])
-        shown = ", ".join(str(HostPort(h, p)) for h, p in self.addresses)
-        if self.role == "intake":
-            log.info("intake worker %d listening on %s", os.getpid(), shown)
-            return
-        log.info(
-            "mail2alert listening on %s, delivering to %s; %s",
-            shown,
-            cfg.remote_smtp,
-            cfg.summary(),
-        )
+        servers = [await loop.create_server(factory, sock=sock) for sock in sockets]
+        # Sessions already open on an old listener go on; only new connections move.
+        for old in self._servers:
+            old.close()
+        self._servers = servers
+        self.addresses = [sock.getsockname()[:2] for sock in sockets]
 
-    def _start_gocd(self) -> None:
-        """Start a poller per gocd manager with a url, and the task that releases held mail."""
+    def _start_pollers(self) -> None:
+        """Start a poller per gocd manager with a url; routing uses their latest snapshots."""
+        self._pollers_stop = asyncio.Event()
+        self._pollers = []
         for manager in self.managers:
             if "url" not in manager.options:
                 continue
@@ -206,8 +241,12 @@ class Service:
             self._pollers.append(poller)
             if poller.snapshot is not None:
                 self._on_snapshot(manager.label, poller.snapshot)
-            self._background.append(asyncio.create_task(poller.run(self._stop)))
-        self._background.append(asyncio.create_task(self._release_held_until_stopped()))
+        self._poller_tasks = [asyncio.create_task(p.run(self._pollers_stop)) for p in self._pollers]
+
+    async def _stop_pollers(self) -> None:
+        self._pollers_stop.set()
+        await asyncio.gather(*self._poller_tasks, return_exceptions=True)
+        self._poller_tasks = []
 
     def _parent_gone(self) -> None:
         """The lifeline pipe closed: the parent died (even by kill -9), so stop too."""
@@ -225,13 +264,14 @@ class Service:
 
     async def _follow_snapshots(self) -> None:
         """In an intake process: pick up the snapshots the delivery process saves."""
-        paths = {
-            m.label: snapshot_path(self.config.data_dir, str(m.options["url"]))
-            for m in self.managers
-            if "url" in m.options
-        }
         seen: dict[str, float] = {}
         while not self._stop.is_set():
+            # Recomputed each time: a reload may change the managers and their GoCDs.
+            paths = {
+                m.label: snapshot_path(self.config.data_dir, str(m.options["url"]))
+                for m in self.managers
+                if "url" in m.options
+            }
             for label, path in paths.items():
                 with contextlib.suppress(OSError):
                     mtime = path.stat().st_mtime
@@ -319,9 +359,91 @@ class Service:
         await self._stop.wait()
         await self.stop()
 
+    async def reload(self) -> bool:
+        """Load the configuration file again; switch to it only if it is entirely valid.
+
+        A message is routed wholly by the old or wholly by the new configuration: routing reads
+        the managers once per message. A changed ``local-smtp`` is bound before anything
+        switches; if that fails, the running configuration stays. Returns whether it switched.
+        """
+        async with self._reloading:
+            path = self.config.path
+            try:
+                new = load_config(path)
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    log.error("%s", problem)
+                return self._reload_failed(f"{path} is invalid ({len(exc.problems)} problems)")
+            if new.data_dir.resolve() != self.config.data_dir.resolve():
+                return self._reload_failed("data-dir cannot change while running; restart")
+            if new.intake_workers != self.config.intake_workers:
+                log.warning("intake-workers changes take effect at the next restart")
+            if self.role != "delivery" and new.local_smtp != self.config.local_smtp:
+                try:
+                    sockets = bind(new.local_smtp, reuse_port=self.role == "intake")
+                except StartupError as exc:
+                    return self._reload_failed(str(exc))
+                await self._serve_on(sockets)
+                log.info("now listening on %s", new.local_smtp)
+            old, self.config = self.config, new
+            self.managers = new.routing
+            if self.role != "intake":
+                await self._apply_delivery_changes(old, new)
+            self.reload_status = ReloadStatus(True, time.time(), f"reloaded: {new.summary()}")
+            log.info("configuration reloaded from %s: %s", path, new.summary())
+            self.on_reload()
+            return True
+
+    def _reload_failed(self, why: str) -> bool:
+        log.error("configuration reload failed, keeping the running configuration: %s", why)
+        self.reload_status = ReloadStatus(False, time.time(), why)
+        return False
+
+    async def _apply_delivery_changes(self, old: Config, new: Config) -> None:
+        if (old.remote_smtp, old.delivery) != (new.remote_smtp, new.delivery):
+            self._dispatch_stop.set()
+            if self._dispatch_task is not None:
+                await self._dispatch_task
+            self._dispatch_stop = asyncio.Event()
+            self._dispatcher = Dispatcher(new.data_dir, new.remote_smtp, new.delivery)
+            self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._dispatch_stop))
+            log.info("now delivering to %s", new.remote_smtp)
+        gocd_of = [(m.label, dict(m.options)) for m in old.routing if "url" in m.options]
+        if gocd_of != [(m.label, dict(m.options)) for m in new.routing if "url" in m.options]:
+            await self._stop_pollers()
+            labels = {m.label for m in new.routing}
+            self.context = replace(
+                self.context,
+                snapshots={k: v for k, v in self.context.snapshots.items() if k in labels},
+            )
+            self._start_pollers()
+
+    async def _watch_config(self) -> None:
+        """Reload when the configuration file changes (as SIGHUP does)."""
+        path = Path(self.config.path)
+
+        def stamp() -> tuple[int, int, int] | None:
+            try:
+                st = path.stat()
+            except OSError:
+                return None
+            return st.st_mtime_ns, st.st_size, st.st_ino
+
+        seen = stamp()
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), CONFIG_CHECK)
+            now = stamp()
+            if now is not None and now != seen:
+                seen = now
+                log.info("%s changed; reloading", path)
+                await self.reload()
+
     async def stop(self) -> None:
         """Stop accepting, let sessions in a transaction finish, flush, close."""
         self._stop.set()
+        self._dispatch_stop.set()
+        self._pollers_stop.set()
         for server in self._servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -337,7 +459,7 @@ class Service:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
         if self._dispatch_task is not None:
             await self._dispatch_task
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*self._background, *self._poller_tasks, return_exceptions=True)
         await self._close_storage()
         log.info("mail2alert stopped" if self.role == "all" else f"mail2alert {self.role} stopped")
 
@@ -367,6 +489,7 @@ async def serve(
     sockets: list[socket.socket] | None = None,
     wake_fd: int | None = None,
     lifeline_fd: int | None = None,
+    monitor: tuple[str, int] | None = None,
     ready: Callable[[Service], None] = lambda s: None,
 ) -> None:
     """Run the service until SIGTERM or SIGINT; raise StartupError if it cannot start."""
@@ -375,13 +498,56 @@ async def serve(
     # Handlers first: a SIGTERM during start-up then stops the service cleanly.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(service.reload()))
+    console = _start_monitor(monitor, service) if monitor else None
     try:
         await service.start()
         ready(service)
         await service.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if console is not None:
+            console.close()
+
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _spawn(coro: Coroutine[Any, Any, Any]) -> None:
+    """Run ``coro`` in the background, keeping a reference until it is done."""
+    task = asyncio.ensure_future(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
+
+
+def _monitor_address(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 < int(port) < 65534:
+        raise StartupError(f"--monitor {text!r}: expected HOST:PORT, e.g. 127.0.0.1:50101")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _start_monitor(address: tuple[str, int], service: Service) -> Any:
+    """aiomonitor on ``address`` (telnet), its web UI on port+1, console on port+2."""
+    import aiomonitor
+
+    host, port = address
+    try:
+        console = aiomonitor.start_monitor(
+            asyncio.get_running_loop(),
+            host=host,
+            port=port,
+            webui_port=port + 1,
+            console_port=port + 2,
+            locals={"service": service, "config": service.config},
+        )
+    except OSError as exc:
+        raise StartupError(f"cannot start the monitor on {host}:{port}: {exc}") from None
+    log.info(
+        "aiomonitor on %s:%d: `nc %s %d` (web UI on port %d)", host, port, host, port, port + 1
+    )
+    return console
 
 
 def _run_loop(main: Coroutine[Any, Any, T]) -> T:
@@ -396,8 +562,12 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
-def run(config: Config) -> int:
-    """``mail2alert serve``: run until SIGTERM/SIGINT; the exit code. Raises StartupError."""
+def run(config: Config, *, monitor: str | None = None) -> int:
+    """``mail2alert serve``: run until SIGTERM/SIGINT; the exit code. Raises StartupError.
+
+    ``monitor`` (``host:port``) starts the aiomonitor console in the main process.
+    """
+    monitor_at = _monitor_address(monitor) if monitor else None
     sockets = bind(config.local_smtp)
     try:
         Outbox(config.data_dir).close()  # fail now, before forking, if data-dir is unusable
@@ -406,7 +576,7 @@ def run(config: Config) -> int:
             sock.close()
         raise StartupError(f"data-dir {str(config.data_dir)!r}: {exc}") from None
     if config.intake_workers <= 1:
-        _run_loop(serve(config, sockets=sockets))
+        _run_loop(serve(config, sockets=sockets, monitor=monitor_at))
         return 0
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
@@ -421,7 +591,7 @@ def run(config: Config) -> int:
     for sock in sockets:
         sock.close()
     try:
-        return _run_loop(_supervise(config, children, read_fd))
+        return _run_loop(_supervise(config, children, read_fd, monitor_at))
     finally:
         os.close(lifeline_w)
 
@@ -451,7 +621,9 @@ def _fork_intake(
         os._exit(code)
 
 
-async def _supervise(config: Config, children: list[int], read_fd: int) -> int:
+async def _supervise(
+    config: Config, children: list[int], read_fd: int, monitor: tuple[str, int] | None
+) -> int:
     """The parent: deliver, and stop everything when told to or when a worker dies."""
     service = Service(config, role="delivery")
     loop = asyncio.get_running_loop()
@@ -478,10 +650,19 @@ async def _supervise(config: Config, children: list[int], read_fd: int) -> int:
 
     reaper = asyncio.create_task(reap())
     loop.add_reader(read_fd, wake)
+    console = _start_monitor(monitor, service) if monitor else None
     try:
         await service.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, service.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(service.reload()))
+
+        def forward_reload() -> None:
+            for pid in alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGHUP)
+
+        service.on_reload = forward_reload
         log.info(
             "mail2alert listening on %s with %d intake workers",
             config.local_smtp,
@@ -494,6 +675,8 @@ async def _supervise(config: Config, children: list[int], read_fd: int) -> int:
         await reaper
         await service.stop()
     finally:
+        if console is not None:
+            console.close()
         loop.remove_reader(read_fd)
         os.close(read_fd)
     return exit_code

@@ -6,17 +6,30 @@ Exit codes: 0 success, 1 invalid configuration or failed start, 2 wrong usage.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
+from email.utils import parseaddr
+from pathlib import Path
 
-from mail2alert import __version__, config
-from mail2alert.errors import ConfigError, Mail2AlertError
+import yaml
+
+from mail2alert import __version__, config, explain
+from mail2alert.errors import ConfigError, Mail2AlertError, UsageError
+from mail2alert.gocd.poller import fetch_snapshots
+from mail2alert.managers.base import Context
+from mail2alert.message import RawMessage
+from mail2alert.model import Envelope
+from mail2alert.outbox import read_history
 
 log = logging.getLogger("mail2alert")
 
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: The original's debug console port.
+MONITOR_PORT = 50101
 
 
 def setup_logging(option: str | None) -> None:
@@ -54,15 +67,158 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the SMTP relay")
     _add_config(serve)
+    serve.add_argument(
+        "--monitor",
+        nargs="?",
+        const=f"127.0.0.1:{MONITOR_PORT}",
+        metavar="HOST:PORT",
+        help=f"start the aiomonitor debug console (default 127.0.0.1:{MONITOR_PORT})",
+    )
 
     check = commands.add_parser("check", help="validate the configuration and say what it holds")
     _add_config(check)
+
+    route = commands.add_parser(
+        "route", help="show where one message would go, without sending anything"
+    )
+    _add_config(route)
+    route.add_argument("eml", nargs="?", metavar="FILE.eml", help="a message file to route")
+    route.add_argument("--from", dest="mail_from", metavar="ADDRESS", help="envelope sender")
+    route.add_argument("--to", metavar="ADDRESS", help="envelope recipient")
+    route.add_argument("--subject", metavar="TEXT", help="Subject of a made-up message")
+    route.add_argument("--trace", action="store_true", help="show every rule with ✓/✗ and why")
+    route.add_argument("--json", action="store_true", help="print the result as JSON")
+    route.add_argument(
+        "--expect",
+        metavar="ACTIONS",
+        help="comma-separated action URIs, or relay/drop/hold: exit 1 when routing differs",
+    )
+    _add_snapshot(route)
+
+    test = commands.add_parser("test", help="run a suite of routing cases against the config")
+    test.add_argument("suite", metavar="SUITE.yml")
+    _add_config(test)
+    _add_snapshot(test)
+    test.add_argument(
+        "--fail-under",
+        type=float,
+        metavar="PCT",
+        help="fail when fewer than PCT percent of the rules are exercised by some case",
+    )
+
+    cover = commands.add_parser(
+        "coverage", help="which actions fire for every pipeline group, pipeline and event"
+    )
+    _add_config(cover)
+    _add_snapshot(cover)
+    cover.add_argument("--format", choices=("text", "yaml", "json"), default="text")
 
     capture = commands.add_parser(
         "capture", help="a local SMTP sink that prints every message it receives (for trying out)"
     )
     capture.add_argument("--listen", default="localhost:8025", metavar="HOST:PORT")
     return parser
+
+
+def _add_snapshot(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gocd-snapshot",
+        metavar="FILE.json",
+        type=Path,
+        help="pipeline groups from this file (any of GoCD's three payloads) instead of GoCD",
+    )
+
+
+def _load(args: argparse.Namespace) -> config.Config:
+    """The configuration, or ConfigError after printing every problem."""
+    path = config.config_path(args.config)
+    try:
+        return config.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise Mail2AlertError(f"{path} is invalid (see `mail2alert check`)") from None
+
+
+def _context(args: argparse.Namespace, loaded: config.Config) -> Context:
+    """What routing may know: GoCD groups (file, live, or kept) and the stage history."""
+    if args.gocd_snapshot is not None:
+        snapshots = explain.snapshots_from_file(args.gocd_snapshot, loaded)
+    else:
+        wanted = [(m.label, m.options) for m in loaded.routing]
+        snapshots, notes = asyncio.run(fetch_snapshots(wanted, loaded.data_dir))
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+    return Context(snapshots=snapshots, last_results=read_history(loaded.data_dir))
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """``mail2alert route``: explain one message; with --expect, exit 1 on a mismatch."""
+    made_up = (args.mail_from, args.to, args.subject)
+    if (args.eml is None) == all(v is None for v in made_up):
+        raise UsageError("give FILE.eml, or --from, --to and --subject (not both)")
+    loaded = _load(args)
+    if args.eml is not None:
+        try:
+            data = Path(args.eml).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"cannot read {args.eml}: {exc.strerror}") from None
+        message = RawMessage.parse(data)
+        sender = args.mail_from or parseaddr(message.get("from"))[1]
+        rcpt = args.to or parseaddr(message.get("to"))[1]
+    else:
+        if None in made_up:
+            raise UsageError("a made-up message needs --from, --to and --subject")
+        sender, rcpt = args.mail_from, args.to
+        data = explain.synthetic_message(sender, rcpt, args.subject)
+    result = explain.explain(loaded, Envelope(sender, (rcpt,)), data, _context(args, loaded))
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, ensure_ascii=False))
+    else:
+        print(explain.render(result, trace=args.trace))
+    if args.expect is None:
+        return 0
+    mismatch = explain.diff(explain.parse_expect(args.expect), result.outcome)
+    if mismatch:
+        print(f"FAIL: {mismatch}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """``mail2alert test``: PASS/FAIL per case, a summary, rule coverage; 0 only if all pass."""
+    loaded = _load(args)
+    cases = explain.load_suite(Path(args.suite))
+    result = explain.run_suite(loaded, cases, _context(args, loaded))
+    for name, mismatch in result.results:
+        print(f"PASS {name}" if mismatch is None else f"FAIL {name}: {mismatch}")
+    passed = len(result.results) - result.failed
+    print(
+        f"{passed} passed, {result.failed} failed; {len(result.exercised)} of "
+        f"{result.total_rules} rules exercised ({result.rule_share:.0f}%)"
+    )
+    if result.failed:
+        return 1
+    if args.fail_under is not None and result.rule_share < args.fail_under:
+        print(
+            f"FAIL: rule coverage {result.rule_share:.0f}% is under {args.fail_under:g}%",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_coverage(args: argparse.Namespace) -> int:
+    """``mail2alert coverage``: the routes of every known pipeline, orphans and dead rules."""
+    loaded = _load(args)
+    report = explain.coverage(loaded, _context(args, loaded))
+    if args.format == "json":
+        print(json.dumps(report.as_dict(), indent=2))
+    elif args.format == "yaml":
+        print(yaml.safe_dump(report.as_dict(), sort_keys=False), end="")
+    else:
+        print(explain.render_coverage(report))
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -91,7 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             log.error("%s", problem)
         raise Mail2AlertError(f"not starting: {path} is invalid") from None
-    return app.run(loaded)
+    return app.run(loaded, monitor=args.monitor)
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -108,7 +264,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    handlers = {"serve": cmd_serve, "check": cmd_check, "capture": cmd_capture}
+    handlers = {
+        "serve": cmd_serve,
+        "check": cmd_check,
+        "route": cmd_route,
+        "test": cmd_test,
+        "coverage": cmd_coverage,
+        "capture": cmd_capture,
+    }
     try:
         return handlers[args.command](args)
     except Mail2AlertError as exc:

@@ -437,6 +437,22 @@ def _settle(
             future.set_exception(error)
 
 
+def read_history(data_dir: Path) -> dict[tuple[str, str], str]:
+    """The stage history of a data dir, read-only (empty when there is no outbox yet)."""
+    path = data_dir / DB_NAME
+    if not path.exists():
+        return {}
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute("SELECT pipeline, stage, result FROM history").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise OutboxError(f"cannot read the history in {path}: {exc}") from None
+    return {(str(p), str(s)): str(r) for p, s, r in rows}
+
+
 class HistoryView(Mapping[tuple[str, str], str]):
     """The outbox's stage history as a read-only mapping, for :class:`Context.last_results`.
 

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from mail2alert.errors import GocdError
@@ -151,3 +151,29 @@ class GroupPoller:
             log.warning("%s: GoCD %s (%s)", self.label, state, kept)
         elif previous.startswith("failing"):
             log.info("%s: GoCD recovered, %s", self.label, state)
+
+
+async def fetch_snapshots(
+    managers: Sequence[tuple[str, Mapping[str, object]]], data_dir: Path
+) -> tuple[dict[str, PipelineGroups], list[str]]:
+    """Pipeline groups for every (label, options) with a url: live, else as kept in data-dir.
+
+    Returns the snapshots by manager label and notes for the operator on what was used.
+    """
+    snapshots: dict[str, PipelineGroups] = {}
+    notes: list[str] = []
+    for label, options in managers:
+        if "url" not in options:
+            continue
+        client = client_from_options(options)
+        try:
+            snapshots[label] = await client.pipeline_groups()
+            continue
+        except GocdError as exc:
+            kept = load_snapshot(snapshot_path(data_dir, client.url))
+            if kept is None:
+                notes.append(f"{label}: GoCD not read ({exc}); no pipeline groups known")
+                continue
+            snapshots[label] = kept
+            notes.append(f"{label}: GoCD not read ({exc}); using the groups kept in {data_dir}")
+    return snapshots, notes
