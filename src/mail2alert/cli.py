@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from mail2alert import __version__, config, explain
+from mail2alert import __version__, config, explain, postqueue
 from mail2alert.errors import ConfigError, Mail2AlertError, UsageError
 from mail2alert.gocd.poller import fetch_snapshots
 from mail2alert.managers.base import Context
@@ -117,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         "capture", help="a local SMTP sink that prints every message it receives (for trying out)"
     )
     capture.add_argument("--listen", default="localhost:8025", metavar="HOST:PORT")
+    postqueue.add_parser(commands)
     return parser
 
 
@@ -271,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "test": cmd_test,
         "coverage": cmd_coverage,
         "capture": cmd_capture,
+        "queue": postqueue.run,
     }
     try:
         return handlers[args.command](args)

@@ -140,9 +140,26 @@ def opened(cfg: config.Config) -> Iterator[Outbox]:
         outbox.close()
 
 
+@contextmanager
+def snapshot(outbox: Outbox) -> Iterator[sqlite3.Connection]:
+    """A read transaction: every query in it sees the same state of the outbox.
+
+    In WAL mode it takes no lock the server waits for.
+    """
+    outbox.db.execute("BEGIN")
+    try:
+        yield outbox.db
+    finally:
+        outbox.db.execute("COMMIT")
+
+
 def entries(outbox: Outbox) -> list[Entry]:
     """Pending and dead items and held messages, oldest first."""
-    db = outbox.db
+    with snapshot(outbox) as db:
+        return _entries(db)
+
+
+def _entries(db: sqlite3.Connection) -> list[Entry]:
     rcpts: dict[int, list[str]] = {}
     for item_id, rcpt in db.execute(
         "SELECT r.item_id, r.rcpt FROM recipients r JOIN items i ON i.id=r.item_id"
@@ -178,11 +195,15 @@ def entries(outbox: Outbox) -> list[Entry]:
 
 def detail(outbox: Outbox, queue_id: str) -> MessageDetail:
     """Everything about one message; OutboxError if there is no such message."""
-    db = outbox.db
+    with snapshot(outbox) as db:
+        return _detail(db, _known(outbox, queue_id))
+
+
+def _detail(db: sqlite3.Connection, queue_id: str) -> MessageDetail:
     row = db.execute(
         "SELECT id, received, mail_from, rcpt_tos, subject, manager, outcome, reason, raw"
         " FROM messages WHERE id=?",
-        (_known(outbox, queue_id),),
+        (queue_id,),
     ).fetchone()
     qid, received, mail_from, rcpt_tos, subject, manager, outcome, reason, raw = row
     items = tuple(
@@ -240,8 +261,8 @@ def retry(outbox: Outbox, queue_ids: Sequence[str], now: float) -> list[Change]:
         wanted = [_known(outbox, q) for q in queue_ids] or [
             qid
             for (qid,) in db.execute(
-                "SELECT DISTINCT message_id FROM items WHERE state IN ('pending','dead')"
-                " ORDER BY created, message_id"
+                "SELECT message_id FROM items WHERE state IN ('pending','dead')"
+                " GROUP BY message_id ORDER BY MIN(created), message_id"
             )
         ]
         for qid in dict.fromkeys(wanted):
@@ -288,9 +309,7 @@ def delete(outbox: Outbox, queue_ids: Sequence[str]) -> list[Change]:
 def _known(outbox: Outbox, queue_id: str) -> str:
     """The queue id as stored (ids are matched regardless of case); OutboxError if unknown."""
     row = outbox.db.execute(
-        "SELECT id FROM messages WHERE id=? COLLATE NOCASE UNION"
-        " SELECT message_id FROM items WHERE message_id=? COLLATE NOCASE LIMIT 1",
-        (queue_id, queue_id),
+        "SELECT id FROM messages WHERE id=? COLLATE NOCASE", (queue_id,)
     ).fetchone()
     if row is None:
         raise OutboxError(f"no message {queue_id} in the outbox {outbox.path}")

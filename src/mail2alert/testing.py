@@ -250,6 +250,11 @@ class ServiceThread:
             raise self._failure[0]
         return self
 
+    def call(self, coroutine: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine (e.g. ``service.reload()``) in the service's loop; its result."""
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
     def stop(self) -> None:
         """Stop gracefully, as SIGTERM would."""
         if self._loop is not None and self._thread is not None and self._thread.is_alive():

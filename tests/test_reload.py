@@ -1,0 +1,137 @@
+"""Hot reload: a valid new file takes over whole, an invalid one changes nothing."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mail2alert import app
+from mail2alert.testing import CaptureServer, free_port, gocd_stage_mail
+from tests.helpers import (
+    OutboxView,
+    ServeProcess,
+    example_managers,
+    listening,
+    running,
+    send,
+    wait_until,
+    write_config,
+)
+
+BACKUP = gocd_stage_mail("Server Backup Completed Successfully", to="admin@example.com")
+
+
+def mail_manager(*recipients: str) -> dict[str, Any]:
+    manager = example_managers("mail")[0]
+    manager["rules"][0]["actions"] = [f"mailto:{r}" for r in recipients]
+    return manager
+
+
+def configure(path: Path, upstream: CaptureServer, data_dir: Path, local: str, *to: str) -> Path:
+    return write_config(
+        path,
+        remote_port=upstream.port,
+        data_dir=data_dir,
+        managers=[mail_manager(*to)],
+        local=local,
+    )
+
+
+def test_a_valid_new_configuration_routes_the_next_message(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    path = configure(tmp_path / "c.yml", upstream, data_dir, "127.0.0.1:0", "old@example.com")
+    with running(path) as service:
+        send(service.port, BACKUP)
+        assert upstream.wait_for(1)[0].rcpt_tos == ("old@example.com",)
+        configure(path, upstream, data_dir, "127.0.0.1:0", "new@example.com")
+        assert service.call(service.service.reload()) is True
+        send(service.port, BACKUP)
+        assert upstream.wait_for(2)[1].rcpt_tos == ("new@example.com",)
+        assert service.service.reload_status.ok
+
+
+def test_an_invalid_new_configuration_keeps_the_running_one_and_says_why(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = configure(tmp_path / "c.yml", upstream, data_dir, "127.0.0.1:0", "old@example.com")
+    with running(path) as service:
+        path.write_text(path.read_text().replace("mail.in_subject", "mail.in_subjekt"))
+        with caplog.at_level(logging.ERROR):
+            assert service.call(service.service.reload()) is False
+        send(service.port, BACKUP)
+        assert upstream.wait_for(1)[0].rcpt_tos == ("old@example.com",)
+        status = service.service.reload_status
+    assert not status.ok
+    assert "is invalid (1 problems)" in status.message
+    assert "unknown function 'mail.in_subjekt'" in caplog.text
+    assert "keeping the running configuration" in caplog.text
+
+
+def test_a_changed_file_is_reloaded_without_a_signal(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(app, "CONFIG_CHECK", 0.05)
+    path = configure(tmp_path / "c.yml", upstream, data_dir, "127.0.0.1:0", "old@example.com")
+    with running(path) as service:
+        first = service.service.reload_status
+        configure(path, upstream, data_dir, "127.0.0.1:0", "new@example.com")
+        wait_until(lambda: service.service.reload_status is not first, what="a reload")
+        send(service.port, BACKUP)
+        assert upstream.wait_for(1)[0].rcpt_tos == ("new@example.com",)
+
+
+def test_a_changed_listen_address_is_rebound(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    old_port, new_port = free_port(), free_port()
+    path = configure(
+        tmp_path / "c.yml", upstream, data_dir, f"127.0.0.1:{old_port}", "a@example.com"
+    )
+    with running(path) as service:
+        configure(path, upstream, data_dir, f"127.0.0.1:{new_port}", "a@example.com")
+        assert service.call(service.service.reload()) is True
+        send(new_port, BACKUP)
+        upstream.wait_for(1)
+        assert not listening(old_port)
+
+
+def test_a_listen_address_that_cannot_be_bound_keeps_everything_as_it_was(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    path = configure(tmp_path / "c.yml", upstream, data_dir, "127.0.0.1:0", "old@example.com")
+    with running(path) as service:
+        # The upstream's port is taken: binding it must fail.
+        configure(path, upstream, data_dir, f"127.0.0.1:{upstream.port}", "new@example.com")
+        assert service.call(service.service.reload()) is False
+        send(service.port, BACKUP)
+        assert upstream.wait_for(1)[0].rcpt_tos == ("old@example.com",)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_reloads_a_running_server(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, workers: int
+) -> None:
+    port = free_port()
+    path = configure(tmp_path / "c.yml", upstream, data_dir, f"127.0.0.1:{port}", "old@example.com")
+    path.write_text(path.read_text() + f"intake-workers: {workers}\n")
+    server = ServeProcess(path, port, tmp_path / "serve.log").start()
+    try:
+        configure(path, upstream, data_dir, f"127.0.0.1:{port}", "new@example.com")
+        path.write_text(path.read_text() + f"intake-workers: {workers}\n")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(
+            lambda: server.log.count("configuration reloaded") >= workers + (workers > 1),
+            what="every process to reload",
+        )
+        queue_id = send(port, BACKUP).queue_id
+        assert upstream.wait_for(1)[0].rcpt_tos == ("new@example.com",)
+        assert OutboxView(data_dir).message(queue_id)["outcome"] == "deliver"
+        assert server.terminate() == 0
+    finally:
+        server.close()
