@@ -510,14 +510,81 @@ def test_an_action_with_an_unsupported_scheme_is_reported() -> None:
             rules:
               - actions:
                   - mailto:ops@example.com
-                  - slack:#builds
+                  - xmpp:ops@example.com
                 filter:
                   function: mail.in_subject
                   args: [backup]
         """
     ) == [
         "configuration.yml:9: managers[0].rules[0].actions[1]: unsupported action scheme"
-        " 'slack:' (supported: mailto:)",
+        " 'xmpp:' (use mailto:, slack: or a chat URL)",
+    ]
+
+
+def test_a_slack_channel_action_without_a_slack_token_is_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - slack:#builds
+                filter:
+                  function: mail.in_subject
+                  args: [backup]
+        """
+    ) == [
+        "configuration.yml:8: managers[0].rules[0].actions[0]: slack: actions post with the"
+        " top-level 'slack-token'; set it",
+    ]
+
+
+def test_an_unknown_chat_url_scheme_and_a_malformed_chat_url_are_reported() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - nochat://somewhere/x
+                  - tgram://nonsense
+                filter:
+                  function: mail.in_subject
+                  args: [backup]
+        """
+    ) == [
+        "configuration.yml:8: managers[0].rules[0].actions[0]: unknown notification scheme"
+        " 'nochat://' (see Apprise's list of services)",
+        "configuration.yml:9: managers[0].rules[0].actions[1]: 'tgram://***' is not a valid"
+        " tgram:// URL",
+    ]
+
+
+def test_a_template_that_cannot_render_is_reported_with_its_line() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions: [json://localhost:8080/hook]
+                template:
+                  title: "{{ pipeline | nosuchfilter }}"
+                filter:
+                  function: mail.in_subject
+                  args: [backup]
+        """
+    ) == [
+        "configuration.yml:9: managers[0].rules[0].template: template error (template line 1):"
+        " No filter named 'nosuchfilter'.",
     ]
 
 
@@ -714,7 +781,7 @@ def test_every_problem_is_reported_at_once_in_file_order() -> None:
         "configuration.yml:13: managers[0].rules[0].filter.function: unknown function"
         " 'pipelines.in_grup' for the gocd manager (did you mean 'pipelines.in_group'?)",
         "configuration.yml:20: managers[1].rules[0].actions[0]: unsupported action scheme"
-        " 'sms:' (supported: mailto:)",
+        " 'sms:' (use mailto:, slack: or a chat URL)",
         "configuration.yml:25: delivery.retry-max: expected a positive duration like 30s,"
         " 10m, 1h, 5d or seconds, got 'forever'",
     ]

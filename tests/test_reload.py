@@ -121,6 +121,11 @@ def test_sighup_reloads_a_running_server(
     path.write_text(path.read_text() + f"intake-workers: {workers}\n")
     server = ServeProcess(path, port, tmp_path / "serve.log").start()
     try:
+        # The socket accepts before the processes are up; they ignore SIGHUP until then.
+        wait_until(
+            lambda: server.log.count("listening on") >= workers + (workers > 1),
+            what="every process to be up",
+        )
         configure(path, upstream, data_dir, f"127.0.0.1:{port}", "new@example.com")
         path.write_text(path.read_text() + f"intake-workers: {workers}\n")
         assert server.proc is not None

@@ -1,17 +1,28 @@
 """Action URIs: which ones are valid, and the outgoing items a decision turns into.
 
-An action is a URI in a rule's ``actions`` list. ``mailto:team@example.com`` adds a recipient
-to the rewritten mail. Schemes are registered in :data:`SCHEMES`, each with a check that the
-configuration loader runs, so a malformed action is a load-time error.
+An action is a URI in a rule's ``actions`` list:
+
+- ``mailto:team@example.com`` adds a recipient to the rewritten mail;
+- ``slack:#channel`` / ``slack:@user`` (optionally ``:brief`` or ``:full``) posts through
+  Slack's Web API with the top-level ``slack-token``, as the original did;
+- any other ``scheme://...`` URL is a notification URL handled by Apprise (``slack://``,
+  ``msteams://``, ``discord://``, ``tgram://``, ``json://``...).
+
+Every action is checked when the configuration loads, so a malformed one is a load-time error.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from functools import lru_cache
 
 from mail2alert.message import RawMessage, address_of, rewrite
-from mail2alert.model import Decision, Envelope, Outgoing
+from mail2alert.model import ChatTemplate, Decision, Envelope, Outgoing
+from mail2alert.templates import render
 
 _MAILBOX = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?$")
 
@@ -27,45 +38,120 @@ def _check_mailto(uri: str) -> str | None:
     return None
 
 
-#: Action schemes mail2alert can act on, each with its load-time check (None = valid).
-SCHEMES: Mapping[str, Callable[[str], str | None]] = {"mailto": _check_mailto}
+_SLACK = re.compile(r"^slack:(?P<target>[#@][^\s:]+)(?::(?P<style>brief|full))?$")
+
+
+def _check_slack(uri: str) -> str | None:
+    if not _SLACK.match(uri):
+        return (
+            f"{uri!r}: write slack:#channel, slack:@user, optionally with :brief or :full "
+            "(or use a slack:// webhook URL)"
+        )
+    return None
+
+
+def parse_slack(uri: str) -> tuple[str, str | None]:
+    """``slack:#channel:brief`` -> ``("#channel", "brief")``."""
+    found = _SLACK.match(uri)
+    if not found:
+        raise ValueError(uri)
+    return found["target"], found["style"]
+
+
+def _check_notification_url(uri: str) -> str | None:
+    import apprise
+
+    if apprise.Apprise.instantiate(uri, suppress_exceptions=True) is None:
+        scheme = uri.partition(":")[0]
+        if scheme.lower() not in _apprise_schemes():
+            return (
+                f"unknown notification scheme {scheme + '://'!r} (see Apprise's list of services)"
+            )
+        return f"{mask(uri)!r} is not a valid {scheme}:// URL"
+    return None
+
+
+@lru_cache(maxsize=1)
+def _apprise_schemes() -> frozenset[str]:
+    import apprise
+
+    schemes: set[str] = set()
+    for details in apprise.Apprise().details()["schemas"]:
+        schemes.update(s.lower() for s in details.get("protocols") or ())
+        schemes.update(s.lower() for s in details.get("secure_protocols") or ())
+    return frozenset(schemes)
+
+
+#: Opaque action schemes mail2alert knows itself, each with its load-time check.
+SCHEMES: Mapping[str, Callable[[str], str | None]] = {
+    "mailto": _check_mailto,
+    "slack": _check_slack,
+}
+
+
+def is_chat(uri: str) -> bool:
+    """Whether ``uri`` is a chat action (anything but ``mailto:``)."""
+    return not uri.lower().startswith("mailto:")
+
+
+def action_id(uri: str) -> str:
+    """A stable id for an action, stored in the outbox instead of the (secret) URI."""
+    return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
 
 
 def check_action(uri: str) -> str | None:
     """Why ``uri`` is not a usable action, or None when it is."""
-    scheme, sep, _ = uri.partition(":")
+    scheme, sep, rest = uri.partition(":")
     if not sep or not scheme:
-        return f"{uri!r} is not a URI: write it as mailto:team@example.com"
+        return f"{uri!r} is not a URI: write it as mailto:team@example.com or a chat URL"
+    if rest.startswith("//"):
+        return _check_notification_url(uri)
     check = SCHEMES.get(scheme.lower())
     if check is None:
         known = ", ".join(f"{s}:" for s in SCHEMES)
-        return f"unsupported action scheme {scheme + ':'!r} (supported: {known})"
+        return f"unsupported action scheme {scheme + ':'!r} (use {known} or a chat URL)"
     return check(uri)
 
 
+@lru_cache(maxsize=1024)
 def mask(uri: str) -> str:
-    """An action URI fit to show: mail addresses as they are, any other target's secrets hidden.
+    """An action URI fit to show: mail addresses as they are, a chat URL's secrets hidden.
 
-    Chat URLs carry their credentials in the URL itself, so only the scheme and the host
-    (or, for opaque URIs such as ``slack:#channel``, the whole) are shown.
+    Chat URLs carry their credentials in the URL itself; Apprise knows, per service, which
+    parts are secret, and shows the URL with those parts elided.
     """
     scheme, sep, rest = uri.partition(":")
-    if scheme.lower() == "mailto" or not sep:
+    if not sep or not rest.startswith("//"):
         return uri
-    if not rest.startswith("//"):
-        return uri
-    host = rest[2:].split("/", 1)[0].rsplit("@", 1)[-1]
-    return f"{scheme}://{host}/***" if host else f"{scheme}://***"
+    try:
+        import apprise
+
+        plugin = apprise.Apprise.instantiate(uri, suppress_exceptions=True)
+        # Apprise is untyped; url(privacy=True) returns the URL with its secrets elided.
+        shown = plugin.url(privacy=True) if plugin is not None else None  # type: ignore[no-untyped-call]
+    except Exception:  # noqa: BLE001 - masking must never fail; fall back to hiding all
+        shown = None
+    if not shown:
+        return f"{scheme}://***"
+    return str(shown).split("?", 1)[0]
 
 
 def outgoing_for(
-    decision: Decision, envelope: Envelope, message: RawMessage, received: bytes
+    decision: Decision,
+    envelope: Envelope,
+    message: RawMessage,
+    received: bytes,
+    *,
+    group: str | None = None,
+    in_reply_to: str | None = None,
 ) -> list[Outgoing]:
-    """The mails to send for a decision; ``received`` is the trace field to prepend.
+    """The items to send for a decision; ``received`` is the trace field to prepend.
 
     A delivered mail gets ``To:`` = its recipients and ``From:`` = the envelope sender (the
-    original field is kept when it already names that address, so its display name stays).
-    A relayed mail, and the copy for recipients no manager took, is the original unchanged.
+    original field is kept when it already names that address, so its display name stays);
+    ``in_reply_to`` threads it under an earlier mail. All ``mailto:`` recipients share one
+    mail; each chat action is an item of its own. A relayed mail, and the copy for recipients
+    no manager took, is the original unchanged.
     """
     items: list[Outgoing] = []
     if decision.outcome == "relay":
@@ -73,13 +159,54 @@ def outgoing_for(
     if decision.outcome == "deliver" and decision.recipients:
         sender = envelope.mail_from
         keep_from = not sender or address_of(message.get("from")).lower() == sender.lower()
+        threading: tuple[bytes, ...] = ()
+        if in_reply_to:
+            threading = (
+                f"In-Reply-To: {in_reply_to}".encode(),
+                f"References: {in_reply_to}".encode(),
+            )
         data = rewrite(
             message,
             from_value=None if keep_from else sender,
             to_addresses=decision.recipients,
             prepend=received,
+            add_fields=threading,
         )
         items.append(Outgoing(sender, decision.recipients, data))
+    if decision.outcome == "deliver" and decision.alert is not None:
+        for uri in decision.actions:
+            if is_chat(uri):
+                items.append(chat_item(uri, decision, group))
     if decision.passthrough:
         items.append(Outgoing(envelope.mail_from, decision.passthrough, received + message.data))
     return items
+
+
+def chat_item(uri: str, decision: Decision, group: str | None) -> Outgoing:
+    """One chat post, rendered now: the outbox keeps the text, never the (secret) URI."""
+    assert decision.alert is not None
+    template = decision.templates.get(uri, ChatTemplate())
+    if uri.lower().startswith("slack:") and not uri.startswith("slack://"):
+        style = parse_slack(uri)[1]
+        if style:
+            template = replace(template, style=style)
+    rendered = render(template, decision.alert, group)
+    stage = decision.alert.stage
+    event = decision.alert.event
+    payload = {
+        "action": mask(uri),
+        "title": rendered.title,
+        "body": rendered.body,
+        "colour": rendered.colour,
+        "event": event,
+        "link": rendered.link,
+        "pipeline": stage.pipeline.lower() if stage else None,
+        "stage": stage.stage.lower() if stage else None,
+        "thread": "start"
+        if event == "BREAKS"
+        else "reply"
+        if event in ("FIXED", "PASSES")
+        else None,
+    }
+    data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    return Outgoing("", (action_id(uri),), data, kind="chat")

@@ -30,6 +30,7 @@ from typing import Any, Literal, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
+from mail2alert.actions import action_id, is_chat
 from mail2alert.config import Config, HostPort
 from mail2alert.config import load as load_config
 from mail2alert.dispatcher import Dispatcher
@@ -37,9 +38,10 @@ from mail2alert.errors import ConfigError, Mail2AlertError, StartupError
 from mail2alert.gocd.poller import GroupPoller, client_from_options, load_snapshot, snapshot_path
 from mail2alert.managers.base import Context
 from mail2alert.model import PipelineGroups
-from mail2alert.outbox import GroupCommitter, HistoryView, Outbox
+from mail2alert.outbox import GroupCommitter, Outbox, StageView
 from mail2alert.routing import Manager
 from mail2alert.server import Handler, accept, describe, smtp_factory
+from mail2alert.transports.chat import ChatSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,32 @@ class ReloadStatus:
     ok: bool
     at: float
     message: str
+
+
+def chat_settings(config: Config) -> ChatSettings:
+    """The chat actions of a configuration (by id) and its Slack settings."""
+    uris = {
+        action
+        for manager in config.routing
+        for action in (*manager.fallback, *(a for r in manager.rules for a in r.actions))
+        if is_chat(action)
+    }
+    return ChatSettings(
+        actions={action_id(u): u for u in uris},
+        slack_token=config.slack_token,
+        slack_api_url=config.slack_api_url,
+        timeout=config.delivery.timeout,
+    )
+
+
+def _delivery_settings(config: Config) -> tuple[object, ...]:
+    return (config.remote_smtp, config.delivery, chat_settings(config))
+
+
+def _dispatcher(config: Config) -> Dispatcher:
+    return Dispatcher(
+        config.data_dir, config.remote_smtp, config.delivery, chat=chat_settings(config)
+    )
 
 
 def bind(address: HostPort, *, reuse_port: bool = False) -> list[socket.socket]:
@@ -136,7 +164,7 @@ class Service:
         self._dispatcher: Dispatcher | None = None
         self._dispatch_task: asyncio.Task[None] | None = None
         self._handler: Handler | None = None
-        self._history: HistoryView | None = None
+        self._history: Outbox | None = None
         self._holds: Outbox | None = None
         self._holds_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="holds")
         self._held_wake = asyncio.Event()
@@ -155,12 +183,18 @@ class Service:
         """Open the outbox, bind the listener and start delivering. Raises StartupError."""
         cfg = self.config
         try:
-            self._history = HistoryView(cfg.data_dir)
-            self.context = replace(self.context, last_results=self._history)
+            # A connection of its own, read from the event loop's thread: routing reads the
+            # stage history and threads there, committed by the writer thread.
+            self._history = Outbox(cfg.data_dir, durable=False)
+            self.context = replace(
+                self.context,
+                last_results=StageView(self._history, "history"),
+                threads=StageView(self._history, "mail_threads"),
+            )
             if self.role != "delivery":
                 self._committer = GroupCommitter(cfg.data_dir)
             if self.role != "intake":
-                self._dispatcher = Dispatcher(cfg.data_dir, cfg.remote_smtp, cfg.delivery)
+                self._dispatcher = _dispatcher(cfg)
                 self._holds = Outbox(cfg.data_dir)
         except Mail2AlertError as exc:
             await self._close_storage()
@@ -400,12 +434,12 @@ class Service:
         return False
 
     async def _apply_delivery_changes(self, old: Config, new: Config) -> None:
-        if (old.remote_smtp, old.delivery) != (new.remote_smtp, new.delivery):
+        if _delivery_settings(old) != _delivery_settings(new):
             self._dispatch_stop.set()
             if self._dispatch_task is not None:
                 await self._dispatch_task
             self._dispatch_stop = asyncio.Event()
-            self._dispatcher = Dispatcher(new.data_dir, new.remote_smtp, new.delivery)
+            self._dispatcher = _dispatcher(new)
             self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._dispatch_stop))
             log.info("now delivering to %s", new.remote_smtp)
         gocd_of = [(m.label, dict(m.options)) for m in old.routing if "url" in m.options]
@@ -429,7 +463,8 @@ class Service:
                 return None
             return st.st_mtime_ns, st.st_size, st.st_ino
 
-        seen = stamp()
+        # Compared with the file as it was loaded: a change made while starting counts too.
+        seen = self.config.stamp or stamp()
         while not self._stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), CONFIG_CHECK)
@@ -568,6 +603,8 @@ def run(config: Config, *, monitor: str | None = None) -> int:
     ``monitor`` (``host:port``) starts the aiomonitor console in the main process.
     """
     monitor_at = _monitor_address(monitor) if monitor else None
+    # Until the event loops install their handler, a SIGHUP (reload) must not kill anyone.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     sockets = bind(config.local_smtp)
     try:
         Outbox(config.data_dir).close()  # fail now, before forking, if data-dir is unusable

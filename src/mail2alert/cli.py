@@ -23,7 +23,7 @@ from mail2alert.gocd.poller import fetch_snapshots
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
-from mail2alert.outbox import read_history
+from mail2alert.outbox import read_stage_table
 
 log = logging.getLogger("mail2alert")
 
@@ -150,7 +150,11 @@ def _context(args: argparse.Namespace, loaded: config.Config) -> Context:
         snapshots, notes = asyncio.run(fetch_snapshots(wanted, loaded.data_dir))
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
-    return Context(snapshots=snapshots, last_results=read_history(loaded.data_dir))
+    return Context(
+        snapshots=snapshots,
+        last_results=read_stage_table(loaded.data_dir, "history"),
+        threads=read_stage_table(loaded.data_dir, "mail_threads"),
+    )
 
 
 def cmd_route(args: argparse.Namespace) -> int:

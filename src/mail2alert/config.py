@@ -15,7 +15,7 @@ import difflib
 import os
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -27,10 +27,12 @@ from mail2alert.actions import check_action
 from mail2alert.errors import ConfigError, ConfigProblem, RuleArgumentError
 from mail2alert.managers import MANAGER_TYPES
 from mail2alert.managers.base import ManagerType, Option
-from mail2alert.model import Secret
+from mail2alert.model import ChatTemplate, Secret
 from mail2alert.routing import Manager, Rule
+from mail2alert.templates import check as check_template
 
 ENV_CONFIG = "MAIL2ALERT_CONFIGURATION"
+DEFAULT_SLACK_API = "https://slack.com/api"
 DEFAULT_CONFIG = "configuration.yml"
 
 _VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
@@ -86,6 +88,10 @@ class Config:
     data_dir: Path
     delivery: Delivery = Delivery()
     intake_workers: int = 1
+    slack_token: Secret | None = None
+    slack_api_url: str = "https://slack.com/api"
+    stamp: tuple[int, int, int] | None = None
+    """(mtime_ns, size, inode) of the file as it was read, to notice later changes."""
 
     @property
     def routing(self) -> tuple[Manager, ...]:
@@ -112,13 +118,15 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate the configuration file at ``path``; raise ConfigError listing all."""
     name = str(path)
     try:
+        st = Path(path).stat()
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError([ConfigProblem(name, 0, "", "no such file")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError([ConfigProblem(name, 0, "", f"cannot read: {reason}")]) from None
-    return parse(text, name, os.environ if env is None else env)
+    loaded = parse(text, name, os.environ if env is None else env)
+    return replace(loaded, stamp=(st.st_mtime_ns, st.st_size, st.st_ino))
 
 
 def parse(text: str, filename: str, env: Mapping[str, str]) -> Config:
@@ -162,6 +170,7 @@ class _Walker:
         self.filename = filename
         self.env = env
         self.problems: list[ConfigProblem] = []
+        self.slack_actions: list[tuple[Node, str]] = []
 
     def problem(self, node: Node | None, path: str, message: str) -> None:
         line = _line(node) if node is not None else 0
@@ -296,8 +305,10 @@ class _Walker:
             problem = check_action(uri.strip())
             if problem:
                 self.problem(item, f"{path}[{i}]", problem)
-            else:
-                out.append(uri.strip())
+                continue
+            out.append(uri.strip())
+            if uri.strip().lower().startswith("slack:") and not uri.strip().startswith("slack://"):
+                self.slack_actions.append((item, f"{path}[{i}]"))
         if not items and isinstance(node, SequenceNode):
             self.problem(node, path, "needs at least one action")
         return tuple(out)
@@ -318,6 +329,8 @@ class _Walker:
                 "data-dir",
                 "delivery",
                 "intake-workers",
+                "slack-token",
+                "slack-api-url",
             ),
             required=("remote-smtp", "managers"),
         )
@@ -330,12 +343,21 @@ class _Walker:
         data_dir = self._optional(top, "data-dir", self.text)
         workers = self._optional(top, "intake-workers", lambda n, p: self.integer(n, p, minimum=1))
         delivery = self._optional(top, "delivery", self.delivery)
+        slack_token = self._optional(top, "slack-token", self.text)
+        slack_api = self._optional(
+            top, "slack-api-url", lambda n, p: self.option(Option("url", ""), n, p)
+        )
         managers: list[ManagerConfig] = []
         if "managers" in top:
             for i, node in enumerate(self.sequence(top["managers"], "managers") or []):
                 built = self.manager(node, f"managers[{i}]", i)
                 if built is not None:
                     managers.append(built)
+        if slack_token is None:
+            for node, path in self.slack_actions:
+                self.problem(
+                    node, path, "slack: actions post with the top-level 'slack-token'; set it"
+                )
         if self.problems or remote is None:
             return None
         return Config(
@@ -346,6 +368,8 @@ class _Walker:
             data_dir=Path(data_dir or "./mail2alert-data"),
             delivery=delivery or Delivery(),
             intake_workers=workers or 1,
+            slack_token=Secret(slack_token) if slack_token else None,
+            slack_api_url=str(slack_api or DEFAULT_SLACK_API),
         )
 
     def _optional(
@@ -500,10 +524,16 @@ class _Walker:
     def rule(
         self, node: Node, path: str, mtype: ManagerType, options: Mapping[str, object]
     ) -> Rule | None:
-        keys = self.mapping(node, path, known=("actions", "filter"), required=("actions", "filter"))
+        keys = self.mapping(
+            node,
+            path,
+            known=("actions", "filter", "template", "style"),
+            required=("actions", "filter"),
+        )
         if keys is None:
             return None
         actions = self.actions(keys["actions"], f"{path}.actions") if "actions" in keys else ()
+        template = self.template(keys, path)
         if "filter" not in keys:
             return None
         fpath = f"{path}.filter"
@@ -559,7 +589,43 @@ class _Walker:
             )
         if not actions:
             return None
-        return Rule(function, clean, predicate, actions, events, _line(node))
+        if template is None:
+            return None
+        return Rule(function, clean, predicate, actions, events, _line(node), template)
+
+    def template(self, keys: Mapping[str, Node], path: str) -> ChatTemplate | None:
+        """A rule's ``template`` (text = the body, or a mapping of title/body) and ``style``."""
+        style = "full"
+        if "style" in keys:
+            value = self.text(keys["style"], f"{path}.style")
+            if value not in ("brief", "full"):
+                if value is not None:
+                    self.problem(
+                        keys["style"], f"{path}.style", f"expected brief or full, got {value!r}"
+                    )
+                return None
+            style = value
+        if "template" not in keys:
+            return ChatTemplate(style=style)
+        node = keys["template"]
+        tpath = f"{path}.template"
+        if isinstance(node, MappingNode):
+            parts = self.mapping(node, tpath, known=("title", "body"))
+            if parts is None:
+                return None
+            title = self.text(parts["title"], f"{tpath}.title") if "title" in parts else None
+            body = self.text(parts["body"], f"{tpath}.body") if "body" in parts else None
+            template = ChatTemplate(title, body, style)
+        else:
+            body = self.text(node, tpath)
+            if body is None:
+                return None
+            template = ChatTemplate(None, body, style)
+        problem = check_template(template)
+        if problem:
+            self.problem(node, tpath, problem)
+            return None
+        return template
 
     def events(
         self, fkeys: Mapping[str, Node], fpath: str, mtype: ManagerType

@@ -11,6 +11,7 @@ delivered ``give-up-after`` its arrival, or refused with a 5xx, is dead, with th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 import time
@@ -22,7 +23,9 @@ from typing import TypeVar
 
 from mail2alert.config import Delivery, HostPort
 from mail2alert.outbox import Item, Outbox, RecipientResult
-from mail2alert.transports.smtp import Attempt, SmtpConnection
+from mail2alert.transports import Attempt
+from mail2alert.transports.chat import ChatSender, ChatSettings, ThreadStore
+from mail2alert.transports.smtp import SmtpConnection
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,16 @@ POLL = 0.25
 def backoff(attempts: int, delivery: Delivery) -> float:
     """Seconds to wait after the ``attempts``-th failed attempt (1 = the first)."""
     return float(min(delivery.retry_max, delivery.retry_initial * 2 ** max(0, attempts - 1)))
+
+
+def _shown(item: Item, rcpt: str) -> str:
+    """A recipient as logs show it: a chat item's action (masked), else the address."""
+    if item.kind != "chat":
+        return rcpt
+    try:
+        return str(json.loads(item.data).get("action", rcpt))
+    except ValueError:
+        return rcpt
 
 
 def _age(seconds: float) -> str:
@@ -56,6 +69,7 @@ class Dispatcher:
         remote: HostPort,
         delivery: Delivery,
         *,
+        chat: ChatSettings | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.remote = remote
@@ -70,6 +84,16 @@ class Dispatcher:
         self._recorded = asyncio.Event()
         self._idle = asyncio.Event()
         self._hostname = socket.gethostname()
+        self._chat = ChatSender(
+            chat or ChatSettings(),
+            ThreadStore(
+                get=lambda key: self._db(partial(self._outbox.chat_thread, key)),
+                put=lambda key, channel, ts: self._db(
+                    partial(self._outbox.set_chat_thread, key, channel, ts)
+                ),
+                drop=lambda key: self._db(partial(self._outbox.drop_chat_thread, key)),
+            ),
+        )
 
     def wake(self) -> None:
         """Look at the outbox now (new items were committed)."""
@@ -134,20 +158,24 @@ class Dispatcher:
                     await connection.close_if_idle(IDLE_CLOSE)
                     continue
                 try:
-                    attempt = await connection.send(item)
+                    if item.kind == "chat":
+                        attempt = await self._chat.send(item)
+                    else:
+                        attempt = await connection.send(item)
                 except Exception as exc:
                     # A bug must not end this worker: its item would stay claimed until restart.
                     log.exception("%s: delivery attempt failed unexpectedly", item.message_id)
                     await connection.close()
                     attempt = Attempt((), f"internal error: {type(exc).__name__}: {exc}")
-                self._results.append(self._judge(item, attempt, connection.address))
+                via = "chat" if item.kind == "chat" else connection.address
+                self._results.append(self._judge(item, attempt, via))
                 self._idle.set()
         finally:
             await connection.close()
 
     def _judge(self, item: Item, attempt: Attempt, address: str) -> Result:
         now = self.clock()
-        done = [r.rcpt for r in attempt.recipients if r.state == "done"]
+        done = [_shown(item, r.rcpt) for r in attempt.recipients if r.state == "done"]
         dead = [r for r in attempt.recipients if r.state == "dead"]
         retry = [r for r in attempt.recipients if r.state == "pending"]
         if done:
@@ -164,7 +192,7 @@ class Dispatcher:
                 reason = f"gave up after {_age(age)}: {error}"
                 log.error("%s: %s", item.message_id, reason)
                 return item, attempt.recipients, None, reason
-            delay = backoff(item.attempts + 1, self.delivery)
+            delay = attempt.retry_after or backoff(item.attempts + 1, self.delivery)
             log.warning("%s: deferred (%s), next try in %s", item.message_id, error, _age(delay))
             return item, attempt.recipients, now + delay, error
         return item, attempt.recipients, 0.0, "; ".join(f"{r.rcpt}: {r.reason}" for r in dead)
@@ -197,5 +225,6 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(recorder, *workers, return_exceptions=True)
         await self._flush()
+        await self._chat.close()
         await self._db(self._outbox.close)
         self._executor.shutdown(wait=True)

@@ -212,13 +212,20 @@ def _printable(text: str) -> str:
 
 
 def rewrite(
-    message: RawMessage, *, from_value: str | None, to_addresses: tuple[str, ...], prepend: bytes
+    message: RawMessage,
+    *,
+    from_value: str | None,
+    to_addresses: tuple[str, ...],
+    prepend: bytes,
+    add_fields: tuple[bytes, ...] = (),
 ) -> bytes:
     """The message with new ``From:``/``To:`` fields and ``prepend`` in front; all else as is.
 
     The new fields take the place of the first old ones; further From:/To: fields are removed.
-    ``from_value`` None keeps the original From: field.
+    ``from_value`` None keeps the original From: field. ``add_fields`` (without line endings)
+    go at the end of the header section, replacing any fields of the same names.
     """
+    replaced = {f.split(b":", 1)[0].strip().lower().decode("ascii") for f in add_fields}
     nl = message.newline
     new_to = _fold_addresses(to_addresses, nl)
     new_from = b"From: " + from_value.encode("utf-8") + nl if from_value is not None else None
@@ -235,6 +242,8 @@ def rewrite(
                 out.append(new_from)
                 seen_from = True
             continue
+        if f.name in replaced:
+            continue
         # The last field of a message cut short has no line ending; give it one, or the
         # next field would be glued onto its value.
         out.append(f.raw if f.raw.endswith(b"\n") else f.raw + nl)
@@ -242,6 +251,7 @@ def rewrite(
         out.append(new_from)
     if not seen_to:
         out.append(new_to)
+    out.extend(field + nl for field in add_fields)
     rest = message.data[message.header_end :]
     if rest and not rest.startswith((b"\r\n", b"\n")):
         # A line that is not a header field ended the section: keep it as the body's start.

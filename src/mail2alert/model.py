@@ -90,6 +90,18 @@ class PipelineGroups:
 
 
 @dataclass(frozen=True)
+class ChatTemplate:
+    """How a rule's chat messages read: Jinja2 sources (None = the default) and a style.
+
+    ``style`` is ``full`` (title, link and the changes) or ``brief`` (title and link).
+    """
+
+    title: str | None = None
+    body: str | None = None
+    style: str = "full"
+
+
+@dataclass(frozen=True)
 class RuleTrace:
     """How one rule judged one alert: the operator-facing reason, matched or not."""
 
@@ -120,6 +132,8 @@ class Decision:
     alert: Alert | None = None
     passthrough: tuple[str, ...] = ()
     """Recipients the deciding manager did not take: they get the message unchanged."""
+    templates: Mapping[str, ChatTemplate] = field(default_factory=dict)
+    """For chat actions: the template of the first rule that named the action."""
 
     @property
     def recipients(self) -> tuple[str, ...]:

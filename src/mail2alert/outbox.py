@@ -14,6 +14,8 @@ Tables::
     recipients  per item and recipient: pending/done/dead and the server's last answer
     history     per GoCD pipeline/stage the last result (passed/failed), for event correction
     seen_events GoCD stage events already accepted, to deliver each only once
+    mail_threads per pipeline/stage the Message-ID of its BREAKS mail, for the FIXED reply
+    chat_threads per pipeline/stage and chat action the Slack thread of its BREAKS post
 
 Delivery state (done, retry later) is written with ``synchronous=NORMAL``: a power cut may
 forget that an item was delivered and send it again, but never lose it.
@@ -32,6 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from mail2alert.errors import OutboxError
 from mail2alert.model import Decision, Envelope, Outgoing
@@ -78,6 +81,20 @@ CREATE TABLE IF NOT EXISTS history (
     at REAL NOT NULL,
     PRIMARY KEY (pipeline, stage)
 );
+CREATE TABLE IF NOT EXISTS mail_threads (
+    pipeline TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (pipeline, stage)
+);
+CREATE TABLE IF NOT EXISTS chat_threads (
+    pipeline TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    action TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    ts TEXT NOT NULL,
+    PRIMARY KEY (pipeline, stage, action)
+);
 CREATE TABLE IF NOT EXISTS seen_events (
     key TEXT PRIMARY KEY,
     queue_id TEXT NOT NULL,
@@ -107,6 +124,8 @@ class Accepted:
     event_key: str | None = None
     """Identifies a GoCD event; a second one within ``event_window`` seconds is a duplicate."""
     event_window: float = 0.0
+    thread: tuple[str, str, str] | None = None
+    """``(pipeline, stage, Message-ID)`` of a BREAKS mail, or with an empty id: thread ended."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +244,12 @@ class Outbox:
             self._insert_item(db, a.queue_id, a.received, item)
         if a.history is not None:
             db.execute("INSERT OR REPLACE INTO history VALUES (?,?,?,?)", (*a.history, a.received))
+        if a.thread is not None and a.thread[2]:
+            db.execute("INSERT OR REPLACE INTO mail_threads VALUES (?,?,?)", a.thread)
+        elif a.thread is not None:
+            db.execute(
+                "DELETE FROM mail_threads WHERE pipeline=? AND stage=?", (a.thread[0], a.thread[1])
+            )
 
     def held(self) -> list[tuple[str, float, Envelope, bytes]]:
         """Messages held for GoCD data: (queue id, received, envelope, raw bytes)."""
@@ -258,6 +283,25 @@ class Outbox:
             "SELECT result FROM history WHERE pipeline=? AND stage=?", (pipeline, stage)
         ).fetchone()
         return None if row is None else str(row[0])
+
+    def chat_thread(self, key: tuple[str, str, str]) -> tuple[str, str] | None:
+        """The Slack (channel, ts) of the BREAKS post for (pipeline, stage, action)."""
+        row = self.db.execute(
+            "SELECT channel, ts FROM chat_threads WHERE pipeline=? AND stage=? AND action=?", key
+        ).fetchone()
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def set_chat_thread(self, key: tuple[str, str, str], channel: str, ts: str) -> None:
+        """Remember the Slack thread a BREAKS post started."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO chat_threads VALUES (?,?,?,?,?)", (*key, channel, ts)
+            )
+
+    def drop_chat_thread(self, key: tuple[str, str, str]) -> None:
+        """Forget a Slack thread once its FIXED reply is posted."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM chat_threads WHERE pipeline=? AND stage=? AND action=?", key)
 
     def purge(self, now: float, *, keep: float = 7 * 86400) -> None:
         """Forget delivered items and old records; pending, dead and held ones stay."""
@@ -437,44 +481,49 @@ def _settle(
             future.set_exception(error)
 
 
-def read_history(data_dir: Path) -> dict[tuple[str, str], str]:
-    """The stage history of a data dir, read-only (empty when there is no outbox yet)."""
+def read_stage_table(data_dir: Path, table: str) -> dict[tuple[str, str], str]:
+    """A per-stage table (history, mail_threads) of a data dir, read-only; {} without one."""
     path = data_dir / DB_NAME
     if not path.exists():
         return {}
+    column = StageView.COLUMNS[table]
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
-            rows = db.execute("SELECT pipeline, stage, result FROM history").fetchall()
+            rows = db.execute(f"SELECT pipeline, stage, {column} FROM {table}").fetchall()  # noqa: S608 - names from StageView.COLUMNS
         finally:
             db.close()
     except sqlite3.Error as exc:
-        raise OutboxError(f"cannot read the history in {path}: {exc}") from None
+        raise OutboxError(f"cannot read {table} in {path}: {exc}") from None
     return {(str(p), str(s)): str(r) for p, s, r in rows}
 
 
-class HistoryView(Mapping[tuple[str, str], str]):
-    """The outbox's stage history as a read-only mapping, for :class:`Context.last_results`.
+class StageView(Mapping[tuple[str, str], str]):
+    """A per-stage table of the outbox as a read-only mapping, for routing's :class:`Context`.
 
-    Each look-up reads the database, so routing always sees the latest committed result.
+    ``history`` gives the last result per stage, ``mail_threads`` the Message-ID a FIXED mail
+    answers. Each look-up reads the database, so routing sees the latest committed state.
     """
 
-    def __init__(self, data_dir: Path) -> None:
-        self._outbox = Outbox(data_dir, durable=False)
+    COLUMNS: ClassVar[dict[str, str]] = {"history": "result", "mail_threads": "message_id"}
+
+    def __init__(self, outbox: Outbox, table: str) -> None:
+        self._db = outbox.db
+        self._table = table
+        self._column = self.COLUMNS[table]
 
     def __getitem__(self, key: tuple[str, str]) -> str:
-        result = self._outbox.last_result(*key)
-        if result is None:
+        row = self._db.execute(
+            f"SELECT {self._column} FROM {self._table} WHERE pipeline=? AND stage=?",  # noqa: S608 - names from COLUMNS
+            key,
+        ).fetchone()
+        if row is None:
             raise KeyError(key)
-        return result
+        return str(row[0])
 
     def __iter__(self) -> Iterator[tuple[str, str]]:
-        rows = self._outbox.db.execute("SELECT pipeline, stage FROM history").fetchall()
+        rows = self._db.execute(f"SELECT pipeline, stage FROM {self._table}").fetchall()  # noqa: S608
         return iter([(str(p), str(s)) for p, s in rows])
 
     def __len__(self) -> int:
-        return int(self._outbox.db.execute("SELECT COUNT(*) FROM history").fetchone()[0])
-
-    def close(self) -> None:
-        """Close the view's connection."""
-        self._outbox.close()
+        return int(self._db.execute(f"SELECT COUNT(*) FROM {self._table}").fetchone()[0])  # noqa: S608

@@ -22,7 +22,7 @@ import json
 import sqlite3
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -52,6 +52,7 @@ class Entry:
 
     queue_id: str
     item: int | None
+    kind: str
     state: str
     created: float
     attempts: int
@@ -171,6 +172,7 @@ def _entries(db: sqlite3.Connection) -> list[Entry]:
         Entry(
             qid,
             item_id,
+            kind,
             state,
             created,
             attempts,
@@ -179,13 +181,24 @@ def _entries(db: sqlite3.Connection) -> list[Entry]:
             sender,
             error,
         )
-        for item_id, qid, state, created, attempts, next_try, sender, error in db.execute(
-            "SELECT id, message_id, state, created, attempts, next_try, mail_from, last_error"
+        for item_id, qid, kind, state, created, attempts, next_try, sender, error in db.execute(
+            "SELECT id, message_id, kind, state, created, attempts, next_try, mail_from, last_error"
             " FROM items WHERE state IN ('pending','dead')"
         )
     ]
     found += [
-        Entry(qid, None, "held", received, 0, None, tuple(json.loads(rcpt_tos)), sender, reason)
+        Entry(
+            qid,
+            None,
+            "smtp",
+            "held",
+            received,
+            0,
+            None,
+            tuple(json.loads(rcpt_tos)),
+            sender,
+            reason,
+        )
         for qid, received, sender, rcpt_tos, reason in db.execute(
             "SELECT id, received, mail_from, rcpt_tos, reason FROM messages WHERE outcome='hold'"
         )
@@ -217,7 +230,7 @@ def _detail(db: sqlite3.Connection, queue_id: str) -> MessageDetail:
             sender,
             error,
             _recipients(db, item_id),
-            header_lines(bytes(data)),
+            data_lines(kind, bytes(data)),
         )
         for item_id, kind, state, attempts, created, next_try, sender, error, data in db.execute(
             "SELECT id, kind, state, attempts, created, next_try, mail_from, last_error, data"
@@ -348,8 +361,11 @@ def next_try(when: float | None, now: float) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` without control characters: mail headers must not drive the terminal."""
-    return "".join(c if c.isprintable() else "?" for c in text)
+    """``text`` without control characters: mail headers must not drive the terminal.
+
+    A tab (as in folded header lines) becomes a space; any other one a ``?``.
+    """
+    return "".join(c if c.isprintable() else " " if c == "\t" else "?" for c in text)
 
 
 def shorten(text: str, width: int = ERROR_WIDTH) -> str:
@@ -365,6 +381,17 @@ def header_lines(data: bytes, limit: int = HEADER_LINES) -> tuple[str, ...]:
     return tuple(printable(line.rstrip("\r")) for line in lines[:limit])
 
 
+def data_lines(kind: str, data: bytes, limit: int = HEADER_LINES) -> tuple[str, ...]:
+    """What ``show`` prints of an item's data: a mail's header lines, a chat post's JSON."""
+    if kind == "smtp" or not data:
+        return header_lines(data, limit)
+    try:
+        text = json.dumps(json.loads(data), indent=2, ensure_ascii=False)
+    except ValueError:
+        text = data.decode("utf-8", "replace")
+    return tuple(printable(line) for line in text.splitlines()[:limit])
+
+
 def _stamp(when: float) -> str:
     return datetime.fromtimestamp(when).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
 
@@ -375,8 +402,9 @@ def _iso(when: float | None) -> str | None:
     return datetime.fromtimestamp(when, UTC).isoformat(timespec="seconds")
 
 
-def _sender(address: str) -> str:
-    return printable(address) or "<>"
+def _sender(address: str, kind: str = "smtp") -> str:
+    # Only a mail has an envelope sender; "<>" is the null sender of a bounce.
+    return (printable(address) or "<>") if kind == "smtp" else NONE
 
 
 def list_lines(found: Sequence[Entry], now: float) -> list[str]:
@@ -389,7 +417,7 @@ def list_lines(found: Sequence[Entry], now: float) -> list[str]:
             str(e.attempts),
             next_try(e.next_try, now),
             printable(",".join(e.recipients)),
-            _sender(e.sender),
+            _sender(e.sender, e.kind),
             printable(shorten(e.last_error)),
         )
         for e in found
@@ -414,6 +442,7 @@ def entry_json(e: Entry, now: float) -> dict[str, Any]:
     return {
         "queue_id": e.queue_id,
         "item": e.item,
+        "kind": e.kind,
         "state": e.state,
         "created": _iso(e.created),
         "age_seconds": round(max(0.0, now - e.created), 3),
@@ -457,7 +486,7 @@ def show_lines(m: MessageDetail, now: float) -> list[str]:
             "",
             f"item {item.id} ({item.kind}): {item.state}, {item.attempts} attempt"
             f"{'s' * (item.attempts != 1)}, next try {next_try(item.next_try, now)}",
-            f"  sender:      {_sender(item.sender)}",
+            f"  sender:      {_sender(item.sender, item.kind)}",
             f"  last error:  {printable(item.last_error) or NONE}",
             "  recipients:",
         ]
@@ -465,10 +494,11 @@ def show_lines(m: MessageDetail, now: float) -> list[str]:
         for r in item.recipients:
             answer = printable(r.last_answer)
             lines.append(f"    {printable(r.rcpt).ljust(width)}  {r.state:7}  {answer}".rstrip())
+        label = "headers" if item.kind == "smtp" else "data"
         if item.headers:
-            lines += ["  headers:", *(f"    {h}" for h in item.headers)]
+            lines += [f"  {label}:", *(f"    {h}" for h in item.headers)]
         else:
-            lines.append("  headers:     not kept after delivery")
+            lines.append(f"  {label}:{' ' * (11 - len(label))}not kept after delivery")
     return lines
 
 
@@ -484,30 +514,31 @@ def change_line(c: Change, verb: str) -> str:
     rcpts = f"{c.recipients} recipient{'s' * (c.recipients != 1)}"
     items = f"{c.items} item{'s' * (c.items != 1)}"
     if verb == "requeued":
-        return f"{c.queue_id}: requeued {items} ({states}), due now; {rcpts} back to pending"
+        revived = f"; {rcpts} back to pending" if c.recipients else ""
+        return f"{c.queue_id}: requeued {items} ({states}), due now{revived}"
     return f"{c.queue_id}: deleted {items} ({states}); {rcpts} will not get it"
 
 
 # -- the command ---------------------------------------------------------------------------
 
 
-def _add_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+def _add_options(parser: argparse.ArgumentParser, *, top: bool, json_output: bool) -> None:
     # The options are accepted before and after the action (``queue --json list`` and
-    # ``queue list --json``); SUPPRESS keeps an action's parser from resetting them to None.
-    default: Any = None if top else argparse.SUPPRESS
+    # ``queue list --json``); SUPPRESS keeps an action's parser from resetting them.
     parser.add_argument(
         "--config",
         "-c",
         metavar="PATH",
-        default=default,
+        default=None if top else argparse.SUPPRESS,
         help=f"configuration file (default: ${config.ENV_CONFIG}, else ./{config.DEFAULT_CONFIG})",
     )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        default=False if top else argparse.SUPPRESS,
-        help="print JSON (list, show)",
-    )
+    if json_output:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=False if top else argparse.SUPPRESS,
+            help="print JSON (list and show)" if top else "print JSON",
+        )
 
 
 def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -517,47 +548,60 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="list, show, retry or delete queued mail (like postqueue/postsuper)",
         description="Look at and act on the outbox; works while mail2alert serve runs.",
     )
-    _add_options(queue, top=True)
+    _add_options(queue, top=True, json_output=True)
     actions = queue.add_subparsers(dest="action", metavar="ACTION")
     listing = actions.add_parser("list", help="pending, dead and held mail, oldest first (default)")
+    _add_options(listing, top=False, json_output=True)
     show = actions.add_parser("show", help="everything about one message")
-    show.add_argument("queue_ids", nargs=1, metavar="ID")
+    show.add_argument("queue_ids", nargs=1, metavar="ID", help="a queue id (see list)")
+    _add_options(show, top=False, json_output=True)
     again = actions.add_parser("retry", help="make pending and dead items due now")
-    again.add_argument("queue_ids", nargs="*", metavar="ID")
+    again.add_argument("queue_ids", nargs="*", metavar="ID", help="queue ids (see list)")
     again.add_argument("--all", action="store_true", help="every pending and dead item")
-    delete_ = actions.add_parser("delete", help="remove messages: nothing more is sent")
-    delete_.add_argument("queue_ids", nargs="+", metavar="ID")
-    for action in (listing, show, again, delete_):
-        _add_options(action, top=False)
+    _add_options(again, top=False, json_output=False)
+    remove = actions.add_parser("delete", help="remove messages: nothing more is sent")
+    remove.add_argument("queue_ids", nargs="+", metavar="ID", help="queue ids (see list)")
+    _add_options(remove, top=False, json_output=False)
 
 
 def run(args: argparse.Namespace) -> int:
     """``mail2alert queue``: 0 when done; raises OutboxError (1) or UsageError (2)."""
     action = args.action or "list"
-    ids: list[str] = getattr(args, "queue_ids", [])
-    if action == "retry" and bool(ids) == bool(args.all):
+    if action == "retry" and bool(args.queue_ids) == args.all:
         raise UsageError("queue retry: give queue ids or --all, not both or neither")
     cfg = config.load(config.config_path(args.config))
-    now = time.time()
     with opened(cfg) as outbox:
-        if action == "list":
-            found = entries(outbox)
-            output = (
-                [json.dumps([entry_json(e, now) for e in found], indent=2)]
-                if args.json
-                else list_lines(found, now)
-            )
-        elif action == "show":
-            message = detail(outbox, ids[0])
-            output = (
-                [json.dumps(message_json(message), indent=2)]
-                if args.json
-                else show_lines(message, now)
-            )
-        elif action == "retry":
-            changes = retry(outbox, ids, now)
-            output = [change_line(c, "requeued") for c in changes] or ["nothing to retry"]
-        else:
-            output = [change_line(c, "deleted") for c in delete(outbox, ids)]
-    sys.stdout.write("".join(line + "\n" for line in output))
+        lines = _ACTIONS[action](outbox, args, time.time())
+    sys.stdout.write("".join(line + "\n" for line in lines))
     return 0
+
+
+def _list(outbox: Outbox, args: argparse.Namespace, now: float) -> list[str]:
+    found = entries(outbox)
+    if args.json:
+        return [json.dumps([entry_json(e, now) for e in found], indent=2)]
+    return list_lines(found, now)
+
+
+def _show(outbox: Outbox, args: argparse.Namespace, now: float) -> list[str]:
+    message = detail(outbox, args.queue_ids[0])
+    if args.json:
+        return [json.dumps(message_json(message), indent=2)]
+    return show_lines(message, now)
+
+
+def _retry(outbox: Outbox, args: argparse.Namespace, now: float) -> list[str]:
+    changes = retry(outbox, args.queue_ids, now)
+    return [change_line(c, "requeued") for c in changes] or ["nothing to retry"]
+
+
+def _delete(outbox: Outbox, args: argparse.Namespace, now: float) -> list[str]:
+    return [change_line(c, "deleted") for c in delete(outbox, args.queue_ids)]
+
+
+_ACTIONS: dict[str, Callable[[Outbox, argparse.Namespace, float], list[str]]] = {
+    "list": _list,
+    "show": _show,
+    "retry": _retry,
+    "delete": _delete,
+}

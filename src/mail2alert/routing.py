@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from mail2alert.managers.base import Context, ManagerType, Predicate, RuleFunction
 from mail2alert.message import RawMessage
-from mail2alert.model import Alert, Decision, Envelope, RuleTrace
+from mail2alert.model import Alert, ChatTemplate, Decision, Envelope, RuleTrace
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,7 @@ class Rule:
     actions: tuple[str, ...]
     events: frozenset[str] | None = None
     line: int = 0
+    template: ChatTemplate = field(default_factory=ChatTemplate)
 
     def judge(self, index: int, alert: Alert, context: Context) -> tuple[RuleTrace, bool]:
         """This rule's verdict on ``alert`` and whether it waits for GoCD data."""
@@ -98,13 +99,14 @@ def route(
         alert = manager.type.read(message, envelope, context)
         rest = tuple(r for r in envelope.rcpt_tos if r not in taken)
         traces: list[RuleTrace] = []
-        actions: dict[str, None] = {}
+        actions: dict[str, ChatTemplate] = {}
         waiting = False
         for index, rule in enumerate(manager.rules):
             trace, rule_waits = rule.judge(index, alert, context)
             traces.append(trace)
             waiting = waiting or rule_waits
-            actions.update(dict.fromkeys(trace.actions))
+            for action in trace.actions:
+                actions.setdefault(action, rule.template)
         if waiting:
             return Decision(
                 "hold",
@@ -118,7 +120,14 @@ def route(
             matched = sum(t.matched for t in traces)
             reason = f"{matched} of {len(traces)} rules matched"
             return Decision(
-                "deliver", manager.label, reason, tuple(actions), tuple(traces), alert, rest
+                "deliver",
+                manager.label,
+                reason,
+                tuple(actions),
+                tuple(traces),
+                alert,
+                rest,
+                templates=actions,
             )
         if manager.fallback:
             return Decision(

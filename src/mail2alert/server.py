@@ -28,6 +28,8 @@ from mail2alert.routing import Manager, route
 log = logging.getLogger(__name__)
 
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {}"
+#: Events whose mail answers the BREAKS mail of the same stage (threads in mail clients).
+_ANSWERS = frozenset({"FIXED", "PASSES"})
 REPLY_NOT_QUEUED = "451 4.3.0 Requested action aborted: cannot queue the message, try again later"
 
 
@@ -68,17 +70,25 @@ def accept(
         recipient=single,
         newline=message.newline,
     )
-    items = outgoing_for(decision, envelope, message, received)
     alert = decision.alert
+    stage = alert.stage if alert else None
+    key = (stage.pipeline.lower(), stage.stage.lower()) if stage else None
+    manager = next((m for m in managers if m.label == decision.manager), None)
+    groups = context.snapshots.get(manager.label, context.groups) if manager else None
+    group = groups.group_of(stage.pipeline) if groups and stage else None
+    answers = context.threads.get(key) if key and alert and alert.event in _ANSWERS else None
+    items = outgoing_for(decision, envelope, message, received, group=group, in_reply_to=answers)
     subject = alert.subject if alert else message.get("subject")
-    history = event_key = None
+    history = event_key = thread = None
     window = 0.0
-    if alert is not None and alert.stage is not None and decision.outcome != "hold":
-        stage = alert.stage
+    if alert is not None and stage is not None and key and decision.outcome != "hold":
         result = stage_result(stage)
         if result:
-            history = (stage.pipeline.lower(), stage.stage.lower(), result)
-        manager = next((m for m in managers if m.label == decision.manager), None)
+            history = (*key, result)
+        if alert.event == "BREAKS" and alert.message_id:
+            thread = (*key, alert.message_id)
+        elif answers:
+            thread = (*key, "")
         window = manager.seconds("duplicate-window", 0.0) if manager else 0.0
         if window > 0:
             event_key = f"{decision.manager}:{stage.locator.lower()}:{stage.verb}"
@@ -93,6 +103,7 @@ def accept(
         history=history,
         event_key=event_key,
         event_window=window,
+        thread=thread,
     )
 
 

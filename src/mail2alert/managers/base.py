@@ -32,6 +32,8 @@ class Context:
     groups: PipelineGroups | None = None
     snapshots: Mapping[str, PipelineGroups] = field(default_factory=dict)
     last_results: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    threads: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    """``(pipeline, stage)`` -> Message-ID of the BREAKS mail a FIXED mail answers."""
 
 
 @dataclass(frozen=True)

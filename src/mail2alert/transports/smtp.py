@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import aiosmtplib
 
 from mail2alert.outbox import Item, RecipientResult
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """The outcome of one delivery attempt.
-
-    ``recipients`` says what became of each recipient the server answered for. When the
-    whole transaction failed, ``recipients`` is empty, ``error`` says why and ``permanent``
-    tells a 5xx (give up) from a 4xx or a network failure (try again later).
-    """
-
-    recipients: tuple[RecipientResult, ...]
-    error: str = ""
-    permanent: bool = False
+from mail2alert.transports import Attempt
 
 
 def _reply(code: int, message: str) -> str:

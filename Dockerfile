@@ -1,0 +1,63 @@
+# syntax=docker/dockerfile:1
+#
+# mail2alert in a container: build with ./build.sh, check a config with ./selftest.sh DIR,
+# run with ./run.sh DIR. The configuration directory is mounted read-only at /etc/mail2alert;
+# the outbox and GoCD snapshots live in the volume /var/lib/mail2alert.
+#
+# In the mounted configuration.yml, set
+#     local-smtp: 0.0.0.0:1025          # "localhost" would be unreachable from outside the container
+#     data-dir: /var/lib/mail2alert     # the volume (the default, ./mail2alert-data, lands there too)
+
+# --- build: the mail2alert wheel and the wheels of its dependencies --------------------------
+FROM python:3.11-slim AS build
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+# .dockerignore lets in only pyproject.toml, README.md and src/.
+COPY . .
+RUN pip wheel --wheel-dir /wheels .
+
+# --- runtime: the wheels installed, no compilers, no sources -------------------------------
+FROM python:3.11-slim
+
+LABEL org.opencontainers.image.title="mail2alert" \
+      org.opencontainers.image.description="An SMTP relay that routes CI alert mails to the right people by rules." \
+      org.opencontainers.image.licenses="MIT"
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MAIL2ALERT_CONFIGURATION=/etc/mail2alert/configuration.yml
+
+# The wheels are bind-mounted from the build stage, so they never become a layer of this image.
+# A fixed uid/gid lets the host grant the mounted configuration to it (chgrp 10001 ...).
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-index --find-links=/wheels mail2alert \
+    && groupadd --system --gid 10001 mail2alert \
+    && useradd --system --uid 10001 --gid mail2alert --no-create-home \
+        --home-dir /var/lib/mail2alert --shell /usr/sbin/nologin mail2alert \
+    && mkdir -p /etc/mail2alert /var/lib/mail2alert \
+    && chown mail2alert:mail2alert /var/lib/mail2alert \
+    && chmod 0750 /var/lib/mail2alert
+
+# Declared after the chown, so a new named volume starts out owned by mail2alert.
+VOLUME ["/var/lib/mail2alert"]
+# mail2alert's default data-dir is ./mail2alert-data: from here it is inside the volume too.
+WORKDIR /var/lib/mail2alert
+USER 10001:10001
+
+EXPOSE 1025
+
+# Healthy means the SMTP listener answers: a 220 greeting (smtplib raises otherwise), then
+# 250 to NOOP. Only the Python already in the image is needed.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
+    CMD ["python", "-c", "import smtplib, sys; s = smtplib.SMTP('127.0.0.1', 1025, timeout=8); code = s.noop()[0]; s.quit(); sys.exit(0 if code == 250 else 1)"]
+
+# mail2alert stops cleanly on SIGTERM and reloads its configuration on SIGHUP
+# (docker kill --signal=HUP mail2alert-app), keeping the old one if the new one is invalid.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["mail2alert"]
+CMD ["serve"]

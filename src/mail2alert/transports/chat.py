@@ -1,0 +1,218 @@
+"""Post chat items: Slack's Web API for ``slack:#channel`` actions, Apprise for chat URLs.
+
+An outbox chat item holds the rendered message and the action's id, never its URL (which is
+a secret); the URL is looked up in the running configuration when the item is sent.
+
+Threading: a BREAKS post's Slack ``ts`` is kept in the outbox, and the FIXED (or PASSES)
+post of the same pipeline/stage is sent as a reply in that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from mail2alert.actions import mask, parse_slack
+from mail2alert.model import Secret
+from mail2alert.outbox import Item, RecipientResult
+from mail2alert.transports import Attempt
+
+log = logging.getLogger(__name__)
+
+#: Slack Web API errors that no retry will cure.
+SLACK_PERMANENT = frozenset(
+    {
+        "channel_not_found",
+        "not_in_channel",
+        "is_archived",
+        "invalid_auth",
+        "not_authed",
+        "account_inactive",
+        "token_revoked",
+        "missing_scope",
+        "no_permission",
+        "invalid_arguments",
+        "msg_too_long",
+    }
+)
+
+ThreadKey = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class ChatSettings:
+    """What chat delivery needs from the configuration."""
+
+    actions: Mapping[str, str] = field(default_factory=dict)
+    """Action id -> action URI, for every chat action in the configuration."""
+    slack_token: Secret | None = None
+    slack_api_url: str = "https://slack.com/api"
+    timeout: float = 30.0
+
+
+@dataclass
+class ThreadStore:
+    """Where Slack thread timestamps live (the outbox), as async callables."""
+
+    get: Callable[[ThreadKey], Awaitable[tuple[str, str] | None]]
+    put: Callable[[ThreadKey, str, str], Awaitable[None]]
+    drop: Callable[[ThreadKey], Awaitable[None]]
+
+
+class ChatSender:
+    """Sends chat items; never raises for the other side's trouble."""
+
+    def __init__(self, settings: ChatSettings, threads: ThreadStore) -> None:
+        self.settings = settings
+        self.threads = threads
+        self._session: aiohttp.ClientSession | None = None
+
+    async def close(self) -> None:
+        """Close the HTTP connections."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def send(self, item: Item) -> Attempt:
+        """Post one chat item to its action."""
+        action = item.recipients[0] if item.recipients else ""
+        uri = self.settings.actions.get(action)
+        try:
+            payload: dict[str, Any] = json.loads(item.data)
+        except ValueError:
+            return Attempt((), "the stored chat message is not valid JSON", permanent=True)
+        if uri is None:
+            shown = payload.get("action", action)
+            return Attempt((), f"{shown} is no longer in the configuration", permanent=True)
+        if uri.lower().startswith("slack:") and not uri.startswith("slack://"):
+            return await self._slack(uri, action, payload)
+        return await self._apprise(uri, action, payload)
+
+    # -- Slack's Web API ------------------------------------------------------------------
+
+    async def _slack(self, uri: str, action: str, payload: dict[str, Any]) -> Attempt:
+        token = self.settings.slack_token
+        if token is None:
+            return Attempt((), "slack: actions need the top-level slack-token", permanent=True)
+        channel, _ = parse_slack(uri)
+        key = _thread_key(payload, action)
+        thread = None
+        if key is not None and payload.get("thread") == "reply":
+            thread = await self.threads.get(key)
+        body: dict[str, Any] = {
+            "channel": thread[0] if thread else channel,
+            "text": payload["title"],
+            "attachments": [
+                {
+                    "color": payload.get("colour"),
+                    "fallback": payload["title"],
+                    "title": payload["title"],
+                    "title_link": payload.get("link") or None,
+                    "text": payload.get("body", ""),
+                }
+            ],
+        }
+        if thread:
+            body["thread_ts"] = thread[1]
+        url = f"{self.settings.slack_api_url.rstrip('/')}/chat.postMessage"
+        session = self._client()
+        try:
+            async with session.post(
+                url,
+                json=body,
+                headers={"Authorization": f"Bearer {token.reveal()}"},
+            ) as response:
+                if response.status == 429:
+                    wait = _seconds(response.headers.get("Retry-After"))
+                    return Attempt((), "Slack: rate limited (429)", retry_after=wait)
+                if response.status >= 500:
+                    return Attempt((), f"Slack answered HTTP {response.status}")
+                if response.status != 200:
+                    return Attempt((), f"Slack answered HTTP {response.status}", permanent=True)
+                answer = await response.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            return Attempt((), f"Slack Web API at {self.settings.slack_api_url}: {_why(exc)}")
+        if not isinstance(answer, dict) or not answer.get("ok"):
+            error = str(answer.get("error", "unknown")) if isinstance(answer, dict) else "?"
+            return Attempt((), f"Slack: {error}", permanent=error in SLACK_PERMANENT)
+        if key is not None and payload.get("thread") == "start" and answer.get("ts"):
+            await self.threads.put(key, str(answer.get("channel") or channel), str(answer["ts"]))
+        elif key is not None and thread:
+            await self.threads.drop(key)
+        return Attempt((RecipientResult(action, "done", f"posted to {channel}"),))
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=self.settings.timeout)
+            )
+        return self._session
+
+    # -- Apprise --------------------------------------------------------------------------
+
+    async def _apprise(self, uri: str, action: str, payload: dict[str, Any]) -> Attempt:
+        loop = asyncio.get_running_loop()
+        ok, detail = await loop.run_in_executor(None, _notify, uri, payload)
+        if ok:
+            return Attempt((RecipientResult(action, "done", f"sent to {mask(uri)}"),))
+        return Attempt((), f"{mask(uri)}: {_scrub(detail, uri) or 'notification failed'}")
+
+
+def _notify(uri: str, payload: dict[str, Any]) -> tuple[bool, str]:
+    """Send with Apprise (blocking: runs in a worker thread); (success, what Apprise logged)."""
+    import apprise
+
+    kinds = {
+        "BREAKS": apprise.NotifyType.FAILURE,
+        "FAILS": apprise.NotifyType.FAILURE,
+        "FIXED": apprise.NotifyType.SUCCESS,
+        "PASSES": apprise.NotifyType.SUCCESS,
+        "CANCELLED": apprise.NotifyType.WARNING,
+    }
+    body = payload.get("body") or payload["title"]
+    link = payload.get("link")
+    if link and link not in body:
+        body = f"{body}\n{link}"
+    notifier = apprise.Apprise()
+    if not notifier.add(uri):
+        return False, "Apprise does not accept the URL"
+    # Apprise is untyped; LogCapture collects what it logs while sending, for the error.
+    with apprise.LogCapture(level=apprise.logging.WARNING) as captured:  # type: ignore[no-untyped-call]
+        ok = notifier.notify(
+            title=payload["title"],
+            body=body,
+            notify_type=kinds.get(payload.get("event") or "", apprise.NotifyType.INFO),
+        )
+        detail = captured.getvalue()
+    return bool(ok), " ".join(str(detail).split())[-300:]
+
+
+def _scrub(text: str, uri: str) -> str:
+    """Remove every longer piece of a chat URL from a message: they may be secrets."""
+    for piece in sorted(re.split(r"[/:@?&=#]+", uri), key=len, reverse=True):
+        if len(piece) >= 6:
+            text = text.replace(piece, "***")
+    return text
+
+
+def _thread_key(payload: Mapping[str, Any], action: str) -> ThreadKey | None:
+    pipeline, stage = payload.get("pipeline"), payload.get("stage")
+    return (str(pipeline), str(stage), action) if pipeline and stage else None
+
+
+def _seconds(value: str | None) -> float:
+    try:
+        return max(1.0, float(value or 1))
+    except ValueError:
+        return 30.0
+
+
+def _why(exc: BaseException) -> str:
+    return "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}"
