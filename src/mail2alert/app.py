@@ -30,7 +30,6 @@ from typing import Any, Literal, TypeVar
 
 from aiosmtpd.smtp import SMTP
 
-from mail2alert.actions import action_id, is_chat
 from mail2alert.config import Config, HostPort
 from mail2alert.config import load as load_config
 from mail2alert.dispatcher import Dispatcher
@@ -41,7 +40,6 @@ from mail2alert.model import PipelineGroups
 from mail2alert.outbox import GroupCommitter, Outbox, StageView
 from mail2alert.routing import Manager
 from mail2alert.server import Handler, accept, describe, smtp_factory
-from mail2alert.transports.chat import ChatSettings
 
 log = logging.getLogger(__name__)
 
@@ -66,29 +64,13 @@ class ReloadStatus:
     message: str
 
 
-def chat_settings(config: Config) -> ChatSettings:
-    """The chat actions of a configuration (by id) and its Slack settings."""
-    uris = {
-        action
-        for manager in config.routing
-        for action in (*manager.fallback, *(a for r in manager.rules for a in r.actions))
-        if is_chat(action)
-    }
-    return ChatSettings(
-        actions={action_id(u): u for u in uris},
-        slack_token=config.slack_token,
-        slack_api_url=config.slack_api_url,
-        timeout=config.delivery.timeout,
-    )
-
-
 def _delivery_settings(config: Config) -> tuple[object, ...]:
-    return (config.remote_smtp, config.delivery, chat_settings(config))
+    return (config.remote_smtp, config.delivery, config.chat_settings())
 
 
 def _dispatcher(config: Config) -> Dispatcher:
     return Dispatcher(
-        config.data_dir, config.remote_smtp, config.delivery, chat=chat_settings(config)
+        config.data_dir, config.remote_smtp, config.delivery, chat=config.chat_settings()
     )
 
 

@@ -23,11 +23,11 @@ from urllib.parse import urlsplit
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from mail2alert.actions import check_action
+from mail2alert.actions import action_id, check_action, is_chat
 from mail2alert.errors import ConfigError, ConfigProblem, RuleArgumentError
 from mail2alert.managers import MANAGER_TYPES
 from mail2alert.managers.base import ManagerType, Option
-from mail2alert.model import ChatTemplate, Secret
+from mail2alert.model import ChatSettings, ChatTemplate, Secret
 from mail2alert.routing import Manager, Rule
 from mail2alert.templates import check as check_template
 
@@ -97,6 +97,21 @@ class Config:
     def routing(self) -> tuple[Manager, ...]:
         """The managers in order, as :func:`mail2alert.routing.route` takes them."""
         return tuple(m.manager for m in self.managers)
+
+    def chat_settings(self) -> ChatSettings:
+        """The chat actions of the configuration (by action id) and its Slack settings."""
+        uris = {
+            action
+            for manager in self.routing
+            for action in (*manager.fallback, *(a for r in manager.rules for a in r.actions))
+            if is_chat(action)
+        }
+        return ChatSettings(
+            actions={action_id(u): u for u in sorted(uris)},
+            slack_token=self.slack_token,
+            slack_api_url=self.slack_api_url,
+            timeout=self.delivery.timeout,
+        )
 
     def summary(self) -> str:
         """One line: how many managers, rules and actions."""

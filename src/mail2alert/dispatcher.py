@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from mail2alert.config import Delivery, HostPort
+from mail2alert.model import ChatSettings
 from mail2alert.outbox import Item, Outbox, RecipientResult
 from mail2alert.transports import Attempt
-from mail2alert.transports.chat import ChatSender, ChatSettings, ThreadStore
+from mail2alert.transports.chat import ChatSender, ThreadStore
 from mail2alert.transports.smtp import SmtpConnection
 
 log = logging.getLogger(__name__)

@@ -60,6 +60,8 @@ class Explanation:
     group: str | None
     rule_lines: tuple[int, ...] = ()
     rule_texts: tuple[str, ...] = ()
+    chat: tuple[Mapping[str, Any], ...] = ()
+    """The chat messages as they would be posted (action masked, title, body, colour)."""
 
     @property
     def outcome(self) -> tuple[str, ...]:
@@ -105,6 +107,7 @@ class Explanation:
             "reason": d.reason,
             "actions": [mask(a) for a in d.actions],
             "passthrough": list(d.passthrough),
+            "chat": [dict(c) for c in self.chat],
         }
 
 
@@ -129,13 +132,15 @@ def explain(
         group = groups.group_of(d.alert.stage.pipeline) if groups else None
     lines = tuple(r.line for r in manager.rules) if manager else ()
     texts = tuple(rule_text(manager, i) for i in range(len(manager.rules))) if manager else ()
+    chat = tuple(json.loads(i.data) for i in accepted.items if i.kind == "chat")
     return Explanation(
         envelope,
         d,
-        tuple(item.recipients for item in accepted.items),
+        tuple(item.recipients for item in accepted.items if item.kind != "chat"),
         group,
         lines,
         texts,
+        chat,
     )
 
 
@@ -201,6 +206,10 @@ def render(ex: Explanation, *, trace: bool) -> str:
         out.append(f"outcome:  drop ({d.reason})")
     if d.passthrough:
         out.append(f"          and relay unchanged to {', '.join(d.passthrough)}")
+    for post in ex.chat:
+        out.append(f"chat:     {post['action']} ({post['colour']})")
+        out.append(f"          {post['title']}")
+        out.extend(f"          | {line}" for line in str(post["body"]).splitlines())
     return "\n".join(out)
 
 

@@ -153,6 +153,17 @@ class Outgoing:
 
 
 @dataclass(frozen=True)
+class ChatSettings:
+    """What chat delivery needs from the configuration."""
+
+    actions: Mapping[str, str] = field(default_factory=dict)
+    """Action id -> action URI, for every chat action in the configuration."""
+    slack_token: Secret | None = None
+    slack_api_url: str = "https://slack.com/api"
+    timeout: float = 30.0
+
+
+@dataclass(frozen=True)
 class Secret:
     """A password, token or chat URL: shown as ``***`` everywhere but where it is used."""
 

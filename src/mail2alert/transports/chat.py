@@ -14,13 +14,13 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from mail2alert.actions import mask, parse_slack
-from mail2alert.model import Secret
+from mail2alert.model import ChatSettings
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.transports import Attempt
 
@@ -44,17 +44,6 @@ SLACK_PERMANENT = frozenset(
 )
 
 ThreadKey = tuple[str, str, str]
-
-
-@dataclass(frozen=True)
-class ChatSettings:
-    """What chat delivery needs from the configuration."""
-
-    actions: Mapping[str, str] = field(default_factory=dict)
-    """Action id -> action URI, for every chat action in the configuration."""
-    slack_token: Secret | None = None
-    slack_api_url: str = "https://slack.com/api"
-    timeout: float = 30.0
 
 
 @dataclass
@@ -184,7 +173,9 @@ def _notify(uri: str, payload: dict[str, Any]) -> tuple[bool, str]:
     if not notifier.add(uri):
         return False, "Apprise does not accept the URL"
     # Apprise is untyped; LogCapture collects what it logs while sending, for the error.
-    with apprise.LogCapture(level=apprise.logging.WARNING) as captured:  # type: ignore[no-untyped-call]
+    with apprise.LogCapture(  # type: ignore[no-untyped-call]
+        level=apprise.logging.WARNING, fmt="%(message)s"
+    ) as captured:
         ok = notifier.notify(
             title=payload["title"],
             body=body,
