@@ -338,6 +338,7 @@ class FakeGoCD:
         endpoints: tuple[str, ...] = ("admin", "dashboard", "legacy", "cctray"),
         admin_forbidden: bool = False,
         cctray: dict[tuple[str, str], str] | None = None,
+        port: int = 0,
     ) -> None:
         self.groups = groups
         self.user = user
@@ -346,7 +347,7 @@ class FakeGoCD:
         self.endpoints = endpoints
         self.admin_forbidden = admin_forbidden
         self.cctray = cctray or {}
-        self.port = free_port()
+        self.port = port or free_port()
         self.requests: list[tuple[str, str, int]] = []
         self.changed = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
