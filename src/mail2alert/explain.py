@@ -62,6 +62,8 @@ class Explanation:
     rule_texts: tuple[str, ...] = ()
     chat: tuple[Mapping[str, Any], ...] = ()
     """The chat messages as they would be posted (action masked, title, body, colour)."""
+    has_groups: bool = False
+    """Whether pipeline groups from GoCD were known for the deciding manager."""
 
     @property
     def outcome(self) -> tuple[str, ...]:
@@ -127,9 +129,9 @@ def explain(
     d = accepted.decision
     manager = next((m for m in config.routing if m.label == d.manager), None)
     group = None
-    if d.alert is not None and d.alert.stage is not None and manager is not None:
-        groups = context.snapshots.get(manager.label, context.groups)
-        group = groups.group_of(d.alert.stage.pipeline) if groups else None
+    groups = context.snapshots.get(manager.label, context.groups) if manager else None
+    if d.alert is not None and d.alert.stage is not None and groups is not None:
+        group = groups.group_of(d.alert.stage.pipeline)
     lines = tuple(r.line for r in manager.rules) if manager else ()
     texts = tuple(rule_text(manager, i) for i in range(len(manager.rules))) if manager else ()
     chat = tuple(json.loads(i.data) for i in accepted.items if i.kind == "chat")
@@ -141,6 +143,7 @@ def explain(
         lines,
         texts,
         chat,
+        groups is not None,
     )
 
 
@@ -180,10 +183,12 @@ def render(ex: Explanation, *, trace: bool) -> str:
             s = alert.stage
             said = VERBS[s.verb]
             event = alert.event if alert.event == said else f"{alert.event} (GoCD said {said})"
-            group = ex.group or "unknown to GoCD (or no GoCD data)"
+            group = ex.group or (
+                "in no group GoCD knows" if ex.has_groups else "unknown (no GoCD data)"
+            )
             out.append(
                 f"facts:    pipeline {s.pipeline} #{s.pipeline_counter}, stage {s.stage} "
-                f"#{s.stage_counter}, event {event}, group {group}"
+                f"#{s.stage_counter}, event {event}, " + (f"group {group}" if ex.group else group)
             )
         else:
             out.append("facts:    not a GoCD stage mail (no pipeline, no event)")

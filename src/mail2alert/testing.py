@@ -519,3 +519,233 @@ class FakeGoCD:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- fake chat services ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    """One HTTP request a fake chat service received, and what it answered."""
+
+    at: float
+    """``time.time()`` when the request arrived, to measure waits between attempts."""
+    path: str
+    headers: dict[str, str]
+    body: Any
+    """The request's JSON body (None when it was not JSON)."""
+    status: int
+    answer: Any
+    """The JSON the fake answered (None for a bare error status)."""
+
+
+class _FakeHttp:
+    """An aiohttp server on 127.0.0.1 in its own thread that records every POST.
+
+    ``stop()`` and ``start()`` again keep the port. Subclasses decide each answer in
+    :meth:`_answer`; scripted failures (:meth:`fail`) come first.
+    """
+
+    name = "fake-http"
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.calls: list[ChatCall] = []
+        self.changed = threading.Condition()
+        self._script: list[tuple[int, dict[str, str]]] = []
+        self._failing: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def fail(self, count: int = 1, *, status: int = 500, retry_after: float | None = None) -> None:
+        """Answer the next ``count`` requests with ``status`` (and a Retry-After header)."""
+        headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+        with self.changed:
+            self._script.extend([(status, headers)] * count)
+
+    def fail_until_recovered(self, status: int = 500) -> None:
+        """Answer every request with ``status`` until :meth:`recover` is called."""
+        with self.changed:
+            self._failing = status
+
+    def recover(self) -> None:
+        """Answer normally again (scripted failures still pending are dropped)."""
+        with self.changed:
+            self._failing = None
+            self._script.clear()
+
+    def _answer(self, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
+        raise NotImplementedError
+
+    def _respond(
+        self, path: str, headers: dict[str, str], body: Any
+    ) -> tuple[int, Any, dict[str, str]]:
+        import time
+
+        with self.changed:
+            extra: dict[str, str] = {}
+            if self._script:
+                status, extra = self._script.pop(0)
+                answer: Any = None
+            elif self._failing is not None:
+                status, answer = self._failing, None
+            else:
+                status, answer = self._answer(headers, body)
+            self.calls.append(ChatCall(time.time(), path, headers, body, status, answer))
+            self.changed.notify_all()
+        return status, answer, extra
+
+    def start(self) -> Any:
+        """Serve (again) on the fake's port; returns the fake."""
+        import json
+
+        from aiohttp import web
+
+        async def handle(request: web.Request) -> web.Response:
+            raw = await request.read()
+            try:
+                body: Any = json.loads(raw) if raw else None
+            except ValueError:
+                body = None
+            status, answer, extra = self._respond(request.path, dict(request.headers), body)
+            if answer is None:
+                return web.Response(status=status, headers=extra, text=f"HTTP {status}")
+            return web.json_response(answer, status=status, headers=extra)
+
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_post("/{tail:.*}", handle)
+            runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+            loop.run_until_complete(site.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"{self.name}-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        """Stop answering; connections are refused until ``start()``."""
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+    def wait_for(self, count: int, timeout: float = 15.0, *, ok: bool = False) -> list[ChatCall]:
+        """Wait until ``count`` requests (with ``ok``: successful ones) arrived; return them."""
+
+        def chosen() -> list[ChatCall]:
+            return [c for c in self.calls if not ok or self._succeeded(c)]
+
+        with self.changed:
+            if not self.changed.wait_for(lambda: len(chosen()) >= count, timeout):
+                raise TimeoutError(f"expected {count} requests, got {self.calls}")
+            return chosen()
+
+    @property
+    def succeeded(self) -> list[ChatCall]:
+        """The requests that were answered with success."""
+        with self.changed:
+            return [c for c in self.calls if self._succeeded(c)]
+
+    @staticmethod
+    def _succeeded(call: ChatCall) -> bool:
+        return call.status == 200
+
+
+class FakeSlack(_FakeHttp):
+    """Slack's Web API ``chat.postMessage`` on loopback, answering as Slack does.
+
+    A request without ``Authorization: Bearer <token>`` is answered 200 with
+    ``{"ok": false, "error": "invalid_auth"}``; a good one with ``{"ok": true, "channel":
+    "C0123", "ts": ...}``, every ``ts`` unique. ``fail(1, status=429, retry_after=1)`` plays
+    Slack's rate limit, ``fail(2)`` a Slack that answers 500 twice.
+    """
+
+    name = "fake-slack"
+    CHANNEL = "C0123"
+
+    def __init__(self, token: str = "xoxb-test-token") -> None:  # noqa: S107 - a test token
+        super().__init__()
+        self.token = token
+        self._next_ts = 100
+
+    @property
+    def api_url(self) -> str:
+        """What ``slack-api-url`` is set to."""
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _answer(self, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
+        if call_headers.get("Authorization") != f"Bearer {self.token}":
+            return 200, {"ok": False, "error": "invalid_auth"}
+        if not isinstance(body, dict) or not body.get("channel"):
+            return 200, {"ok": False, "error": "invalid_arguments"}
+        ts = f"1700000000.{self._next_ts:06d}"
+        self._next_ts += 100
+        return 200, {"ok": True, "channel": self.CHANNEL, "ts": ts}
+
+    @staticmethod
+    def _succeeded(call: ChatCall) -> bool:
+        return call.status == 200 and isinstance(call.answer, dict) and bool(call.answer["ok"])
+
+    @property
+    def posts(self) -> list[ChatCall]:
+        """The calls Slack accepted (``ok: true``)."""
+        return self.succeeded
+
+    def start(self) -> FakeSlack:
+        """Serve (again) on the fake's port."""
+        super().start()
+        return self
+
+    def __enter__(self) -> FakeSlack:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class HookReceiver(_FakeHttp):
+    """A webhook endpoint on loopback for Apprise's ``json://`` notifications.
+
+    Every POST, to any path, is recorded with its JSON body and answered 200; ``fail(n)``
+    answers the next ``n`` with 500, ``fail_until_recovered()`` all of them until
+    ``recover()``.
+    """
+
+    name = "hook-receiver"
+
+    @property
+    def url(self) -> str:
+        """A ``json://`` action URL posting to this receiver's ``/hook``."""
+        return self.json_url()
+
+    def json_url(
+        self, path: str = "/hook", *, user: str | None = None, password: str | None = None
+    ) -> str:
+        """A ``json://`` action URL posting to ``path``, with basic auth when ``user`` is set."""
+        auth = "" if user is None else f"{user}:{password}@" if password is not None else f"{user}@"
+        return f"json://{auth}127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def _answer(self, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
+        return 200, {"ok": True}
+
+    def start(self) -> HookReceiver:
+        """Serve (again) on the receiver's port."""
+        super().start()
+        return self
+
+    def __enter__(self) -> HookReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
