@@ -298,3 +298,20 @@ def test_a_bad_snapshot_file_is_a_usage_error(
     )
     assert code == 2
     assert "not a pipeline-groups payload" in err
+
+
+def test_route_of_a_file_takes_the_envelope_from_the_options_when_given(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code, out, _ = run(
+        capsys,
+        *ROUTE,
+        "--from",
+        "x@example.com",
+        "--to",
+        "someone@example.com",
+        str(EXAMPLES / "mail" / "stage-broken.eml"),
+    )
+    assert code == 0
+    assert "envelope: from=<x@example.com> to=<someone@example.com>" in out
+    assert "outcome:  relay unchanged" in out

@@ -113,12 +113,18 @@ def check_action(uri: str) -> str | None:
     return check(uri)
 
 
+#: Apprise's generic webhooks: their path is the user's own and often holds a token, which
+#: Apprise shows in full.
+_WEBHOOKS = frozenset({"json", "jsons", "form", "forms", "xml", "xmls"})
+
+
 @lru_cache(maxsize=1024)
 def mask(uri: str) -> str:
     """An action URI fit to show: mail addresses as they are, a chat URL's secrets hidden.
 
     Chat URLs carry their credentials in the URL itself; Apprise knows, per service, which
-    parts are secret, and shows the URL with those parts elided.
+    parts are secret, and shows the URL with those parts elided. A generic webhook's path is
+    hidden whole (``json://user:****@host:8080/***``).
     """
     scheme, sep, rest = uri.partition(":")
     if not sep or not rest.startswith("//"):
@@ -133,7 +139,11 @@ def mask(uri: str) -> str:
         shown = None
     if not shown:
         return f"{scheme}://***"
-    return str(shown).split("?", 1)[0]
+    shown = str(shown).split("?", 1)[0]
+    if scheme.lower() in _WEBHOOKS:
+        where, _, path = shown.partition("://")[2].partition("/")
+        shown = f"{scheme}://{where}/***" if path.strip("/") else f"{scheme}://{where}"
+    return shown
 
 
 def outgoing_for(

@@ -86,8 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config(route)
     route.add_argument("eml", nargs="?", metavar="FILE.eml", help="a message file to route")
-    route.add_argument("--from", dest="mail_from", metavar="ADDRESS", help="envelope sender")
-    route.add_argument("--to", metavar="ADDRESS", help="envelope recipient")
+    route.add_argument(
+        "--from",
+        dest="mail_from",
+        metavar="ADDRESS",
+        help="envelope sender (with FILE.eml: instead of its From:)",
+    )
+    route.add_argument(
+        "--to", metavar="ADDRESS", help="envelope recipient (with FILE.eml: instead of its To:)"
+    )
     route.add_argument("--subject", metavar="TEXT", help="Subject of a made-up message")
     route.add_argument("--trace", action="store_true", help="show every rule with ✓/✗ and why")
     route.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -180,8 +187,10 @@ def _context(args: argparse.Namespace, loaded: config.Config) -> Context:
 def cmd_route(args: argparse.Namespace) -> int:
     """``mail2alert route``: explain one message; with --expect, exit 1 on a mismatch."""
     made_up = (args.mail_from, args.to, args.subject)
-    if (args.eml is None) == all(v is None for v in made_up):
-        raise UsageError("give FILE.eml, or --from, --to and --subject (not both)")
+    if args.eml is None and any(v is None for v in made_up):
+        raise UsageError("give FILE.eml, or --from, --to and --subject")
+    if args.eml is not None and args.subject is not None:
+        raise UsageError("--subject makes up a message: give it or FILE.eml, not both")
     loaded = _load(args)
     if args.eml is not None:
         try:
@@ -192,8 +201,6 @@ def cmd_route(args: argparse.Namespace) -> int:
         sender = args.mail_from or parseaddr(message.get("from"))[1]
         rcpt = args.to or parseaddr(message.get("to"))[1]
     else:
-        if None in made_up:
-            raise UsageError("a made-up message needs --from, --to and --subject")
         sender, rcpt = args.mail_from, args.to
         data = explain.synthetic_message(sender, rcpt, args.subject)
     result = explain.explain(loaded, Envelope(sender, (rcpt,)), data, _context(args, loaded))

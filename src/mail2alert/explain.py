@@ -214,7 +214,7 @@ def render(ex: Explanation, *, trace: bool) -> str:
     for post in ex.chat:
         out.append(f"chat:     {post['action']} ({post['colour']})")
         out.append(f"          {post['title']}")
-        out.extend(f"          | {line}" for line in str(post["body"]).splitlines())
+        out.extend(f"          | {line}".rstrip() for line in str(post["body"]).splitlines())
     return "\n".join(out)
 
 

@@ -177,13 +177,16 @@ def _entries(db: sqlite3.Connection) -> list[Entry]:
             created,
             attempts,
             None if state == "dead" else next_try,
-            tuple(rcpts.get(item_id, ())),
+            _chat_action(chat) if chat is not None else tuple(rcpts.get(item_id, ())),
             sender,
             error,
         )
-        for item_id, qid, kind, state, created, attempts, next_try, sender, error in db.execute(
-            "SELECT id, message_id, kind, state, created, attempts, next_try, mail_from, last_error"
-            " FROM items WHERE state IN ('pending','dead')"
+        for item_id, qid, kind, state, created, attempts, next_try, sender, error, chat in (
+            db.execute(
+                "SELECT id, message_id, kind, state, created, attempts, next_try, mail_from,"
+                " last_error, CASE WHEN kind='chat' THEN data END"
+                " FROM items WHERE state IN ('pending','dead')"
+            )
         )
     ]
     found += [
@@ -250,6 +253,14 @@ def _detail(db: sqlite3.Connection, queue_id: str) -> MessageDetail:
         header_lines(bytes(raw or b"")),
         items,
     )
+
+
+def _chat_action(data: bytes) -> tuple[str, ...]:
+    """A chat item's destination as operators see it: the masked action, never its id."""
+    try:
+        return (str(json.loads(data)["action"]),)
+    except (ValueError, KeyError, TypeError):
+        return ("(chat)",)
 
 
 def _recipients(db: sqlite3.Connection, item_id: int) -> tuple[RecipientRow, ...]:

@@ -16,7 +16,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from mail2alert.actions import outgoing_for
+from mail2alert.actions import mask, outgoing_for
 from mail2alert.errors import OutboxError
 from mail2alert.managers.base import Context
 from mail2alert.managers.gocd import stage_result
@@ -136,7 +136,7 @@ def describe(accepted: Accepted) -> str:
     )
     who = f"manager={d.manager} " if d.manager else ""
     if d.outcome == "deliver":
-        return f"{head} {who}deliver={','.join(d.actions)} ({d.reason})"
+        return f"{head} {who}deliver={','.join(mask(a) for a in d.actions)} ({d.reason})"
     return f"{head} {who}{d.outcome} ({d.reason})"
 
 

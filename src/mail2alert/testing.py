@@ -697,11 +697,6 @@ class FakeSlack(_FakeHttp):
     def _succeeded(call: ChatCall) -> bool:
         return call.status == 200 and isinstance(call.answer, dict) and bool(call.answer["ok"])
 
-    @property
-    def posts(self) -> list[ChatCall]:
-        """The calls Slack accepted (``ok: true``)."""
-        return self.succeeded
-
     def start(self) -> FakeSlack:
         """Serve (again) on the fake's port."""
         super().start()
