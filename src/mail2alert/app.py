@@ -693,6 +693,7 @@ async def _supervise(
                 os.kill(pid, signal.SIGTERM)
         await reaper
         await service.stop()
+        log.info("mail2alert stopped")
     finally:
         if console is not None:
             console.close()

@@ -7,11 +7,12 @@ outcome of routing goes into the outbox, and the dispatcher delivers from there.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, ClassVar
 
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -196,11 +197,50 @@ class Handler:
             self.in_flight -= 1
 
 
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
+# <local@domain> with both parts plain dot-atoms (RFC 5322 3.2.3), then plain parameters;
+# everything else (comments, quoted parts, line breaks) goes through aiosmtpd's full parser.
+_SIMPLE_ADDRESS = re.compile(
+    rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>((?:[ \t]*[^ \t(\r\n][^(\r\n]*)?)\Z"
+)
+
+
+class LeanSMTP(SMTP):
+    """aiosmtpd's SMTP session with its two hottest spots made cheap; behaviour unchanged.
+
+    Measured under load, a new session spent most of its set-up in ``inspect.getmembers``
+    and ``dir`` over ~200 attributes (to find ``smtp_*``/``auth_*`` methods), and every
+    MAIL/RCPT parsed its address with the full RFC 5322 header parser. Here ``dir`` lists just
+    those methods (computed once per class), and plain ``<local@domain>`` addresses take a
+    regular expression; anything else still goes through aiosmtpd's own parser.
+    """
+
+    _names: ClassVar[list[str] | None] = None
+
+    def __dir__(self) -> list[str]:
+        cls = type(self)
+        if cls._names is None:
+            cls._names = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
+        return list(cls._names)
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        found = _SIMPLE_ADDRESS.match(arg)
+        if found is None:
+            return super()._getaddr(arg)
+        # aiosmtpd's parser drops the white space after the closing bracket; so do we.
+        address, rest = found.group(1), found.group(2).lstrip(" \t")
+        local = address.rpartition("@")[0]
+        if self.local_part_limit and len(local) > self.local_part_limit:
+            return None, None
+        return address, rest
+
+
 def smtp_factory(handler: Handler, *, hostname: str | None = None) -> Callable[[], Any]:
     """A protocol factory for ``loop.create_server``: aiosmtpd with SMTPUTF8 and 8BITMIME."""
 
     def make() -> SMTP:
-        return SMTP(
+        return LeanSMTP(
             handler,
             enable_SMTPUTF8=True,
             decode_data=False,

@@ -14,12 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-
-import jinja2
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from typing import TYPE_CHECKING
 
 from mail2alert.managers.gocd import VERBS
 from mail2alert.model import Alert, ChatTemplate, Envelope, Stage
+
+if TYPE_CHECKING:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 #: Colour per event: red for trouble, green for good news, amber for a cancel.
 COLOURS: Mapping[str, str] = {
@@ -66,6 +68,10 @@ class Rendered:
 
 @lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
+    # Imported here: only a configuration with chat actions needs Jinja2 in memory.
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     # Sandboxed: templates come from a config file, and must not reach Python's internals.
     return ImmutableSandboxedEnvironment(
         autoescape=False, undefined=jinja2.StrictUndefined, keep_trailing_newline=False
@@ -138,6 +144,10 @@ SAMPLE_PLAIN = Alert(
 
 def check(template: ChatTemplate) -> str | None:
     """Why ``template`` cannot render (against a stage mail and a plain mail), or None."""
+    if template.title is None and template.body is None:
+        return None  # the defaults, tested with the project
+    import jinja2
+
     for sample in (SAMPLE, SAMPLE_PLAIN):
         try:
             render(template, sample, "my-group")

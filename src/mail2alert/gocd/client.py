@@ -20,12 +20,13 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from mail2alert.errors import GocdError
 from mail2alert.model import PipelineGroups, Secret
+
+if TYPE_CHECKING:
+    import aiohttp
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,13 @@ def parse_cctray(text: str) -> dict[tuple[str, str], str]:
     return results
 
 
+def ClientError() -> type[Exception]:
+    """aiohttp's ClientError, imported on first use."""
+    import aiohttp
+
+    return aiohttp.ClientError
+
+
 class GocdClient:
     """Reads pipeline groups and cctray.xml from one GoCD server."""
 
@@ -117,14 +125,17 @@ class GocdClient:
             self._ssl = ssl.create_default_context(cafile=ca_file)
         elif not verify:
             self._ssl = False
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._timeout = timeout
         self._etags: dict[str, str] = {}
         self._last: PipelineGroups | None = None
         self.endpoint: Endpoint | None = None
 
     def _session(self) -> aiohttp.ClientSession:
+        # Imported here: intake processes never talk HTTP and need not carry aiohttp.
+        import aiohttp
+
         return aiohttp.ClientSession(
-            timeout=self._timeout,
+            timeout=aiohttp.ClientTimeout(total=self._timeout),
             headers=self._headers,
         )
 
@@ -178,7 +189,7 @@ class GocdClient:
                 if etag and response.status == 200 and response.headers.get("ETag"):
                     self._etags[endpoint.path] = response.headers["ETag"]
                 return response.status, body
-        except (aiohttp.ClientError, TimeoutError, UnicodeDecodeError, ssl.SSLError) as exc:
+        except (ClientError(), TimeoutError, UnicodeDecodeError, ssl.SSLError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             detail = getattr(exc, "strerror", None) or ""
             raise GocdError(f"{target} unreachable: {reason} {detail}".rstrip()) from None

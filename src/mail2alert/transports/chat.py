@@ -15,14 +15,16 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import aiohttp
+from typing import TYPE_CHECKING, Any
 
 from mail2alert.actions import mask, parse_slack
+from mail2alert.gocd.client import ClientError
 from mail2alert.model import ChatSettings
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.transports import Attempt
+
+if TYPE_CHECKING:
+    import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +128,7 @@ class ChatSender:
                 if response.status != 200:
                     return Attempt((), f"Slack answered HTTP {response.status}", permanent=True)
                 answer = await response.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (ClientError(), TimeoutError, ValueError) as exc:
             return Attempt((), f"Slack Web API at {self.settings.slack_api_url}: {_why(exc)}")
         if not isinstance(answer, dict) or not answer.get("ok"):
             error = str(answer.get("error", "unknown")) if isinstance(answer, dict) else "?"
@@ -138,6 +140,8 @@ class ChatSender:
         return Attempt((RecipientResult(action, "done", f"posted to {channel}"),))
 
     def _client(self) -> aiohttp.ClientSession:
+        import aiohttp  # here: only the delivery process posts to chats
+
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=self.settings.timeout)
