@@ -10,7 +10,7 @@ import asyncio
 import socket
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -312,6 +312,47 @@ if __name__ == "__main__":  # pragma: no cover
 # -- a fake GoCD -------------------------------------------------------------------------------
 
 
+class _LoopbackHttp:
+    """An aiohttp server on 127.0.0.1 in a thread of its own; stop and start keep the port."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.port = port
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, method: str, handle: Callable[[Any], Awaitable[Any]]) -> None:
+        """Answer every ``method`` request on any path with ``handle``."""
+        from aiohttp import web
+
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            app = web.Application()
+            app.router.add_route(method, "/{tail:.*}", handle)
+            runner = web.AppRunner(app, access_log=None)
+            loop.run_until_complete(runner.setup())
+            site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+            loop.run_until_complete(site.start())
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name=f"{self.name}-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        """Stop answering: connections are refused until the next start."""
+        if self._loop is not None and self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._loop = None
+
+
 class FakeGoCD:
     """A GoCD server on loopback that answers the way GoCD does (see shared gocd.md).
 
@@ -350,8 +391,7 @@ class FakeGoCD:
         self.port = port or free_port()
         self.requests: list[tuple[str, str, int]] = []
         self.changed = threading.Condition()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._http = _LoopbackHttp(self.port, "fake-gocd")
 
     @property
     def url(self) -> str:
@@ -477,33 +517,12 @@ class FakeGoCD:
                 self.changed.notify_all()
             return web.Response(status=status, headers=headers, text=body or None)
 
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_get("/{tail:.*}", handle)
-            runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
-            loop.run_until_complete(site.start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"fake-gocd-{self.port}", daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._http.start("GET", handle)
         return self
 
     def stop(self) -> None:
         """Stop answering; connections are refused until ``start()``."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop = None
+        self._http.stop()
 
     def wait_requests(self, path_part: str, count: int = 1, timeout: float = 15.0) -> None:
         """Wait until ``count`` requests whose path contains ``path_part`` were answered."""
@@ -554,8 +573,7 @@ class _FakeHttp:
         self.changed = threading.Condition()
         self._script: list[tuple[int, dict[str, str]]] = []
         self._failing: int | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._http = _LoopbackHttp(self.port, self.name)
 
     def fail(self, count: int = 1, *, status: int = 500, retry_after: float | None = None) -> None:
         """Answer the next ``count`` requests with ``status`` (and a Retry-After header)."""
@@ -612,33 +630,12 @@ class _FakeHttp:
                 return web.Response(status=status, headers=extra, text=f"HTTP {status}")
             return web.json_response(answer, status=status, headers=extra)
 
-        ready = threading.Event()
-
-        def run() -> None:
-            loop = asyncio.new_event_loop()
-            self._loop = loop
-            app = web.Application()
-            app.router.add_post("/{tail:.*}", handle)
-            runner = web.AppRunner(app, access_log=None)
-            loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
-            loop.run_until_complete(site.start())
-            ready.set()
-            loop.run_forever()
-            loop.run_until_complete(runner.cleanup())
-            loop.close()
-
-        self._thread = threading.Thread(target=run, name=f"{self.name}-{self.port}", daemon=True)
-        self._thread.start()
-        ready.wait(10)
+        self._http.start("POST", handle)
         return self
 
     def stop(self) -> None:
         """Stop answering; connections are refused until ``start()``."""
-        if self._loop is not None and self._thread is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(10)
-            self._loop = None
+        self._http.stop()
 
     def wait_for(self, count: int, timeout: float = 15.0, *, ok: bool = False) -> list[ChatCall]:
         """Wait until ``count`` requests (with ``ok``: successful ones) arrived; return them."""
