@@ -140,3 +140,28 @@ def test_sighup_reloads_a_running_server(
         assert server.terminate() == 0
     finally:
         server.close()
+
+
+def test_sighup_moves_every_intake_worker_to_a_changed_listen_address(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    old_port, new_port = free_port(), free_port()
+    path = configure(
+        tmp_path / "c.yml", upstream, data_dir, f"127.0.0.1:{old_port}", "a@example.com"
+    )
+    path.write_text(path.read_text() + "intake-workers: 2\n")
+    server = ServeProcess(path, old_port, tmp_path / "serve.log").start()
+    try:
+        wait_until(lambda: server.log.count("listening on") >= 3, what="every process to be up")
+        configure(path, upstream, data_dir, f"127.0.0.1:{new_port}", "a@example.com")
+        path.write_text(path.read_text() + "intake-workers: 2\n")
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: server.log.count("now listening on") >= 2, what="both workers to move")
+        for _ in range(4):  # the kernel spreads connections over both workers
+            send(new_port, BACKUP)
+        upstream.wait_for(4)
+        assert not listening(old_port)
+        assert server.terminate() == 0
+    finally:
+        server.close()
