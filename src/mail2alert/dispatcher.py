@@ -14,6 +14,7 @@ import asyncio
 import json
 import logging
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +38,8 @@ Result = tuple[Item, Sequence[RecipientResult], float | None, str]
 IDLE_CLOSE = 5.0
 #: The longest the dispatcher sleeps before looking at the outbox again.
 POLL = 0.25
+#: How often delivered items and old records are purged from the outbox (they are kept a week).
+PURGE_EVERY = 3600.0
 
 
 def backoff(attempts: int, delivery: Delivery) -> float:
@@ -117,10 +120,14 @@ class Dispatcher:
 
     async def _fetch_until(self, stop: asyncio.Event) -> None:
         stopper = asyncio.create_task(stop.wait())
+        purged = 0.0
         try:
             while not stop.is_set():
                 free = 4 * self.delivery.connections - len(self._inflight)
                 now = self.clock()
+                if now - purged >= PURGE_EVERY:
+                    purged = now
+                    await self._purge(now)
                 if free > 0:
                     exclude = tuple(self._inflight)
                     items = await self._db(partial(self._outbox.due, now, free, exclude))
@@ -136,6 +143,13 @@ class Dispatcher:
                 await self._wait_for(self._wake, stopper, max(delay, 0.01))
         finally:
             stopper.cancel()
+
+    async def _purge(self, now: float) -> None:
+        """Forget delivered items and old records (pending, dead and held ones stay)."""
+        try:
+            await self._db(partial(self._outbox.purge, now))
+        except sqlite3.Error as exc:
+            log.warning("could not purge old outbox records (will try again): %s", exc)
 
     @staticmethod
     async def _wait_for(event: asyncio.Event, stopper: asyncio.Task[bool], seconds: float) -> None:

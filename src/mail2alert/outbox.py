@@ -482,6 +482,9 @@ class GroupCommitter:
                 duplicates = self._outbox.put([a for a, _ in batch])
             except OutboxError as exc:
                 error = exc
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
+                # Whatever went wrong, these senders get a 451 and retry; the thread goes on.
+                error = OutboxError(f"cannot commit to the outbox: {type(exc).__name__}: {exc}")
             settled = [(f, duplicates.get(a.queue_id)) for a, f in batch]
             batch[0][1].get_loop().call_soon_threadsafe(_settle, settled, error)
 

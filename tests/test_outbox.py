@@ -1,0 +1,86 @@
+"""The outbox keeps what it must and forgets what it may; its writer survives any batch."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from mail2alert.errors import OutboxError
+from mail2alert.model import Decision, Envelope, Outgoing
+from mail2alert.outbox import Accepted, GroupCommitter, Outbox, RecipientResult
+
+DAY = 86400.0
+
+
+def accepted(queue_id: str, at: float, *, event_key: str | None = None) -> Accepted:
+    return Accepted(
+        queue_id,
+        at,
+        Envelope("go@example.com", ("ops@example.com",)),
+        "subject",
+        Decision("relay", None, "test"),
+        (Outgoing("go@example.com", ("ops@example.com",), b"Subject: x\r\n\r\nbody\r\n"),),
+        event_key=event_key,
+        event_window=600.0 if event_key else 0.0,
+    )
+
+
+def deliver_all(outbox: Outbox, now: float) -> None:
+    for item in outbox.due(now, 100):
+        outbox.record([(item, [RecipientResult(r, "done") for r in item.recipients], 0.0, "")])
+
+
+def test_purge_forgets_delivered_mail_after_a_week_and_keeps_what_is_pending(
+    tmp_path: Path,
+) -> None:
+    outbox = Outbox(tmp_path)
+    outbox.put([accepted("OLD-DONE", 0.0), accepted("NEW-DONE", 6 * DAY)])
+    deliver_all(outbox, 7 * DAY)
+    outbox.put([accepted("OLD-PENDING", 0.0, event_key="gocd#0:p/1/s/1:failed")])
+    outbox.purge(8 * DAY)
+    messages = {m for (m,) in outbox.db.execute("SELECT id FROM messages")}
+    items = {m for (m,) in outbox.db.execute("SELECT message_id FROM items")}
+    seen = outbox.db.execute("SELECT COUNT(*) FROM seen_events").fetchone()[0]
+    outbox.close()
+    assert messages == {"NEW-DONE", "OLD-PENDING"}
+    assert items == {"NEW-DONE", "OLD-PENDING"}
+    assert seen == 0
+
+
+def test_a_batch_that_fails_unexpectedly_gets_an_outbox_error_and_the_writer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_put = Outbox.put
+    calls = 0
+
+    def flaky_put(self: Outbox, batch: list[Accepted]) -> dict[str, str]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ValueError("a bug, not an SQLite error")
+        return real_put(self, batch)
+
+    monkeypatch.setattr(Outbox, "put", flaky_put)
+    committer = GroupCommitter(tmp_path)
+
+    async def both() -> tuple[BaseException | None, str | None]:
+        try:
+            await committer.put(accepted("FIRST", 1.0))
+        except OutboxError as exc:
+            first: BaseException | None = exc
+        else:
+            first = None
+        return first, await committer.put(accepted("SECOND", 2.0))
+
+    try:
+        first, second = asyncio.run(both())
+    finally:
+        committer.close()
+    assert isinstance(first, OutboxError)
+    assert "ValueError: a bug" in str(first)
+    assert second is None
+    outbox = Outbox(tmp_path)
+    assert [m for (m,) in outbox.db.execute("SELECT id FROM messages")] == ["SECOND"]
+    outbox.close()
