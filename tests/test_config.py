@@ -925,3 +925,24 @@ def test_check_of_a_missing_file_says_so(
         f"{path}: no such file",
         f"{path}: invalid, 1 problem",
     ]
+
+
+def test_an_empty_events_list_is_reported_because_the_rule_could_never_match() -> None:
+    assert problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: gocd
+            messages-we-want:
+              to: mail2alert@example.com
+            rules:
+              - actions: [mailto:cat@example.com]
+                filter:
+                  function: pipelines.any
+                  events: []
+        """
+    ) == [
+        "configuration.yml:10: managers[0].rules[0].filter.events: an empty list matches no"
+        " event, so the rule could never match; list events, or remove the key to match mail"
+        " whatever its event",
+    ]

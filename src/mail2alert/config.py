@@ -685,6 +685,13 @@ class _Walker:
                 )
             else:
                 out.add(event)
+        if isinstance(node, SequenceNode) and not node.value:
+            self.problem(
+                node,
+                f"{fpath}.{key}",
+                "an empty list matches no event, so the rule could never match; "
+                "list events, or remove the key to match mail whatever its event",
+            )
         return frozenset(out)
 
 
