@@ -288,7 +288,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``mail2alert serve``: run until SIGTERM/SIGINT."""
-    from mail2alert import app
+    from mail2alert import supervisor
 
     path = config.config_path(args.config)
     try:
@@ -297,7 +297,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             log.error("%s", problem)
         raise Mail2AlertError(f"not starting: {path} is invalid") from None
-    return app.run(loaded, monitor=args.monitor)
+    return supervisor.run(loaded, monitor=args.monitor)
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
