@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import quopri
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from mail2alert.errors import GocdError
 from mail2alert.gocd.client import GocdClient, parse_cctray, parse_groups
@@ -487,3 +489,34 @@ def test_the_same_gocd_event_sent_to_several_users_is_delivered_once(
         outcomes = [wait_until(lambda q=q: outbox.message(q))["outcome"] for q in ids]
     assert outcomes == ["deliver", "duplicate", "duplicate", "deliver"]
     assert len(upstream.messages) == 2
+
+
+@pytest.fixture
+def tls_gocd(tmp_path: Path) -> Iterator[tuple[FakeGoCD, Path]]:
+    """A GoCD speaking HTTPS with a certificate from a test CA; the CA's file for ca-file."""
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with FakeGoCD(GROUPS, tls=server_context) as server:
+        yield server, ca_file
+
+
+def test_a_gocd_with_its_own_ca_is_trusted_through_ca_file(tls_gocd: tuple[FakeGoCD, Path]) -> None:
+    gocd, ca_file = tls_gocd
+    assert gocd.url.startswith("https://")
+    assert "my-group" in _fetch(GocdClient(gocd.url, ca_file=str(ca_file)))
+
+
+def test_a_gocd_certificate_that_cannot_be_verified_is_an_error(
+    tls_gocd: tuple[FakeGoCD, Path],
+) -> None:
+    gocd, _ = tls_gocd
+    with pytest.raises(GocdError, match="unreachable"):
+        _fetch(GocdClient(gocd.url))
+
+
+def test_verify_false_skips_the_certificate_check(tls_gocd: tuple[FakeGoCD, Path]) -> None:
+    gocd, _ = tls_gocd
+    assert "my-group" in _fetch(GocdClient(gocd.url, verify=False))

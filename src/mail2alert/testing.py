@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Awaitable, Callable, Iterator
@@ -315,9 +316,10 @@ if __name__ == "__main__":  # pragma: no cover
 class _LoopbackHttp:
     """An aiohttp server on 127.0.0.1 in a thread of its own; stop and start keep the port."""
 
-    def __init__(self, port: int, name: str) -> None:
+    def __init__(self, port: int, name: str, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
         self.name = name
+        self.tls = tls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
@@ -334,7 +336,9 @@ class _LoopbackHttp:
             app.router.add_route(method, "/{tail:.*}", handle)
             runner = web.AppRunner(app, access_log=None)
             loop.run_until_complete(runner.setup())
-            site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+            site = web.TCPSite(
+                runner, "127.0.0.1", self.port, reuse_address=True, ssl_context=self.tls
+            )
             loop.run_until_complete(site.start())
             ready.set()
             loop.run_forever()
@@ -361,7 +365,8 @@ class FakeGoCD:
     401 when wrong), sends ETags and answers If-None-Match with 304, and serves cctray.xml.
     ``endpoints`` limits which endpoints exist (the others answer 404, like an old or a
     restricted GoCD); ``admin_forbidden`` makes the admin API answer 403, as for a non-admin.
-    ``stop()`` and ``start()`` again keep the port, to play a GoCD that goes down.
+    ``stop()`` and ``start()`` again keep the port, to play a GoCD that goes down. With
+    ``tls`` (a server SSL context) it speaks HTTPS.
     """
 
     ACCEPT: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -380,6 +385,7 @@ class FakeGoCD:
         admin_forbidden: bool = False,
         cctray: dict[tuple[str, str], str] | None = None,
         port: int = 0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.groups = groups
         self.user = user
@@ -391,12 +397,13 @@ class FakeGoCD:
         self.port = port or free_port()
         self.requests: list[tuple[str, str, int]] = []
         self.changed = threading.Condition()
-        self._http = _LoopbackHttp(self.port, "fake-gocd")
+        self._http = _LoopbackHttp(self.port, "fake-gocd", tls)
 
     @property
     def url(self) -> str:
-        """The base URL a gocd manager's ``url`` is set to."""
-        return f"http://127.0.0.1:{self.port}/go"
+        """The base URL a gocd manager's ``url`` is set to (https when serving TLS)."""
+        scheme = "https" if self._http.tls else "http"
+        return f"{scheme}://127.0.0.1:{self.port}/go"
 
     def payload(self, endpoint: str) -> Any:
         """The JSON GoCD would send for ``endpoint`` with the current groups."""
