@@ -121,7 +121,7 @@ def test_sighup_reloads_a_running_server(
     path.write_text(path.read_text() + f"intake-workers: {workers}\n")
     server = ServeProcess(path, port, tmp_path / "serve.log").start()
     try:
-        # The socket accepts before the processes are up; they ignore SIGHUP until then.
+        # The socket accepts before the processes are up; wait so every one gets the SIGHUP.
         wait_until(
             lambda: server.log.count("listening on") >= workers + (workers > 1),
             what="every process to be up",

@@ -43,9 +43,7 @@ async def serve(
     service = Service(config, role=role, sockets=sockets, wake_fd=wake_fd, lifeline_fd=lifeline_fd)
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM during start-up then stops the service cleanly.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(service.reload()))
+    _handle_signals(loop, service)
     console = _start_monitor(monitor, service) if monitor else None
     try:
         await service.start()
@@ -109,14 +107,26 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
         return runner.run(main)
 
 
+_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
+
+
+def _handle_signals(loop: asyncio.AbstractEventLoop, service: Service) -> None:
+    """SIGTERM/SIGINT stop, SIGHUP reloads; then let through any that waited."""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(service.reload()))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
 def run(config: Config, *, monitor: str | None = None) -> int:
     """``mail2alert serve``: run until SIGTERM/SIGINT; the exit code. Raises StartupError.
 
     ``monitor`` (``host:port``) starts the aiomonitor console in the main process.
     """
     monitor_at = _monitor_address(monitor) if monitor else None
-    # Until the event loops install their handler, a SIGHUP (reload) must not kill anyone.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # Held back until each process's event loop has its handlers (forked workers inherit the
+    # mask): a SIGTERM or SIGHUP that comes early is then handled, not fatal.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     sockets = bind(config.local_smtp)
     try:
         Outbox(config.data_dir).close()  # fail now, before forking, if data-dir is unusable
@@ -200,11 +210,9 @@ async def _supervise(
     reaper = asyncio.create_task(reap())
     loop.add_reader(read_fd, wake)
     console = _start_monitor(monitor, service) if monitor else None
+    _handle_signals(loop, service)
     try:
         await service.start()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, service.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(service.reload()))
 
         def forward_reload() -> None:
             for pid in alive:
