@@ -520,3 +520,14 @@ def test_a_gocd_certificate_that_cannot_be_verified_is_an_error(
 def test_verify_false_skips_the_certificate_check(tls_gocd: tuple[FakeGoCD, Path]) -> None:
     gocd, _ = tls_gocd
     assert "my-group" in _fetch(GocdClient(gocd.url, verify=False))
+
+
+def test_a_duplicate_window_of_zero_delivers_every_copy(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, gocd: FakeGoCD
+) -> None:
+    path = _config(tmp_path, upstream, data_dir, _gocd_manager(gocd.url, **{"duplicate-window": 0}))
+    with running(path) as service:
+        _wait_for_groups(data_dir, gocd)
+        for _ in range(2):
+            _routed(service.port, "Stage [my-pipeline/6/my-stage/1] is broken")
+        assert len(upstream.wait_for(2)) == 2

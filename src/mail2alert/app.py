@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import socket
@@ -66,6 +67,23 @@ def _dispatcher(config: Config) -> Dispatcher:
     return Dispatcher(
         config.data_dir, config.remote_smtp, config.delivery, chat=config.chat_settings()
     )
+
+
+def warn_if_unreachable(addresses: list[tuple[str, int]]) -> None:
+    """Say so when a container's mail2alert listens on loopback: nothing outside can connect."""
+    in_container = (
+        Path("/.dockerenv").exists()
+        or Path("/run/.containerenv").exists()
+        or ("container" in os.environ)
+    )
+    if in_container and all(ipaddress.ip_address(h).is_loopback for h, _ in addresses):
+        shown = ", ".join(str(HostPort(h, p)) for h, p in addresses)
+        log.warning(
+            "listening on %s inside a container: only this container can connect; "
+            "set local-smtp: 0.0.0.0:%d to take mail from outside",
+            shown,
+            addresses[0][1],
+        )
 
 
 def bind(address: HostPort, *, reuse_port: bool = False) -> list[socket.socket]:

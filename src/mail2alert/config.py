@@ -273,7 +273,7 @@ class _Walker:
                 out.append((value, item))
         return out
 
-    def seconds(self, node: Node, path: str) -> float | None:
+    def seconds(self, node: Node, path: str, *, zero_ok: bool = False) -> float | None:
         raw = node.value if isinstance(node, ScalarNode) and node.tag != _NULL else None
         found = _DURATION.match(str(raw)) if raw is not None else None
         if isinstance(node, ScalarNode) and node.tag == _STR and found is None:
@@ -281,11 +281,12 @@ class _Walker:
             found = _DURATION.match(expanded) if expanded is not None else None
             if expanded is None:
                 return None
-        if found is None or float(found.group(1)) <= 0:
+        if found is None or (float(found.group(1)) == 0 and not zero_ok):
+            what = "a duration" if zero_ok else "a positive duration"
             self.problem(
                 node,
                 path,
-                f"expected a positive duration like 30s, 10m, 1h, 5d or seconds, got {_show(node)}",
+                f"expected {what} like 30s, 10m, 1h, 5d or seconds, got {_show(node)}",
             )
             return None
         return float(found.group(1)) * _UNITS[found.group(2)]
@@ -530,7 +531,7 @@ class _Walker:
 
     def option(self, option: Option, node: Node, path: str) -> object | None:
         if option.kind == "seconds":
-            return self.seconds(node, path)
+            return self.seconds(node, path, zero_ok=option.zero_means_off)
         if option.kind == "bool":
             return self.boolean(node, path)
         value = self.text(node, path)

@@ -19,7 +19,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from mail2alert.app import Role, Service, bind
+from mail2alert.app import Role, Service, bind, warn_if_unreachable
 from mail2alert.config import Config
 from mail2alert.errors import Mail2AlertError, StartupError
 from mail2alert.outbox import Outbox
@@ -128,6 +128,7 @@ def run(config: Config, *, monitor: str | None = None) -> int:
     # mask): a SIGTERM or SIGHUP that comes early is then handled, not fatal.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     sockets = bind(config.local_smtp)
+    warn_if_unreachable([sock.getsockname()[:2] for sock in sockets])
     try:
         Outbox(config.data_dir).close()  # fail now, before forking, if data-dir is unusable
     except Mail2AlertError as exc:

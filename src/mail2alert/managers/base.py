@@ -102,6 +102,8 @@ class Option:
     kind: OptionKind
     summary: str
     default: object = None
+    zero_means_off: bool = False
+    """For ``seconds``: 0 is allowed, and switches the feature off."""
 
 
 Reader = Callable[[RawMessage, Envelope, Context], Alert]

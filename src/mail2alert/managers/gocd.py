@@ -201,7 +201,10 @@ GOCD = ManagerType(
         "verify": Option("bool", "verify GoCD's TLS certificate", True),
         "hold-max": Option("seconds", "how long to hold mail while GoCD data is missing", 600.0),
         "duplicate-window": Option(
-            "seconds", "how long the same stage event is delivered only once", 600.0
+            "seconds",
+            "how long the same stage event is delivered only once (0: no de-duplication)",
+            600.0,
+            zero_means_off=True,
         ),
     },
 )
