@@ -128,13 +128,13 @@ def run(config: Config, *, monitor: str | None = None) -> int:
     # mask): a SIGTERM or SIGHUP that comes early is then handled, not fatal.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     sockets = bind(config.local_smtp)
-    warn_if_unreachable([sock.getsockname()[:2] for sock in sockets])
     try:
         Outbox(config.data_dir).close()  # fail now, before forking, if data-dir is unusable
     except Mail2AlertError as exc:
         for sock in sockets:
             sock.close()
         raise StartupError(f"data-dir {str(config.data_dir)!r}: {exc}") from None
+    warn_if_unreachable([sock.getsockname()[:2] for sock in sockets])
     if config.intake_workers <= 1:
         _run_loop(serve(config, sockets=sockets, monitor=monitor_at))
         return 0
