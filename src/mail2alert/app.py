@@ -345,8 +345,7 @@ class Service:
         now = time.time()
         released = 0
         for queue_id, received, envelope, raw in self._holds.held():
-            label = next((m.label for m in self.managers if m.wanted_recipients(envelope)), None)
-            manager = next((m for m in self.managers if m.label == label), None)
+            manager = next((m for m in self.managers if m.wanted_recipients(envelope)), None)
             hold_max = manager.seconds("hold-max", 600.0) if manager else 0.0
             accepted = accept(
                 queue_id,

@@ -25,7 +25,7 @@ from mail2alert.managers.base import Context
 from mail2alert.managers.gocd import VERBS
 from mail2alert.message import RawMessage
 from mail2alert.model import EVENTS, Decision, Envelope, PipelineGroups
-from mail2alert.routing import Manager
+from mail2alert.routing import Manager, find_manager
 from mail2alert.server import accept
 
 #: What ``--expect`` and test suites may say instead of a list of actions.
@@ -127,11 +127,10 @@ def explain(
     """Route one message exactly as ``serve`` would, and keep every step for display."""
     accepted = accept(queue_id, envelope, data, config.routing, context)
     d = accepted.decision
-    manager = next((m for m in config.routing if m.label == d.manager), None)
-    group = None
-    groups = context.snapshots.get(manager.label, context.groups) if manager else None
-    if d.alert is not None and d.alert.stage is not None and groups is not None:
-        group = groups.group_of(d.alert.stage.pipeline)
+    manager = find_manager(config.routing, d.manager)
+    has_groups = manager is not None and (
+        context.snapshots.get(manager.label, context.groups) is not None
+    )
     lines = tuple(r.line for r in manager.rules) if manager else ()
     texts = tuple(rule_text(manager, i) for i in range(len(manager.rules))) if manager else ()
     chat = tuple(json.loads(i.data) for i in accepted.items if i.kind == "chat")
@@ -139,11 +138,11 @@ def explain(
         envelope,
         d,
         tuple(item.recipients for item in accepted.items if item.kind != "chat"),
-        group,
+        accepted.group,
         lines,
         texts,
         chat,
-        groups is not None,
+        has_groups,
     )
 
 

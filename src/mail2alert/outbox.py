@@ -128,6 +128,8 @@ class Accepted:
     event_window: float = 0.0
     thread: tuple[str, str, str] | None = None
     """``(pipeline, stage, Message-ID)`` of a BREAKS mail, or with an empty id: thread ended."""
+    group: str | None = None
+    """The pipeline group of a stage mail, as routing knew it (for display)."""
 
 
 @dataclass(frozen=True)

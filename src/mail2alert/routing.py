@@ -80,6 +80,11 @@ class Manager:
         return taken or None
 
 
+def find_manager(managers: Sequence[Manager], label: str | None) -> Manager | None:
+    """The manager a decision names (``gocd#0``), or None."""
+    return next((m for m in managers if m.label == label), None)
+
+
 def route(
     managers: Sequence[Manager], envelope: Envelope, message: RawMessage, context: Context
 ) -> Decision:

@@ -24,7 +24,7 @@ from mail2alert.managers.gocd import stage_result
 from mail2alert.message import RawMessage, received_header
 from mail2alert.model import Decision, Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id
-from mail2alert.routing import Manager, route
+from mail2alert.routing import Manager, find_manager, route
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def accept(
     alert = decision.alert
     stage = alert.stage if alert else None
     key = (stage.pipeline.lower(), stage.stage.lower()) if stage else None
-    manager = next((m for m in managers if m.label == decision.manager), None)
+    manager = find_manager(managers, decision.manager)
     groups = context.snapshots.get(manager.label, context.groups) if manager else None
     group = groups.group_of(stage.pipeline) if groups and stage else None
     answers = context.threads.get(key) if key and alert and alert.event in _ANSWERS else None
@@ -105,11 +105,12 @@ def accept(
         event_key=event_key,
         event_window=window,
         thread=thread,
+        group=group,
     )
 
 
 def _stop_holding(queue_id: str, decision: Decision, managers: Sequence[Manager]) -> Decision:
-    manager = next((m for m in managers if m.label == decision.manager), None)
+    manager = find_manager(managers, decision.manager)
     if manager is not None and manager.fallback:
         log.warning(
             "%s: no pipeline groups from GoCD in time; sending to %s's fallback actions",
