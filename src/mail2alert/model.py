@@ -84,10 +84,6 @@ class PipelineGroups:
         """Whether ``pipeline`` is in ``group`` (both compared case-insensitively)."""
         return pipeline.lower() in self._by_group.get(group.lower(), frozenset())
 
-    def has_group(self, group: str) -> bool:
-        """Whether GoCD knows a group of this name."""
-        return group.lower() in self._by_group
-
 
 @dataclass(frozen=True)
 class ChatTemplate:

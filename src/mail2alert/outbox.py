@@ -427,10 +427,6 @@ class Outbox:
                     (final, error, final, item.id),
                 )
 
-    def counts(self) -> dict[str, int]:
-        """How many items are in each state."""
-        return dict(self.db.execute("SELECT state, COUNT(*) FROM items GROUP BY state"))
-
 
 class GroupCommitter:
     """Commits accepted messages from a writer thread, many per fsync.

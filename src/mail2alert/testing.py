@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import sys
 import threading
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -299,15 +298,6 @@ def gocd_stage_mail(
         "Content-Transfer-Encoding: 7bit",
     ]
     return ("\r\n".join(headers) + "\r\n\r\n" + text.replace("\n", "\r\n")).encode("ascii")
-
-
-def iter_lines(data: bytes) -> Iterator[str]:
-    """The lines of a message, decoded leniently (for assertions)."""
-    yield from data.decode("utf-8", "replace").splitlines()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    run_capture("localhost", int(sys.argv[1]) if len(sys.argv) > 1 else 8025)
 
 
 # -- a fake GoCD -------------------------------------------------------------------------------
