@@ -6,6 +6,7 @@ Library code raises these; only :mod:`mail2alert.cli` turns them into exit codes
     ├── ConfigError                 the configuration is invalid (carries every problem)
     ├── StartupError                the service could not start (port in use, data dir...)
     ├── OutboxError                 the durable queue could not be read or written
+    │   └── OutboxFull              ... because its file system has no space left
     ├── GocdError                   GoCD could not be read (unreachable, refused, bad answer)
     ├── RuleArgumentError           a rule function cannot use one of its args (config load)
     └── UsageError                  a command was called with arguments that do not fit (exit 2)
@@ -50,6 +51,10 @@ class StartupError(Mail2AlertError):
 
 class OutboxError(Mail2AlertError):
     """The durable outbox could not be opened, read or written."""
+
+
+class OutboxFull(OutboxError):
+    """The outbox could not be written because ``data-dir`` has no space left."""
 
 
 class GocdError(Mail2AlertError):
