@@ -251,11 +251,17 @@ class OutboxView:
         return wait_until(reached, timeout=timeout, what=f"{queue_id} to be {state}")
 
     def wait_attempted(self, queue_id: str, *, timeout: float = 15.0) -> dict[str, Any]:
-        """Wait until delivery of the one item of ``queue_id`` has been tried at least once."""
+        """Wait until delivery of the one item of ``queue_id`` has been tried at least once.
+
+        An attempt that did not reach the destination spends none of the item's attempts, but
+        leaves its reason in ``last_error``.
+        """
 
         def tried() -> dict[str, Any] | None:
             rows = self.items(queue_id)
-            return rows[0] if len(rows) == 1 and rows[0]["attempts"] >= 1 else None
+            if len(rows) != 1:
+                return None
+            return rows[0] if rows[0]["attempts"] >= 1 or rows[0]["last_error"] else None
 
         return wait_until(tried, timeout=timeout, what=f"an attempt to deliver {queue_id}")
 

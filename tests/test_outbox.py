@@ -9,7 +9,7 @@ import pytest
 
 from mail2alert.errors import OutboxError
 from mail2alert.model import Decision, Envelope, Outgoing
-from mail2alert.outbox import Accepted, GroupCommitter, Outbox, RecipientResult
+from mail2alert.outbox import Accepted, GroupCommitter, Outbox, RecipientResult, Result
 
 DAY = 86400.0
 
@@ -29,7 +29,9 @@ def accepted(queue_id: str, at: float, *, event_key: str | None = None) -> Accep
 
 def deliver_all(outbox: Outbox, now: float) -> None:
     for item in outbox.due(now, 100):
-        outbox.record([(item, [RecipientResult(r, "done") for r in item.recipients], 0.0, "")])
+        outbox.record(
+            [Result(item, tuple(RecipientResult(r, "done") for r in item.recipients), 0.0, "")]
+        )
 
 
 def test_purge_forgets_delivered_mail_after_a_week_and_keeps_what_is_pending(

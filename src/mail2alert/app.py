@@ -22,11 +22,13 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
 from aiosmtpd.smtp import SMTP
 
+from mail2alert.background import supervised
 from mail2alert.config import Config, HostPort
 from mail2alert.config import load as load_config
 from mail2alert.dispatcher import Dispatcher
@@ -168,6 +170,8 @@ class Service:
         self._dispatch_stop = asyncio.Event()
         self._background: list[asyncio.Task[None]] = []
         self._reloading = asyncio.Lock()
+        #: Why the service stopped itself, when a part of it failed for good.
+        self.failure: str | None = None
         #: How the last reload went, for operators and for the metrics to come.
         self.reload_status = ReloadStatus(ok=True, at=time.time(), message="loaded at start")
         #: Called after every successful reload (the supervisor forwards it to its workers).
@@ -194,13 +198,12 @@ class Service:
             await self._close_storage()
             raise StartupError(f"data-dir {str(cfg.data_dir)!r}: {exc}") from None
         if self.role != "intake":
-            assert self._dispatcher is not None
-            self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._dispatch_stop))
+            self._start_delivery()
             self._start_pollers()
-            self._background.append(asyncio.create_task(self._release_held_until_stopped()))
-            self._background.append(asyncio.create_task(self._watch_config()))
+            self._background.append(self._keep("held mail", self._release_held_until_stopped))
+            self._background.append(self._keep("configuration watch", self._watch_config))
         else:
-            self._background.append(asyncio.create_task(self._follow_snapshots()))
+            self._background.append(self._keep("GoCD snapshot watch", self._follow_snapshots))
             if self._lifeline_fd is not None:
                 asyncio.get_running_loop().add_reader(self._lifeline_fd, self._parent_gone)
         if self.role == "delivery":
@@ -211,6 +214,38 @@ class Service:
         except StartupError:
             await self.stop()
             raise
+
+    def _keep(
+        self,
+        name: str,
+        run: Callable[[], Any],
+        stop: asyncio.Event | None = None,
+    ) -> asyncio.Task[None]:
+        """Run ``run()`` in the background, started again whenever it fails."""
+        return asyncio.create_task(
+            supervised(name, run, stop=stop or self._stop, fail=self.fail), name=name
+        )
+
+    def fail(self, reason: str) -> None:
+        """A part failed for good: stop, so that the process exits non-zero and is restarted."""
+        if self.failure is None:
+            self.failure = reason
+        self.request_stop()
+
+    def _start_delivery(self) -> None:
+        """Deliver with the dispatcher made at start (or reload); a new one after a failure."""
+        first = self._dispatcher
+        config = self.config
+
+        async def deliver() -> None:
+            nonlocal first
+            if first is None:
+                self._dispatcher = _dispatcher(config)
+            first = None
+            assert self._dispatcher is not None
+            await self._dispatcher.run(self._dispatch_stop)
+
+        self._dispatch_task = self._keep("delivery", deliver, self._dispatch_stop)
 
     async def _listen(self) -> None:
         cfg = self.config
@@ -234,7 +269,7 @@ class Service:
             self._committer,
             lambda: self.managers,
             lambda: self.context,
-            on_commit=self._dispatcher.wake if self._dispatcher else self._wake_parent,
+            on_commit=self._wake_delivery,
         )
         make = smtp_factory(self._handler)
 
@@ -269,7 +304,11 @@ class Service:
             self._pollers.append(poller)
             if poller.snapshot is not None:
                 self._on_snapshot(manager.label, poller.snapshot)
-        self._poller_tasks = [asyncio.create_task(p.run(self._pollers_stop)) for p in self._pollers]
+        stop = self._pollers_stop
+        self._poller_tasks = [
+            self._keep(f"GoCD poller of {p.label}", partial(p.run, stop), stop)
+            for p in self._pollers
+        ]
 
     async def _stop_pollers(self) -> None:
         self._pollers_stop.set()
@@ -284,9 +323,11 @@ class Service:
             log.warning("intake worker %d: the main process is gone; stopping", os.getpid())
         self.request_stop()
 
-    def _wake_parent(self) -> None:
-        """Tell the delivery process that new items were committed (never blocks)."""
-        if self._wake_fd is not None:
+    def _wake_delivery(self) -> None:
+        """Tell delivery that new items were committed (never blocks)."""
+        if self._dispatcher is not None:
+            self._dispatcher.wake()
+        elif self._wake_fd is not None:
             with contextlib.suppress(BlockingIOError, BrokenPipeError):
                 os.write(self._wake_fd, b".")
 
@@ -433,7 +474,7 @@ class Service:
                 await self._dispatch_task
             self._dispatch_stop = asyncio.Event()
             self._dispatcher = _dispatcher(new)
-            self._dispatch_task = asyncio.create_task(self._dispatcher.run(self._dispatch_stop))
+            self._start_delivery()
             log.info("now delivering to %s", new.remote_smtp)
         gocd_of = [(m.label, dict(m.options)) for m in old.routing if "url" in m.options]
         if gocd_of != [(m.label, dict(m.options)) for m in new.routing if "url" in m.options]:

@@ -1,30 +1,49 @@
 """Delivery workers: claim due items from the outbox, send them, record done / retry / dead.
 
 One dispatcher runs per data dir. Items it has claimed are tracked in memory only; after a
-crash every pending item is simply due again, so nothing accepted is ever forgotten (at worst an
-item whose delivery was not yet recorded is sent twice).
+crash every pending item is simply due again, so nothing accepted is ever forgotten.
 
-Retries back off exponentially from ``retry-initial`` to ``retry-max``; an item still not
-delivered ``give-up-after`` its arrival, or refused with a 5xx, is dead, with the reason kept.
+**Each result is recorded before its worker takes the next item.** The recorder writes
+whatever results arrived meanwhile in one transaction, so at any moment at most
+``delivery.connections`` items are delivered but not yet recorded: that is the most a crash
+can send twice.
+
+**A destination is down, not each item** (as in Postfix): when the upstream server cannot be
+reached (no connection, a timeout, a lost connection, a 421), the items wait for the
+destination, not each on its own back-off, and do not spend their own attempts. While it is
+down, one probe at a time tries the item that has waited longest, with the back-off doubling
+from ``retry-initial`` to ``retry-max``; mail accepted after the destination went down is tried
+at once all the same (a free probe). The first answer from the destination releases every
+waiting item at once. An item's own attempts count only answers about that item (4xx or 5xx
+to its recipients or its data): those back off from ``retry-initial`` to ``retry-max``, and an
+item still not delivered ``give-up-after`` its arrival, or refused with a 5xx, is dead, with
+the reason kept.
+
+**Storage trouble pauses delivery, it does not end it.** When the outbox cannot be read or
+written (a full or read-only disk), the dispatcher logs it at ERROR once, keeps the results it
+could not record, sends nothing new, and tries again with a back-off; it goes on by itself
+once the disk is fixed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
-import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from mail2alert.background import RestartPolicy, is_storage_error
 from mail2alert.config import Delivery, HostPort
 from mail2alert.model import ChatSettings
-from mail2alert.outbox import Item, Outbox, RecipientResult
+from mail2alert.outbox import Item, Outbox, Result
 from mail2alert.transports import Attempt
 from mail2alert.transports.chat import ChatSender, ThreadStore
 from mail2alert.transports.smtp import SmtpConnection
@@ -32,7 +51,6 @@ from mail2alert.transports.smtp import SmtpConnection
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Result = tuple[Item, Sequence[RecipientResult], float | None, str]
 
 #: How long an idle upstream connection is kept open for reuse.
 IDLE_CLOSE = 5.0
@@ -40,11 +58,73 @@ IDLE_CLOSE = 5.0
 POLL = 0.25
 #: How often delivered items and old records are purged from the outbox (they are kept a week).
 PURGE_EVERY = 3600.0
+#: How the dispatcher waits for storage to come back: from half a second up to 30 s.
+STORAGE_RETRY = RestartPolicy(initial=0.5, maximum=30.0)
 
 
 def backoff(attempts: int, delivery: Delivery) -> float:
     """Seconds to wait after the ``attempts``-th failed attempt (1 = the first)."""
     return float(min(delivery.retry_max, delivery.retry_initial * 2 ** max(0, attempts - 1)))
+
+
+def destination_of(item: Item) -> str:
+    """The destination an item goes to: the upstream server, or one chat action."""
+    if item.kind == "chat":
+        return f"chat:{item.recipients[0] if item.recipients else ''}"
+    return "smtp"
+
+
+@dataclass
+class Destination:
+    """Whether one destination answers, and when to try it again while it does not.
+
+    Pure state: the dispatcher tells it what happened and when; it says what to do.
+    """
+
+    name: str
+    failures: int = 0
+    """Failed probes in a row; 0 while the destination is up."""
+    down_since: float = 0.0
+    next_probe: float = 0.0
+    probing: bool = False
+    error: str = ""
+
+    @property
+    def down(self) -> bool:
+        """Whether the destination is marked down."""
+        return self.failures > 0
+
+    def unreachable(self, now: float, error: str, delivery: Delivery, *, probe: bool) -> bool:
+        """An attempt could not reach the destination; True when it just went down.
+
+        A failed probe doubles the wait before the next; a failed free probe changes nothing.
+        """
+        self.error = error
+        if probe:
+            self.probing = False
+        if not self.down:
+            self.failures, self.down_since = 1, now
+            self.next_probe = now + backoff(1, delivery)
+            return True
+        if probe:
+            self.failures += 1
+            self.next_probe = now + backoff(self.failures, delivery)
+        return False
+
+    def answered(self) -> bool:
+        """The destination answered an attempt; True when it was down until now."""
+        was_down = self.down
+        self.failures, self.probing, self.error = 0, False, ""
+        return was_down
+
+    def may_probe(self, now: float) -> bool:
+        """Whether the next probe is due (the destination is down and none is under way)."""
+        return self.down and not self.probing and now >= self.next_probe
+
+    def lets_through(self, item: Item) -> bool:
+        """Whether ``item`` is tried now: while down, only what became due since (free probes:
+        new mail, or an operator's retry)."""
+        return not self.down or item.due >= self.down_since
 
 
 def _shown(item: Item, rcpt: str) -> str:
@@ -64,8 +144,52 @@ def _age(seconds: float) -> str:
     return f"{seconds:.3g}s"
 
 
+def judge(
+    item: Item,
+    attempt: Attempt,
+    *,
+    now: float,
+    delivery: Delivery,
+    via: str,
+    waiting: Destination | None = None,
+) -> Result:
+    """What one attempt comes to: done, dead, retry at a time, or wait for the destination.
+
+    ``waiting`` (a destination that is down) says the attempt did not reach it: the item then
+    waits for it without spending an attempt of its own, unless it is past
+    ``give-up-after``. Logs what it decides.
+    """
+    done = [_shown(item, r.rcpt) for r in attempt.recipients if r.state == "done"]
+    dead = [r for r in attempt.recipients if r.state == "dead"]
+    retry = [r for r in attempt.recipients if r.state == "pending"]
+    if done:
+        log.info("%s: delivered to %s via %s", item.message_id, ", ".join(done), via)
+    for r in dead:
+        log.error("%s: %s refused by %s: %s", item.message_id, r.rcpt, via, r.reason)
+    if not attempt.recipients and attempt.permanent:
+        log.error("%s: refused by %s, giving up: %s", item.message_id, via, attempt.error)
+        return Result(item, (), None, attempt.error)
+    if not attempt.recipients or retry:
+        error = attempt.error or "; ".join(f"{r.rcpt}: {r.reason}" for r in retry)
+        age = now - item.created
+        if age >= delivery.give_up_after:
+            reason = f"gave up after {_age(age)}: {error}"
+            log.error("%s: %s", item.message_id, reason)
+            return Result(item, attempt.recipients, None, reason)
+        if waiting is not None:
+            return Result(item, attempt.recipients, waiting.next_probe, error, waiting.name)
+        delay = attempt.retry_after or backoff(item.attempts + 1, delivery)
+        log.warning("%s: deferred (%s), next try in %s", item.message_id, error, _age(delay))
+        return Result(item, attempt.recipients, now + delay, error)
+    return Result(item, attempt.recipients, 0.0, "; ".join(f"{r.rcpt}: {r.reason}" for r in dead))
+
+
 class Dispatcher:
-    """Delivers everything pending in the outbox of ``data_dir`` to ``remote``."""
+    """Delivers everything pending in the outbox of ``data_dir`` to ``remote``.
+
+    Threads: the event loop runs the workers and the recorder; the one outbox connection is
+    used only from the ``outbox-reader`` thread.
+    """
 
     def __init__(
         self,
@@ -74,19 +198,21 @@ class Dispatcher:
         delivery: Delivery,
         *,
         chat: ChatSettings | None = None,
-        clock: Callable[[], float] = time.time,
     ) -> None:
         self.remote = remote
         self.delivery = delivery
-        self.clock = clock
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         self._outbox = Outbox(data_dir, durable=False)
-        self._queue: asyncio.Queue[Item] = asyncio.Queue()
+        self._queue: asyncio.Queue[tuple[Item, bool]] = asyncio.Queue()
         self._inflight: set[int] = set()
-        self._results: list[Result] = []
+        self._unrecorded: list[tuple[Result, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._recorded = asyncio.Event()
-        self._idle = asyncio.Event()
+        self._to_record = asyncio.Event()
+        self._destinations: dict[str, Destination] = {}
+        #: Destinations that answer again, whose waiting items are yet to be made due.
+        self._to_release: set[str] = set()
+        self._storage_failures = 0
         self._hostname = socket.gethostname()
         self._chat = ChatSender(
             chat or ChatSettings(),
@@ -103,52 +229,128 @@ class Dispatcher:
         """Look at the outbox now (new items were committed)."""
         self._wake.set()
 
+    def destination(self, name: str) -> Destination:
+        """The state of one destination (``smtp``, or ``chat:<action id>``)."""
+        return self._destinations.setdefault(name, Destination(name))
+
     async def _db(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Deliver until ``stop`` is set; then finish the attempts under way and return."""
+        """Deliver until ``stop`` is set; then finish the attempts under way and return.
+
+        Raises what a bug raised in one of its tasks (after finishing what it can), so that
+        its supervisor starts a new dispatcher.
+        """
         workers = [
             asyncio.create_task(self._worker(), name=f"delivery-{i}")
             for i in range(self.delivery.connections)
         ]
         recorder = asyncio.create_task(self._recorder(), name="delivery-recorder")
+        fetcher = asyncio.create_task(self._fetch_until(stop), name="delivery-fetcher")
         try:
-            await self._fetch_until(stop)
+            done, _ = await asyncio.wait(
+                {fetcher, recorder, *workers}, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in done:
+                task.result()
         finally:
+            fetcher.cancel()
+            await asyncio.gather(fetcher, return_exceptions=True)
             await self._drain(workers, recorder)
 
     async def _fetch_until(self, stop: asyncio.Event) -> None:
         stopper = asyncio.create_task(stop.wait())
         purged = 0.0
+        started = False
         try:
             while not stop.is_set():
-                free = 4 * self.delivery.connections - len(self._inflight)
-                now = self.clock()
-                if now - purged >= PURGE_EVERY:
-                    purged = now
-                    await self._purge(now)
-                if free > 0:
-                    exclude = tuple(self._inflight)
-                    items = await self._db(partial(self._outbox.due, now, free, exclude))
-                    for item in items:
-                        self._inflight.add(item.id)
-                        self._queue.put_nowait(item)
-                    if len(items) == free:
-                        await self._wait_for(self._recorded, stopper, POLL)
-                        continue
-                exclude = tuple(self._inflight)
-                next_due = await self._db(partial(self._outbox.next_due, exclude))
-                delay = POLL if next_due is None else min(POLL, next_due - self.clock())
-                await self._wait_for(self._wake, stopper, max(delay, 0.01))
+                full = False
+                try:
+                    if not started:
+                        await self._resume_waiting()
+                        started = True
+                    now = time.time()
+                    if now - purged >= PURGE_EVERY:
+                        purged = now
+                        await self._purge(now)
+                    await self._release()
+                    full = await self._claim(now)
+                    delay = POLL if full else await self._until_next()
+                    self._storage_recovered("reading")
+                except Exception as exc:
+                    if not is_storage_error(exc):
+                        raise
+                    delay = self._storage_failed("read", exc)
+                # With no room left, the next look is when results free some; else when new
+                # mail comes or the next item or probe is due.
+                await self._wait_for(self._recorded if full else self._wake, stopper, delay)
         finally:
             stopper.cancel()
+
+    async def _resume_waiting(self) -> None:
+        """After a start: destinations that items wait for are probed at once."""
+        now = time.time()
+        for name, count in (await self._db(self._outbox.waiting_for)).items():
+            destination = self.destination(name)
+            destination.failures, destination.down_since, destination.next_probe = 1, now, now
+            destination.error = "not reached before the restart"
+            log.info("%d items wait for %s; probing it now", count, name)
+
+    async def _claim(self, now: float) -> bool:
+        """Queue the due items and the probes that are due; True when no room was left."""
+        free = 4 * self.delivery.connections - len(self._inflight)
+        for destination in self._destinations.values():
+            if free > 0 and destination.may_probe(now):
+                exclude = tuple(self._inflight)
+                item = await self._db(partial(self._outbox.probe, destination.name, exclude))
+                if item is not None:
+                    destination.probing = True
+                    self._claimed(item, probe=True)
+                    free -= 1
+        if free <= 0:
+            return True
+        exclude = tuple(self._inflight)
+        items = await self._db(partial(self._outbox.due, now, free, exclude))
+        for item in items:
+            self._claimed(item, probe=False)
+        return len(items) == free
+
+    def _claimed(self, item: Item, *, probe: bool) -> None:
+        self._inflight.add(item.id)
+        self._queue.put_nowait((item, probe))
+
+    async def _until_next(self) -> float:
+        exclude = tuple(self._inflight)
+        next_due = await self._db(partial(self._outbox.next_due, exclude))
+        probes = [d.next_probe for d in self._destinations.values() if d.down and not d.probing]
+        soonest = min([t for t in (next_due, *probes) if t is not None], default=None)
+        delay = POLL if soonest is None else min(POLL, soonest - time.time())
+        return max(delay, 0.01)
+
+    def _storage_failed(self, doing: str, exc: BaseException) -> float:
+        """Log storage trouble once (and again only when it changes); the wait before retrying."""
+        self._storage_failures += 1
+        if self._storage_failures == 1:
+            log.error(
+                "cannot %s the outbox: %s; delivery waits until it can (nothing is lost)",
+                doing,
+                exc,
+            )
+        return STORAGE_RETRY.delay(self._storage_failures)
+
+    def _storage_recovered(self, doing: str) -> None:
+        if self._storage_failures:
+            log.warning("the outbox can be used again (%s); delivery goes on", doing)
+            self._storage_failures = 0
 
     async def _purge(self, now: float) -> None:
         """Forget delivered items and old records (pending, dead and held ones stay)."""
         try:
             await self._db(partial(self._outbox.purge, now))
-        except sqlite3.Error as exc:
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
             log.warning("could not purge old outbox records (will try again): %s", exc)
 
     @staticmethod
@@ -168,78 +370,142 @@ class Dispatcher:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(self._queue.get(), IDLE_CLOSE)
+                    item, probe = await asyncio.wait_for(self._queue.get(), IDLE_CLOSE)
                 except TimeoutError:
                     await connection.close_if_idle(IDLE_CLOSE)
                     continue
-                try:
-                    if item.kind == "chat":
-                        attempt = await self._chat.send(item)
-                    else:
-                        attempt = await connection.send(item)
-                except Exception as exc:
-                    # A bug must not end this worker: its item would stay claimed until restart.
-                    log.exception("%s: delivery attempt failed unexpectedly", item.message_id)
-                    await connection.close()
-                    attempt = Attempt((), f"internal error: {type(exc).__name__}: {exc}")
-                via = "chat" if item.kind == "chat" else connection.address
-                self._results.append(self._judge(item, attempt, via))
-                self._idle.set()
+                result = await self._attempt(connection, item, probe=probe)
+                # The next item waits until this result is on disk: a crash can then send
+                # again at most one item per worker.
+                recorded = asyncio.get_running_loop().create_future()
+                self._unrecorded.append((result, recorded))
+                self._to_record.set()
+                await recorded
         finally:
             await connection.close()
 
-    def _judge(self, item: Item, attempt: Attempt, address: str) -> Result:
-        now = self.clock()
-        done = [_shown(item, r.rcpt) for r in attempt.recipients if r.state == "done"]
-        dead = [r for r in attempt.recipients if r.state == "dead"]
-        retry = [r for r in attempt.recipients if r.state == "pending"]
-        if done:
-            log.info("%s: delivered to %s via %s", item.message_id, ", ".join(done), address)
-        for r in dead:
-            log.error("%s: %s refused by %s: %s", item.message_id, r.rcpt, address, r.reason)
-        if not attempt.recipients and attempt.permanent:
-            log.error("%s: refused by %s, giving up: %s", item.message_id, address, attempt.error)
-            return item, (), None, attempt.error
-        if not attempt.recipients or retry:
-            error = attempt.error or "; ".join(f"{r.rcpt}: {r.reason}" for r in retry)
-            age = now - item.created
-            if age >= self.delivery.give_up_after:
-                reason = f"gave up after {_age(age)}: {error}"
-                log.error("%s: %s", item.message_id, reason)
-                return item, attempt.recipients, None, reason
-            delay = attempt.retry_after or backoff(item.attempts + 1, self.delivery)
-            log.warning("%s: deferred (%s), next try in %s", item.message_id, error, _age(delay))
-            return item, attempt.recipients, now + delay, error
-        return item, attempt.recipients, 0.0, "; ".join(f"{r.rcpt}: {r.reason}" for r in dead)
+    async def _attempt(self, connection: SmtpConnection, item: Item, *, probe: bool) -> Result:
+        destination = self.destination(destination_of(item))
+        now = time.time()
+        if not probe and not destination.lets_through(item):
+            # Down, and this item waited before: it waits for the destination, untried.
+            return judge(
+                item,
+                Attempt((), destination.error),
+                now=now,
+                delivery=self.delivery,
+                via=destination.name,
+                waiting=destination,
+            )
+        try:
+            if item.kind == "chat":
+                attempt = await self._chat.send(item)
+            else:
+                attempt = await connection.send(item)
+        except Exception as exc:
+            # A bug must not end this worker: its item would stay claimed until restart.
+            log.exception("%s: delivery attempt failed unexpectedly", item.message_id)
+            await connection.close()
+            attempt = Attempt((), f"internal error: {type(exc).__name__}: {exc}")
+        via = "chat" if item.kind == "chat" else connection.address
+        now = time.time()
+        if attempt.unreachable:
+            if destination.unreachable(now, attempt.error, self.delivery, probe=probe):
+                log.warning(
+                    "%s is down (%s): items wait for it, next try in %s",
+                    via,
+                    attempt.error,
+                    _age(destination.next_probe - now),
+                )
+            return judge(
+                item, attempt, now=now, delivery=self.delivery, via=via, waiting=destination
+            )
+        if destination.answered():
+            log.warning("%s answers again: every item waiting for it is due now", via)
+            self._to_release.add(destination.name)
+            self._wake.set()
+        return judge(item, attempt, now=now, delivery=self.delivery, via=via)
+
+    async def _release(self) -> None:
+        """Make the items that wait for destinations that answer again due now."""
+        for name in sorted(self._to_release):
+            count = await self._db(partial(self._outbox.release_waiting, name, time.time()))
+            self._to_release.discard(name)
+            if count:
+                log.info("%d items that waited for %s are due now", count, name)
 
     async def _recorder(self) -> None:
+        retry_in: float | None = None
         while True:
-            await self._idle.wait()
-            self._idle.clear()
-            await self._flush()
+            # While the outbox cannot be written, try again after a back-off (or sooner,
+            # when another result comes).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._to_record.wait(), retry_in)
+            self._to_record.clear()
+            ok = await self._flush()
+            retry_in = None if ok else STORAGE_RETRY.delay(self._storage_failures)
 
-    async def _flush(self) -> None:
-        results, self._results = self._results, []
-        if not results:
-            return
-        await self._db(lambda: self._outbox.record(results))
-        for item, *_ in results:
-            self._inflight.discard(item.id)
+    async def _flush(self) -> bool:
+        """Record what is waiting to be recorded; False when the outbox could not be written."""
+        batch = list(self._unrecorded)
+        if not batch:
+            return True
+        results = [result for result, _ in batch]
+        try:
+            await self._db(partial(self._outbox.record, results))
+            expired = await self._expire(results)
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            self._storage_failed("write", exc)
+            return False
+        self._storage_recovered("writing")
+        del self._unrecorded[: len(batch)]
+        for result, recorded in batch:
+            self._inflight.discard(result.item.id)
+            if not recorded.done():
+                recorded.set_result(None)
+        if expired:
+            log.error("%d items waited for their destination past give-up-after: dead", expired)
         self._recorded.set()
         self._wake.set()
+        return True
+
+    def _expire(self, results: Sequence[Result]) -> asyncio.Future[int]:
+        """Items waiting for a destination longer than ``give-up-after`` are dead."""
+
+        def expire() -> int:
+            before = time.time() - self.delivery.give_up_after
+            count = 0
+            for name in {r.waiting for r in results if r.waiting}:
+                reason = f"gave up after {_age(self.delivery.give_up_after)}: "
+                reason += self.destination(name).error or f"{name} could not be reached"
+                count += len(self._outbox.expire_waiting(name, before, reason))
+            return count
+
+        return asyncio.get_running_loop().run_in_executor(self._executor, expire)
 
     async def _drain(self, workers: list[asyncio.Task[None]], recorder: asyncio.Task[None]) -> None:
         """Let attempts under way finish (bounded by the SMTP timeout), record them, close."""
         deadline = time.monotonic() + self.delivery.timeout
         while not self._queue.empty():
-            self._inflight.discard(self._queue.get_nowait().id)
-        while self._inflight and time.monotonic() < deadline:
-            await asyncio.sleep(0.01) if not self._results else await self._flush()
+            self._inflight.discard(self._queue.get_nowait()[0].id)
+        while self._inflight and not recorder.done():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._recorded.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._recorded.wait(), remaining)
         recorder.cancel()
         for task in workers:
             task.cancel()
         await asyncio.gather(recorder, *workers, return_exceptions=True)
-        await self._flush()
+        if self._unrecorded and not await self._flush():
+            log.error(
+                "%d delivery results could not be recorded; they will be sent again",
+                len(self._unrecorded),
+            )
         await self._chat.close()
         await self._db(self._outbox.close)
         self._executor.shutdown(wait=True)

@@ -5,6 +5,7 @@ Library code raises these; only :mod:`mail2alert.cli` turns them into exit codes
     Mail2AlertError                 exit code 1 unless the subclass says otherwise
     ├── ConfigError                 the configuration is invalid (carries every problem)
     ├── StartupError                the service could not start (port in use, data dir...)
+    ├── ServiceFailed               a part of the running service failed for good
     ├── OutboxError                 the durable queue could not be read or written
     │   └── OutboxFull              ... because its file system has no space left
     ├── GocdError                   GoCD could not be read (unreachable, refused, bad answer)
@@ -47,6 +48,14 @@ class ConfigError(Mail2AlertError):
 
 class StartupError(Mail2AlertError):
     """The service could not start; the message is the one line the operator sees."""
+
+
+class ServiceFailed(Mail2AlertError):
+    """A part of the running service failed again and again; the process must be restarted.
+
+    The process exits non-zero so that its supervisor (systemd, Docker) starts it afresh
+    rather than leave it accepting mail it would never deliver.
+    """
 
 
 class OutboxError(Mail2AlertError):

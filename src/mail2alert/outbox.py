@@ -10,7 +10,8 @@ Tables::
     messages    one row per accepted message: envelope, subject, routing outcome and reason;
                 ``raw`` is kept only while the message is held for GoCD data
     items       one row per thing to deliver: bytes, state (pending/done/dead), attempts,
-                next try, last error
+                next try, last error; ``waiting`` names the destination it waits for when
+                that destination could not be reached (the item's own attempts do not count)
     recipients  per item and recipient: pending/done/dead and the server's last answer
     history     per GoCD pipeline/stage the last result (passed/failed), for event correction
     seen_events GoCD stage events already accepted, to deliver each only once
@@ -19,11 +20,19 @@ Tables::
 
 Delivery state (done, retry later) is written with ``synchronous=NORMAL``: a power cut may
 forget that an item was delivered and send it again, but never lose it.
+
+Text that is not valid Unicode (an address of non-UTF-8 bytes, which aiosmtpd hands over
+with surrogate escapes) is stored as the BLOB of its bytes and read back as the same text:
+such a message is kept like any other, byte for byte.
+
+Every SQLite or file-system failure is raised as :class:`~mail2alert.errors.OutboxError`;
+:class:`~mail2alert.errors.OutboxFull` when the file system has no space left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import json
 import os
@@ -34,11 +43,11 @@ import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from mail2alert.errors import OutboxError
+from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.model import Decision, Envelope, Outgoing
 
 DB_NAME = "outbox.sqlite3"
@@ -65,7 +74,8 @@ CREATE TABLE IF NOT EXISTS items (
     attempts INTEGER NOT NULL DEFAULT 0,
     created REAL NOT NULL,
     next_try REAL NOT NULL,
-    last_error TEXT NOT NULL DEFAULT ''
+    last_error TEXT NOT NULL DEFAULT '',
+    waiting TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS items_due ON items (state, next_try);
 CREATE INDEX IF NOT EXISTS items_message ON items (message_id);
@@ -110,6 +120,30 @@ def new_queue_id() -> str:
     return f"{int(time.time() * 1000) & 0xFFFFFFFF:08X}{secrets.token_hex(3).upper()}"
 
 
+def storable(text: str) -> str | bytes:
+    """``text`` as SQLite can keep it: itself, or the bytes of a surrogate-escaped string."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+    return text
+
+
+def loaded(value: str | bytes) -> str:
+    """What :func:`storable` kept, as the text it was."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def storage_error(exc: BaseException, doing: str) -> OutboxError:
+    """The outbox error for a failure while ``doing`` (OutboxFull when the disk is full)."""
+    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or (
+        isinstance(exc, sqlite3.Error)
+        and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    )
+    kind = OutboxFull if full else OutboxError
+    return kind(f"cannot {doing}: {exc}")
+
+
 @dataclass(frozen=True)
 class Accepted:
     """One received message and what it turned into, ready to be committed."""
@@ -132,6 +166,16 @@ class Accepted:
     """The pipeline group of a stage mail, as routing knew it (for display)."""
 
 
+@dataclass
+class Committed:
+    """What :meth:`Outbox.put` did with a batch, by queue id."""
+
+    duplicates: dict[str, str] = field(default_factory=dict)
+    """Duplicate GoCD events -> the queue id of the original: recorded, nothing sent."""
+    failed: dict[str, OutboxError] = field(default_factory=dict)
+    """Messages that could not be written (the others were committed)."""
+
+
 @dataclass(frozen=True)
 class Item:
     """An outgoing item as stored, with the recipients still to be served."""
@@ -144,6 +188,8 @@ class Item:
     attempts: int
     created: float
     recipients: tuple[str, ...]
+    due: float = 0.0
+    """When it was due: its arrival, the end of its back-off, or an operator's retry."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +199,22 @@ class RecipientResult:
     rcpt: str
     state: str
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one delivery attempt of an item comes to, as the outbox records it.
+
+    ``next_try`` None means give up: whatever is still pending is dead. ``waiting`` names the
+    destination the item waits for when that destination could not be reached: such an
+    attempt was no answer about the item, so it does not count among the item's attempts.
+    """
+
+    item: Item
+    recipients: tuple[RecipientResult, ...]
+    next_try: float | None
+    error: str
+    waiting: str = ""
 
 
 class Outbox:
@@ -170,6 +232,9 @@ class Outbox:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(items)")}
+            if "waiting" not in columns:  # an outbox made before destinations could be down
+                self.db.execute("ALTER TABLE items ADD COLUMN waiting TEXT NOT NULL DEFAULT ''")
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"cannot open the outbox in {data_dir}: {exc}") from None
 
@@ -181,7 +246,7 @@ class Outbox:
             self._lock = None
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, doing: str = "write to the outbox") -> Iterator[sqlite3.Connection]:
         """One write transaction; rolled back on any error.
 
         Writers (intake processes, the dispatcher, commands) take turns on a file lock first:
@@ -195,30 +260,44 @@ class Outbox:
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 yield self.db
+                self.db.execute("COMMIT")
             except BaseException:
-                self.db.execute("ROLLBACK")
+                # Also after a failed COMMIT (a full disk): a transaction left open would make
+                # every later BEGIN fail, and the connection useless until a restart.
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
                 raise
-            self.db.execute("COMMIT")
+        except (OSError, sqlite3.Error) as exc:
+            raise storage_error(exc, doing) from exc
         finally:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
 
-    def put(self, batch: Sequence[Accepted]) -> dict[str, str]:
+    def put(self, batch: Sequence[Accepted]) -> Committed:
         """Commit messages and their items in one transaction (durable when this returns).
 
-        Returns ``{queue id: original queue id}`` for the GoCD events that were duplicates:
-        those are recorded, but nothing is sent for them.
+        Each message is written in a savepoint of its own: one that cannot be written fails
+        alone (it is in :attr:`Committed.failed`) and the others are committed. Raises
+        OutboxError when the transaction as a whole fails (OutboxFull for a full disk).
         """
-        duplicates: dict[str, str] = {}
-        try:
-            with self.transaction() as db:
-                for a in batch:
+        committed = Committed()
+        with self.transaction("commit to the outbox") as db:
+            for a in batch:
+                db.execute("SAVEPOINT message")
+                try:
                     original = self._seen_before(db, a)
-                    if original is not None:
-                        duplicates[a.queue_id] = original
                     self._insert_message(db, a, duplicate_of=original)
-        except sqlite3.Error as exc:
-            raise OutboxError(f"cannot commit to the outbox: {exc}") from exc
-        return duplicates
+                except (sqlite3.Error, ValueError, OverflowError) as exc:
+                    error = storage_error(exc, f"commit {a.queue_id} to the outbox")
+                    if isinstance(error, OutboxFull):
+                        raise  # no message of this batch can be written, nor the next
+                    db.execute("ROLLBACK TO message")
+                    db.execute("RELEASE message")
+                    committed.failed[a.queue_id] = error
+                    continue
+                db.execute("RELEASE message")
+                if original is not None:
+                    committed.duplicates[a.queue_id] = original
+        return committed
 
     @staticmethod
     def _seen_before(db: sqlite3.Connection, a: Accepted) -> str | None:
@@ -248,9 +327,9 @@ class Outbox:
             (
                 a.queue_id,
                 a.received,
-                a.envelope.mail_from,
+                storable(a.envelope.mail_from),
                 json.dumps(a.envelope.rcpt_tos),
-                a.subject,
+                storable(a.subject),
                 d.manager,
                 outcome,
                 reason,
@@ -277,7 +356,7 @@ class Outbox:
             " WHERE outcome='hold' ORDER BY received"
         ).fetchall()
         return [
-            (qid, at, Envelope(sender, tuple(json.loads(rcpts))), bytes(raw))
+            (qid, at, Envelope(loaded(sender), tuple(json.loads(rcpts))), bytes(raw))
             for qid, at, sender, rcpts, raw in rows
         ]
 
@@ -344,88 +423,153 @@ class Outbox:
         cursor = db.execute(
             "INSERT INTO items (message_id, kind, mail_from, data, state, created, next_try)"
             " VALUES (?,?,?,?,'pending',?,?)",
-            (queue_id, item.kind, item.mail_from, item.data, now, now),
+            (queue_id, item.kind, storable(item.mail_from), item.data, now, now),
         )
         db.executemany(
             "INSERT OR IGNORE INTO recipients (item_id, rcpt, state) VALUES (?,?,'pending')",
-            [(cursor.lastrowid, r) for r in item.recipients],
+            [(cursor.lastrowid, storable(r)) for r in item.recipients],
         )
 
-    def due(self, now: float, limit: int, exclude: Sequence[int] = ()) -> list[Item]:
-        """Pending items whose next try has come, oldest first."""
-        rows = self.db.execute(
-            "SELECT id, message_id, kind, mail_from, data, attempts, created FROM items"
-            " WHERE state='pending' AND next_try<=? ORDER BY next_try, id LIMIT ?",
-            (now, limit + len(exclude)),
-        ).fetchall()
-        skip = set(exclude)
+    _ITEM = "SELECT id, message_id, kind, mail_from, data, attempts, created, next_try FROM items"
+
+    def _items(self, rows: list[Any], limit: int, skip: set[int]) -> list[Item]:
         items: list[Item] = []
-        for row in rows:
-            if row[0] in skip:
+        for item_id, message_id, kind, mail_from, data, attempts, created, next_try in rows:
+            if item_id in skip:
                 continue
             rcpts = tuple(
-                r
+                loaded(r)
                 for (r,) in self.db.execute(
                     "SELECT rcpt FROM recipients"
                     " WHERE item_id=? AND state='pending' ORDER BY rowid",
-                    (row[0],),
+                    (item_id,),
                 )
             )
-            item_id, message_id, kind, mail_from, data, attempts, created = row
-            items.append(Item(item_id, message_id, kind, mail_from, data, attempts, created, rcpts))
+            items.append(
+                Item(
+                    item_id,
+                    message_id,
+                    kind,
+                    loaded(mail_from),
+                    data,
+                    attempts,
+                    created,
+                    rcpts,
+                    next_try,
+                )
+            )
             if len(items) >= limit:
                 break
         return items
 
+    def due(self, now: float, limit: int, exclude: Sequence[int] = ()) -> list[Item]:
+        """Pending items whose next try has come, oldest first; none that wait for a
+        destination (see :meth:`probe`)."""
+        rows = self.db.execute(
+            f"{self._ITEM} WHERE state='pending' AND next_try<=? AND waiting=''"
+            " ORDER BY next_try, id LIMIT ?",
+            (now, limit + len(exclude)),
+        ).fetchall()
+        return self._items(rows, limit, set(exclude))
+
+    def probe(self, destination: str, exclude: Sequence[int] = ()) -> Item | None:
+        """The item that has waited longest for ``destination``, to try it with."""
+        rows = self.db.execute(
+            f"{self._ITEM} WHERE state='pending' AND waiting=? ORDER BY id LIMIT ?",
+            (destination, 1 + len(exclude)),
+        ).fetchall()
+        items = self._items(rows, 1, set(exclude))
+        return items[0] if items else None
+
+    def waiting_for(self) -> dict[str, int]:
+        """The destinations items wait for, with how many wait for each."""
+        rows = self.db.execute(
+            "SELECT waiting, COUNT(*) FROM items WHERE state='pending' AND waiting!=''"
+            " GROUP BY waiting"
+        ).fetchall()
+        return {str(d): int(n) for d, n in rows}
+
     def next_due(self, exclude: Sequence[int] = ()) -> float | None:
-        """When the next pending item (not in ``exclude``) is due, or None if there is none."""
+        """When the next pending item (not in ``exclude``, not waiting) is due, or None."""
         marks = ",".join("?" * len(exclude))
+        where = f"state='pending' AND waiting='' AND id NOT IN ({marks})"
         row = self.db.execute(
-            f"SELECT MIN(next_try) FROM items WHERE state='pending' AND id NOT IN ({marks})",  # noqa: S608 - only placeholders are interpolated
+            f"SELECT MIN(next_try) FROM items WHERE {where}",  # noqa: S608 - only placeholders are interpolated
             tuple(exclude),
         ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
-    def record(
-        self, results: Sequence[tuple[Item, Sequence[RecipientResult], float | None, str]]
-    ) -> None:
+    def release_waiting(self, destination: str, now: float) -> int:
+        """``destination`` answers again: every item waiting for it is due now. How many."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE items SET waiting='', next_try=? WHERE state='pending' AND waiting=?",
+                (now, destination),
+            )
+            return cursor.rowcount
+
+    def record(self, results: Sequence[Result]) -> None:
         """Store delivery attempts: per recipient outcome, then the item's new state.
 
-        Each result is (item, recipient results, next try or None, error). An item is done
-        when no recipient is left pending, dead when all that are left are dead, and else
-        pending again at ``next try``.
+        An item is done when no recipient is left pending, dead when all that are left are
+        dead, and else pending again at ``next_try``; an item left waiting for its
+        destination keeps its count of attempts.
         """
         with self.transaction() as db:
-            for item, rcpt_results, next_try, error in results:
-                db.executemany(
-                    "UPDATE recipients SET state=?, last_error=? WHERE item_id=? AND rcpt=?",
-                    [(r.state, r.reason, item.id, r.rcpt) for r in rcpt_results],
-                )
-                if next_try is None:
-                    db.execute(
-                        "UPDATE recipients SET state='dead', last_error=?"
-                        " WHERE item_id=? AND state='pending'",
-                        (error, item.id),
-                    )
-                states = {
-                    s
-                    for (s,) in db.execute(
-                        "SELECT state FROM recipients WHERE item_id=?", (item.id,)
-                    )
-                }
-                if "pending" in states:
-                    db.execute(
-                        "UPDATE items SET attempts=attempts+1, next_try=?, last_error=? WHERE id=?",
-                        (next_try, error, item.id),
-                    )
-                    continue
-                final = "dead" if "dead" in states else "done"
-                # A delivered item's bytes are not needed any more; its row stays as a record.
+            for result in results:
+                self._record(db, result)
+
+    @staticmethod
+    def _record(db: sqlite3.Connection, result: Result) -> None:
+        item, error = result.item, result.error
+        db.executemany(
+            "UPDATE recipients SET state=?, last_error=? WHERE item_id=? AND rcpt=?",
+            [(r.state, r.reason, item.id, storable(r.rcpt)) for r in result.recipients],
+        )
+        if result.next_try is None:
+            db.execute(
+                "UPDATE recipients SET state='dead', last_error=?"
+                " WHERE item_id=? AND state='pending'",
+                (error, item.id),
+            )
+        rows = db.execute("SELECT state FROM recipients WHERE item_id=?", (item.id,))
+        states = {s for (s,) in rows}
+        counted = 0 if result.waiting else 1
+        if "pending" in states:
+            db.execute(
+                "UPDATE items SET attempts=attempts+?, next_try=?, last_error=?, waiting=?"
+                " WHERE id=?",
+                (counted, result.next_try, error, result.waiting, item.id),
+            )
+            return
+        final = "dead" if "dead" in states else "done"
+        # A delivered item's bytes are not needed any more; its row stays as a record.
+        db.execute(
+            "UPDATE items SET state=?, attempts=attempts+?, last_error=?, waiting='',"
+            " data=CASE WHEN ?='done' THEN x'' ELSE data END WHERE id=?",
+            (final, counted, error, final, item.id),
+        )
+
+    def expire_waiting(self, destination: str, before: float, reason: str) -> list[str]:
+        """Items that waited for ``destination`` since before ``before`` are dead, with
+        ``reason``; the queue ids of their messages."""
+        with self.transaction() as db:
+            rows = db.execute(
+                "SELECT id, message_id FROM items"
+                " WHERE state='pending' AND waiting=? AND created < ?",
+                (destination, before),
+            ).fetchall()
+            for item_id, _ in rows:
                 db.execute(
-                    "UPDATE items SET state=?, attempts=attempts+1, last_error=?,"
-                    " data=CASE WHEN ?='done' THEN x'' ELSE data END WHERE id=?",
-                    (final, error, final, item.id),
+                    "UPDATE recipients SET state='dead', last_error=?"
+                    " WHERE item_id=? AND state='pending'",
+                    (reason, item_id),
                 )
+                db.execute(
+                    "UPDATE items SET state='dead', waiting='', last_error=? WHERE id=?",
+                    (reason, item_id),
+                )
+        return [str(qid) for _, qid in rows]
 
 
 class GroupCommitter:
@@ -474,23 +618,30 @@ class GroupCommitter:
                     stopping = True
                     break
                 batch.append(more)
-            error: BaseException | None = None
-            duplicates: dict[str, str] = {}
+            error: OutboxError | None = None
+            committed = Committed()
             try:
-                duplicates = self._outbox.put([a for a, _ in batch])
+                committed = self._outbox.put([a for a, _ in batch])
             except OutboxError as exc:
                 error = exc
             except Exception as exc:  # noqa: BLE001 - the writer must outlive any one batch
                 # Whatever went wrong, these senders get a 451 and retry; the thread goes on.
                 error = OutboxError(f"cannot commit to the outbox: {type(exc).__name__}: {exc}")
-            settled = [(f, duplicates.get(a.queue_id)) for a, f in batch]
-            batch[0][1].get_loop().call_soon_threadsafe(_settle, settled, error)
+            settled = [
+                (
+                    f,
+                    committed.duplicates.get(a.queue_id),
+                    error or committed.failed.get(a.queue_id),
+                )
+                for a, f in batch
+            ]
+            batch[0][1].get_loop().call_soon_threadsafe(_settle, settled)
 
 
 def _settle(
-    settled: list[tuple[asyncio.Future[str | None], str | None]], error: BaseException | None
+    settled: list[tuple[asyncio.Future[str | None], str | None, OutboxError | None]],
 ) -> None:
-    for future, duplicate_of in settled:
+    for future, duplicate_of, error in settled:
         if future.done():
             continue
         if error is None:

@@ -297,7 +297,7 @@ def retry(outbox: Outbox, queue_ids: Sequence[str], now: float) -> list[Change]:
                 (qid,),
             ).rowcount
             db.execute(
-                "UPDATE items SET state='pending', next_try=?"
+                "UPDATE items SET state='pending', waiting='', next_try=?"
                 " WHERE message_id=? AND state IN ('pending','dead')",
                 (now, qid),
             )

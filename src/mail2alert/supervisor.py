@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from mail2alert.app import Role, Service, bind, warn_if_unreachable
 from mail2alert.config import Config
-from mail2alert.errors import Mail2AlertError, StartupError
+from mail2alert.errors import Mail2AlertError, ServiceFailed, StartupError
 from mail2alert.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ async def serve(
         await service.start()
         ready(service)
         await service.wait()
+        if service.failure is not None:
+            raise ServiceFailed(f"mail2alert stopped: {service.failure}")
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
@@ -232,7 +234,11 @@ async def _supervise(
                 os.kill(pid, signal.SIGTERM)
         await reaper
         await service.stop()
-        log.info("mail2alert stopped")
+        if service.failure is not None:
+            log.error("mail2alert stopped: %s", service.failure)
+            exit_code = 1
+        else:
+            log.info("mail2alert stopped")
     finally:
         if console is not None:
             console.close()

@@ -129,7 +129,11 @@ class ChatSender:
                     return Attempt((), f"Slack answered HTTP {response.status}", permanent=True)
                 answer = await response.json(content_type=None)
         except (ClientError(), TimeoutError, ValueError) as exc:
-            return Attempt((), f"Slack Web API at {self.settings.slack_api_url}: {_why(exc)}")
+            return Attempt(
+                (),
+                f"Slack Web API at {self.settings.slack_api_url}: {_why(exc)}",
+                unreachable=not isinstance(exc, ValueError) and not _answered(exc),
+            )
         if not isinstance(answer, dict) or not answer.get("ok"):
             error = str(answer.get("error", "unknown")) if isinstance(answer, dict) else "?"
             return Attempt((), f"Slack: {error}", permanent=error in SLACK_PERMANENT)
@@ -207,6 +211,13 @@ def _seconds(value: str | None) -> float:
         return max(1.0, float(value or 1))
     except ValueError:
         return 30.0
+
+
+def _answered(exc: BaseException) -> bool:
+    """Whether aiohttp raised after Slack answered (a bad response, not a lost connection)."""
+    import aiohttp
+
+    return isinstance(exc, aiohttp.ClientResponseError)
 
 
 def _why(exc: BaseException) -> str:

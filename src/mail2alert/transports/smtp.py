@@ -1,4 +1,11 @@
-"""Deliver outbox items to ``remote-smtp`` with aiosmtplib, one reused connection per worker."""
+"""Deliver outbox items to ``remote-smtp`` with aiosmtplib, one reused connection per worker.
+
+MAIL FROM and RCPT TO carry the addresses exactly as they were received: the null
+reverse-path ``<>`` of a bounce, a quoted local part, and the bytes of an address that is not
+UTF-8 go out as they came in (aiosmtplib's own ``sendmail`` would re-parse them, and refuses
+an empty sender). What cannot be sent on a command line (a line break, a NUL) is refused for
+good, never sent.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +16,25 @@ import aiosmtplib
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.transports import Attempt
 
+#: Characters no address may carry onto an SMTP command line.
+_UNSENDABLE = frozenset("\r\n\0")
+
 
 def _reply(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}"
+
+
+def _path(address: str) -> bytes:
+    """``<address>`` as bytes for MAIL/RCPT; surrogate escapes become their original bytes."""
+    return b"<" + address.encode("utf-8", "surrogateescape") + b">"
+
+
+class _DestinationDown(Exception):
+    """The server answered for itself, not for the item (421, a failed greeting or EHLO)."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
 
 
 class SmtpConnection:
@@ -32,26 +55,32 @@ class SmtpConnection:
 
     async def send(self, item: Item) -> Attempt:
         """Try to deliver ``item`` to its pending recipients; never raises for SMTP trouble."""
+        bad = [a for a in (item.mail_from, *item.recipients) if _UNSENDABLE & set(a)]
+        if bad:
+            return Attempt((), f"address {bad[0]!r} cannot be sent over SMTP", permanent=True)
         reused = self._smtp is not None
         try:
             return await self._send(item)
         except aiosmtplib.SMTPServerDisconnected:
             await self.close()
             if not reused:
-                return Attempt((), f"connection to {self.address} lost")
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+                return Attempt((), f"connection to {self.address} lost", unreachable=True)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, _DestinationDown) as exc:
             await self.close()
             return _failure(exc, self.address)
         # The server may close an idle connection we kept; that is no failure of the item.
         try:
             return await self._send(item)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+        except aiosmtplib.SMTPServerDisconnected:
+            await self.close()
+            return Attempt((), f"connection to {self.address} lost", unreachable=True)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, _DestinationDown) as exc:
             await self.close()
             return _failure(exc, self.address)
 
     async def _send(self, item: Item) -> Attempt:
         smtp = await self._connection()
-        options: list[str] = []
+        options: list[bytes] = []
         if not all(a.isascii() for a in (item.mail_from, *item.recipients)):
             if not smtp.supports_extension("smtputf8"):
                 # Like Postfix: a non-ASCII address cannot be sent to a server without SMTPUTF8.
@@ -60,21 +89,47 @@ class SmtpConnection:
                     f"{self.address} does not support SMTPUTF8 (non-ASCII address)",
                     permanent=True,
                 )
-            options.append("SMTPUTF8")
-        try:
-            refused, _ = await smtp.sendmail(
-                item.mail_from, list(item.recipients), item.data, mail_options=options
-            )
-        except aiosmtplib.SMTPRecipientsRefused as exc:
-            return Attempt(tuple(_refusal(e.recipient, e.code, e.message) for e in exc.recipients))
-        self._last_used = time.monotonic()
-        results = []
+            options.append(b"SMTPUTF8")
+        if smtp.supports_extension("8bitmime") and not item.data.isascii():
+            options.append(b"BODY=8BITMIME")
+        answer = await smtp.execute_command(b"MAIL", b"FROM:" + _path(item.mail_from), *options)
+        if answer.code != 250:
+            await self._reset(smtp, answer.code)
+            return _refused_whole(answer.code, answer.message)
+        results: dict[str, RecipientResult] = {}
+        accepted: list[str] = []
         for rcpt in item.recipients:
-            if rcpt in refused:
-                results.append(_refusal(rcpt, refused[rcpt].code, refused[rcpt].message))
+            answer = await smtp.execute_command(b"RCPT", b"TO:" + _path(rcpt))
+            if answer.code in (250, 251):
+                accepted.append(rcpt)
             else:
-                results.append(RecipientResult(rcpt, "done"))
-        return Attempt(tuple(results))
+                if answer.code == 421:
+                    raise _DestinationDown(_reply(answer.code, answer.message))
+                results[rcpt] = _refusal(rcpt, answer.code, answer.message)
+        if not accepted:
+            await self._reset(smtp, 0)
+            return Attempt(tuple(results[r] for r in item.recipients))
+        try:
+            await smtp.data(item.data)
+        except aiosmtplib.SMTPDataError as exc:
+            if exc.code == 421:
+                raise _DestinationDown(_reply(exc.code, exc.message)) from None
+            # The data was refused: that is the answer about the item as a whole.
+            self._last_used = time.monotonic()
+            return _refused_whole(exc.code, exc.message)
+        self._last_used = time.monotonic()
+        for rcpt in accepted:
+            results[rcpt] = RecipientResult(rcpt, "done")
+        return Attempt(tuple(results[r] for r in item.recipients))
+
+    async def _reset(self, smtp: aiosmtplib.SMTP, code: int) -> None:
+        """End a transaction the server refused, so that the connection can be reused."""
+        if code == 421:
+            raise _DestinationDown(f"{code} closing the connection")
+        try:
+            await smtp.rset()
+        except aiosmtplib.SMTPResponseException:
+            await self.close()
 
     async def _connection(self) -> aiosmtplib.SMTP:
         if self._smtp is not None and self._smtp.is_connected:
@@ -86,13 +141,20 @@ class SmtpConnection:
             local_hostname=self.local_hostname,
             start_tls=False,
         )
-        await smtp.connect()
+        try:
+            await smtp.connect()
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            # A 4xx/5xx greeting (421 "too busy"): the server speaks for itself, not the item.
+            raise _DestinationDown(_reply(exc.code, exc.message)) from None
         self._smtp = smtp
         # EHLO now: the server's extensions (SMTPUTF8) must be known before MAIL FROM.
         try:
             await smtp.ehlo()
         except aiosmtplib.SMTPHeloError:
-            await smtp.helo()
+            try:
+                await smtp.helo()
+            except aiosmtplib.SMTPHeloError as exc:
+                raise _DestinationDown(_reply(exc.code, exc.message)) from None
         return smtp
 
     async def close_if_idle(self, idle: float) -> None:
@@ -116,11 +178,20 @@ def _refusal(rcpt: str, code: int, message: str) -> RecipientResult:
     return RecipientResult(rcpt, state, _reply(code, message))
 
 
+def _refused_whole(code: int, message: str) -> Attempt:
+    return Attempt((), _reply(code, message), permanent=500 <= code < 600)
+
+
 def _failure(exc: BaseException, address: str) -> Attempt:
+    if isinstance(exc, _DestinationDown):
+        return Attempt((), f"{address} answered {exc.reply}", unreachable=True)
     if isinstance(exc, aiosmtplib.SMTPResponseException):
+        if exc.code == 421:
+            reply = _reply(exc.code, exc.message)
+            return Attempt((), f"{address} answered {reply}", unreachable=True)
         return Attempt((), _reply(exc.code, exc.message), permanent=500 <= exc.code < 600)
     if isinstance(exc, aiosmtplib.SMTPConnectError | OSError):
-        return Attempt((), f"cannot connect to {address}: {exc}")
+        return Attempt((), f"cannot connect to {address}: {exc}", unreachable=True)
     if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
-        return Attempt((), f"timed out talking to {address}")
-    return Attempt((), f"{type(exc).__name__} from {address}: {exc}")
+        return Attempt((), f"timed out talking to {address}", unreachable=True)
+    return Attempt((), f"{type(exc).__name__} from {address}: {exc}", unreachable=True)
