@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import Any, ClassVar
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.actions import mask, outgoing_for
@@ -32,6 +32,8 @@ REPLY_QUEUED = "250 2.0.0 Ok: queued as {}"
 #: Events whose mail answers the BREAKS mail of the same stage (threads in mail clients).
 _ANSWERS = frozenset({"FIXED", "PASSES"})
 REPLY_NOT_QUEUED = "451 4.3.0 Requested action aborted: cannot queue the message, try again later"
+REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
+REPLY_BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
 
 
 def accept(
@@ -205,16 +207,21 @@ _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 _SIMPLE_ADDRESS = re.compile(
     rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>((?:[ \t]*[^ \t(\r\n][^(\r\n]*)?)\Z"
 )
+#: C0 controls and DEL, which no address may hold; a tab may only separate parameters.
+_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class LeanSMTP(SMTP):
-    """aiosmtpd's SMTP session with its two hottest spots made cheap; behaviour unchanged.
+    """aiosmtpd's SMTP session with its two hottest spots made cheap, and hardened.
 
     Measured under load, a new session spent most of its set-up in ``inspect.getmembers``
     and ``dir`` over ~200 attributes (to find ``smtp_*``/``auth_*`` methods), and every
     MAIL/RCPT parsed its address with the full RFC 5322 header parser. Here ``dir`` lists just
     those methods (computed once per class), and plain ``<local@domain>`` addresses take a
-    regular expression; anything else still goes through aiosmtpd's own parser.
+    regular expression; anything else still goes through aiosmtpd's own parser, which gives
+    the same result.
+
+    Hardened: an address with a control character is refused at MAIL or RCPT.
     """
 
     _names: ClassVar[list[str] | None] = None
@@ -235,6 +242,45 @@ class LeanSMTP(SMTP):
         if self.local_part_limit and len(local) > self.local_part_limit:
             return None, None
         return address, rest
+
+    def _has_control(self, arg: str | None, keyword: str) -> bool:
+        """Whether a MAIL/RCPT argument holds a control character, but for a tab between parts."""
+        if arg is None:
+            return False
+        if _CONTROL_BUT_TAB.search(arg):
+            return True
+        if "\t" not in arg:
+            return False
+        stripped = self._strip_command_keyword(keyword, arg)
+        if stripped is None:
+            return False
+        if stripped.startswith("<") and "\t" in stripped.partition(">")[0]:
+            return True
+        address, params = self._getaddr(stripped)
+        if address is None or params is None:
+            return False
+        # The parser turns a tab inside a quoted local part into a space; so look at the text
+        # the address was read from, not at what it was read as.
+        source = stripped[: len(stripped) - len(params)].strip(" \t")
+        return "\t" in source
+
+    # aiosmtpd's parser takes a NUL or an escape sequence for part of an address, and the
+    # address would go into the envelope, the outbox and the upstream's MAIL FROM as it is.
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        """MAIL as aiosmtpd's, but an address with a control character is a syntax error."""
+        if self._has_control(arg, "FROM:"):
+            await self.push(REPLY_BAD_SENDER)
+            return
+        await super().smtp_MAIL(arg)
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        """RCPT as aiosmtpd's, but an address with a control character is a syntax error."""
+        if self._has_control(arg, "TO:"):
+            await self.push(REPLY_BAD_RECIPIENT)
+            return
+        await super().smtp_RCPT(arg)
 
 
 def smtp_factory(handler: Handler, *, hostname: str | None = None) -> Callable[[], Any]:

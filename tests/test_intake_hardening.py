@@ -1,0 +1,112 @@
+"""End to end: what a client sends cannot corrupt the envelope, the outbox or the log.
+
+Control characters in an address are refused at MAIL or RCPT; what a full disk, a lack of file
+descriptors or a hostile client does is answered with a 4xx the sender understands, and logged
+once, escaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mail2alert.testing import CaptureServer
+from tests.helpers import Relay, compose, example_managers, relay
+
+
+@pytest.fixture
+def mail2alert(tmp_path: Path, upstream: CaptureServer) -> Iterator[Relay]:
+    with relay(tmp_path, upstream, example_managers("mail")) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def session(port: int) -> Iterator[smtplib.SMTP]:
+    """An smtplib session to mail2alert after EHLO."""
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+        client.ehlo("client.test")
+        yield client
+
+
+CONTROLS = {"nul": "\x00", "escape": "\x1b", "delete": "\x7f", "tab": "\t", "bell": "\x07"}
+
+
+# -- control characters in addresses ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("control", CONTROLS.values(), ids=CONTROLS.keys())
+def test_a_control_character_in_the_sender_address_is_refused_with_501_5_1_7(
+    mail2alert: Relay, control: str
+) -> None:
+    """MAIL FROM with a control character anywhere in the address is a syntax error."""
+    with session(mail2alert.port) as client:
+        code, text = client.docmd("MAIL", f"FROM:<go{control}x@example.com>")
+
+    assert (code, text) == (501, b"5.1.7 Bad sender address syntax")
+
+
+@pytest.mark.parametrize("control", CONTROLS.values(), ids=CONTROLS.keys())
+def test_a_control_character_in_a_recipient_address_is_refused_with_501_5_1_3(
+    mail2alert: Relay, control: str
+) -> None:
+    """RCPT TO with a control character anywhere in the address is a syntax error."""
+    with session(mail2alert.port) as client:
+        assert client.mail("go@example.com")[0] == 250
+        code, text = client.docmd("RCPT", f"TO:<admin@exa{control}mple.com>")
+
+    assert (code, text) == (501, b"5.1.3 Bad recipient address syntax")
+
+
+def test_a_bare_carriage_return_in_an_address_is_refused(mail2alert: Relay) -> None:
+    """A CR that does not end the line is a control character like any other."""
+    with session(mail2alert.port) as client:
+        client.send(b"MAIL FROM:<go\r@example.com>\r\n")
+        code, text = client.getreply()
+
+    assert (code, text) == (501, b"5.1.7 Bad sender address syntax")
+
+
+def test_a_nul_byte_after_the_address_is_refused_too(mail2alert: Relay) -> None:
+    """A control character in the parameters of MAIL is refused like one in the address."""
+    with session(mail2alert.port) as client:
+        code, _ = client.docmd("MAIL", "FROM:<go@example.com> BODY=8BITMIME\x00")
+
+    assert code == 501
+
+
+def test_a_refused_recipient_is_not_delivered_and_the_others_are(mail2alert: Relay) -> None:
+    """The session goes on after a refused RCPT; only the accepted recipients get the mail."""
+    message = compose(subject="nobody wants this", sender="someone@example.net")
+    with session(mail2alert.port) as client:
+        client.mail("someone@example.net")
+        assert client.docmd("RCPT", "TO:<bad\x00@example.net>")[0] == 501
+        assert client.rcpt("good@example.net")[0] == 250
+        code, _ = client.data(message)
+
+    assert code == 250
+    (got,) = mail2alert.upstream.wait_for(1)
+    assert got.rcpt_tos == ("good@example.net",)
+
+
+def test_the_null_sender_is_accepted(mail2alert: Relay) -> None:
+    """``MAIL FROM:<>`` (a bounce, a delivery report) is legitimate and queued."""
+    with session(mail2alert.port) as client:
+        assert client.docmd("MAIL", "FROM:<>")[0] == 250
+        assert client.rcpt("someone@example.net")[0] == 250
+        code, text = client.data(compose(subject="a bounce", sender="MAILER-DAEMON@example.net"))
+
+    assert code == 250, text
+    queue_id = text.decode().rsplit(" ", 1)[-1]
+    assert mail2alert.outbox.message(queue_id) is not None
+
+
+def test_a_tab_between_the_address_and_its_parameters_is_accepted(mail2alert: Relay) -> None:
+    """White space between the parts of MAIL is not part of the address."""
+    with session(mail2alert.port) as client:
+        code, _ = client.docmd("MAIL", "FROM:<go@example.com>\tBODY=8BITMIME")
+
+    assert code == 250
