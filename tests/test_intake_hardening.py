@@ -11,6 +11,7 @@ import contextlib
 import smtplib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,49 @@ def test_a_tab_between_the_address_and_its_parameters_is_accepted(mail2alert: Re
         code, _ = client.docmd("MAIL", "FROM:<go@example.com>\tBODY=8BITMIME")
 
     assert code == 250
+
+
+# -- text that is not valid Unicode ---------------------------------------------------------
+
+
+def wanting_every_sender() -> dict[str, Any]:
+    """The example's mail manager, but wanting every mail to admin@example.com."""
+    (manager,) = example_managers("mail")
+    return {**manager, "messages-we-want": {"to": "admin@example.com"}}
+
+
+def test_a_subject_that_decodes_to_lone_surrogates_is_queued_with_replacement_characters(
+    mail2alert: Relay,
+) -> None:
+    """An encoded word that does not decode cleanly is stored as text with U+FFFD."""
+    original = compose(subject="=?utf-7?q?+3Xe0?= Server Backup Failed")
+
+    reply = mail2alert.send(original)
+
+    assert reply.code == 250
+    row = mail2alert.outbox.message(reply.queue_id)
+    assert row is not None
+    assert row["subject"] == "\ufffd\ufffd Server Backup Failed"
+    got = mail2alert.upstream.wait_for(1)
+    assert b"Subject: =?utf-7?q?+3Xe0?= Server Backup Failed\r\n" in got[0].data
+
+
+def test_a_sender_address_of_non_utf8_bytes_is_accepted_and_routed(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    """A routed mail whose envelope sender is not UTF-8 gets that sender in From:, byte for
+    byte."""
+    message = compose(subject="Server Backup Failed", to="admin@example.com")
+    with (
+        relay(tmp_path, upstream, [wanting_every_sender()]) as mail2alert,
+        session(mail2alert.port) as client,
+    ):
+        client.send(b"MAIL FROM:<caf\xe9@example.com>\r\n")
+        assert client.getreply()[0] == 250
+        assert client.rcpt("admin@example.com")[0] == 250
+        code, text = client.data(message)
+        assert code == 250, text
+        got = upstream.wait_for(1)
+
+    assert got[0].rcpt_tos == ("sys@example.com", "op@example.com")
+    assert b"\r\nFrom: caf\xe9@example.com\r\n" in got[0].data

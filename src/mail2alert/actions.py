@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import lru_cache
 
-from mail2alert.message import RawMessage, address_of, rewrite
+from mail2alert.message import RawMessage, address_of, rewrite, valid_text
 from mail2alert.model import ChatTemplate, Decision, Envelope, Outgoing
 from mail2alert.templates import render
 
@@ -218,5 +218,6 @@ def chat_item(uri: str, decision: Decision, group: str | None) -> Outgoing:
         if event in ("FIXED", "PASSES")
         else None,
     }
-    data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+    # A template may show the envelope sender, which non-UTF-8 bytes make surrogate-escaped.
+    data = valid_text(json.dumps(payload, ensure_ascii=False)).encode("utf-8")
     return Outgoing("", (action_id(uri),), data, kind="chat")

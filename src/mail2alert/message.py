@@ -4,6 +4,10 @@ Routing reads a handful of headers on every message, so headers are split here a
 level instead of building a full :mod:`email` object tree; the body is decoded only when a
 manager asks for it. Nothing in this module raises on malformed input: a header that cannot be
 decoded is returned as the best text we can make of it.
+
+Every text this module returns is valid Unicode: a decoder that yields lone surrogates (UTF-7
+and UTF-16 can encode them) has them replaced by U+FFFD, since such a string can be neither
+encoded as UTF-8 nor stored in SQLite.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from functools import cached_property
 
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD."""
+    return text if text.isascii() else _SURROGATE.sub("\ufffd", text)
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,10 @@ class RawMessage:
 
 def decode_header_value(raw: bytes) -> str:
     """Unfold and decode a raw header value; 8-bit bytes are read as UTF-8, else Latin-1."""
+    return valid_text(_decode_header_value(raw))
+
+
+def _decode_header_value(raw: bytes) -> str:
     unfolded = _FOLD.sub(b"", raw).strip()
     try:
         text = unfolded.decode("utf-8")
@@ -163,9 +177,9 @@ def address_of(header_text: str) -> str:
     """The bare address in a From:/To:-style value, or '' when there is none."""
     _, addr = email.utils.parseaddr(header_text)
     if addr and "@" in addr:
-        return addr
+        return valid_text(addr)
     found = _ADDRESS.search(header_text)
-    return found.group(0).strip("<>") if found else ""
+    return valid_text(found.group(0).strip("<>")) if found else ""
 
 
 def body_text(data: bytes) -> str:
@@ -183,7 +197,7 @@ def body_text(data: bytes) -> str:
             return ""
         charset = part.get_content_charset() or "utf-8"
         try:
-            return payload.decode(charset, errors="replace")
+            return valid_text(payload.decode(charset, errors="replace"))
         except LookupError:
             return payload.decode("latin-1")
     except Exception:  # noqa: BLE001 - a body we cannot read must never stop routing
@@ -228,7 +242,12 @@ def rewrite(
     replaced = {f.split(b":", 1)[0].strip().lower().decode("ascii") for f in add_fields}
     nl = message.newline
     new_to = _fold_addresses(to_addresses, nl)
-    new_from = b"From: " + from_value.encode("utf-8") + nl if from_value is not None else None
+    # An envelope sender of non-UTF-8 bytes arrives surrogate-escaped: write its own bytes.
+    new_from = (
+        b"From: " + from_value.encode("utf-8", "surrogateescape") + nl
+        if from_value is not None
+        else None
+    )
     out = [prepend]
     seen_from = seen_to = False
     for f in message.fields:
@@ -272,4 +291,4 @@ def _fold_addresses(addresses: tuple[str, ...], nl: bytes) -> bytes:
         else:
             line += piece
     lines.append(line)
-    return nl.join(s.encode("utf-8") for s in lines) + nl
+    return nl.join(s.encode("utf-8", "surrogateescape") for s in lines) + nl

@@ -1,0 +1,73 @@
+"""mail2alert.message on hostile input: its text is always valid Unicode, its work bounded."""
+
+from __future__ import annotations
+
+import pytest
+
+from mail2alert.message import RawMessage, address_of, body_text, decode_header_value, rewrite
+
+
+def is_valid_unicode(text: str) -> bool:
+    """Whether ``text`` can be encoded as UTF-8 (and so bound as an SQLite TEXT)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# -- no lone surrogates ---------------------------------------------------------------------
+
+#: Encoded words whose charset decodes to lone surrogates (UTF-7 and UTF-16 can encode them).
+SURROGATE_WORDS = {
+    "utf-7-q": b"=?utf-7?q?+3Xe0?=",
+    "utf-7-b": b"=?utf-7?b?KzNYZTAt?=",
+    "utf-16-le": b"=?utf-16-le?b?ANg=?=",
+    "utf-16-be": b"=?utf-16-be?b?2AA=?=",
+    "beside-8-bit-text": b"caf\xc3\xa9 =?utf-7?q?+3Xe0?=",
+}
+
+
+@pytest.mark.parametrize("raw", SURROGATE_WORDS.values(), ids=SURROGATE_WORDS.keys())
+def test_an_encoded_word_that_decodes_to_lone_surrogates_reads_as_replacement_characters(
+    raw: bytes,
+) -> None:
+    """What a decoder makes of a lone surrogate becomes U+FFFD."""
+    text = decode_header_value(raw)
+
+    assert is_valid_unicode(text)
+    assert "\ufffd" in text
+
+
+def test_text_around_an_undecodable_encoded_word_is_kept() -> None:
+    """Only the undecodable characters are replaced, not the words around them."""
+    subject = RawMessage.parse(b"Subject: Stage =?utf-7?q?+3Xe0?= broke\r\n\r\n").get("subject")
+
+    assert subject.startswith("Stage ")
+    assert subject.endswith(" broke")
+
+
+def test_a_body_in_a_charset_that_decodes_to_lone_surrogates_reads_as_valid_text() -> None:
+    """body_text replaces lone surrogates too."""
+    data = b"Content-Type: text/plain; charset=utf-7\r\n\r\nSee +3Xe0- details\r\n"
+
+    text = body_text(data)
+
+    assert is_valid_unicode(text)
+    assert text.startswith("See ")
+
+
+def test_an_address_read_from_surrogate_escaped_text_is_valid_text() -> None:
+    """address_of never hands a lone surrogate on, whatever text it is given."""
+    assert is_valid_unicode(address_of("Caf\udce9 <caf\udce9@example.com>"))
+
+
+def test_a_surrogate_escaped_sender_is_written_into_from_as_its_original_bytes() -> None:
+    """The envelope sender of non-UTF-8 bytes (surrogate-escaped by aiosmtpd) is written back
+    byte for byte when it replaces From:."""
+    message = RawMessage.parse(b"From: a@example.com\r\nTo: b@example.com\r\n\r\nbody\r\n")
+    sender = b"caf\xe9@example.com".decode("utf-8", "surrogateescape")
+
+    data = rewrite(message, from_value=sender, to_addresses=("t@example.com",), prepend=b"")
+
+    assert data.startswith(b"From: caf\xe9@example.com\r\n")
