@@ -8,13 +8,16 @@ once, escaped.
 from __future__ import annotations
 
 import contextlib
+import logging
 import smtplib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mail2alert.errors import OutboxError, OutboxFull
+from mail2alert.outbox import Outbox
 from mail2alert.testing import CaptureServer
 from tests.helpers import Relay, compose, example_managers, relay
 
@@ -157,3 +160,52 @@ def test_a_sender_address_of_non_utf8_bytes_is_accepted_and_routed(
 
     assert got[0].rcpt_tos == ("sys@example.com", "op@example.com")
     assert b"\r\nFrom: caf\xe9@example.com\r\n" in got[0].data
+
+
+# -- a full disk ------------------------------------------------------------------------------
+
+
+def failing_put(error: OutboxError) -> Callable[[Outbox, Any], Any]:
+    def put(self: Outbox, batch: Any) -> Any:
+        raise error
+
+    return put
+
+
+def test_a_message_the_full_disk_cannot_take_gets_452_4_3_1(
+    mail2alert: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the outbox is full, the sender is told our storage is short, and retries."""
+    full = OutboxFull("cannot commit to the outbox: database or disk is full")
+    with monkeypatch.context() as patched:
+        patched.setattr(Outbox, "put", failing_put(full))
+        reply = mail2alert.send(compose(subject="Server Backup Failed"))
+
+    assert (reply.code, reply.text) == (452, "4.3.1 Insufficient system storage, try again later")
+
+
+def test_a_message_the_full_disk_cannot_take_is_logged_once_as_an_error(
+    mail2alert: Relay, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One ERROR line names the queue id and the reason."""
+    full = OutboxFull("cannot commit to the outbox: database or disk is full")
+    with monkeypatch.context() as patched:
+        patched.setattr(Outbox, "put", failing_put(full))
+        mail2alert.send(compose(subject="Server Backup Failed"))
+
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "not queued" in errors[0].getMessage()
+    assert "disk is full" in errors[0].getMessage()
+
+
+def test_any_other_outbox_failure_still_gets_451_4_3_0(
+    mail2alert: Relay, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a full disk answers 452; every other failure to commit is a 451."""
+    with monkeypatch.context() as patched:
+        patched.setattr(Outbox, "put", failing_put(OutboxError("disk I/O error")))
+        reply = mail2alert.send(compose(subject="Server Backup Failed"))
+
+    assert reply.code == 451
+    assert reply.text.startswith("4.3.0 ")

@@ -18,7 +18,7 @@ from aiosmtpd.smtp import SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.actions import mask, outgoing_for
-from mail2alert.errors import OutboxError
+from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.managers.base import Context
 from mail2alert.managers.gocd import stage_result
 from mail2alert.message import RawMessage, received_header
@@ -32,6 +32,7 @@ REPLY_QUEUED = "250 2.0.0 Ok: queued as {}"
 #: Events whose mail answers the BREAKS mail of the same stage (threads in mail clients).
 _ANSWERS = frozenset({"FIXED", "PASSES"})
 REPLY_NOT_QUEUED = "451 4.3.0 Requested action aborted: cannot queue the message, try again later"
+REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 REPLY_BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
 
@@ -163,7 +164,8 @@ class Handler:
         self.in_flight = 0
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        """Route, commit, then answer: 250 with the queue id, or 451 so the sender retries."""
+        """Route, commit, then answer: 250 with the queue id, or 451 (452 when the disk is
+        full) so the sender retries."""
         self.in_flight += 1
         try:
             queue_id = new_queue_id()
@@ -184,7 +186,8 @@ class Handler:
                 duplicate_of = await self.committer.put(accepted)
             except OutboxError as exc:
                 log.error("%s: not queued, sender told to retry: %s", queue_id, exc)
-                return REPLY_NOT_QUEUED
+                # 452 tells the sender it is our storage, not its message (RFC 3463 4.3.1).
+                return REPLY_NO_SPACE if isinstance(exc, OutboxFull) else REPLY_NOT_QUEUED
             if duplicate_of is not None:
                 log.info(
                     "%s: same GoCD event as %s, already delivered once: %s",
