@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import smtplib
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -209,3 +210,85 @@ def test_any_other_outbox_failure_still_gets_451_4_3_0(
 
     assert reply.code == 451
     assert reply.text.startswith("4.3.0 ")
+
+
+# -- what a client sent, in the log -----------------------------------------------------------
+
+
+#: The loggers of the SMTP intake: aiosmtpd's and the server's.
+INTAKE_LOGGERS = ("mail.log", "mail2alert.server")
+
+
+def control_characters_in(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The intake's log messages that hold a C0/C1 control or an undecodable byte."""
+    bad = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name in INTAKE_LOGGERS and bad.search(r.getMessage())
+    ]
+
+
+def test_an_unknown_command_with_an_escape_sequence_is_logged_escaped(
+    mail2alert: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ESC reaches the log as the four characters ``\\x1b``, never as the terminal's command."""
+    with session(mail2alert.port) as client:
+        client.send(b"\x1b[2JOOPS\r\n")
+        assert client.getreply()[0] == 500
+
+    assert control_characters_in(caplog) == []
+    assert any("\\x1b[2JOOPS" in r.getMessage() for r in caplog.records)
+
+
+def test_an_unknown_command_with_a_bare_carriage_return_is_logged_escaped(
+    mail2alert: Relay, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CR in the middle of a line cannot overwrite the log line it is in."""
+    with session(mail2alert.port) as client:
+        client.send(b"NO\rOP\r\n")
+        assert client.getreply()[0] == 500
+
+    assert control_characters_in(caplog) == []
+    assert any("NO\\x0dOP" in r.getMessage() for r in caplog.records)
+
+
+def test_helo_names_and_addresses_are_logged_escaped(
+    tmp_path: Path, upstream: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A session of control characters and non-UTF-8 bytes leaves none of them in the log."""
+    caplog.set_level(logging.DEBUG)
+    with (
+        relay(tmp_path, upstream, [wanting_every_sender()]) as mail2alert,
+        smtplib.SMTP("127.0.0.1", mail2alert.port, timeout=30) as client,
+    ):
+        client.send(b"EHLO client\x1b[31m\x9b.test\r\n")
+        assert client.getreply()[0] == 250
+        client.send(b"MAIL FROM:<caf\xe9@example.com>\r\n")
+        assert client.getreply()[0] == 250
+        client.send(b"RCPT TO:<admin\xff@example.com>\r\n")
+        assert client.getreply()[0] == 250
+        code, text = client.data(compose(subject="=?utf-8?q?=1B[31m_Server_Backup?="))
+        assert code == 250, text
+        upstream.wait_for(1)
+
+    assert control_characters_in(caplog) == []
+    assert any("from=<caf\\xe9@example.com>" in r.getMessage() for r in caplog.records)
+
+
+def test_help_lists_only_the_commands_offered(mail2alert: Relay) -> None:
+    """AUTH is not offered without TLS, so HELP does not list it."""
+    with session(mail2alert.port) as client:
+        code, text = client.docmd("HELP")
+
+    assert code == 250
+    assert text == b"Supported commands: DATA EHLO HELO HELP MAIL NOOP QUIT RCPT RSET VRFY"
+
+
+def test_help_for_auth_answers_as_for_a_command_not_offered(mail2alert: Relay) -> None:
+    """``HELP AUTH`` gets the 501 of an unknown command, not AUTH's syntax."""
+    with session(mail2alert.port) as client:
+        code, text = client.docmd("HELP", "AUTH")
+
+    assert code == 501
+    assert b"AUTH" not in text

@@ -132,12 +132,52 @@ def _stop_holding(queue_id: str, decision: Decision, managers: Sequence[Manager]
     return replace(decision, outcome="relay", reason="no GoCD data in time: relayed unchanged")
 
 
+#: What must not reach a log line as it came: C0 and C1 controls (a terminal obeys ESC and
+#: CSI), DEL, line separators, and the surrogates that stand for undecodable bytes.
+_UNLOGGABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"\\x{code - 0xDC00:02x}"  # a byte that was not UTF-8, as that byte
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def loggable(text: str) -> str:
+    """``text`` fit for one log line: control characters and undecodable bytes escaped."""
+    return _UNLOGGABLE.sub(_escaped, text)
+
+
+class EscapeClientText(logging.Filter):
+    """Escapes what :func:`loggable` escapes in every record of the logger it filters.
+
+    aiosmtpd logs commands, HELO names and addresses as the client sent them (``%s``), so an
+    escape sequence or a bare CR from a client would reach the operator's terminal or forge
+    a log line.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logging's to report, not ours
+            return True
+        safe = loggable(message)
+        if safe != message:
+            record.msg, record.args = safe, None
+        return True
+
+
+logging.getLogger("mail.log").addFilter(EscapeClientText())
+
+
 def describe(accepted: Accepted) -> str:
     """The one log line per message decision."""
     d = accepted.decision
+    sender = loggable(accepted.envelope.mail_from)
+    recipients = loggable(",".join(accepted.envelope.rcpt_tos))
     head = (
-        f"{accepted.queue_id}: from=<{accepted.envelope.mail_from}> "
-        f"to=<{','.join(accepted.envelope.rcpt_tos)}> subject={accepted.subject[:120]!r}"
+        f"{accepted.queue_id}: from=<{sender}> to=<{recipients}> subject={accepted.subject[:120]!r}"
     )
     who = f"manager={d.manager} " if d.manager else ""
     if d.outcome == "deliver":
@@ -193,7 +233,7 @@ class Handler:
                     "%s: same GoCD event as %s, already delivered once: %s",
                     queue_id,
                     duplicate_of,
-                    accepted.subject,
+                    loggable(accepted.subject),
                 )
             else:
                 log.info("%s", describe(accepted))
@@ -224,7 +264,8 @@ class LeanSMTP(SMTP):
     regular expression; anything else still goes through aiosmtpd's own parser, which gives
     the same result.
 
-    Hardened: an address with a control character is refused at MAIL or RCPT.
+    Hardened: an address with a control character is refused at MAIL or RCPT, and HELP lists
+    only the commands EHLO offers.
     """
 
     _names: ClassVar[list[str] | None] = None
@@ -245,6 +286,12 @@ class LeanSMTP(SMTP):
         if self.local_part_limit and len(local) > self.local_part_limit:
             return None, None
         return address, rest
+
+    def _syntax_available(self, method: Callable[..., Any]) -> bool:
+        # HELP would list AUTH, which EHLO does not offer without TLS (and we have no TLS).
+        if method == self.smtp_AUTH and self._auth_require_tls and not self._tls_protocol:
+            return False
+        return bool(super()._syntax_available(method))
 
     def _has_control(self, arg: str | None, keyword: str) -> bool:
         """Whether a MAIL/RCPT argument holds a control character, but for a tab between parts."""
