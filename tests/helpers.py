@@ -291,13 +291,16 @@ class ServeProcess:
         self.port = port
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Options given before ``serve`` (``--log-level DEBUG``).
+        self.proc_args: list[str] = []
 
     def start(self, *, timeout: float = 20.0) -> ServeProcess:
         """Start the process and wait until it listens; raise if it exits first."""
         assert self.proc is None or self.proc.poll() is not None, "already running"
         with self.log_path.open("ab") as log:
+            command = serve_command(self.config_path)
             self.proc = subprocess.Popen(
-                serve_command(self.config_path),
+                command[:3] + self.proc_args + command[3:],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -20,10 +20,11 @@ import pytest
 import yaml
 
 from mail2alert import cli
-from mail2alert.testing import CaptureServer, FakeSlack, HookReceiver, gocd_stage_mail
+from mail2alert.testing import CaptureServer, FakeSlack, HookReceiver, free_port, gocd_stage_mail
 from tests.helpers import (
     OutboxView,
     Relay,
+    ServeProcess,
     field_value,
     running,
     send,
@@ -451,6 +452,28 @@ def test_a_chat_url_from_the_environment_never_appears_in_the_log(
     assert f"{queue_id}: delivered to json://bot:****@127.0.0.1:{hook.port}/***" in caplog.text
     for secret in SECRETS:
         assert secret not in caplog.text
+
+
+def test_at_debug_level_the_served_log_keeps_a_chat_url_out_of_urllib3s_request_lines(
+    tmp_path: Path, upstream: CaptureServer, hook: HookReceiver, secret_url: str
+) -> None:
+    """urllib3 logs each request line (path included) at DEBUG; mail2alert keeps it out."""
+    path = write(tmp_path, upstream, rule("$SLACK_URL"))
+    port = free_port()
+    path.write_text(path.read_text().replace("127.0.0.1:0", f"127.0.0.1:{port}", 1))
+    process = ServeProcess(path, port, tmp_path / "serve.log")
+    process.proc_args = ["--log-level", "DEBUG"]
+    process.start()
+    try:
+        queue_id = submit(port)
+        hook.wait_for(1, ok=True)
+        settled(OutboxView(tmp_path / "data"), queue_id, 1)
+    finally:
+        process.terminate()
+
+    assert f"{queue_id}: delivered to json://bot:****@127.0.0.1:{hook.port}/***" in process.log
+    for secret in SECRETS:
+        assert secret not in process.log
 
 
 def test_route_shows_each_chat_message_as_it_would_be_posted(

@@ -44,6 +44,9 @@ def setup_logging(option: str | None) -> None:
     # Apprise logs each send and may name parts of a chat URL; its words reach operators
     # through our own delivery log lines instead, with secrets scrubbed.
     logging.getLogger("apprise").propagate = False
+    # urllib3 (under Apprise's requests) logs every request line at DEBUG, and a webhook's
+    # token is in its path: keep it out of the service log too.
+    logging.getLogger("urllib3").propagate = False
     if wanted not in LEVELS:
         log.warning(
             "unknown log level %r (use one of %s); logging at INFO", wanted, ", ".join(LEVELS)

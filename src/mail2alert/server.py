@@ -214,7 +214,7 @@ class Handler:
             peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
             accepted = accept(
                 queue_id,
-                Envelope(envelope.mail_from or "", tuple(envelope.rcpt_tos)),
+                Envelope(_reverse_path(envelope.mail_from), tuple(envelope.rcpt_tos)),
                 data,
                 self.managers(),
                 self.context(),
@@ -241,6 +241,11 @@ class Handler:
             return REPLY_QUEUED.format(queue_id)
         finally:
             self.in_flight -= 1
+
+
+def _reverse_path(mail_from: str | None) -> str:
+    """The sender as stored: aiosmtpd keeps a bounce's null reverse-path as ``<>``."""
+    return "" if mail_from is None or mail_from == "<>" else mail_from
 
 
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+"

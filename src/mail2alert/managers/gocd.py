@@ -34,8 +34,12 @@ VERBS: dict[str, str] = {
 }
 
 _NAME = r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*"
+# GoCD's counters are Java ints and longs: 19 digits at most. More is not a GoCD subject (and
+# int() of thousands of digits raises).
+_COUNTER = r"\d{1,19}"
 _SUBJECT = re.compile(
-    rf"^Stage \[(?P<pipeline>{_NAME})/(?P<pc>\d+)/(?P<stage>{_NAME})/(?P<sc>\d+)\] "
+    rf"^Stage \[(?P<pipeline>{_NAME})/(?P<pc>{_COUNTER})/"
+    rf"(?P<stage>{_NAME})/(?P<sc>{_COUNTER})\] "
     rf"(?P<verb>{'|'.join(re.escape(v) for v in VERBS)})\s*$"
 )
 
