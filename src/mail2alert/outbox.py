@@ -592,6 +592,9 @@ class GroupCommitter:
 
         The result is the queue id of the original when this was a duplicate GoCD event.
         """
+        if not self._thread.is_alive():
+            # Only something like MemoryError ends it; never leave a sender waiting for it.
+            raise OutboxError("the outbox writer thread has stopped; restart mail2alert")
         future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self._queue.put((accepted, future))
         return await future
