@@ -19,8 +19,9 @@ import pytest
 
 from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.outbox import Outbox
-from mail2alert.testing import CaptureServer
-from tests.helpers import Relay, compose, example_managers, relay
+from mail2alert.server import SPOOL_THRESHOLD
+from mail2alert.testing import CaptureServer, gocd_stage_mail
+from tests.helpers import Relay, body_of, compose, example_managers, relay, strip_received
 
 
 @pytest.fixture
@@ -292,3 +293,67 @@ def test_help_for_auth_answers_as_for_a_command_not_offered(mail2alert: Relay) -
 
     assert code == 501
     assert b"AUTH" not in text
+
+
+# -- big messages ---------------------------------------------------------------------------
+
+
+def big_mail(size: int) -> bytes:
+    """A plain mail of ``size`` bytes or more, with dot-started lines for transparency."""
+    block = b".a line that starts with a dot\r\n" + b"an ordinary line.\r\n" * 6
+    head = compose(subject="a big report", sender="someone@example.net", body="")
+    return head + block * ((size - len(head)) // len(block) + 1)
+
+
+def test_a_message_bigger_than_the_spool_threshold_is_relayed_byte_for_byte(
+    mail2alert: Relay,
+) -> None:
+    """DATA spooled to disk as it arrives comes out unchanged, dots and all."""
+    original = big_mail(3 * SPOOL_THRESHOLD)
+
+    reply = mail2alert.send(original, mail_from="someone@example.net")
+
+    assert reply.code == 250
+    (got,) = mail2alert.upstream.wait_for(1)
+    assert strip_received(got.data)[1] == original
+
+
+def test_a_big_stage_mail_is_routed_and_rewritten_with_its_body_intact(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    """A GoCD mail bigger than what routing reads of it is routed by its subject as usual."""
+    manager = {
+        "name": "gocd",
+        "messages-we-want": {"to": "mail2alert@example.com"},
+        "rules": [
+            {
+                "actions": ["mailto:cat@example.com"],
+                "filter": {"events": ["BREAKS"], "function": "pipelines.any"},
+            }
+        ],
+    }
+    changes = "revision: 1f5557f8a1c3, modified by Jane Doe\nFix a test.\n" * 40_000
+    original = gocd_stage_mail(body=f"See details: https://ci.example.com/x\n\n{changes}")
+    with relay(tmp_path, upstream, [manager]) as mail2alert:
+        reply = mail2alert.send(original, rcpt_tos=["mail2alert@example.com"])
+        (got,) = upstream.wait_for(1)
+
+    assert reply.code == 250
+    assert got.rcpt_tos == ("cat@example.com",)
+    assert body_of(got.data) == body_of(original)
+
+
+def test_a_message_over_the_size_limit_is_refused_with_552(mail2alert: Relay) -> None:
+    """aiosmtpd's 32 MiB limit still holds, and what was read is not kept."""
+    line = b"x" * 998 + b"\r\n"
+    too_big = line * (2**25 // len(line) + 1)
+
+    with session(mail2alert.port) as client:
+        client.mail("someone@example.net")
+        client.rcpt("admin@example.com")
+        assert client.docmd("DATA")[0] == 354
+        client.send(too_big + b".\r\n")
+        code, _ = client.getreply()
+
+    assert code == 552
+    assert mail2alert.outbox.query("SELECT id FROM messages") == []

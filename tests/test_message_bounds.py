@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from mail2alert.message import RawMessage, address_of, body_text, decode_header_value, rewrite
+from mail2alert.message import (
+    BODY_TEXT_LIMIT,
+    RawMessage,
+    address_of,
+    body_text,
+    decode_header_value,
+    rewrite,
+)
+from mail2alert.testing import gocd_stage_mail
 
 
 def is_valid_unicode(text: str) -> bool:
@@ -71,3 +79,51 @@ def test_a_surrogate_escaped_sender_is_written_into_from_as_its_original_bytes()
     data = rewrite(message, from_value=sender, to_addresses=("t@example.com",), prepend=b"")
 
     assert data.startswith(b"From: caf\xe9@example.com\r\n")
+
+
+# -- bounded work on big messages -----------------------------------------------------------
+
+
+def big_stage_mail(size: int) -> bytes:
+    """A GoCD stage mail whose CHANGES list makes it ``size`` bytes or more."""
+    change = "revision: 1f5557f8a1c3, modified by Jane Doe\nFix flaky test\n"
+    body = (
+        "See details: https://ci.example.com/go/pipelines/p/6/s/1\n\n-- CHANGES --\n"
+        + change * (size // len(change) + 1)
+    )
+    return gocd_stage_mail(body=body)
+
+
+def test_body_text_reads_no_further_than_its_limit() -> None:
+    """Of a 30 MB mail, only the first BODY_TEXT_LIMIT bytes become text."""
+    text = RawMessage.parse(big_stage_mail(30_000_000)).body_text
+
+    assert len(text) <= BODY_TEXT_LIMIT
+
+
+def test_the_top_of_a_body_bigger_than_the_limit_is_read_as_usual() -> None:
+    """What routing reads near the top (GoCD's "See details" link) is still there."""
+    text = body_text(big_stage_mail(3 * BODY_TEXT_LIMIT))
+
+    assert text.startswith("See details: https://ci.example.com/go/pipelines/p/6/s/1\r\n")
+
+
+def test_a_base64_part_cut_by_the_limit_is_decoded_as_far_as_it_goes() -> None:
+    """A part cut short by the limit is no error: its first bytes are text."""
+    data = (
+        b"Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+        + b"aGVsbG8gd29ybGQK\r\n" * 1000
+    )
+
+    assert body_text(data, limit=200).startswith("hello world\n")
+
+
+def test_a_rewritten_big_mail_keeps_its_body_byte_for_byte() -> None:
+    """rewrite copies the body once, into its result, unchanged."""
+    data = big_stage_mail(3_000_000)
+    message = RawMessage.parse(data)
+
+    out = rewrite(message, from_value=None, to_addresses=("t@example.com",), prepend=b"R: x\r\n")
+
+    assert out.endswith(data[message.header_end :])
+    assert out.startswith(b"R: x\r\n")
