@@ -11,6 +11,9 @@ import contextlib
 import logging
 import re
 import smtplib
+import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,21 @@ import pytest
 
 from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.outbox import Outbox
-from mail2alert.server import SPOOL_THRESHOLD
-from mail2alert.testing import CaptureServer, gocd_stage_mail
-from tests.helpers import Relay, body_of, compose, example_managers, relay, strip_received
+from mail2alert.server import SPOOL_THRESHOLD, SessionGate
+from mail2alert.testing import CaptureServer, free_port, gocd_stage_mail
+from tests.helpers import (
+    Relay,
+    Reply,
+    body_of,
+    compose,
+    example_managers,
+    listening,
+    relay,
+    send,
+    strip_received,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -357,3 +372,145 @@ def test_a_message_over_the_size_limit_is_refused_with_552(mail2alert: Relay) ->
 
     assert code == 552
     assert mail2alert.outbox.query("SELECT id FROM messages") == []
+
+
+# -- file descriptors -------------------------------------------------------------------------
+
+
+def test_a_session_on_a_descriptor_below_the_ceiling_is_admitted() -> None:
+    """The gate keeps 64 descriptors of 1024 (a quarter of a small limit) for the rest."""
+    gate = SessionGate(1024)
+
+    assert gate.ceiling == 960
+    assert gate.admits(959)
+    assert not gate.admits(960)
+    assert SessionGate(128).ceiling == 96
+
+
+def test_refusals_are_logged_once_until_a_session_is_admitted_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One ERROR for a run of refusals, one WARNING when sessions are served again."""
+    gate = SessionGate(128)
+
+    refused = [gate.admits(fd) for fd in (100, 101, 97, 99)]
+    admitted = gate.admits(10)
+    again = gate.admits(120)
+
+    assert refused == [False] * 4
+    assert admitted
+    assert not again
+    levels = [r.levelname for r in caplog.records if r.name == "mail2alert.server"]
+    assert levels == ["ERROR", "WARNING", "ERROR"]
+    assert "4 refused" in caplog.records[1].getMessage()
+
+
+def test_without_a_limit_every_session_is_admitted() -> None:
+    """RLIMIT_NOFILE unlimited: no ceiling."""
+    assert SessionGate(None).admits(10**6)
+
+
+#: ``mail2alert serve`` with RLIMIT_NOFILE lowered to 128 before anything is opened.
+LOW_FD_SERVE = (
+    "import resource, sys\n"
+    "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (128, hard))\n"
+    "from mail2alert.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@contextlib.contextmanager
+def serving_with_128_descriptors(tmp_path: Path, upstream: CaptureServer) -> Iterator[Any]:
+    """``mail2alert serve`` (one intake process) allowed 128 open files; yields (port, log)."""
+    port = free_port()
+    path = write_config(
+        tmp_path / "configuration.yml",
+        remote_port=upstream.port,
+        data_dir=tmp_path / "data",
+        managers=example_managers("mail"),
+        local=f"127.0.0.1:{port}",
+    )
+    path.write_text(path.read_text(encoding="utf-8") + "intake-workers: 1\n", encoding="utf-8")
+    log_path = tmp_path / "serve.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LOW_FD_SERVE, "serve", "--config", str(path)],
+            stdout=log,
+            stderr=log,
+            cwd=tmp_path,
+        )
+    try:
+        wait_until(lambda: proc.poll() is not None or listening(port), what="mail2alert up")
+        assert proc.poll() is None, log_path.read_text(encoding="utf-8")
+        yield port, log_path
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def logged(log_path: Path, text: str) -> str:
+    """The whole log once ``text`` is in it, else ''."""
+    log = log_path.read_text(encoding="utf-8")
+    return log if text in log else ""
+
+
+def sent_when_served(port: int) -> Reply | None:
+    """The DATA reply, or None while the session is still told 421."""
+    try:
+        return send(port, compose(subject="after the storm"))
+    except (smtplib.SMTPConnectError, smtplib.SMTPServerDisconnected):
+        return None
+
+
+def greeting(sock: socket.socket) -> bytes:
+    sock.settimeout(10)
+    return sock.recv(200)
+
+
+def fill_until_refused(port: int, idle: list[socket.socket]) -> bytes:
+    """Open idle sessions (kept in ``idle``) until one is not greeted with 220; its greeting."""
+    for _ in range(128):  # bounded: the gate answers 421 before the limit of 128
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        idle.append(sock)
+        answer = greeting(sock)
+        if not answer.startswith(b"220"):
+            return answer
+    raise AssertionError("128 sessions were all greeted with 220")
+
+
+def test_near_the_descriptor_limit_new_sessions_are_told_421_and_it_is_logged_once(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    """Idle sessions fill the descriptors; the next ones get 421 4.3.2, and one ERROR line."""
+    with serving_with_128_descriptors(tmp_path, upstream) as (port, log_path):
+        idle: list[socket.socket] = []
+        try:
+            refused = [fill_until_refused(port, idle)]
+            for _ in range(3):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as more:
+                    refused.append(greeting(more))
+            log = wait_until(lambda: logged(log_path, "too many open files"), what="the error")
+        finally:
+            for sock in idle:
+                sock.close()
+
+    assert refused == [b"421 4.3.2 too many connections, try again later\r\n"] * 4
+    assert log.count("too many open files") == 1
+    assert " ERROR " in next(line for line in log.splitlines() if "too many open files" in line)
+
+
+def test_once_idle_sessions_close_new_sessions_are_served_again(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    """The 421 lasts only while descriptors are short: then mail is accepted as usual."""
+    with serving_with_128_descriptors(tmp_path, upstream) as (port, _):
+        idle: list[socket.socket] = []
+        try:
+            assert fill_until_refused(port, idle).startswith(b"421 ")
+        finally:
+            for sock in idle:
+                sock.close()
+        reply = wait_until(lambda: sent_when_served(port), what="a session served again")
+
+    assert reply.code == 250

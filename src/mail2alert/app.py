@@ -271,7 +271,8 @@ class Service:
             lambda: self.context,
             on_commit=self._wake_delivery,
         )
-        make = smtp_factory(self._handler)
+        # Spooled DATA goes to data-dir, not /tmp, which is memory in many containers.
+        make = smtp_factory(self._handler, spool_dir=str(self.config.data_dir))
 
         def factory() -> SMTP:
             session: SMTP = make()

@@ -212,7 +212,11 @@ class Dispatcher:
         self._destinations: dict[str, Destination] = {}
         #: Destinations that answer again, whose waiting items are yet to be made due.
         self._to_release: set[str] = set()
-        self._storage_failures = 0
+        #: Failures in a row per use of the outbox ("read", "write"); logged once for all.
+        self._storage_failures: dict[str, int] = {}
+        #: Set while results can be recorded: no new attempt starts while one cannot be.
+        self._recordable = asyncio.Event()
+        self._recordable.set()
         self._hostname = socket.gethostname()
         self._chat = ChatSender(
             chat or ChatSettings(),
@@ -277,7 +281,7 @@ class Dispatcher:
                     await self._release()
                     full = await self._claim(now)
                     delay = POLL if full else await self._until_next()
-                    self._storage_recovered("reading")
+                    self._storage_recovered("read")
                 except Exception as exc:
                     if not is_storage_error(exc):
                         raise
@@ -329,20 +333,24 @@ class Dispatcher:
         return max(delay, 0.01)
 
     def _storage_failed(self, doing: str, exc: BaseException) -> float:
-        """Log storage trouble once (and again only when it changes); the wait before retrying."""
-        self._storage_failures += 1
-        if self._storage_failures == 1:
+        """Log storage trouble once, however long it lasts; the wait before trying again.
+
+        Reading often still works on a full disk: the trouble ends only when neither reading
+        nor writing fails, so it is announced once and its end once.
+        """
+        if not self._storage_failures:
             log.error(
                 "cannot %s the outbox: %s; delivery waits until it can (nothing is lost)",
                 doing,
                 exc,
             )
-        return STORAGE_RETRY.delay(self._storage_failures)
+        failures = self._storage_failures.get(doing, 0) + 1
+        self._storage_failures[doing] = failures
+        return STORAGE_RETRY.delay(failures)
 
     def _storage_recovered(self, doing: str) -> None:
-        if self._storage_failures:
-            log.warning("the outbox can be used again (%s); delivery goes on", doing)
-            self._storage_failures = 0
+        if self._storage_failures.pop(doing, None) and not self._storage_failures:
+            log.warning("the outbox can be used again; delivery goes on")
 
     async def _purge(self, now: float) -> None:
         """Forget delivered items and old records (pending, dead and held ones stay)."""
@@ -374,6 +382,9 @@ class Dispatcher:
                 except TimeoutError:
                     await connection.close_if_idle(IDLE_CLOSE)
                     continue
+                # A result that could not be recorded would be sent again after a crash: while
+                # the outbox cannot be written, nothing new is tried.
+                await self._recordable.wait()
                 result = await self._attempt(connection, item, probe=probe)
                 # The next item waits until this result is on disk: a crash can then send
                 # again at most one item per worker.
@@ -443,7 +454,7 @@ class Dispatcher:
                 await asyncio.wait_for(self._to_record.wait(), retry_in)
             self._to_record.clear()
             ok = await self._flush()
-            retry_in = None if ok else STORAGE_RETRY.delay(self._storage_failures)
+            retry_in = None if ok else STORAGE_RETRY.delay(self._storage_failures.get("write", 1))
 
     async def _flush(self) -> bool:
         """Record what is waiting to be recorded; False when the outbox could not be written."""
@@ -458,8 +469,10 @@ class Dispatcher:
             if not is_storage_error(exc):
                 raise
             self._storage_failed("write", exc)
+            self._recordable.clear()
             return False
-        self._storage_recovered("writing")
+        self._storage_recovered("write")
+        self._recordable.set()
         del self._unrecorded[: len(batch)]
         for result, recorded in batch:
             self._inflight.discard(result.item.id)

@@ -129,6 +129,35 @@ def storable(text: str) -> str | bytes:
     return text
 
 
+#: Blobs bigger than this are written through a blob handle, not bound: SQLite keeps a copy of
+#: what was bound to a cached statement until that statement runs again, which kept two 31 MB
+#: copies of the last big message in memory for good.
+BIG_BLOB = 1024 * 1024
+
+
+def _insert(
+    db: sqlite3.Connection, sql: str, params: Sequence[object], column: tuple[str, str]
+) -> int:
+    """Run an INSERT whose ``{blob}`` placeholder takes its one blob (the last of ``params``,
+    for ``column`` = (table, column)); the new row's rowid."""
+    *others, blob = params
+    if not (isinstance(blob, bytes) and len(blob) > BIG_BLOB):
+        rowid = db.execute(sql.format(blob="?"), (*others, blob)).lastrowid
+        assert rowid is not None
+        return rowid
+    rowid = db.execute(sql.format(blob="zeroblob(?)"), (*others, len(blob))).lastrowid
+    assert rowid is not None
+    table, name = column
+    with db.blobopen(table, name, rowid) as handle:
+        handle.write(blob)
+    return rowid
+
+
+def _marks(values: Sequence[object]) -> str:
+    """One ``?`` placeholder per value, comma-separated, for ``IN (...)``."""
+    return ",".join("?" * len(values))
+
+
 def loaded(value: str | bytes) -> str:
     """What :func:`storable` kept, as the text it was."""
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
@@ -322,8 +351,9 @@ class Outbox:
         reason = d.reason
         if duplicate_of is not None:
             outcome, reason = "duplicate", f"same GoCD event as {duplicate_of}: delivered once"
-        db.execute(
-            "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
+        _insert(
+            db,
+            "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,{blob})",
             (
                 a.queue_id,
                 a.received,
@@ -335,6 +365,7 @@ class Outbox:
                 reason,
                 a.raw,
             ),
+            ("messages", "raw"),
         )
         if duplicate_of is not None:
             return
@@ -420,23 +451,23 @@ class Outbox:
 
     @staticmethod
     def _insert_item(db: sqlite3.Connection, queue_id: str, now: float, item: Outgoing) -> None:
-        cursor = db.execute(
-            "INSERT INTO items (message_id, kind, mail_from, data, state, created, next_try)"
-            " VALUES (?,?,?,?,'pending',?,?)",
-            (queue_id, item.kind, storable(item.mail_from), item.data, now, now),
+        item_id = _insert(
+            db,
+            "INSERT INTO items (message_id, kind, mail_from, state, created, next_try, data)"
+            " VALUES (?,?,?,'pending',?,?,{blob})",
+            (queue_id, item.kind, storable(item.mail_from), now, now, item.data),
+            ("items", "data"),
         )
         db.executemany(
             "INSERT OR IGNORE INTO recipients (item_id, rcpt, state) VALUES (?,?,'pending')",
-            [(cursor.lastrowid, storable(r)) for r in item.recipients],
+            [(item_id, storable(r)) for r in item.recipients],
         )
 
     _ITEM = "SELECT id, message_id, kind, mail_from, data, attempts, created, next_try FROM items"
 
-    def _items(self, rows: list[Any], limit: int, skip: set[int]) -> list[Item]:
+    def _items(self, rows: list[Any]) -> list[Item]:
         items: list[Item] = []
         for item_id, message_id, kind, mail_from, data, attempts, created, next_try in rows:
-            if item_id in skip:
-                continue
             rcpts = tuple(
                 loaded(r)
                 for (r,) in self.db.execute(
@@ -458,27 +489,28 @@ class Outbox:
                     next_try,
                 )
             )
-            if len(items) >= limit:
-                break
         return items
 
     def due(self, now: float, limit: int, exclude: Sequence[int] = ()) -> list[Item]:
-        """Pending items whose next try has come, oldest first; none that wait for a
-        destination (see :meth:`probe`)."""
+        """Pending items whose next try has come, oldest first, none in ``exclude`` (those
+        under way: their data is not read again) and none that wait for a destination (see
+        :meth:`probe`)."""
         rows = self.db.execute(
             f"{self._ITEM} WHERE state='pending' AND next_try<=? AND waiting=''"
-            " ORDER BY next_try, id LIMIT ?",
-            (now, limit + len(exclude)),
+            f" AND id NOT IN ({_marks(exclude)}) ORDER BY next_try, id LIMIT ?",
+            (now, *exclude, limit),
         ).fetchall()
-        return self._items(rows, limit, set(exclude))
+        return self._items(rows)
 
     def probe(self, destination: str, exclude: Sequence[int] = ()) -> Item | None:
-        """The item that has waited longest for ``destination``, to try it with."""
+        """The item that has waited longest for ``destination`` (not in ``exclude``), to try
+        it with."""
         rows = self.db.execute(
-            f"{self._ITEM} WHERE state='pending' AND waiting=? ORDER BY id LIMIT ?",
-            (destination, 1 + len(exclude)),
+            f"{self._ITEM} WHERE state='pending' AND waiting=?"
+            f" AND id NOT IN ({_marks(exclude)}) ORDER BY id LIMIT 1",
+            (destination, *exclude),
         ).fetchall()
-        items = self._items(rows, 1, set(exclude))
+        items = self._items(rows)
         return items[0] if items else None
 
     def waiting_for(self) -> dict[str, int]:
@@ -491,8 +523,7 @@ class Outbox:
 
     def next_due(self, exclude: Sequence[int] = ()) -> float | None:
         """When the next pending item (not in ``exclude``, not waiting) is due, or None."""
-        marks = ",".join("?" * len(exclude))
-        where = f"state='pending' AND waiting='' AND id NOT IN ({marks})"
+        where = f"state='pending' AND waiting='' AND id NOT IN ({_marks(exclude)})"
         row = self.db.execute(
             f"SELECT MIN(next_try) FROM items WHERE {where}",  # noqa: S608 - only placeholders are interpolated
             tuple(exclude),
@@ -639,6 +670,9 @@ class GroupCommitter:
                 for a, f in batch
             ]
             batch[0][1].get_loop().call_soon_threadsafe(_settle, settled)
+            # Let go of the messages before waiting for the next: a big one would stay in
+            # memory for as long as the wait lasts.
+            del first, batch, settled
 
 
 def _settle(

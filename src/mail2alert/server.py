@@ -11,12 +11,13 @@ import ctypes
 import enum
 import logging
 import re
+import resource
 import socket
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -37,6 +38,7 @@ REPLY_QUEUED = "250 2.0.0 Ok: queued as {}"
 _ANSWERS = frozenset({"FIXED", "PASSES"})
 REPLY_NOT_QUEUED = "451 4.3.0 Requested action aborted: cannot queue the message, try again later"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage, try again later"
+REPLY_TOO_MANY = "421 4.3.2 too many connections, try again later"
 REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 REPLY_BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
 
@@ -468,6 +470,33 @@ class LeanSMTP(SMTP):
     spool_dir: str | None = None
     """Where DATA bigger than :attr:`spool_threshold` is spooled (None: the temp dir)."""
     spool_threshold: int = SPOOL_THRESHOLD
+    gate: SessionGate | None = None
+    """Refuses sessions near the file descriptor limit (None: every session is served)."""
+    _turned_away = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Serve the connection, or tell it 421 when descriptors run short."""
+        if self.transport is None and self.gate is not None:  # not a STARTTLS hand-over
+            sock = transport.get_extra_info("socket")
+            if sock is not None and not self.gate.admits(sock.fileno()):
+                self._turned_away = True
+                # uvloop's transports write, but are no asyncio.WriteTransport by class.
+                writer = cast(asyncio.WriteTransport, transport)
+                writer.write(REPLY_TOO_MANY.encode("ascii") + b"\r\n")
+                writer.close()
+                return
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._turned_away:
+            super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        return False if self._turned_away else super().eof_received()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._turned_away:
+            super().data_received(data)
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
@@ -572,6 +601,55 @@ class LeanSMTP(SMTP):
         await super().smtp_RCPT(arg)
 
 
+class SessionGate:
+    """Refuses new SMTP sessions with 421 before the process runs out of file descriptors.
+
+    At the limit of open files, accept() fails: asyncio logs that every second, uvloop closes
+    the connection unanswered, and idle sessions could so lock every sender out unseen. A
+    session whose socket got a descriptor number of ``ceiling`` or more (the kernel hands out
+    the lowest free one, so every one below is taken) is told 421 and closed, which leaves
+    the descriptors above the ceiling to the outbox, delivery and spool files. The first
+    refusal is logged as an error, once until a session is admitted again.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        """A gate for a process that may open ``limit`` descriptors (None: no limit); it keeps
+        64 of them (at most a quarter) for everything but sessions."""
+        self.limit = limit
+        self.ceiling = None if limit is None else limit - min(64, limit // 4)
+        self.refused = 0
+        """Sessions refused since the gate last admitted one."""
+        self._refusing = False
+
+    @classmethod
+    def for_this_process(cls) -> SessionGate:
+        """A gate for this process's RLIMIT_NOFILE (its soft limit)."""
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return cls(None if soft == resource.RLIM_INFINITY else soft)
+
+    def admits(self, fd: int) -> bool:
+        """Whether a new session on descriptor ``fd`` may go on (logs the turn of the tide)."""
+        if self.ceiling is None or fd < self.ceiling:
+            if self._refusing:
+                self._refusing = False
+                log.warning(
+                    "accepting SMTP sessions again (%d refused with 421 meanwhile)", self.refused
+                )
+                self.refused = 0
+            return True
+        self.refused += 1
+        if not self._refusing:
+            self._refusing = True
+            log.error(
+                "too many open files: %d of the %d descriptors this process may open are in"
+                " use; new SMTP sessions are told 421 until some close (raise LimitNOFILE /"
+                " ulimit -n, or look for idle clients)",
+                fd,
+                self.limit,
+            )
+        return False
+
+
 _M_MMAP_THRESHOLD = -3  # from glibc's malloc.h
 
 
@@ -603,6 +681,7 @@ def smtp_factory(
     system's temporary directory) while it arrives.
     """
     return_big_buffers_to_the_os()
+    gate = SessionGate.for_this_process()
 
     def make() -> SMTP:
         session = LeanSMTP(
@@ -613,6 +692,7 @@ def smtp_factory(
             ident="mail2alert ESMTP",
         )
         session.spool_dir = spool_dir
+        session.gate = gate
         return session
 
     return make
