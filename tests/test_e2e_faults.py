@@ -18,6 +18,7 @@ again, and recorded once storage is back) is proven here with a full disk instea
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import errno
 import logging
@@ -262,3 +263,30 @@ def test_once_results_cannot_be_recorded_the_dispatcher_sends_nothing_new(
             mail2alert.outbox.wait_state(queue_id, "done", timeout=45)
     assert not sent, f"{attempts_while_full - 4} attempts after the ERROR, on a full disk"
     assert message_ids(upstream) == dict.fromkeys(ids, 1)
+
+
+def test_when_the_outbox_writer_thread_dies_the_service_stops_as_failed(
+    tmp_path: Path, upstream: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Intake that can no longer commit must not go on answering 451 for ever: the writer's
+    death is logged once, at CRITICAL, and the service stops with a failure (``serve`` then
+    exits 1, for its supervisor to restart it)."""
+    with relay(tmp_path, upstream, managers()) as mail2alert:
+        service = mail2alert.service.service
+        loop = mail2alert.service._loop
+        assert loop is not None
+        # Something that is no accepted message breaks the writer's loop itself, outside
+        # the guard of each batch, as a bug there would.
+        future = asyncio.run_coroutine_threadsafe(_created_future(), loop).result(5)
+        service._committer._queue.put((object(), future))
+        wait_until(lambda: not mail2alert.service._thread.is_alive(), what="the service to stop")
+
+    assert service.failure == "the outbox writer stopped: AttributeError"
+    critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert [r.getMessage().split(":")[0] for r in critical] == [
+        "the outbox writer thread stopped"
+    ]
+
+
+async def _created_future() -> asyncio.Future[str | None]:
+    return asyncio.get_running_loop().create_future()

@@ -174,12 +174,14 @@ class Service:
         self.failure: str | None = None
         #: How the last reload went, for operators and for the metrics to come.
         self.reload_status = ReloadStatus(ok=True, at=time.time(), message="loaded at start")
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Called after every successful reload (the supervisor forwards it to its workers).
         self.on_reload: Callable[[], None] = lambda: None
 
     async def start(self) -> None:
         """Open the outbox, bind the listener and start delivering. Raises StartupError."""
         cfg = self.config
+        self._loop = asyncio.get_running_loop()
         try:
             # A connection of its own, read from the event loop's thread: routing reads the
             # stage history and threads there, committed by the writer thread.
@@ -190,7 +192,7 @@ class Service:
                 threads=StageView(self._history, "mail_threads"),
             )
             if self.role != "delivery":
-                self._committer = GroupCommitter(cfg.data_dir)
+                self._committer = GroupCommitter(cfg.data_dir, on_death=self._writer_died)
             if self.role != "intake":
                 self._dispatcher = _dispatcher(cfg)
                 self._holds = Outbox(cfg.data_dir)
@@ -225,6 +227,12 @@ class Service:
         return asyncio.create_task(
             supervised(name, run, stop=stop or self._stop, fail=self.fail), name=name
         )
+
+    def _writer_died(self, exc: BaseException) -> None:
+        """From the writer thread: intake cannot commit any more, so the process must end."""
+        reason = f"the outbox writer stopped: {type(exc).__name__}"
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.fail, reason)
 
     def fail(self, reason: str) -> None:
         """A part failed for good: stop, so that the process exits non-zero and is restarted."""

@@ -35,13 +35,14 @@ import asyncio
 import errno
 import fcntl
 import json
+import logging
 import os
 import queue
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.model import Decision, Envelope, Outgoing
 
 DB_NAME = "outbox.sqlite3"
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -610,13 +613,27 @@ class GroupCommitter:
     SQLite or fsync.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(
+        self, data_dir: Path, *, on_death: Callable[[BaseException], None] | None = None
+    ) -> None:
+        """``on_death`` is called, from the writer thread, if that thread ends by an error."""
         self._outbox = Outbox(data_dir, durable=True)
         self._queue: queue.SimpleQueue[tuple[Accepted, asyncio.Future[str | None]] | None] = (
             queue.SimpleQueue()
         )
-        self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+        self._on_death = on_death
+        self._thread = threading.Thread(target=self._guarded, name="outbox-writer", daemon=True)
         self._thread.start()
+
+    def _guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # noqa: BLE001 - reported to the service, which stops
+            # Each batch is guarded in _run; what ends the thread (MemoryError, a bug in the
+            # loop itself) would leave intake answering 451 for ever: say so, and let go.
+            log.critical("the outbox writer thread stopped: %s: %s", type(exc).__name__, exc)
+            if self._on_death is not None:
+                self._on_death(exc)
 
     async def put(self, accepted: Accepted) -> str | None:
         """Return once ``accepted`` is committed; raise OutboxError if it could not be.
