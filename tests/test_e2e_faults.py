@@ -283,9 +283,7 @@ def test_when_the_outbox_writer_thread_dies_the_service_stops_as_failed(
 
     assert service.failure == "the outbox writer stopped: AttributeError"
     critical = [r for r in caplog.records if r.levelno == logging.CRITICAL]
-    assert [r.getMessage().split(":")[0] for r in critical] == [
-        "the outbox writer thread stopped"
-    ]
+    assert [r.getMessage().split(":")[0] for r in critical] == ["the outbox writer thread stopped"]
 
 
 async def _created_future() -> asyncio.Future[str | None]:
