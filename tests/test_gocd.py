@@ -19,9 +19,9 @@ import trustme
 
 from mail2alert.errors import GocdError
 from mail2alert.gocd.client import GocdClient, parse_cctray, parse_groups
+from mail2alert.gocd.manager import corrected_event, parse_subject, read_gocd_alert
 from mail2alert.gocd.poller import snapshot_path
 from mail2alert.managers.base import Context
-from mail2alert.managers.gocd import corrected_event, parse_subject, read_gocd_alert
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope, Secret
 from mail2alert.testing import CaptureServer, FakeGoCD, gocd_stage_mail

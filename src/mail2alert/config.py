@@ -25,8 +25,8 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from mail2alert.actions import action_id, check_action, is_chat
 from mail2alert.errors import ConfigError, ConfigProblem, RuleArgumentError
-from mail2alert.managers import MANAGER_TYPES
 from mail2alert.managers.base import ManagerType, Option
+from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.model import ChatSettings, ChatTemplate, Secret
 from mail2alert.routing import Manager, Rule
 from mail2alert.templates import check as check_template

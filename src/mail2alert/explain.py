@@ -21,8 +21,8 @@ from mail2alert.actions import mask
 from mail2alert.config import Config
 from mail2alert.errors import GocdError, UsageError
 from mail2alert.gocd.client import parse_groups
+from mail2alert.gocd.manager import VERBS
 from mail2alert.managers.base import Context
-from mail2alert.managers.gocd import VERBS
 from mail2alert.message import RawMessage
 from mail2alert.model import EVENTS, Decision, Envelope, PipelineGroups
 from mail2alert.routing import Manager, find_manager

@@ -24,8 +24,8 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.actions import mask, outgoing_for
 from mail2alert.errors import OutboxError, OutboxFull
+from mail2alert.gocd.manager import stage_result
 from mail2alert.managers.base import Context
-from mail2alert.managers.gocd import stage_result
 from mail2alert.message import RawMessage, received_header
 from mail2alert.model import Decision, Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id

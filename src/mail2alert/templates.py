@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from mail2alert.managers.gocd import VERBS
+from mail2alert.gocd.manager import VERBS
 from mail2alert.model import Alert, ChatTemplate, Envelope, Stage
 
 if TYPE_CHECKING:
