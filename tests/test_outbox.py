@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from mail2alert.errors import OutboxError
+from mail2alert.managers.memory import Claim
 from mail2alert.model import Decision, Envelope, Outgoing
 from mail2alert.outbox import Accepted, GroupCommitter, Outbox, RecipientResult, Result
 
@@ -22,8 +23,7 @@ def accepted(queue_id: str, at: float, *, event_key: str | None = None) -> Accep
         "subject",
         Decision("relay", None, "test"),
         (Outgoing("go@example.com", ("ops@example.com",), b"Subject: x\r\n\r\nbody\r\n"),),
-        event_key=event_key,
-        event_window=600.0 if event_key else 0.0,
+        claim=Claim(event_key, 600.0) if event_key else None,
     )
 
 

@@ -14,14 +14,14 @@ Every action is checked when the configuration loads, so a malformed one is a lo
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from functools import lru_cache
 
+from mail2alert.managers.memory import Conversation
 from mail2alert.message import RawMessage, address_of, rewrite, valid_text
-from mail2alert.model import ChatTemplate, Decision, Envelope, Outgoing
+from mail2alert.model import ChatPost, ChatTemplate, Decision, Envelope, Outgoing
 from mail2alert.templates import render
 
 _MAILBOX = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?$")
@@ -152,16 +152,18 @@ def outgoing_for(
     message: RawMessage,
     received: bytes,
     *,
-    group: str | None = None,
+    label: str | None = None,
     in_reply_to: str | None = None,
+    conversation: Conversation | None = None,
 ) -> list[Outgoing]:
     """The items to send for a decision; ``received`` is the trace field to prepend.
 
     A delivered mail gets ``To:`` = its recipients and ``From:`` = the envelope sender (the
     original field is kept when it already names that address, so its display name stays);
     ``in_reply_to`` threads it under an earlier mail. All ``mailto:`` recipients share one
-    mail; each chat action is an item of its own. A relayed mail, and the copy for recipients
-    no manager took, is the original unchanged.
+    mail; each chat action is an item of its own (``label`` and ``conversation`` reach its
+    template and its thread). A relayed mail, and the copy for recipients no manager took,
+    is the original unchanged.
     """
     items: list[Outgoing] = []
     if decision.outcome == "relay":
@@ -186,13 +188,18 @@ def outgoing_for(
     if decision.outcome == "deliver" and decision.alert is not None:
         for uri in decision.actions:
             if is_chat(uri):
-                items.append(chat_item(uri, decision, group))
+                items.append(chat_item(uri, decision, label, conversation))
     if decision.passthrough:
         items.append(Outgoing(envelope.mail_from, decision.passthrough, received + message.data))
     return items
 
 
-def chat_item(uri: str, decision: Decision, group: str | None) -> Outgoing:
+def chat_item(
+    uri: str,
+    decision: Decision,
+    label: str | None,
+    conversation: Conversation | None = None,
+) -> Outgoing:
     """One chat post, rendered now: the outbox keeps the text, never the (secret) URI."""
     assert decision.alert is not None
     template = decision.templates.get(uri, ChatTemplate())
@@ -200,24 +207,19 @@ def chat_item(uri: str, decision: Decision, group: str | None) -> Outgoing:
         style = parse_slack(uri)[1]
         if style:
             template = replace(template, style=style)
-    rendered = render(template, decision.alert, group)
-    stage = decision.alert.stage
-    event = decision.alert.event
-    payload = {
-        "action": mask(uri),
-        "title": rendered.title,
-        "body": rendered.body,
-        "colour": rendered.colour,
-        "event": event,
-        "link": rendered.link,
-        "pipeline": stage.pipeline.lower() if stage else None,
-        "stage": stage.stage.lower() if stage else None,
-        "thread": "start"
-        if event == "BREAKS"
-        else "reply"
-        if event in ("FIXED", "PASSES")
-        else None,
-    }
+    rendered = render(template, decision.alert, label)
+    role = conversation.role if conversation else None
+    post = ChatPost(
+        action=mask(uri),
+        title=rendered.title,
+        body=rendered.body,
+        colour=rendered.colour,
+        severity=rendered.severity,
+        event=decision.alert.event,
+        link=rendered.link,
+        thread_key=conversation.key if conversation else None,
+        thread="start" if role == "start" else "reply" if role == "answer" else None,
+    )
     # A template may show the envelope sender, which non-UTF-8 bytes make surrogate-escaped.
-    data = valid_text(json.dumps(payload, ensure_ascii=False)).encode("utf-8")
+    data = valid_text(post.to_json()).encode("utf-8")
     return Outgoing("", (action_id(uri),), data, kind="chat")

@@ -37,8 +37,9 @@ from mail2alert.gocd.poller import GroupPoller, client_from_options, load_snapsh
 from mail2alert.managers.base import Context
 from mail2alert.model import PipelineGroups
 from mail2alert.outbox import GroupCommitter, Outbox, StageView
+from mail2alert.planning import accept
 from mail2alert.routing import Manager
-from mail2alert.server import Handler, accept, describe, smtp_factory
+from mail2alert.server import Handler, describe, smtp_factory
 
 log = logging.getLogger(__name__)
 
@@ -188,8 +189,9 @@ class Service:
             self._history = Outbox(cfg.data_dir, durable=False)
             self.context = replace(
                 self.context,
-                last_results=StageView(self._history, "history"),
-                threads=StageView(self._history, "mail_threads"),
+                state={
+                    table: StageView(self._history, table) for table in ("history", "mail_threads")
+                },
             )
             if self.role != "delivery":
                 self._committer = GroupCommitter(cfg.data_dir, on_death=self._writer_died)

@@ -182,8 +182,9 @@ def _context(args: argparse.Namespace, loaded: config.Config) -> Context:
             print(f"note: {note}", file=sys.stderr)
     return Context(
         snapshots=snapshots,
-        last_results=read_stage_table(loaded.data_dir, "history"),
-        threads=read_stage_table(loaded.data_dir, "mail_threads"),
+        state={
+            table: read_stage_table(loaded.data_dir, table) for table in ("history", "mail_threads")
+        },
     )
 
 

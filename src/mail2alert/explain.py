@@ -24,9 +24,9 @@ from mail2alert.gocd.client import parse_groups
 from mail2alert.gocd.manager import VERBS
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
-from mail2alert.model import EVENTS, Decision, Envelope, PipelineGroups
+from mail2alert.model import EVENTS, ChatPost, Decision, Envelope, PipelineGroups
+from mail2alert.planning import accept
 from mail2alert.routing import Manager, find_manager
-from mail2alert.server import accept
 
 #: What ``--expect`` and test suites may say instead of a list of actions.
 OUTCOME_WORDS = ("relay", "drop", "hold")
@@ -129,16 +129,19 @@ def explain(
     d = accepted.decision
     manager = find_manager(config.routing, d.manager)
     has_groups = manager is not None and (
-        context.snapshots.get(manager.label, context.groups) is not None
+        context.snapshots.get(manager.label, context.snapshot) is not None
     )
     lines = tuple(r.line for r in manager.rules) if manager else ()
     texts = tuple(rule_text(manager, i) for i in range(len(manager.rules))) if manager else ()
-    chat = tuple(json.loads(i.data) for i in accepted.items if i.kind == "chat")
+    # As stored, and so as the chat transport will read it.
+    chat = tuple(
+        json.loads(ChatPost.from_json(i.data).to_json()) for i in accepted.items if i.kind == "chat"
+    )
     return Explanation(
         envelope,
         d,
         tuple(item.recipients for item in accepted.items if item.kind != "chat"),
-        accepted.group,
+        accepted.label,
         lines,
         texts,
         chat,
@@ -360,7 +363,7 @@ def coverage(config: Config, context: Context) -> CoverageReport:
         if manager.type.name != "gocd":
             continue
         groups = context.snapshots.get(manager.label)
-        if groups is None:
+        if not isinstance(groups, PipelineGroups):
             missing.append(manager.label)
             continue
         envelope = Envelope(
@@ -395,7 +398,7 @@ def coverage(config: Config, context: Context) -> CoverageReport:
 
 
 def _without_history(context: Context) -> Context:
-    return Context(groups=context.groups, snapshots=context.snapshots)
+    return Context(snapshot=context.snapshot, snapshots=context.snapshots)
 
 
 def render_coverage(report: CoverageReport) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -146,6 +147,85 @@ class Outgoing:
     data: bytes
     kind: str = "smtp"
     meta: Mapping[str, str] = field(default_factory=dict)
+
+
+Severity = Literal["failure", "success", "warning", "info"]
+
+
+@dataclass(frozen=True)
+class ChatPost:
+    """One chat message to post, as the outbox keeps it (the text, never the secret URI).
+
+    ``thread_key`` names the conversation the post belongs to; a post with ``thread``
+    ``start`` opens a thread (its Slack timestamp is kept), one with ``reply`` is posted in
+    it and ends it.
+    """
+
+    action: str
+    """The action URI, masked: for display only."""
+    title: str
+    body: str
+    colour: str
+    severity: Severity = "info"
+    event: str | None = None
+    link: str | None = None
+    thread_key: tuple[str, str] | None = None
+    thread: Literal["start", "reply"] | None = None
+
+    def to_json(self) -> str:
+        """The post as the outbox stores it (as UTF-8)."""
+        fields = {
+            "action": self.action,
+            "title": self.title,
+            "body": self.body,
+            "colour": self.colour,
+            "severity": self.severity,
+            "event": self.event,
+            "link": self.link,
+            "thread_key": list(self.thread_key) if self.thread_key else None,
+            "thread": self.thread,
+        }
+        return json.dumps(fields, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ChatPost:
+        """A stored post; raises ValueError for data that is not one.
+
+        Posts stored before ``thread_key`` and ``severity`` existed name their conversation
+        by ``pipeline`` and ``stage``, and have no severity: they read as they were meant.
+        """
+        fields = json.loads(data)
+        if not isinstance(fields, dict) or not isinstance(fields.get("title"), str):
+            raise ValueError("not a chat post")
+        key = fields.get("thread_key")
+        if key is None and fields.get("pipeline") and fields.get("stage"):
+            key = [fields["pipeline"], fields["stage"]]
+        thread = fields.get("thread")
+        severity = fields.get("severity")
+        return cls(
+            action=str(fields.get("action") or ""),
+            title=fields["title"],
+            body=str(fields.get("body") or ""),
+            colour=str(fields.get("colour") or ""),
+            severity=severity
+            if severity in _SEVERITIES
+            else _LEGACY_SEVERITY.get(str(fields.get("event")), "info"),
+            event=fields.get("event"),
+            link=fields.get("link"),
+            thread_key=(str(key[0]), str(key[1])) if key else None,
+            thread=thread if thread in ("start", "reply") else None,
+        )
+
+
+_SEVERITIES = frozenset({"failure", "success", "warning", "info"})
+#: How posts stored before ``severity`` existed read: by their event.
+_LEGACY_SEVERITY: Mapping[str, Severity] = {
+    "BREAKS": "failure",
+    "FAILS": "failure",
+    "FIXED": "success",
+    "PASSES": "success",
+    "CANCELLED": "warning",
+}
 
 
 @dataclass(frozen=True)

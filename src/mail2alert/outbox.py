@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mail2alert.errors import OutboxError, OutboxFull
+from mail2alert.managers.memory import Claim, Note
 from mail2alert.model import Decision, Envelope, Outgoing
 
 DB_NAME = "outbox.sqlite3"
@@ -176,6 +177,33 @@ def storage_error(exc: BaseException, doing: str) -> OutboxError:
     return kind(f"cannot {doing}: {exc}")
 
 
+#: The tables notes are kept in: the SQL that keeps one and the SQL that forgets one.
+_NOTES: Mapping[str, tuple[str, str]] = {
+    "history": (
+        "INSERT OR REPLACE INTO history VALUES (?,?,?,?)",
+        "DELETE FROM history WHERE pipeline=? AND stage=?",
+    ),
+    "mail_threads": (
+        "INSERT OR REPLACE INTO mail_threads VALUES (?,?,?)",
+        "DELETE FROM mail_threads WHERE pipeline=? AND stage=?",
+    ),
+}
+
+
+def _keep(db: sqlite3.Connection, note: Note, at: float) -> None:
+    """Keep (or, with an empty value, forget) one note; raises ValueError for no such table."""
+    try:
+        keep, forget = _NOTES[note.table]
+    except KeyError:
+        raise ValueError(f"no outbox table for notes {note.table!r}") from None
+    if not note.value:
+        db.execute(forget, note.key)
+    elif note.table == "history":
+        db.execute(keep, (*note.key, note.value, at))
+    else:
+        db.execute(keep, (*note.key, note.value))
+
+
 @dataclass(frozen=True)
 class Accepted:
     """One received message and what it turned into, ready to be committed."""
@@ -187,15 +215,12 @@ class Accepted:
     decision: Decision
     items: tuple[Outgoing, ...]
     raw: bytes | None = None
-    history: tuple[str, str, str] | None = None
-    """``(pipeline, stage, result)`` to remember for the event correction, lower case."""
-    event_key: str | None = None
-    """Identifies a GoCD event; a second one within ``event_window`` seconds is a duplicate."""
-    event_window: float = 0.0
-    thread: tuple[str, str, str] | None = None
-    """``(pipeline, stage, Message-ID)`` of a BREAKS mail, or with an empty id: thread ended."""
-    group: str | None = None
-    """The pipeline group of a stage mail, as routing knew it (for display)."""
+    notes: tuple[Note, ...] = ()
+    """What the deciding manager keeps once this is committed (an empty value forgets)."""
+    claim: Claim | None = None
+    """A second message with this claim's key within its window is a duplicate."""
+    label: str | None = None
+    """Where the message belongs by its manager's snapshot, as routing knew it (display)."""
 
 
 @dataclass
@@ -333,16 +358,16 @@ class Outbox:
 
     @staticmethod
     def _seen_before(db: sqlite3.Connection, a: Accepted) -> str | None:
-        if a.event_key is None:
+        if a.claim is None:
             return None
         row = db.execute(
-            "SELECT queue_id, at FROM seen_events WHERE key=?", (a.event_key,)
+            "SELECT queue_id, at FROM seen_events WHERE key=?", (a.claim.key,)
         ).fetchone()
-        if row is not None and a.received - row[1] < a.event_window:
+        if row is not None and a.received - row[1] < a.claim.window:
             return str(row[0])
         db.execute(
             "INSERT OR REPLACE INTO seen_events VALUES (?,?,?)",
-            (a.event_key, a.queue_id, a.received),
+            (a.claim.key, a.queue_id, a.received),
         )
         return None
 
@@ -353,7 +378,7 @@ class Outbox:
         outcome: str = d.outcome
         reason = d.reason
         if duplicate_of is not None:
-            outcome, reason = "duplicate", f"same GoCD event as {duplicate_of}: delivered once"
+            outcome, reason = "duplicate", f"same event as {duplicate_of}: delivered once"
         _insert(
             db,
             "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,{blob})",
@@ -374,14 +399,8 @@ class Outbox:
             return
         for item in a.items:
             self._insert_item(db, a.queue_id, a.received, item)
-        if a.history is not None:
-            db.execute("INSERT OR REPLACE INTO history VALUES (?,?,?,?)", (*a.history, a.received))
-        if a.thread is not None and a.thread[2]:
-            db.execute("INSERT OR REPLACE INTO mail_threads VALUES (?,?,?)", a.thread)
-        elif a.thread is not None:
-            db.execute(
-                "DELETE FROM mail_threads WHERE pipeline=? AND stage=?", (a.thread[0], a.thread[1])
-            )
+        for note in a.notes:
+            _keep(db, note, a.received)
 
     def held(self) -> list[tuple[str, float, Envelope, bytes]]:
         """Messages held for GoCD data: (queue id, received, envelope, raw bytes)."""

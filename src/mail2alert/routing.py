@@ -2,8 +2,8 @@
 
 ``serve`` calls :func:`route` for every message, and so does every command that shows or tests
 routing, so what an operator tests is exactly what runs. It is pure and synchronous: the
-caller supplies everything it may know (the message, the GoCD snapshot) in a
-:class:`~mail2alert.managers.base.Context`.
+caller supplies everything it may know (the message, each manager's snapshot, the notes
+earlier decisions kept) in a :class:`~mail2alert.managers.base.Context`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class Rule:
     template: ChatTemplate = field(default_factory=ChatTemplate)
 
     def judge(self, index: int, alert: Alert, context: Context) -> tuple[RuleTrace, bool]:
-        """This rule's verdict on ``alert`` and whether it waits for GoCD data."""
+        """This rule's verdict on ``alert`` and whether it waits for a snapshot."""
         if self.events is not None:
             if alert.event is None:
                 return RuleTrace(index, False, "has no event (not a stage mail)"), False
@@ -57,7 +57,8 @@ class Manager:
 
     @property
     def label(self) -> str:
-        """How logs and reports name this manager: ``gocd`` or ``gocd#2`` if repeated."""
+        """How logs, reports and the outbox name this manager: its type and its position
+        among all managers, e.g. ``gocd#0``."""
         return f"{self.type.name}#{self.index}"
 
     def seconds(self, key: str, default: float) -> float:
@@ -92,15 +93,17 @@ def route(
 
     The first manager (in configuration order) that wants the message decides. All its rules
     are judged; the actions of every matching rule are collected, de-duplicated, in the order
-    first seen. If any rule could only be judged with GoCD data that is missing and nothing
-    matched, the decision is ``hold``.
+    first seen. If any rule can only be judged with a snapshot that is not there yet, the
+    decision is ``hold``, even when other rules matched: the message is routed once, wholly,
+    when the snapshot has come (or given up on: see ``hold-max``), never half now and half
+    later.
     """
     for manager in managers:
         taken = manager.wanted_recipients(envelope)
         if taken is None:
             continue
         if manager.label in context.snapshots:
-            context = replace(context, groups=context.snapshots[manager.label])
+            context = replace(context, snapshot=context.snapshots[manager.label])
         alert = manager.type.read(message, envelope, context)
         rest = tuple(r for r in envelope.rcpt_tos if r not in taken)
         traces: list[RuleTrace] = []
@@ -116,7 +119,7 @@ def route(
             return Decision(
                 "hold",
                 manager.label,
-                "waiting for pipeline groups from GoCD",
+                manager.type.waiting,
                 trace=tuple(traces),
                 alert=alert,
                 passthrough=rest,

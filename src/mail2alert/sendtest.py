@@ -8,7 +8,6 @@ of its actions. Nothing goes through the outbox: the answer is the transport's o
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import time
@@ -18,7 +17,7 @@ from mail2alert.actions import chat_item, check_action, is_chat, mask
 from mail2alert.config import Config
 from mail2alert.errors import UsageError
 from mail2alert.message import RawMessage, rewrite
-from mail2alert.model import Decision
+from mail2alert.model import ChatPost, Decision
 from mail2alert.outbox import Item
 from mail2alert.templates import SAMPLE
 from mail2alert.transports import Attempt
@@ -65,9 +64,8 @@ async def send(config: Config, uri: str, *, sender: str) -> Attempt:
     decision = test_alert()
     if is_chat(uri):
         post = chat_item(uri, replace(decision, actions=(uri,)), "my-group")
-        payload = json.loads(post.data)
-        payload["title"] = f"{LABEL} {payload['title']}"
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        rendered = ChatPost.from_json(post.data)
+        data = replace(rendered, title=f"{LABEL} {rendered.title}").to_json().encode("utf-8")
         item = Item(0, "TEST", "chat", "", data, 0, time.time(), post.recipients)
         settings = config.chat_settings()
         settings = replace(settings, actions={**settings.actions, post.recipients[0]: uri})

@@ -14,128 +14,28 @@ import re
 import resource
 import socket
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import IO, Any, ClassVar, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from mail2alert.actions import mask, outgoing_for
+from mail2alert.actions import mask
 from mail2alert.errors import OutboxError, OutboxFull
-from mail2alert.gocd.manager import stage_result
 from mail2alert.managers.base import Context
-from mail2alert.message import RawMessage, received_header
-from mail2alert.model import Decision, Envelope
+from mail2alert.model import Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id
-from mail2alert.routing import Manager, find_manager, route
+from mail2alert.planning import accept
+from mail2alert.routing import Manager
 
 log = logging.getLogger(__name__)
 
 REPLY_QUEUED = "250 2.0.0 Ok: queued as {}"
-#: Events whose mail answers the BREAKS mail of the same stage (threads in mail clients).
-_ANSWERS = frozenset({"FIXED", "PASSES"})
 REPLY_NOT_QUEUED = "451 4.3.0 Requested action aborted: cannot queue the message, try again later"
 REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_TOO_MANY = "421 4.3.2 too many connections, try again later"
 REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 REPLY_BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
-
-
-def accept(
-    queue_id: str,
-    envelope: Envelope,
-    data: bytes,
-    managers: Sequence[Manager],
-    context: Context,
-    *,
-    helo: str = "",
-    peer: str = "",
-    hostname: str = "localhost",
-    received_at: float | None = None,
-    stop_holding: bool = False,
-) -> Accepted:
-    """Route one received message and build what the outbox must keep; never raises.
-
-    If routing itself fails (our bug, never the sender's), the message is relayed unchanged
-    and the error logged with its queue id. With ``stop_holding``, a message that would be
-    held again goes to its manager's ``fallback`` actions, or is relayed unchanged.
-    """
-    now = time.time() if received_at is None else received_at
-    message = RawMessage.parse(data)
-    try:
-        decision = route(managers, envelope, message, context)
-    except Exception:
-        log.exception("%s: routing failed; relaying the message unchanged", queue_id)
-        decision = Decision("relay", None, "routing failed: relayed unchanged")
-    if decision.outcome == "hold" and stop_holding:
-        decision = _stop_holding(queue_id, decision, managers)
-    single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
-    received = received_header(
-        helo=helo,
-        peer=peer,
-        hostname=hostname,
-        queue_id=queue_id,
-        recipient=single,
-        newline=message.newline,
-    )
-    alert = decision.alert
-    stage = alert.stage if alert else None
-    key = (stage.pipeline.lower(), stage.stage.lower()) if stage else None
-    manager = find_manager(managers, decision.manager)
-    groups = context.snapshots.get(manager.label, context.groups) if manager else None
-    group = groups.group_of(stage.pipeline) if groups and stage else None
-    answers = context.threads.get(key) if key and alert and alert.event in _ANSWERS else None
-    items = outgoing_for(decision, envelope, message, received, group=group, in_reply_to=answers)
-    subject = alert.subject if alert else message.get("subject")
-    history = event_key = thread = None
-    window = 0.0
-    if alert is not None and stage is not None and key and decision.outcome != "hold":
-        result = stage_result(stage)
-        if result:
-            history = (*key, result)
-        if alert.event == "BREAKS" and alert.message_id:
-            thread = (*key, alert.message_id)
-        elif answers:
-            thread = (*key, "")
-        window = manager.seconds("duplicate-window", 0.0) if manager else 0.0
-        if window > 0:
-            event_key = f"{decision.manager}:{stage.locator.lower()}:{stage.verb}"
-    return Accepted(
-        queue_id,
-        now,
-        envelope,
-        subject,
-        decision,
-        tuple(items),
-        raw=data if decision.outcome == "hold" else None,
-        history=history,
-        event_key=event_key,
-        event_window=window,
-        thread=thread,
-        group=group,
-    )
-
-
-def _stop_holding(queue_id: str, decision: Decision, managers: Sequence[Manager]) -> Decision:
-    manager = find_manager(managers, decision.manager)
-    if manager is not None and manager.fallback:
-        log.warning(
-            "%s: no pipeline groups from GoCD in time; sending to %s's fallback actions",
-            queue_id,
-            manager.label,
-        )
-        return replace(
-            decision,
-            outcome="deliver",
-            reason="no GoCD data in time: fallback actions",
-            actions=manager.fallback,
-        )
-    log.warning(
-        "%s: no pipeline groups from GoCD in time and no fallback; relaying unchanged", queue_id
-    )
-    return replace(decision, outcome="relay", reason="no GoCD data in time: relayed unchanged")
 
 
 #: What must not reach a log line as it came: C0 and C1 controls (a terminal obeys ESC and

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from mail2alert.gocd.manager import VERBS
-from mail2alert.model import Alert, ChatTemplate, Envelope, Stage
+from mail2alert.model import Alert, ChatTemplate, Envelope, Severity, Stage
 
 if TYPE_CHECKING:
     import jinja2
@@ -32,6 +32,15 @@ COLOURS: Mapping[str, str] = {
     "CANCELLED": "#daa038",
 }
 NEUTRAL = "#808080"
+
+#: What each event is, for services that show a kind rather than a colour (Apprise).
+SEVERITIES: Mapping[str, Severity] = {
+    "BREAKS": "failure",
+    "FAILS": "failure",
+    "FIXED": "success",
+    "PASSES": "success",
+    "CANCELLED": "warning",
+}
 
 #: How each event reads in a title.
 WORDS: Mapping[str, str] = {
@@ -62,6 +71,7 @@ class Rendered:
     title: str
     body: str
     colour: str
+    severity: Severity
     event: str | None
     link: str | None
 
@@ -119,6 +129,7 @@ def render(template: ChatTemplate, alert: Alert, group: str | None = None) -> Re
         title=title,
         body=body,
         colour=COLOURS.get(alert.event or "", NEUTRAL),
+        severity=SEVERITIES.get(alert.event or "", "info"),
         event=alert.event,
         link=alert.details_url,
     )

@@ -11,6 +11,7 @@ import re
 from dataclasses import replace
 
 from mail2alert.errors import RuleArgumentError
+from mail2alert.gocd.memory import GOCD_MEMORY, HISTORY
 from mail2alert.managers.base import (
     Context,
     ManagerType,
@@ -22,7 +23,7 @@ from mail2alert.managers.base import (
 )
 from mail2alert.managers.mail import MAIL
 from mail2alert.message import RawMessage
-from mail2alert.model import EVENTS, Alert, Envelope, Stage
+from mail2alert.model import EVENTS, Alert, Envelope, PipelineGroups, Stage
 
 #: GoCD's verbs and the events mail2alert calls them.
 VERBS: dict[str, str] = {
@@ -80,13 +81,6 @@ def corrected_event(stage: Stage, last_result: str | None) -> str:
     return event
 
 
-def stage_result(stage: Stage) -> str | None:
-    """What a stage mail says of the run's result for the history: passed, failed or None."""
-    return {"PASSES": "passed", "FIXED": "passed", "FAILS": "failed", "BREAKS": "failed"}.get(
-        VERBS[stage.verb]
-    )
-
-
 def read_gocd_alert(message: RawMessage, envelope: Envelope, context: Context) -> Alert:
     """The common facts plus, for a stage mail, the stage, its event, details URL and changes."""
     alert = read_alert(message, envelope, context)
@@ -96,7 +90,7 @@ def read_gocd_alert(message: RawMessage, envelope: Envelope, context: Context) -
     body = message.body_text.replace("\r\n", "\n")
     details = _DETAILS.search(body)
     changes = _CHANGES.search(body)
-    last = context.last_results.get((stage.pipeline.lower(), stage.stage.lower()))
+    last = context.recall(HISTORY, (stage.pipeline.lower(), stage.stage.lower()))
     return replace(
         alert,
         stage=stage,
@@ -116,12 +110,13 @@ def _compile_any(args: tuple[str, ...]) -> Predicate:
 
 
 def _group_verdict(pipeline: str, group: str, context: Context, *, via: str = "") -> Verdict:
-    if context.groups is None:
+    groups = context.snapshot
+    if not isinstance(groups, PipelineGroups):
         return Verdict(False, "no pipeline groups from GoCD yet", waiting=True)
     shown = f"pipeline {pipeline!r}{via}"
-    if context.groups.in_group(pipeline, group):
+    if groups.in_group(pipeline, group):
         return Verdict(True, f"{shown} is in group {group!r}")
-    actual = context.groups.group_of(pipeline)
+    actual = groups.group_of(pipeline)
     where = f"is in group {actual!r}" if actual else "is unknown to GoCD"
     return Verdict(False, f"{shown} {where}, not in {group!r}")
 
@@ -195,6 +190,9 @@ GOCD = ManagerType(
         **{f.name: f for f in (ANY, IN_GROUP, NAME_LIKE_IN_GROUP)},
     },
     events=EVENTS,
+    memory=GOCD_MEMORY,
+    waiting="waiting for pipeline groups from GoCD",
+    gave_up="no GoCD data in time",
     options={
         "url": Option("url", "GoCD's base URL, e.g. https://ci.example.com/go"),
         "user": Option("text", "user for HTTP basic auth"),

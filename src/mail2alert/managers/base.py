@@ -5,8 +5,9 @@ A *rule function* (``mail.in_subject``, ``pipelines.in_group``...) is compiled o
 configuration loads, into a :class:`Predicate`; compiling checks its arguments, so a bad regex
 or a missing argument is a configuration error and never a surprise at run time.
 
-Everything here is pure and synchronous: no I/O, no awaiting. GoCD data reaches predicates
-as an immutable snapshot in the :class:`Context`.
+Everything here is pure and synchronous: no I/O, no awaiting. Outside data (a manager's
+snapshot, the notes earlier decisions kept) reaches predicates in the immutable
+:class:`Context`.
 """
 
 from __future__ import annotations
@@ -15,32 +16,35 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from mail2alert.managers.memory import NO_MEMORY, Memory
 from mail2alert.message import RawMessage
-from mail2alert.model import Alert, Envelope, PipelineGroups
+from mail2alert.model import Alert, Envelope
 
 
 @dataclass(frozen=True)
 class Context:
     """What routing may know beyond the message itself.
 
-    ``snapshots`` holds the latest pipeline groups per manager (by label, e.g. ``gocd#0``);
-    routing puts the deciding manager's into ``groups``, which is None while that manager has
-    never had a snapshot. ``last_results`` maps ``(pipeline, stage)`` (lower case) to the last
-    known result, ``passed`` or ``failed``, for the event correction of the gocd manager.
+    ``snapshots`` holds the latest snapshot of each manager's outside data, by manager label
+    (``gocd#0``); routing puts the deciding manager's into ``snapshot``, which is None while
+    that manager has never had one. ``state`` holds the notes decisions have kept (see
+    :mod:`mail2alert.managers.memory`), by table and key.
     """
 
-    groups: PipelineGroups | None = None
-    snapshots: Mapping[str, PipelineGroups] = field(default_factory=dict)
-    last_results: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    threads: Mapping[tuple[str, str], str] = field(default_factory=dict)
-    """``(pipeline, stage)`` -> Message-ID of the BREAKS mail a FIXED mail answers."""
+    snapshot: object | None = None
+    snapshots: Mapping[str, object] = field(default_factory=dict)
+    state: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)
+
+    def recall(self, table: str, key: tuple[str, str]) -> str | None:
+        """The note kept in ``table`` for ``key``, or None."""
+        return self.state.get(table, {}).get(key)
 
 
 @dataclass(frozen=True)
 class Verdict:
     """A predicate's answer, with the reason an operator reads in ``route --trace``.
 
-    ``waiting`` means the answer needs data that is not there yet (GoCD groups).
+    ``waiting`` means the answer needs outside data that is not there yet (no snapshot).
     """
 
     matched: bool
@@ -119,6 +123,12 @@ class ManagerType:
     functions: Mapping[str, RuleFunction]
     events: tuple[str, ...] = ()
     options: Mapping[str, Option] = field(default_factory=dict)
+    memory: Memory = NO_MEMORY
+    """The stateful half: what decisions remember and recall (nothing, by default)."""
+    waiting: str = "waiting for outside data"
+    """Why a message is held while a rule waits for a snapshot that is not there yet."""
+    gave_up: str = "no outside data in time"
+    """Why held mail went to the fallback actions (or was relayed) after ``hold-max``."""
 
 
 def read_alert(message: RawMessage, envelope: Envelope, context: Context) -> Alert:

@@ -10,16 +10,15 @@ post of the same pipeline/stage is sent as a reply in that thread.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mail2alert.actions import mask, parse_slack
 from mail2alert.gocd.client import ClientError
-from mail2alert.model import ChatSettings
+from mail2alert.model import ChatPost, ChatSettings
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.transports import Attempt
 
@@ -76,37 +75,37 @@ class ChatSender:
         action = item.recipients[0] if item.recipients else ""
         uri = self.settings.actions.get(action)
         try:
-            payload: dict[str, Any] = json.loads(item.data)
+            post = ChatPost.from_json(item.data)
         except ValueError:
             return Attempt((), "the stored chat message is not valid JSON", permanent=True)
         if uri is None:
-            shown = payload.get("action", action)
+            shown = post.action or action
             return Attempt((), f"{shown} is no longer in the configuration", permanent=True)
         if uri.lower().startswith("slack:") and not uri.startswith("slack://"):
-            return await self._slack(uri, action, payload)
-        return await self._apprise(uri, action, payload)
+            return await self._slack(uri, action, post)
+        return await self._apprise(uri, action, post)
 
     # -- Slack's Web API ------------------------------------------------------------------
 
-    async def _slack(self, uri: str, action: str, payload: dict[str, Any]) -> Attempt:
+    async def _slack(self, uri: str, action: str, post: ChatPost) -> Attempt:
         token = self.settings.slack_token
         if token is None:
             return Attempt((), "slack: actions need the top-level slack-token", permanent=True)
         channel, _ = parse_slack(uri)
-        key = _thread_key(payload, action)
+        key = (*post.thread_key, action) if post.thread_key else None
         thread = None
-        if key is not None and payload.get("thread") == "reply":
+        if key is not None and post.thread == "reply":
             thread = await self.threads.get(key)
         body: dict[str, Any] = {
             "channel": thread[0] if thread else channel,
-            "text": payload["title"],
+            "text": post.title,
             "attachments": [
                 {
-                    "color": payload.get("colour"),
-                    "fallback": payload["title"],
-                    "title": payload["title"],
-                    "title_link": payload.get("link") or None,
-                    "text": payload.get("body", ""),
+                    "color": post.colour or None,
+                    "fallback": post.title,
+                    "title": post.title,
+                    "title_link": post.link or None,
+                    "text": post.body,
                 }
             ],
         }
@@ -137,7 +136,7 @@ class ChatSender:
         if not isinstance(answer, dict) or not answer.get("ok"):
             error = str(answer.get("error", "unknown")) if isinstance(answer, dict) else "?"
             return Attempt((), f"Slack: {error}", permanent=error in SLACK_PERMANENT)
-        if key is not None and payload.get("thread") == "start" and answer.get("ts"):
+        if key is not None and post.thread == "start" and answer.get("ts"):
             await self.threads.put(key, str(answer.get("channel") or channel), str(answer["ts"]))
         elif key is not None and thread:
             await self.threads.drop(key)
@@ -154,27 +153,26 @@ class ChatSender:
 
     # -- Apprise --------------------------------------------------------------------------
 
-    async def _apprise(self, uri: str, action: str, payload: dict[str, Any]) -> Attempt:
+    async def _apprise(self, uri: str, action: str, post: ChatPost) -> Attempt:
         loop = asyncio.get_running_loop()
-        ok, detail = await loop.run_in_executor(None, _notify, uri, payload)
+        ok, detail = await loop.run_in_executor(None, _notify, uri, post)
         if ok:
             return Attempt((RecipientResult(action, "done", f"sent to {mask(uri)}"),))
         return Attempt((), f"{mask(uri)}: {_scrub(detail, uri) or 'notification failed'}")
 
 
-def _notify(uri: str, payload: dict[str, Any]) -> tuple[bool, str]:
+def _notify(uri: str, post: ChatPost) -> tuple[bool, str]:
     """Send with Apprise (blocking: runs in a worker thread); (success, what Apprise logged)."""
     import apprise
 
     kinds = {
-        "BREAKS": apprise.NotifyType.FAILURE,
-        "FAILS": apprise.NotifyType.FAILURE,
-        "FIXED": apprise.NotifyType.SUCCESS,
-        "PASSES": apprise.NotifyType.SUCCESS,
-        "CANCELLED": apprise.NotifyType.WARNING,
+        "failure": apprise.NotifyType.FAILURE,
+        "success": apprise.NotifyType.SUCCESS,
+        "warning": apprise.NotifyType.WARNING,
+        "info": apprise.NotifyType.INFO,
     }
-    body = payload.get("body") or payload["title"]
-    link = payload.get("link")
+    body = post.body or post.title
+    link = post.link
     if link and link not in body:
         body = f"{body}\n{link}"
     notifier = apprise.Apprise()
@@ -185,9 +183,9 @@ def _notify(uri: str, payload: dict[str, Any]) -> tuple[bool, str]:
         level=apprise.logging.WARNING, fmt="%(message)s"
     ) as captured:
         ok = notifier.notify(
-            title=payload["title"],
+            title=post.title,
             body=body,
-            notify_type=kinds.get(payload.get("event") or "", apprise.NotifyType.INFO),
+            notify_type=kinds[post.severity],
         )
         detail = captured.getvalue()
     return bool(ok), " ".join(str(detail).split())[-300:]
@@ -199,11 +197,6 @@ def _scrub(text: str, uri: str) -> str:
         if len(piece) >= 6:
             text = text.replace(piece, "***")
     return text
-
-
-def _thread_key(payload: Mapping[str, Any], action: str) -> ThreadKey | None:
-    pipeline, stage = payload.get("pipeline"), payload.get("stage")
-    return (str(pipeline), str(stage), action) if pipeline and stage else None
 
 
 def _seconds(value: str | None) -> float:

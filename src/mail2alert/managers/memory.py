@@ -1,0 +1,98 @@
+"""The stateful half of a manager plugin: what its decisions remember and what they recall.
+
+Routing (:mod:`mail2alert.routing`) and planning (:mod:`mail2alert.planning`) are generic;
+they call these hooks and know none of a manager type's words. A manager type that has
+nothing to remember (``mail``) uses :data:`NO_MEMORY`.
+
+The words the core does know:
+
+- a **conversation** is a run of alerts about one subject of the manager's (for GoCD: one
+  stage of one pipeline). An alert may *start* it (a breakage) or *answer* it (the fix):
+  the answer's mail is threaded under the start's, its chat post replied in the start's
+  thread, and the conversation ends;
+- a **note** is one fact the manager keeps in the outbox once the message is committed (for
+  GoCD: the last result of a stage, which corrects the next event), and routing sees it
+  again in :attr:`~mail2alert.managers.base.Context.state`;
+- a **claim** says an alert is the same event as any other with its key within a window:
+  the second is recorded, and delivered not at all;
+- a **label** names, for display and for templates, where the alert belongs (a group).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from mail2alert.model import Alert
+
+#: A conversation's or a note's key: two parts, lower case.
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """The conversation an alert is part of, and whether it starts or answers it."""
+
+    key: Key
+    role: Literal["start", "answer"] | None = None
+
+
+@dataclass(frozen=True)
+class Note:
+    """A fact to keep in the manager's ``table`` once the message is committed."""
+
+    table: str
+    key: Key
+    value: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """Deliver at most one alert with this ``key`` within ``window`` seconds."""
+
+    key: str
+    window: float
+
+
+class Memory(Protocol):
+    """What a manager type's decisions remember and recall (all pure, no I/O).
+
+    ``options`` are the manager's validated keys; ``state`` is the snapshot of the notes
+    kept so far, by table and key.
+    """
+
+    def conversation(self, alert: Alert) -> Conversation | None:
+        """The conversation ``alert`` is part of, or None."""
+        ...
+
+    def notes(self, alert: Alert) -> tuple[Note, ...]:
+        """What to remember once ``alert`` is committed (not for held mail)."""
+        ...
+
+    def claim(self, alert: Alert, label: str, options: Mapping[str, object]) -> Claim | None:
+        """The de-duplication claim of ``alert`` by the manager ``label``, or None."""
+        ...
+
+    def label(self, alert: Alert, snapshot: object | None) -> str | None:
+        """Where ``alert`` belongs, by the manager's snapshot (for display), or None."""
+        ...
+
+
+class _Forgetful:
+    """A memory that keeps and recalls nothing: the ``mail`` manager's."""
+
+    def conversation(self, alert: Alert) -> Conversation | None:
+        return None
+
+    def notes(self, alert: Alert) -> tuple[Note, ...]:
+        return ()
+
+    def claim(self, alert: Alert, label: str, options: Mapping[str, object]) -> Claim | None:
+        return None
+
+    def label(self, alert: Alert, snapshot: object | None) -> str | None:
+        return None
+
+
+NO_MEMORY: Memory = _Forgetful()

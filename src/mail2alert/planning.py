@@ -1,0 +1,158 @@
+"""THE planner: a routing decision -> what the outbox keeps and what goes out. Pure.
+
+:func:`accept` parses a received message, routes it (:func:`mail2alert.routing.route`) and
+plans it: the outgoing items (the rewritten mail, one chat post per chat action, the
+unchanged copy for recipients no manager took), the notes the deciding manager keeps, its
+de-duplication claim and its label. ``serve`` calls it for every message and for held mail
+it releases, and so do ``route``, ``test`` and ``coverage``: what an operator tests is what
+runs. It does no I/O: everything it may know comes in the
+:class:`~mail2alert.managers.base.Context`.
+
+Conversations are the planner's own policy, in any manager's words: the mail that starts
+one is remembered (its Message-ID, in the ``mail_threads`` notes), and the mail that answers
+it is threaded under it (``In-Reply-To``) and ends it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from mail2alert.actions import outgoing_for
+from mail2alert.managers.base import Context
+from mail2alert.managers.memory import Claim, Conversation, Note
+from mail2alert.message import RawMessage, received_header
+from mail2alert.model import Decision, Envelope, Outgoing
+from mail2alert.outbox import Accepted
+from mail2alert.routing import Manager, find_manager, route
+
+log = logging.getLogger(__name__)
+
+#: The notes of conversations: the Message-ID of the mail that started each one.
+THREADS = "mail_threads"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one decision turns into."""
+
+    items: tuple[Outgoing, ...]
+    notes: tuple[Note, ...] = ()
+    """Facts to keep once committed; a note with an empty value forgets its key."""
+    claim: Claim | None = None
+    label: str | None = None
+
+
+def plan(
+    decision: Decision,
+    envelope: Envelope,
+    message: RawMessage,
+    managers: Sequence[Manager],
+    context: Context,
+    *,
+    received: bytes,
+) -> Plan:
+    """Plan ``decision`` for the message; ``received`` is the trace field to prepend."""
+    manager = find_manager(managers, decision.manager)
+    alert = decision.alert
+    if manager is None or alert is None:
+        return Plan(tuple(outgoing_for(decision, envelope, message, received)))
+    memory = manager.type.memory
+    label = memory.label(alert, context.snapshots.get(manager.label, context.snapshot))
+    conversation = memory.conversation(alert)
+    answers = _answered(conversation, context)
+    items = outgoing_for(
+        decision,
+        envelope,
+        message,
+        received,
+        label=label,
+        in_reply_to=answers,
+        conversation=conversation,
+    )
+    if decision.outcome == "hold":
+        return Plan(tuple(items), label=label)
+    notes = list(memory.notes(alert))
+    if conversation is not None and conversation.role == "start" and alert.message_id:
+        notes.append(Note(THREADS, conversation.key, alert.message_id))
+    elif conversation is not None and answers:
+        notes.append(Note(THREADS, conversation.key, ""))
+    claim = memory.claim(alert, manager.label, manager.options)
+    return Plan(tuple(items), tuple(notes), claim, label)
+
+
+def _answered(conversation: Conversation | None, context: Context) -> str | None:
+    """The Message-ID of the mail that started the conversation this one answers."""
+    if conversation is None or conversation.role != "answer":
+        return None
+    return context.recall(THREADS, conversation.key) or None
+
+
+def accept(
+    queue_id: str,
+    envelope: Envelope,
+    data: bytes,
+    managers: Sequence[Manager],
+    context: Context,
+    *,
+    helo: str = "",
+    peer: str = "",
+    hostname: str = "localhost",
+    received_at: float | None = None,
+    stop_holding: bool = False,
+) -> Accepted:
+    """Route one received message and plan what the outbox must keep; never raises.
+
+    If routing itself fails (our bug, never the sender's), the message is relayed unchanged
+    and the error logged with its queue id. With ``stop_holding``, a message that would be
+    held again goes to its manager's ``fallback`` actions, or is relayed unchanged.
+    """
+    now = time.time() if received_at is None else received_at
+    message = RawMessage.parse(data)
+    try:
+        decision = route(managers, envelope, message, context)
+    except Exception:
+        log.exception("%s: routing failed; relaying the message unchanged", queue_id)
+        decision = Decision("relay", None, "routing failed: relayed unchanged")
+    if decision.outcome == "hold" and stop_holding:
+        decision = _stop_holding(queue_id, decision, managers)
+    single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
+    received = received_header(
+        helo=helo,
+        peer=peer,
+        hostname=hostname,
+        queue_id=queue_id,
+        recipient=single,
+        newline=message.newline,
+    )
+    planned = plan(decision, envelope, message, managers, context, received=received)
+    alert = decision.alert
+    return Accepted(
+        queue_id,
+        now,
+        envelope,
+        alert.subject if alert else message.get("subject"),
+        decision,
+        planned.items,
+        raw=data if decision.outcome == "hold" else None,
+        notes=planned.notes,
+        claim=planned.claim,
+        label=planned.label,
+    )
+
+
+def _stop_holding(queue_id: str, decision: Decision, managers: Sequence[Manager]) -> Decision:
+    manager = find_manager(managers, decision.manager)
+    why = manager.type.gave_up if manager is not None else "held too long"
+    if manager is not None and manager.fallback:
+        log.warning("%s: %s; sending to %s's fallback actions", queue_id, why, manager.label)
+        return replace(
+            decision,
+            outcome="deliver",
+            reason=f"{why}: fallback actions",
+            actions=manager.fallback,
+        )
+    log.warning("%s: %s and no fallback; relaying unchanged", queue_id, why)
+    return replace(decision, outcome="relay", reason=f"{why}: relayed unchanged")
