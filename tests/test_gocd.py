@@ -24,6 +24,7 @@ from mail2alert.gocd.poller import snapshot_path
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope, Secret
+from mail2alert.outbox import Outbox
 from mail2alert.testing import CaptureServer, FakeGoCD, gocd_stage_mail
 from tests.helpers import OutboxView, example_managers, running, send, wait_until, write_config
 
@@ -533,3 +534,30 @@ def test_a_duplicate_window_of_zero_delivers_every_copy(
         for _ in range(2):
             _routed(service.port, "Stage [my-pipeline/6/my-stage/1] is broken")
         assert len(upstream.wait_for(2)) == 2
+
+
+def test_a_stage_result_another_process_committed_corrects_the_next_event(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, gocd: FakeGoCD
+) -> None:
+    """Routing reads the history from memory, and picks up what other processes (another
+    intake worker, the delivery process) commit to the outbox without a restart."""
+    manager = _gocd_manager(gocd.url)
+    manager["rules"] = [
+        {
+            "actions": ["mailto:cat@example.com"],
+            "filter": {"function": "pipelines.any", "events": ["FIXED"]},
+        }
+    ]
+    path = _config(tmp_path, upstream, data_dir, manager)
+    with running(path) as service:
+        other = Outbox(data_dir)  # another process's connection, as far as SQLite can tell
+        try:
+            other.seed_history({("my-pipeline", "my-stage"): "failed"}, 0.0)
+        finally:
+            other.close()
+        wait_until(
+            lambda: service.service.context.recall("history", ("my-pipeline", "my-stage")),
+            what="routing to see the committed result",
+        )
+        _routed(service.port, "Stage [my-pipeline/6/my-stage/1] passed")
+        assert upstream.wait_for(1)[0].rcpt_tos == ("cat@example.com",)

@@ -36,8 +36,8 @@ from mail2alert.errors import ConfigError, Mail2AlertError, StartupError
 from mail2alert.gocd.poller import GroupPoller, client_from_options, load_snapshot, snapshot_path
 from mail2alert.managers.base import Context
 from mail2alert.model import PipelineGroups
-from mail2alert.outbox import GroupCommitter, Outbox, StageView
-from mail2alert.planning import accept
+from mail2alert.outbox import Accepted, GroupCommitter, Outbox
+from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager
 from mail2alert.server import Handler, describe, smtp_factory
 
@@ -51,6 +51,8 @@ HOLD_CHECK = 5.0
 SNAPSHOT_CHECK = 1.0
 #: How often the configuration file is looked at for changes.
 CONFIG_CHECK = 2.0
+#: How often routing's notes are compared with what other processes committed (seconds).
+NOTES_EVERY = 0.5
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,9 @@ class Service:
         self._dispatch_task: asyncio.Task[None] | None = None
         self._handler: Handler | None = None
         self._history: Outbox | None = None
+        #: The notes routing sees, by table and key: mutated only on the event loop's thread.
+        self._notes: dict[str, dict[tuple[str, str], str]] = {}
+        self._notes_reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="notes-reader")
         self._holds: Outbox | None = None
         self._holds_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="holds")
         self._held_wake = asyncio.Event()
@@ -184,15 +189,12 @@ class Service:
         cfg = self.config
         self._loop = asyncio.get_running_loop()
         try:
-            # A connection of its own, read from the event loop's thread: routing reads the
-            # stage history and threads there, committed by the writer thread.
+            # Routing reads the notes decisions kept from memory, never SQL on the event loop:
+            # this process applies its own notes once committed, and a connection of its own
+            # (used only from the notes-reader thread) picks up other processes'.
             self._history = Outbox(cfg.data_dir, durable=False)
-            self.context = replace(
-                self.context,
-                state={
-                    table: StageView(self._history, table) for table in ("history", "mail_threads")
-                },
-            )
+            self._notes = self._history.notes()
+            self.context = replace(self.context, state=self._notes)
             if self.role != "delivery":
                 self._committer = GroupCommitter(cfg.data_dir, on_death=self._writer_died)
             if self.role != "intake":
@@ -201,6 +203,7 @@ class Service:
         except Mail2AlertError as exc:
             await self._close_storage()
             raise StartupError(f"data-dir {str(cfg.data_dir)!r}: {exc}") from None
+        self._background.append(self._keep("notes watch", self._follow_notes))
         if self.role != "intake":
             self._start_delivery()
             self._start_pollers()
@@ -279,7 +282,7 @@ class Service:
             self._committer,
             lambda: self.managers,
             lambda: self.context,
-            on_commit=self._wake_delivery,
+            on_commit=self._committed,
         )
         # Spooled DATA goes to data-dir, not /tmp, which is memory in many containers.
         make = smtp_factory(self._handler, spool_dir=str(self.config.data_dir))
@@ -334,6 +337,30 @@ class Service:
             log.warning("intake worker %d: the main process is gone; stopping", os.getpid())
         self.request_stop()
 
+    async def _follow_notes(self) -> None:
+        """Keep the notes routing sees current with what other processes commit."""
+        assert self._history is not None
+        history = self._history
+        loop = asyncio.get_running_loop()
+        seen = await loop.run_in_executor(self._notes_reader, history.version)
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), NOTES_EVERY)
+            version = await loop.run_in_executor(self._notes_reader, history.version)
+            if version == seen:
+                continue
+            seen = version
+            fresh = await loop.run_in_executor(self._notes_reader, history.notes)
+            for table, rows in fresh.items():
+                kept = self._notes.setdefault(table, {})
+                kept.clear()
+                kept.update(rows)
+
+    def _committed(self, accepted: Accepted) -> None:
+        """A message is durable: routing sees its notes from now on, and delivery wakes."""
+        remember(self._notes, accepted.notes)
+        self._wake_delivery()
+
     def _wake_delivery(self) -> None:
         """Tell delivery that new items were committed (never blocks)."""
         if self._dispatcher is not None:
@@ -370,8 +397,13 @@ class Service:
         self._held_wake.set()
 
     def _seed_history(self, results: Mapping[tuple[str, str], str]) -> None:
+        """On the event loop (the poller's callback): results GoCD knows, for stages
+        mail2alert has not seen itself, in the outbox and in what routing sees at once."""
         assert self._holds is not None
         self._holds.seed_history(dict(results), time.time())
+        history = self._notes.setdefault("history", {})
+        for key, result in results.items():
+            history.setdefault(key, result)
 
     async def _release_held_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
@@ -545,6 +577,7 @@ class Service:
 
     async def _close_storage(self) -> None:
         self._holds_executor.shutdown(wait=True)
+        self._notes_reader.shutdown(wait=True)
         for closable in (self._holds, self._history):
             if closable is not None:
                 closable.close()

@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.managers.memory import Claim, Note
@@ -301,6 +301,14 @@ class Outbox:
         if self._lock is not None:
             os.close(self._lock)
             self._lock = None
+
+    def notes(self) -> dict[str, dict[tuple[str, str], str]]:
+        """Every note kept so far, by table and key (for routing's in-memory snapshot)."""
+        return read_notes(self.db)
+
+    def version(self) -> int:
+        """A number that changes whenever another connection commits (``data_version``)."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     @contextmanager
     def transaction(self, doing: str = "write to the outbox") -> Iterator[sqlite3.Connection]:
@@ -728,11 +736,11 @@ def read_stage_table(data_dir: Path, table: str) -> dict[tuple[str, str], str]:
     path = data_dir / DB_NAME
     if not path.exists():
         return {}
-    column = StageView.COLUMNS[table]
+    column = NOTE_COLUMNS[table]
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
-            rows = db.execute(f"SELECT pipeline, stage, {column} FROM {table}").fetchall()  # noqa: S608 - names from StageView.COLUMNS
+            rows = db.execute(f"SELECT pipeline, stage, {column} FROM {table}").fetchall()  # noqa: S608 - names from NOTE_COLUMNS
         finally:
             db.close()
     except sqlite3.Error as exc:
@@ -740,32 +748,16 @@ def read_stage_table(data_dir: Path, table: str) -> dict[tuple[str, str], str]:
     return {(str(p), str(s)): str(r) for p, s, r in rows}
 
 
-class StageView(Mapping[tuple[str, str], str]):
-    """A per-stage table of the outbox as a read-only mapping, for routing's :class:`Context`.
+#: The tables notes are kept in, and each one's value column.
+NOTE_COLUMNS: Mapping[str, str] = {"history": "result", "mail_threads": "message_id"}
 
-    ``history`` gives the last result per stage, ``mail_threads`` the Message-ID a FIXED mail
-    answers. Each look-up reads the database, so routing sees the latest committed state.
-    """
 
-    COLUMNS: ClassVar[dict[str, str]] = {"history": "result", "mail_threads": "message_id"}
-
-    def __init__(self, outbox: Outbox, table: str) -> None:
-        self._db = outbox.db
-        self._table = table
-        self._column = self.COLUMNS[table]
-
-    def __getitem__(self, key: tuple[str, str]) -> str:
-        row = self._db.execute(
-            f"SELECT {self._column} FROM {self._table} WHERE pipeline=? AND stage=?",  # noqa: S608 - names from COLUMNS
-            key,
-        ).fetchone()
-        if row is None:
-            raise KeyError(key)
-        return str(row[0])
-
-    def __iter__(self) -> Iterator[tuple[str, str]]:
-        rows = self._db.execute(f"SELECT pipeline, stage FROM {self._table}").fetchall()  # noqa: S608
-        return iter([(str(p), str(s)) for p, s in rows])
-
-    def __len__(self) -> int:
-        return int(self._db.execute(f"SELECT COUNT(*) FROM {self._table}").fetchone()[0])  # noqa: S608
+def read_notes(db: sqlite3.Connection) -> dict[str, dict[tuple[str, str], str]]:
+    """Every note of the outbox ``db`` is a connection to, by table and key."""
+    return {
+        table: {
+            (str(a), str(b)): str(value)
+            for a, b, value in db.execute(f"SELECT pipeline, stage, {column} FROM {table}")  # noqa: S608 - names from NOTE_COLUMNS
+        }
+        for table, column in NOTE_COLUMNS.items()
+    }

@@ -83,6 +83,16 @@ def plan(
     return Plan(tuple(items), tuple(notes), claim, label)
 
 
+def remember(state: dict[str, dict[tuple[str, str], str]], notes: Sequence[Note]) -> None:
+    """Apply committed ``notes`` to an in-memory snapshot of the notes, as the outbox did."""
+    for note in notes:
+        rows = state.setdefault(note.table, {})
+        if note.value:
+            rows[note.key] = note.value
+        else:
+            rows.pop(note.key, None)
+
+
 def _answered(conversation: Conversation | None, context: Context) -> str | None:
     """The Message-ID of the mail that started the conversation this one answers."""
     if conversation is None or conversation.role != "answer":

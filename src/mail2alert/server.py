@@ -100,7 +100,7 @@ class Handler:
         managers: Callable[[], Sequence[Manager]],
         context: Callable[[], Context],
         *,
-        on_commit: Callable[[], None] = lambda: None,
+        on_commit: Callable[[Accepted], None] = lambda accepted: None,
     ) -> None:
         self.committer = committer
         self.managers = managers
@@ -147,7 +147,7 @@ class Handler:
                 )
             else:
                 log.info("%s", describe(accepted))
-            self.on_commit()
+            self.on_commit(accepted)
             return REPLY_QUEUED.format(queue_id)
         finally:
             self.in_flight -= 1
