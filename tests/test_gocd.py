@@ -20,6 +20,7 @@ import trustme
 from mail2alert.errors import GocdError
 from mail2alert.gocd.client import GocdClient, parse_cctray, parse_groups
 from mail2alert.gocd.manager import corrected_event, parse_subject, read_gocd_alert
+from mail2alert.gocd.model import stage_of
 from mail2alert.gocd.poller import snapshot_path
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
@@ -79,8 +80,9 @@ def test_a_subject_folded_by_javamail_is_unfolded_before_parsing() -> None:
     alert = read_gocd_alert(
         RawMessage.parse(raw), Envelope("go@example.com", (GOCD_TO,)), Context()
     )
-    assert alert.stage is not None
-    assert alert.stage.pipeline == "ppp-release-1.2.3"
+    stage = stage_of(alert)
+    assert stage is not None
+    assert stage.pipeline == "ppp-release-1.2.3"
     assert alert.event == "FIXED"
 
 
@@ -101,10 +103,11 @@ def test_details_url_and_changes_are_read_from_a_quoted_printable_body() -> None
     alert = read_gocd_alert(
         RawMessage.parse(raw), Envelope("go@example.com", (GOCD_TO,)), Context()
     )
-    assert alert.details_url == "https://ci.example.com/go/pipelines/my-pipeline/6/my-stage/1"
-    assert alert.changes is not None
-    assert "J\u00f6rg M\u00fcller" in alert.changes
-    assert "Sent by Go" not in alert.changes
+    changes = str(alert.facts["changes"])
+    assert alert.link == "https://ci.example.com/go/pipelines/my-pipeline/6/my-stage/1"
+    assert changes
+    assert "J\u00f6rg M\u00fcller" in changes
+    assert "Sent by Go" not in changes
 
 
 @pytest.mark.parametrize(

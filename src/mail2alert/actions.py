@@ -22,7 +22,7 @@ from functools import lru_cache
 from mail2alert.managers.memory import Conversation
 from mail2alert.message import RawMessage, address_of, rewrite, valid_text
 from mail2alert.model import ChatPost, ChatTemplate, Decision, Envelope, Outgoing
-from mail2alert.templates import render
+from mail2alert.templates import PLAIN, Presentation, render
 
 _MAILBOX = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?$")
 
@@ -155,6 +155,7 @@ def outgoing_for(
     label: str | None = None,
     in_reply_to: str | None = None,
     conversation: Conversation | None = None,
+    shown: Presentation = PLAIN,
 ) -> list[Outgoing]:
     """The items to send for a decision; ``received`` is the trace field to prepend.
 
@@ -188,7 +189,7 @@ def outgoing_for(
     if decision.outcome == "deliver" and decision.alert is not None:
         for uri in decision.actions:
             if is_chat(uri):
-                items.append(chat_item(uri, decision, label, conversation))
+                items.append(chat_item(uri, decision, label, conversation, shown))
     if decision.passthrough:
         items.append(Outgoing(envelope.mail_from, decision.passthrough, received + message.data))
     return items
@@ -199,6 +200,7 @@ def chat_item(
     decision: Decision,
     label: str | None,
     conversation: Conversation | None = None,
+    shown: Presentation = PLAIN,
 ) -> Outgoing:
     """One chat post, rendered now: the outbox keeps the text, never the (secret) URI."""
     assert decision.alert is not None
@@ -207,7 +209,7 @@ def chat_item(
         style = parse_slack(uri)[1]
         if style:
             template = replace(template, style=style)
-    rendered = render(template, decision.alert, label)
+    rendered = render(template, decision.alert, label, shown)
     role = conversation.role if conversation else None
     post = ChatPost(
         action=mask(uri),

@@ -33,9 +33,9 @@ from mail2alert.config import Config, HostPort
 from mail2alert.config import load as load_config
 from mail2alert.dispatcher import Dispatcher
 from mail2alert.errors import ConfigError, Mail2AlertError, StartupError
+from mail2alert.gocd.model import PipelineGroups
 from mail2alert.gocd.poller import GroupPoller, client_from_options, load_snapshot, snapshot_path
 from mail2alert.managers.base import Context
-from mail2alert.model import PipelineGroups
 from mail2alert.outbox import Accepted, GroupCommitter, Outbox
 from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager

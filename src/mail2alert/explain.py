@@ -22,9 +22,10 @@ from mail2alert.config import Config
 from mail2alert.errors import GocdError, UsageError
 from mail2alert.gocd.client import parse_groups
 from mail2alert.gocd.manager import VERBS
+from mail2alert.gocd.model import EVENTS, PipelineGroups, stage_of
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
-from mail2alert.model import EVENTS, ChatPost, Decision, Envelope, PipelineGroups
+from mail2alert.model import ChatPost, Decision, Envelope
 from mail2alert.planning import accept
 from mail2alert.routing import Manager, find_manager
 
@@ -76,7 +77,7 @@ class Explanation:
         """The explanation as plain data (``--json``); secrets masked."""
         d = self.decision
         alert = d.alert
-        stage = alert.stage if alert else None
+        stage = stage_of(alert) if alert else None
         return {
             "envelope": {"from": self.envelope.mail_from, "to": list(self.envelope.rcpt_tos)},
             "subject": alert.subject if alert else None,
@@ -91,7 +92,7 @@ class Explanation:
                 "gocd_event": VERBS[stage.verb],
                 "event": alert.event,
                 "group": self.group,
-                "details_url": alert.details_url,
+                "details_url": alert.link,
             },
             "manager": d.manager,
             "rules": [
@@ -181,8 +182,8 @@ def render(ex: Explanation, *, trace: bool) -> str:
     out = [f"envelope: from=<{ex.envelope.mail_from}> to=<{', '.join(ex.envelope.rcpt_tos)}>"]
     if alert is not None:
         out.append(f"subject:  {alert.subject}")
-        if alert.stage is not None:
-            s = alert.stage
+        s = stage_of(alert)
+        if s is not None:
             said = VERBS[s.verb]
             event = alert.event if alert.event == said else f"{alert.event} (GoCD said {said})"
             group = ex.group or (

@@ -7,9 +7,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-#: GoCD stage events, in the order the original documented them.
-EVENTS: tuple[str, ...] = ("PASSES", "FAILS", "BREAKS", "FIXED", "CANCELLED")
-
 
 @dataclass(frozen=True)
 class Envelope:
@@ -20,70 +17,22 @@ class Envelope:
 
 
 @dataclass(frozen=True)
-class Stage:
-    """A GoCD stage run named by a stage mail's subject."""
-
-    pipeline: str
-    pipeline_counter: int
-    stage: str
-    stage_counter: int
-    verb: str
-    """The verb as GoCD wrote it (``passed``, ``is broken``...)."""
-
-    @property
-    def locator(self) -> str:
-        """GoCD's stage locator, ``pipeline/counter/stage/counter``."""
-        return f"{self.pipeline}/{self.pipeline_counter}/{self.stage}/{self.stage_counter}"
-
-
-@dataclass(frozen=True)
 class Alert:
-    """A received message with the facts the managers read from it.
+    """A received message with the facts its manager read from it.
 
-    ``event`` is the event rules see (after any correction); ``stage.verb`` keeps what GoCD
-    said.
+    ``event`` is the event rules see (after any correction by the manager); ``link`` points
+    to where the alert is explained; ``facts`` are the manager's own names for templates;
+    ``detail`` is the manager's own record of what the alert is about (opaque to the core).
     """
 
     envelope: Envelope
     subject: str
     from_header: str
     message_id: str
-    stage: Stage | None = None
     event: str | None = None
-    details_url: str | None = None
-    changes: str | None = None
-
-
-@dataclass(frozen=True)
-class PipelineGroups:
-    """Which pipelines are in which pipeline group: an immutable snapshot of GoCD's config.
-
-    Names are kept as GoCD spells them; look-ups are case-insensitive, as in GoCD.
-    """
-
-    groups: Mapping[str, tuple[str, ...]]
-    fetched_at: float = 0.0
-    source: str = ""
-    _by_pipeline: Mapping[str, str] = field(init=False, repr=False, compare=False)
-    _by_group: Mapping[str, frozenset[str]] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        by_pipeline: dict[str, str] = {}
-        by_group: dict[str, frozenset[str]] = {}
-        for group, pipelines in self.groups.items():
-            by_group[group.lower()] = frozenset(p.lower() for p in pipelines)
-            for pipeline in pipelines:
-                by_pipeline.setdefault(pipeline.lower(), group)
-        object.__setattr__(self, "_by_pipeline", by_pipeline)
-        object.__setattr__(self, "_by_group", by_group)
-
-    def group_of(self, pipeline: str) -> str | None:
-        """The group a pipeline is in, or None when GoCD does not know the pipeline."""
-        return self._by_pipeline.get(pipeline.lower())
-
-    def in_group(self, pipeline: str, group: str) -> bool:
-        """Whether ``pipeline`` is in ``group`` (both compared case-insensitively)."""
-        return pipeline.lower() in self._by_group.get(group.lower(), frozenset())
+    link: str | None = None
+    facts: Mapping[str, object] = field(default_factory=dict)
+    detail: object | None = None
 
 
 @dataclass(frozen=True)
@@ -209,7 +158,7 @@ class ChatPost:
             colour=str(fields.get("colour") or ""),
             severity=severity
             if severity in _SEVERITIES
-            else _LEGACY_SEVERITY.get(str(fields.get("event")), "info"),
+            else _LEGACY_SEVERITY.get(str(fields.get("colour")), "info"),
             event=fields.get("event"),
             link=fields.get("link"),
             thread_key=(str(key[0]), str(key[1])) if key else None,
@@ -218,13 +167,11 @@ class ChatPost:
 
 
 _SEVERITIES = frozenset({"failure", "success", "warning", "info"})
-#: How posts stored before ``severity`` existed read: by their event.
+#: How posts stored before ``severity`` existed read: by the colour they were given.
 _LEGACY_SEVERITY: Mapping[str, Severity] = {
-    "BREAKS": "failure",
-    "FAILS": "failure",
-    "FIXED": "success",
-    "PASSES": "success",
-    "CANCELLED": "warning",
+    "#d50200": "failure",
+    "#2eb886": "success",
+    "#daa038": "warning",
 }
 
 

@@ -71,6 +71,7 @@ def plan(
         label=label,
         in_reply_to=answers,
         conversation=conversation,
+        shown=manager.type.presentation,
     )
     if decision.outcome == "hold":
         return Plan(tuple(items), label=label)

@@ -16,10 +16,11 @@ from dataclasses import replace
 from mail2alert.actions import chat_item, check_action, is_chat, mask
 from mail2alert.config import Config
 from mail2alert.errors import UsageError
+from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.message import RawMessage, rewrite
 from mail2alert.model import ChatPost, Decision
 from mail2alert.outbox import Item
-from mail2alert.templates import SAMPLE
+from mail2alert.templates import PLAIN, Presentation
 from mail2alert.transports import Attempt
 from mail2alert.transports.chat import ChatSender, ThreadStore
 from mail2alert.transports.smtp import SmtpConnection
@@ -53,9 +54,16 @@ def targets(config: Config, target: str) -> tuple[str, ...]:
     return (target,)
 
 
+def _richest() -> Presentation:
+    """The presentation of the first manager type whose sample has an event (GoCD's)."""
+    shown = [t.presentation for t in MANAGER_TYPES.values()]
+    return next((p for p in shown if p.sample.event), PLAIN)
+
+
 def test_alert() -> Decision:
     """A decision for the sample BREAKS alert, labelled as a test."""
-    alert = replace(SAMPLE, subject=f"{LABEL} {SAMPLE.subject}")
+    sample = _richest().sample
+    alert = replace(sample, subject=f"{LABEL} {sample.subject}")
     return Decision("deliver", "send-test", "send-test", alert=alert)
 
 
@@ -63,7 +71,7 @@ async def send(config: Config, uri: str, *, sender: str) -> Attempt:
     """Send one test notification to ``uri``; the transport's verdict."""
     decision = test_alert()
     if is_chat(uri):
-        post = chat_item(uri, replace(decision, actions=(uri,)), "my-group")
+        post = chat_item(uri, replace(decision, actions=(uri,)), "my-group", shown=_richest())
         rendered = ChatPost.from_json(post.data)
         data = replace(rendered, title=f"{LABEL} {rendered.title}").to_json().encode("utf-8")
         item = Item(0, "TEST", "chat", "", data, 0, time.time(), post.recipients)

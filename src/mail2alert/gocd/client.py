@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mail2alert.errors import GocdError
-from mail2alert.model import PipelineGroups, Secret
+from mail2alert.gocd.model import PipelineGroups
+from mail2alert.model import Secret
 
 if TYPE_CHECKING:
     import aiohttp

@@ -12,6 +12,8 @@ from dataclasses import replace
 
 from mail2alert.errors import RuleArgumentError
 from mail2alert.gocd.memory import GOCD_MEMORY, HISTORY
+from mail2alert.gocd.model import EVENTS, PipelineGroups, Stage, stage_of
+from mail2alert.gocd.presentation import GOCD_PRESENTATION, stage_facts
 from mail2alert.managers.base import (
     Context,
     ManagerType,
@@ -23,7 +25,7 @@ from mail2alert.managers.base import (
 )
 from mail2alert.managers.mail import MAIL
 from mail2alert.message import RawMessage
-from mail2alert.model import EVENTS, Alert, Envelope, PipelineGroups, Stage
+from mail2alert.model import Alert, Envelope
 
 #: GoCD's verbs and the events mail2alert calls them.
 VERBS: dict[str, str] = {
@@ -93,18 +95,21 @@ def read_gocd_alert(message: RawMessage, envelope: Envelope, context: Context) -
     last = context.recall(HISTORY, (stage.pipeline.lower(), stage.stage.lower()))
     return replace(
         alert,
-        stage=stage,
         event=corrected_event(stage, last),
-        details_url=details.group(1) if details else None,
-        changes=changes.group("changes").strip() if changes else None,
+        link=details.group(1) if details else None,
+        facts=stage_facts(
+            stage, VERBS[stage.verb], changes.group("changes").strip() if changes else None
+        ),
+        detail=stage,
     )
 
 
 def _compile_any(args: tuple[str, ...]) -> Predicate:
     def any_pipeline(alert: Alert, context: Context) -> Verdict:
-        if alert.stage is None:
+        stage = stage_of(alert)
+        if stage is None:
             return Verdict(False, "not a stage mail (no pipeline in the subject)")
-        return Verdict(True, f"pipeline {alert.stage.pipeline!r}")
+        return Verdict(True, f"pipeline {stage.pipeline!r}")
 
     return any_pipeline
 
@@ -125,9 +130,10 @@ def _compile_in_group(args: tuple[str, ...]) -> Predicate:
     (group,) = args
 
     def in_group(alert: Alert, context: Context) -> Verdict:
-        if alert.stage is None:
+        stage = stage_of(alert)
+        if stage is None:
             return Verdict(False, "not a stage mail (no pipeline in the subject)")
-        return _group_verdict(alert.stage.pipeline, group, context)
+        return _group_verdict(stage.pipeline, group, context)
 
     return in_group
 
@@ -146,16 +152,13 @@ def _compile_name_like_in_group(args: tuple[str, ...]) -> Predicate:
         )
 
     def name_like_in_group(alert: Alert, context: Context) -> Verdict:
-        if alert.stage is None:
+        stage = stage_of(alert)
+        if stage is None:
             return Verdict(False, "not a stage mail (no pipeline in the subject)")
-        found = pattern.match(alert.stage.pipeline)
+        found = pattern.match(stage.pipeline)
         if not found or not found.group(1):
-            return Verdict(
-                False, f"pipeline {alert.stage.pipeline!r} does not match {pattern_text!r}"
-            )
-        return _group_verdict(
-            found.group(1), group, context, via=f" (from {alert.stage.pipeline!r})"
-        )
+            return Verdict(False, f"pipeline {stage.pipeline!r} does not match {pattern_text!r}")
+        return _group_verdict(found.group(1), group, context, via=f" (from {stage.pipeline!r})")
 
     return name_like_in_group
 
@@ -191,6 +194,7 @@ GOCD = ManagerType(
     },
     events=EVENTS,
     memory=GOCD_MEMORY,
+    presentation=GOCD_PRESENTATION,
     waiting="waiting for pipeline groups from GoCD",
     gave_up="no GoCD data in time",
     options={

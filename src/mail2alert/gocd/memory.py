@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from mail2alert.gocd.model import PipelineGroups, stage_of
 from mail2alert.managers.memory import Claim, Conversation, Note
-from mail2alert.model import Alert, PipelineGroups
+from mail2alert.model import Alert
 
 #: Where the last result of each stage is kept.
 HISTORY = "history"
@@ -28,7 +29,7 @@ class GocdMemory:
     """The gocd manager's :class:`~mail2alert.managers.memory.Memory`."""
 
     def conversation(self, alert: Alert) -> Conversation | None:
-        stage = alert.stage
+        stage = stage_of(alert)
         if stage is None:
             return None
         key = (stage.pipeline.lower(), stage.stage.lower())
@@ -39,7 +40,7 @@ class GocdMemory:
         return Conversation(key)
 
     def notes(self, alert: Alert) -> tuple[Note, ...]:
-        stage = alert.stage
+        stage = stage_of(alert)
         if stage is None:
             return ()
         result = stage_result(alert)
@@ -48,16 +49,17 @@ class GocdMemory:
         return (Note(HISTORY, (stage.pipeline.lower(), stage.stage.lower()), result),)
 
     def claim(self, alert: Alert, label: str, options: Mapping[str, object]) -> Claim | None:
-        stage = alert.stage
+        stage = stage_of(alert)
         window = options.get("duplicate-window", 0.0)
         if stage is None or not isinstance(window, int | float) or window <= 0:
             return None
         return Claim(f"{label}:{stage.locator.lower()}:{stage.verb}", float(window))
 
     def label(self, alert: Alert, snapshot: object | None) -> str | None:
-        if alert.stage is None or not isinstance(snapshot, PipelineGroups):
+        stage = stage_of(alert)
+        if stage is None or not isinstance(snapshot, PipelineGroups):
             return None
-        return snapshot.group_of(alert.stage.pipeline)
+        return snapshot.group_of(stage.pipeline)
 
 
 def stage_result(alert: Alert) -> str | None:
@@ -65,7 +67,8 @@ def stage_result(alert: Alert) -> str | None:
 
     GoCD's own verb counts, not the corrected event.
     """
-    return _RESULTS.get(alert.stage.verb) if alert.stage else None
+    stage = stage_of(alert)
+    return _RESULTS.get(stage.verb) if stage else None
 
 
 GOCD_MEMORY = GocdMemory()

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from mail2alert.errors import GocdError
 from mail2alert.gocd.client import GocdClient, parse_groups
-from mail2alert.model import PipelineGroups, Secret
+from mail2alert.gocd.model import PipelineGroups
+from mail2alert.model import Secret
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 from mail2alert.managers.memory import NO_MEMORY, Memory
 from mail2alert.message import RawMessage
 from mail2alert.model import Alert, Envelope
+from mail2alert.templates import PLAIN, Presentation
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,8 @@ class ManagerType:
     events: tuple[str, ...] = ()
     options: Mapping[str, Option] = field(default_factory=dict)
     memory: Memory = NO_MEMORY
+    presentation: Presentation = PLAIN
+    """How its alerts read in chat: fact names, default templates, colours."""
     """The stateful half: what decisions remember and recall (nothing, by default)."""
     waiting: str = "waiting for outside data"
     """Why a message is held while a rule waits for a snapshot that is not there yet."""

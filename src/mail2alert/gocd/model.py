@@ -1,0 +1,65 @@
+"""GoCD's records: a stage run named by a mail, its events, and the pipeline groups."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mail2alert.model import Alert
+
+#: GoCD stage events, in the order the original documented them.
+EVENTS: tuple[str, ...] = ("PASSES", "FAILS", "BREAKS", "FIXED", "CANCELLED")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A GoCD stage run named by a stage mail's subject."""
+
+    pipeline: str
+    pipeline_counter: int
+    stage: str
+    stage_counter: int
+    verb: str
+    """The verb as GoCD wrote it (``passed``, ``is broken``...)."""
+
+    @property
+    def locator(self) -> str:
+        """GoCD's stage locator, ``pipeline/counter/stage/counter``."""
+        return f"{self.pipeline}/{self.pipeline_counter}/{self.stage}/{self.stage_counter}"
+
+
+@dataclass(frozen=True)
+class PipelineGroups:
+    """Which pipelines are in which pipeline group: an immutable snapshot of GoCD's config.
+
+    Names are kept as GoCD spells them; look-ups are case-insensitive, as in GoCD.
+    """
+
+    groups: Mapping[str, tuple[str, ...]]
+    fetched_at: float = 0.0
+    source: str = ""
+    _by_pipeline: Mapping[str, str] = field(init=False, repr=False, compare=False)
+    _by_group: Mapping[str, frozenset[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_pipeline: dict[str, str] = {}
+        by_group: dict[str, frozenset[str]] = {}
+        for group, pipelines in self.groups.items():
+            by_group[group.lower()] = frozenset(p.lower() for p in pipelines)
+            for pipeline in pipelines:
+                by_pipeline.setdefault(pipeline.lower(), group)
+        object.__setattr__(self, "_by_pipeline", by_pipeline)
+        object.__setattr__(self, "_by_group", by_group)
+
+    def group_of(self, pipeline: str) -> str | None:
+        """The group a pipeline is in, or None when GoCD does not know the pipeline."""
+        return self._by_pipeline.get(pipeline.lower())
+
+    def in_group(self, pipeline: str, group: str) -> bool:
+        """Whether ``pipeline`` is in ``group`` (both compared case-insensitively)."""
+        return pipeline.lower() in self._by_group.get(group.lower(), frozenset())
+
+
+def stage_of(alert: Alert) -> Stage | None:
+    """The stage run a stage mail's alert is about, or None for any other mail."""
+    return alert.detail if isinstance(alert.detail, Stage) else None
