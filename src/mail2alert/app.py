@@ -1,4 +1,4 @@
-"""Build and run the service: listener, intake, outbox, dispatcher, GoCD; graceful stop.
+"""Build and run the service: listener, intake, outbox, dispatcher, keepers; graceful stop.
 
 :class:`Service` is what ``mail2alert serve`` runs and what the end-to-end tests start in a
 thread (see :mod:`mail2alert.testing`). Start-up failures raise
@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import partial
@@ -33,9 +33,8 @@ from mail2alert.config import Config, HostPort
 from mail2alert.config import load as load_config
 from mail2alert.dispatcher import Dispatcher
 from mail2alert.errors import ConfigError, Mail2AlertError, StartupError
-from mail2alert.gocd.model import PipelineGroups
-from mail2alert.gocd.poller import GroupPoller, client_from_options, load_snapshot, snapshot_path
 from mail2alert.managers.base import Context
+from mail2alert.managers.memory import Feed, Keeper, Note
 from mail2alert.outbox import Accepted, GroupCommitter, Outbox
 from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager
@@ -45,9 +44,9 @@ log = logging.getLogger(__name__)
 
 #: How long a stop waits for SMTP sessions in the middle of a transaction.
 GRACE = 10.0
-#: How often held mail is looked at even when no new GoCD data arrived (for hold-max).
+#: How often held mail is looked at even when no new snapshot arrived (for hold-max).
 HOLD_CHECK = 5.0
-#: How often an intake process looks for a new GoCD snapshot in data-dir.
+#: How often an intake process looks for a new snapshot in data-dir.
 SNAPSHOT_CHECK = 1.0
 #: How often the configuration file is looked at for changes.
 CONFIG_CHECK = 2.0
@@ -136,7 +135,8 @@ class Service:
     """mail2alert running: SMTP intake on ``local-smtp`` and delivery to ``remote-smtp``.
 
     ``role`` splits the work for several processes: ``intake`` listens and commits,
-    ``delivery`` delivers, polls GoCD and releases held mail; ``all`` does everything.
+    ``delivery`` delivers, runs the keepers (GoCD pollers) and releases held mail; ``all``
+    does everything.
     """
 
     def __init__(
@@ -170,7 +170,7 @@ class Service:
         self._holds: Outbox | None = None
         self._holds_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="holds")
         self._held_wake = asyncio.Event()
-        self._pollers: list[GroupPoller] = []
+        self._pollers: list[Keeper] = []
         self._poller_tasks: list[asyncio.Task[None]] = []
         self._pollers_stop = asyncio.Event()
         self._dispatch_stop = asyncio.Event()
@@ -210,7 +210,7 @@ class Service:
             self._background.append(self._keep("held mail", self._release_held_until_stopped))
             self._background.append(self._keep("configuration watch", self._watch_config))
         else:
-            self._background.append(self._keep("GoCD snapshot watch", self._follow_snapshots))
+            self._background.append(self._keep("snapshot watch", self._follow_snapshots))
             if self._lifeline_fd is not None:
                 asyncio.get_running_loop().add_reader(self._lifeline_fd, self._parent_gone)
         if self.role == "delivery":
@@ -301,28 +301,22 @@ class Service:
         self.addresses = [sock.getsockname()[:2] for sock in sockets]
 
     def _start_pollers(self) -> None:
-        """Start a poller per gocd manager with a url; routing uses their latest snapshots."""
+        """Start each manager's keeper (a GoCD poller); routing uses their snapshots."""
         self._pollers_stop = asyncio.Event()
         self._pollers = []
+        feed = Feed(snapshot=self._on_snapshot, notes=self._learn)
         for manager in self.managers:
-            if "url" not in manager.options:
+            background = manager.type.background
+            if background is None:
                 continue
-            poller = GroupPoller(
-                manager.label,
-                client_from_options(manager.options),
-                interval=manager.seconds("poll-interval", 30.0),
-                data_dir=self.config.data_dir,
-                on_snapshot=self._on_snapshot,
-                on_cctray=self._seed_history,
-            )
-            self._pollers.append(poller)
-            if poller.snapshot is not None:
-                self._on_snapshot(manager.label, poller.snapshot)
+            keeper = background.keeper(manager.label, manager.options, self.config.data_dir, feed)
+            if keeper is None:
+                continue
+            self._pollers.append(keeper)
+            if keeper.snapshot is not None:
+                self._on_snapshot(manager.label, keeper.snapshot)
         stop = self._pollers_stop
-        self._poller_tasks = [
-            self._keep(f"GoCD poller of {p.label}", partial(p.run, stop), stop)
-            for p in self._pollers
-        ]
+        self._poller_tasks = [self._keep(k.name, partial(k.run, stop), stop) for k in self._pollers]
 
     async def _stop_pollers(self) -> None:
         self._pollers_stop.set()
@@ -373,37 +367,38 @@ class Service:
         """In an intake process: pick up the snapshots the delivery process saves."""
         seen: dict[str, float] = {}
         while not self._stop.is_set():
-            # Recomputed each time: a reload may change the managers and their GoCDs.
-            paths = {
-                m.label: snapshot_path(self.config.data_dir, str(m.options["url"]))
-                for m in self.managers
-                if "url" in m.options
-            }
-            for label, path in paths.items():
+            # Recomputed each time: a reload may change the managers and their sources.
+            for manager in self.managers:
+                background = manager.type.background
+                if background is None:
+                    continue
+                path = background.saved(manager.options, self.config.data_dir)
+                if path is None:
+                    continue
                 with contextlib.suppress(OSError):
                     mtime = path.stat().st_mtime
-                    if seen.get(label) != mtime:
-                        seen[label] = mtime
-                        groups = load_snapshot(path)
-                        if groups is not None:
-                            self._on_snapshot(label, groups)
+                    if seen.get(manager.label) != mtime:
+                        seen[manager.label] = mtime
+                        snapshot = background.load(path)
+                        if snapshot is not None:
+                            self._on_snapshot(manager.label, snapshot)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), SNAPSHOT_CHECK)
 
-    def _on_snapshot(self, label: str, groups: PipelineGroups) -> None:
-        if self.context.snapshots.get(label) is groups:
+    def _on_snapshot(self, label: str, snapshot: object) -> None:
+        if self.context.snapshots.get(label) is snapshot:
             return
-        self.context = replace(self.context, snapshots={**self.context.snapshots, label: groups})
+        self.context = replace(self.context, snapshots={**self.context.snapshots, label: snapshot})
         self._held_wake.set()
 
-    def _seed_history(self, results: Mapping[tuple[str, str], str]) -> None:
-        """On the event loop (the poller's callback): results GoCD knows, for stages
-        mail2alert has not seen itself, in the outbox and in what routing sees at once."""
+    def _learn(self, notes: Sequence[Note]) -> None:
+        """On the event loop (a keeper's callback): notes learnt from outside (such as
+        a CI server's last results), kept only where nothing is known yet, in the outbox and in what
+        routing sees at once."""
         assert self._holds is not None
-        self._holds.seed_history(dict(results), time.time())
-        history = self._notes.setdefault("history", {})
-        for key, result in results.items():
-            history.setdefault(key, result)
+        self._holds.learn(notes, time.time())
+        for note in notes:
+            self._notes.setdefault(note.table, {}).setdefault(note.key, note.value)
 
     async def _release_held_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
@@ -519,8 +514,8 @@ class Service:
             self._dispatcher = _dispatcher(new)
             self._start_delivery()
             log.info("now delivering to %s", new.remote_smtp)
-        gocd_of = [(m.label, dict(m.options)) for m in old.routing if "url" in m.options]
-        if gocd_of != [(m.label, dict(m.options)) for m in new.routing if "url" in m.options]:
+        kept_of = [(m.label, dict(m.options)) for m in old.routing if m.type.background]
+        if kept_of != [(m.label, dict(m.options)) for m in new.routing if m.type.background]:
             await self._stop_pollers()
             labels = {m.label for m in new.routing}
             self.context = replace(

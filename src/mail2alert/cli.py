@@ -19,7 +19,6 @@ import yaml
 
 from mail2alert import __version__, config, explain, postqueue, sendtest
 from mail2alert.errors import ConfigError, Mail2AlertError, UsageError
-from mail2alert.gocd.poller import fetch_snapshots
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
@@ -173,19 +172,32 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _context(args: argparse.Namespace, loaded: config.Config) -> Context:
     """What routing may know: GoCD groups (file, live, or kept) and the stage history."""
+    snapshots: dict[str, object]
     if args.gocd_snapshot is not None:
-        snapshots = explain.snapshots_from_file(args.gocd_snapshot, loaded)
+        snapshots = dict(explain.snapshots_from_file(args.gocd_snapshot, loaded))
     else:
-        wanted = [(m.label, m.options) for m in loaded.routing]
-        snapshots, notes = asyncio.run(fetch_snapshots(wanted, loaded.data_dir))
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
+        snapshots = asyncio.run(_fetch_snapshots(loaded))
     return Context(
         snapshots=snapshots,
         state={
             table: read_stage_table(loaded.data_dir, table) for table in ("history", "mail_threads")
         },
     )
+
+
+async def _fetch_snapshots(loaded: config.Config) -> dict[str, object]:
+    """Each manager's snapshot, read once (live, else as kept); notes on stderr."""
+    snapshots: dict[str, object] = {}
+    for manager in loaded.routing:
+        background = manager.type.background
+        if background is None:
+            continue
+        snapshot, note = await background.fetch(manager.label, manager.options, loaded.data_dir)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        if snapshot is not None:
+            snapshots[manager.label] = snapshot
+    return snapshots
 
 
 def cmd_route(args: argparse.Namespace) -> int:

@@ -177,27 +177,31 @@ def storage_error(exc: BaseException, doing: str) -> OutboxError:
     return kind(f"cannot {doing}: {exc}")
 
 
-#: The tables notes are kept in: the SQL that keeps one and the SQL that forgets one.
+#: The tables notes are kept in: the SQL that keeps one (``{verb}``: REPLACE or IGNORE) and
+#: the SQL that forgets one.
 _NOTES: Mapping[str, tuple[str, str]] = {
     "history": (
-        "INSERT OR REPLACE INTO history VALUES (?,?,?,?)",
+        "INSERT OR {verb} INTO history VALUES (?,?,?,?)",
         "DELETE FROM history WHERE pipeline=? AND stage=?",
     ),
     "mail_threads": (
-        "INSERT OR REPLACE INTO mail_threads VALUES (?,?,?)",
+        "INSERT OR {verb} INTO mail_threads VALUES (?,?,?)",
         "DELETE FROM mail_threads WHERE pipeline=? AND stage=?",
     ),
 }
 
 
-def _keep(db: sqlite3.Connection, note: Note, at: float) -> None:
-    """Keep (or, with an empty value, forget) one note; raises ValueError for no such table."""
+def _keep(db: sqlite3.Connection, note: Note, at: float, *, known_wins: bool = False) -> None:
+    """Keep (or, with an empty value, forget) one note; with ``known_wins``, only where
+    nothing is known yet. Raises ValueError for a table notes are not kept in."""
     try:
         keep, forget = _NOTES[note.table]
     except KeyError:
         raise ValueError(f"no outbox table for notes {note.table!r}") from None
+    keep = keep.format(verb="IGNORE" if known_wins else "REPLACE")
     if not note.value:
-        db.execute(forget, note.key)
+        if not known_wins:
+            db.execute(forget, note.key)
     elif note.table == "history":
         db.execute(keep, (*note.key, note.value, at))
     else:
@@ -430,11 +434,13 @@ class Outbox:
 
     def seed_history(self, results: dict[tuple[str, str], str], at: float) -> None:
         """Remember results from cctray.xml for stages mail2alert has not seen itself."""
+        self.learn([Note("history", key, result) for key, result in results.items()], at)
+
+    def learn(self, notes: Sequence[Note], at: float) -> None:
+        """Keep notes learnt from outside, only where nothing is known yet."""
         with self.transaction() as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO history VALUES (?,?,?,?)",
-                [(p, s, r, at) for (p, s), r in results.items()],
-            )
+            for note in notes:
+                _keep(db, note, at, known_wins=True)
 
     def last_result(self, pipeline: str, stage: str) -> str | None:
         """The last known result of a stage: passed, failed, or None."""

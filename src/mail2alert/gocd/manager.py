@@ -13,6 +13,7 @@ from dataclasses import replace
 from mail2alert.errors import RuleArgumentError
 from mail2alert.gocd.memory import GOCD_MEMORY, HISTORY
 from mail2alert.gocd.model import EVENTS, PipelineGroups, Stage, stage_of
+from mail2alert.gocd.poller import GOCD_BACKGROUND
 from mail2alert.gocd.presentation import GOCD_PRESENTATION, stage_facts
 from mail2alert.managers.base import (
     Context,
@@ -195,6 +196,7 @@ GOCD = ManagerType(
     events=EVENTS,
     memory=GOCD_MEMORY,
     presentation=GOCD_PRESENTATION,
+    background=GOCD_BACKGROUND,
     waiting="waiting for pipeline groups from GoCD",
     gave_up="no GoCD data in time",
     options={

@@ -14,12 +14,14 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from mail2alert.errors import GocdError
 from mail2alert.gocd.client import GocdClient, parse_groups
+from mail2alert.gocd.memory import HISTORY
 from mail2alert.gocd.model import PipelineGroups
+from mail2alert.managers.memory import Background, Feed, Note
 from mail2alert.model import Secret
 
 log = logging.getLogger(__name__)
@@ -84,12 +86,13 @@ class GroupPoller:
         on_cctray: Callable[[Mapping[tuple[str, str], str]], None] | None = None,
     ) -> None:
         self.label = label
+        self.name = f"GoCD poller of {label}"
         self.client = client
         self.interval = interval
         self.path = snapshot_path(data_dir, client.url)
         self.on_snapshot = on_snapshot
         self.on_cctray = on_cctray
-        self.snapshot = load_snapshot(self.path)
+        self.snapshot: PipelineGroups | None = load_snapshot(self.path)
         self.state = "starting"
         if self.snapshot is not None:
             age = time.time() - self.snapshot.fetched_at
@@ -154,27 +157,47 @@ class GroupPoller:
             log.info("%s: GoCD recovered, %s", self.label, state)
 
 
-async def fetch_snapshots(
-    managers: Sequence[tuple[str, Mapping[str, object]]], data_dir: Path
-) -> tuple[dict[str, PipelineGroups], list[str]]:
-    """Pipeline groups for every (label, options) with a url: live, else as kept in data-dir.
+def keeper(
+    label: str, options: Mapping[str, object], data_dir: Path, feed: Feed
+) -> GroupPoller | None:
+    """The poller of a gocd manager with a ``url`` (None without one): it feeds pipeline
+    groups as snapshots, and the stage results of cctray.xml as notes."""
+    if "url" not in options:
+        return None
+    interval = options.get("poll-interval", 30.0)
 
-    Returns the snapshots by manager label and notes for the operator on what was used.
-    """
-    snapshots: dict[str, PipelineGroups] = {}
-    notes: list[str] = []
-    for label, options in managers:
-        if "url" not in options:
-            continue
-        client = client_from_options(options)
-        try:
-            snapshots[label] = await client.pipeline_groups()
-            continue
-        except GocdError as exc:
-            kept = load_snapshot(snapshot_path(data_dir, client.url))
-            if kept is None:
-                notes.append(f"{label}: GoCD not read ({exc}); no pipeline groups known")
-                continue
-            snapshots[label] = kept
-            notes.append(f"{label}: GoCD not read ({exc}); using the groups kept in {data_dir}")
-    return snapshots, notes
+    def learnt(results: Mapping[tuple[str, str], str]) -> None:
+        feed.notes([Note(HISTORY, key, result) for key, result in results.items()])
+
+    return GroupPoller(
+        label,
+        client_from_options(options),
+        interval=float(interval) if isinstance(interval, int | float) else 30.0,
+        data_dir=data_dir,
+        on_snapshot=feed.snapshot,
+        on_cctray=learnt,
+    )
+
+
+def saved(options: Mapping[str, object], data_dir: Path) -> Path | None:
+    """Where the poller of a gocd manager keeps its snapshot (None without a ``url``)."""
+    return snapshot_path(data_dir, str(options["url"])) if "url" in options else None
+
+
+async def fetch(
+    label: str, options: Mapping[str, object], data_dir: Path
+) -> tuple[PipelineGroups | None, str]:
+    """Pipeline groups for one gocd manager: live, else as kept in data-dir; and a note."""
+    if "url" not in options:
+        return None, ""
+    client = client_from_options(options)
+    try:
+        return await client.pipeline_groups(), ""
+    except GocdError as exc:
+        kept = load_snapshot(snapshot_path(data_dir, client.url))
+        if kept is None:
+            return None, f"{label}: GoCD not read ({exc}); no pipeline groups known"
+        return kept, f"{label}: GoCD not read ({exc}); using the groups kept in {data_dir}"
+
+
+GOCD_BACKGROUND = Background(keeper=keeper, saved=saved, load=load_snapshot, fetch=fetch)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from mail2alert.managers.memory import NO_MEMORY, Memory
+from mail2alert.managers.memory import NO_MEMORY, Background, Memory
 from mail2alert.message import RawMessage
 from mail2alert.model import Alert, Envelope
 from mail2alert.templates import PLAIN, Presentation
@@ -126,6 +126,8 @@ class ManagerType:
     options: Mapping[str, Option] = field(default_factory=dict)
     memory: Memory = NO_MEMORY
     presentation: Presentation = PLAIN
+    background: Background | None = None
+    """How its outside data is kept fresh (None: it has none)."""
     """How its alerts read in chat: fact names, default templates, colours."""
     """The stateful half: what decisions remember and recall (nothing, by default)."""
     waiting: str = "waiting for outside data"

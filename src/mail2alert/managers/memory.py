@@ -15,13 +15,17 @@ The words the core does know:
   again in :attr:`~mail2alert.managers.base.Context.state`;
 - a **claim** says an alert is the same event as any other with its key within a window:
   the second is recorded, and delivered not at all;
-- a **label** names, for display and for templates, where the alert belongs (a group).
+- a **label** names, for display and for templates, where the alert belongs (a group);
+- a **snapshot** is the outside data a manager's rules read (for GoCD: its pipeline groups),
+  kept fresh in the background by the manager type's :class:`Background` keeper.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 from mail2alert.model import Alert
@@ -96,3 +100,48 @@ class _Forgetful:
 
 
 NO_MEMORY: Memory = _Forgetful()
+
+
+@dataclass(frozen=True)
+class Feed:
+    """What a keeper hands the core: a new snapshot, and notes learnt from outside."""
+
+    snapshot: Callable[[str, object], None]
+    """``(manager label, snapshot)``: routing uses it from now on."""
+    notes: Callable[[Sequence[Note]], None]
+    """Notes to keep only where nothing is known yet (what mail2alert saw itself wins)."""
+
+
+class Keeper(Protocol):
+    """Background work that keeps one manager's snapshot fresh (in the delivery process)."""
+
+    @property
+    def name(self) -> str:
+        """How logs name it, e.g. ``GoCD poller of gocd#0``."""
+        ...
+
+    @property
+    def snapshot(self) -> object | None:
+        """The latest snapshot (at first, one kept from an earlier run, or None)."""
+        ...
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Keep the snapshot fresh until ``stop`` is set; raise only for a bug."""
+        ...
+
+
+@dataclass(frozen=True)
+class Background:
+    """How a manager type keeps its outside data fresh, and how others read what it keeps.
+
+    ``keeper`` makes the keeper of one manager (None when its options need none);
+    ``saved`` is where the keeper saves the latest snapshot in ``data-dir``, for the other
+    processes (intake workers) to follow with ``load``; ``fetch`` reads a snapshot once,
+    for commands (``route``, ``test``, ``coverage``): the snapshot, or None, and a note
+    for the operator on what was used.
+    """
+
+    keeper: Callable[[str, Mapping[str, object], Path, Feed], Keeper | None]
+    saved: Callable[[Mapping[str, object], Path], Path | None]
+    load: Callable[[Path], object | None]
+    fetch: Callable[[str, Mapping[str, object], Path], Awaitable[tuple[object | None, str]]]
