@@ -95,7 +95,6 @@ class Outgoing:
     recipients: tuple[str, ...]
     data: bytes
     kind: str = "smtp"
-    meta: Mapping[str, str] = field(default_factory=dict)
 
 
 Severity = Literal["failure", "success", "warning", "info"]

@@ -442,13 +442,6 @@ class Outbox:
             for note in notes:
                 _keep(db, note, at, known_wins=True)
 
-    def last_result(self, pipeline: str, stage: str) -> str | None:
-        """The last known result of a stage: passed, failed, or None."""
-        row = self.db.execute(
-            "SELECT result FROM history WHERE pipeline=? AND stage=?", (pipeline, stage)
-        ).fetchone()
-        return None if row is None else str(row[0])
-
     def chat_thread(self, key: tuple[str, str, str]) -> tuple[str, str] | None:
         """The Slack (channel, ts) of the BREAKS post for (pipeline, stage, action)."""
         row = self.db.execute(
