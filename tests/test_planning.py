@@ -24,7 +24,7 @@ from mail2alert.message import RawMessage
 from mail2alert.model import Alert, ChatPost, Envelope
 from mail2alert.outbox import Accepted
 from mail2alert.planning import THREADS, accept
-from mail2alert.routing import Manager, Rule
+from mail2alert.routing import Manager, Rule, route
 from tests.helpers import compose, field_value
 
 _BUILD = re.compile(r"^Build (?P<job>\S+) (?P<word>failed|fixed|passed)$")
@@ -199,3 +199,82 @@ def test_a_rule_waiting_for_a_snapshot_holds_the_message_even_when_another_rule_
     assert [t.matched for t in a.decision.trace] == [True, False]
     assert a.notes == ()
     assert a.claim is None
+
+
+# -- route(), the one rule engine ------------------------------------------------------------
+
+
+def mail_rule(word: str, *actions: str) -> Rule:
+    fn = MANAGER_TYPES["mail"].functions["mail.in_subject"]
+    return Rule(fn, (word,), fn.compile((word,)), actions)
+
+
+def test_the_first_manager_that_wants_the_message_decides() -> None:
+    first = Manager(
+        MANAGER_TYPES["mail"],
+        0,
+        wants_to=("a@example.com",),
+        rules=(mail_rule("x", "mailto:1@example.com"),),
+    )
+    second = Manager(MANAGER_TYPES["mail"], 1, rules=(mail_rule("x", "mailto:2@example.com"),))
+    envelope = Envelope("s@example.com", ("a@example.com",))
+
+    decision = route([first, second], envelope, RawMessage.parse(compose(subject="x")), Context())
+
+    assert (decision.manager, decision.actions) == ("mail#0", ("mailto:1@example.com",))
+
+
+def test_recipients_the_deciding_manager_did_not_take_get_the_message_unchanged() -> None:
+    manager = Manager(
+        MANAGER_TYPES["mail"],
+        0,
+        wants_to=("a@example.com",),
+        rules=(mail_rule("x", "mailto:1@example.com"),),
+    )
+    envelope = Envelope("s@example.com", ("a@example.com", "b@example.com"))
+
+    decision = route([manager], envelope, RawMessage.parse(compose(subject="x")), Context())
+
+    assert decision.passthrough == ("b@example.com",)
+
+
+def test_actions_of_every_matching_rule_are_collected_once_in_the_order_first_seen() -> None:
+    rules = (
+        mail_rule("disk", "mailto:1@example.com", "mailto:2@example.com"),
+        mail_rule("full", "mailto:2@example.com", "mailto:3@example.com"),
+        mail_rule("cpu", "mailto:4@example.com"),
+    )
+    manager = Manager(MANAGER_TYPES["mail"], 0, rules=rules)
+    message = RawMessage.parse(compose(subject="disk full"))
+
+    decision = route([manager], ENVELOPE, message, Context())
+
+    assert decision.actions == (
+        "mailto:1@example.com",
+        "mailto:2@example.com",
+        "mailto:3@example.com",
+    )
+    assert decision.reason == "2 of 3 rules matched"
+
+
+def test_with_no_rule_matching_the_fallback_actions_are_used_or_the_message_is_dropped() -> None:
+    rules = (mail_rule("cpu", "mailto:1@example.com"),)
+    with_fallback = Manager(
+        MANAGER_TYPES["mail"], 0, rules=rules, fallback=("mailto:ops@example.com",)
+    )
+    without = Manager(MANAGER_TYPES["mail"], 0, rules=rules)
+    message = RawMessage.parse(compose(subject="disk full"))
+
+    fell_back = route([with_fallback], ENVELOPE, message, Context())
+    dropped = route([without], ENVELOPE, message, Context())
+
+    assert (fell_back.outcome, fell_back.actions) == ("deliver", ("mailto:ops@example.com",))
+    assert (dropped.outcome, dropped.actions) == ("drop", ())
+
+
+def test_a_message_no_manager_wants_is_relayed() -> None:
+    manager = Manager(MANAGER_TYPES["mail"], 0, wants_from=("go@example.com",))
+
+    decision = route([manager], ENVELOPE, RawMessage.parse(compose()), Context())
+
+    assert (decision.outcome, decision.manager) == ("relay", None)
