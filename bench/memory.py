@@ -40,7 +40,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from mail2alert.testing import CaptureServer, free_port, gocd_stage_mail
+from mail2alert.gocd.testing import gocd_stage_mail
+from mail2alert.testing import CaptureServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 HOST = "127.0.0.1"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from mail2alert.gocd.client import parse_groups
-from mail2alert.testing import FakeGoCD
+from mail2alert.gocd.testing import FakeGoCD
 
 HERE = Path(__file__).resolve().parent
 

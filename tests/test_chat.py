@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from mail2alert import cli
-from mail2alert.testing import CaptureServer, FakeSlack, HookReceiver, free_port, gocd_stage_mail
+from mail2alert.gocd.testing import gocd_stage_mail
+from mail2alert.testing import CaptureServer, FakeSlack, HookReceiver, free_port
 from tests.helpers import (
     OutboxView,
     Relay,

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from mail2alert import cli
-from mail2alert.testing import FakeGoCD
+from mail2alert.gocd.testing import FakeGoCD
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

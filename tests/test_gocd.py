@@ -22,11 +22,12 @@ from mail2alert.gocd.client import GocdClient, parse_cctray, parse_groups
 from mail2alert.gocd.manager import corrected_event, parse_subject, read_gocd_alert
 from mail2alert.gocd.model import stage_of
 from mail2alert.gocd.poller import snapshot_path
+from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope, Secret
 from mail2alert.outbox import Outbox
-from mail2alert.testing import CaptureServer, FakeGoCD, gocd_stage_mail
+from mail2alert.testing import CaptureServer
 from tests.helpers import OutboxView, example_managers, running, send, wait_until, write_config
 
 GROUPS = {"my-group": ["ppp", "my-pipeline"], "infra": ["deploy-infra"]}

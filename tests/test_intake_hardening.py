@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 
 from mail2alert.errors import OutboxError, OutboxFull
+from mail2alert.gocd.testing import gocd_stage_mail
 from mail2alert.outbox import Outbox
 from mail2alert.server import SPOOL_THRESHOLD, SessionGate
-from mail2alert.testing import CaptureServer, free_port, gocd_stage_mail
+from mail2alert.testing import CaptureServer, free_port
 from tests.helpers import (
     Relay,
     Reply,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mail2alert.gocd.testing import gocd_stage_mail
 from mail2alert.message import (
     BODY_TEXT_LIMIT,
     RawMessage,
@@ -12,7 +13,6 @@ from mail2alert.message import (
     decode_header_value,
     rewrite,
 )
-from mail2alert.testing import gocd_stage_mail
 
 
 def is_valid_unicode(text: str) -> bool:

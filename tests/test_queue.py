@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 
 from mail2alert import cli
+from mail2alert.gocd.testing import FakeGoCD
 from mail2alert.postqueue import data_lines, duration, next_try
-from mail2alert.testing import CaptureServer, FakeGoCD, free_port
+from mail2alert.testing import CaptureServer, free_port
 from tests.helpers import (
     FAST_DELIVERY,
     Relay,

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from mail2alert import app
-from mail2alert.testing import CaptureServer, free_port, gocd_stage_mail
+from mail2alert.gocd.testing import gocd_stage_mail
+from mail2alert.testing import CaptureServer, free_port
 from tests.helpers import (
     OutboxView,
     ServeProcess,
