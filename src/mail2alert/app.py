@@ -67,6 +67,12 @@ def _delivery_settings(config: Config) -> tuple[object, ...]:
     return (config.remote_smtp, config.delivery, config.chat_settings())
 
 
+def _log_learn_failure(written: asyncio.Future[None]) -> None:
+    exc = None if written.cancelled() else written.exception()
+    if exc is not None:
+        log.error("notes learnt from outside could not be kept (will be learnt again): %s", exc)
+
+
 def _dispatcher(config: Config) -> Dispatcher:
     return Dispatcher(
         config.data_dir, config.remote_smtp, config.delivery, chat=config.chat_settings()
@@ -396,7 +402,11 @@ class Service:
         a CI server's last results), kept only where nothing is known yet, in the outbox and in what
         routing sees at once."""
         assert self._holds is not None
-        self._holds.learn(notes, time.time())
+        # The holds connection belongs to the holds thread: the write goes there.
+        written = asyncio.get_running_loop().run_in_executor(
+            self._holds_executor, self._holds.learn, notes, time.time()
+        )
+        written.add_done_callback(_log_learn_failure)
         for note in notes:
             self._notes.setdefault(note.table, {}).setdefault(note.key, note.value)
 

@@ -279,7 +279,11 @@ class Result:
 
 
 class Outbox:
-    """A connection to the outbox database. Not thread-safe: one per thread."""
+    """A connection to the outbox database, used by one thread at a time.
+
+    It may be opened in one thread and handed to another (``check_same_thread`` is off for
+    that), but two threads must never use it at once: each component owns its own.
+    """
 
     def __init__(self, data_dir: Path, *, durable: bool = True) -> None:
         self.path = data_dir / DB_NAME
