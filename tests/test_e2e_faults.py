@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from mail2alert.components import Intake
 from mail2alert.testing import CaptureServer
 from tests.helpers import Relay, compose, field_value, relay, wait_until
 
@@ -278,7 +279,7 @@ def test_when_the_outbox_writer_thread_dies_the_service_stops_as_failed(
         # Something that is no accepted message breaks the writer's loop itself, outside
         # the guard of each batch, as a bug there would.
         future = asyncio.run_coroutine_threadsafe(_created_future(), loop).result(5)
-        service._committer._queue.put((object(), future))
+        service.component(Intake).committer._queue.put((object(), future))
         wait_until(lambda: not mail2alert.service._thread.is_alive(), what="the service to stop")
 
     assert service.failure == "the outbox writer stopped: AttributeError"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from mail2alert import app
+from mail2alert import components
+from mail2alert.app import Service
+from mail2alert.components import Change, Component, ReloadRefused
+from mail2alert.config import load
 from mail2alert.gocd.testing import gocd_stage_mail
 from mail2alert.testing import CaptureServer, free_port
 from tests.helpers import (
@@ -76,7 +81,7 @@ def test_an_invalid_new_configuration_keeps_the_running_one_and_says_why(
 def test_a_changed_file_is_reloaded_without_a_signal(
     tmp_path: Path, upstream: CaptureServer, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(app, "CONFIG_CHECK", 0.05)
+    monkeypatch.setattr(components, "CONFIG_CHECK", 0.05)
     path = configure(tmp_path / "c.yml", upstream, data_dir, "127.0.0.1:0", "old@example.com")
     with running(path) as service:
         first = service.service.reload_status
@@ -166,3 +171,83 @@ def test_sighup_moves_every_intake_worker_to_a_changed_listen_address(
         assert server.terminate() == 0
     finally:
         server.close()
+
+
+def test_a_busy_new_listen_address_keeps_every_intake_worker_on_the_old_rules(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    """The main process binds a moved listener before any process switches: when the port is
+    taken, no worker routes by the new rules, and one line (from the main process) says why."""
+    old_port = free_port()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    path = configure(tmp_path / "c.yml", upstream, data_dir, f"127.0.0.1:{old_port}", "old@a.org")
+    path.write_text(path.read_text() + "intake-workers: 2\n")
+    server = ServeProcess(path, old_port, tmp_path / "serve.log").start()
+    try:
+        wait_until(lambda: server.log.count("listening on") >= 3, what="every process to be up")
+        # Written whole, then moved in place: one change for the watch to see.
+        staged = configure(
+            tmp_path / "next.yml", upstream, data_dir, f"127.0.0.1:{busy_port}", "new@a.org"
+        )
+        staged.write_text(staged.read_text() + "intake-workers: 2\n")
+        staged.replace(path)
+        assert server.proc is not None
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload failed" in server.log, what="the reload to be refused")
+        for _ in range(8):  # the kernel spreads connections over both workers
+            send(old_port, BACKUP)
+        assert {m.rcpt_tos for m in upstream.wait_for(8)} == {("old@a.org",)}
+        assert server.terminate() == 0
+        refused = [line for line in server.log.splitlines() if "reload failed" in line]
+        assert len(refused) == 1
+        assert f"cannot listen on 127.0.0.1:{busy_port}" in refused[0]
+        assert "configuration reloaded" not in server.log
+    finally:
+        busy.close()
+        server.close()
+
+
+class Refusing(Component):
+    """A component that cannot run any new configuration."""
+
+    def __init__(self) -> None:
+        self.aborted = 0
+
+    async def prepare(self, change: Change) -> None:
+        raise ReloadRefused("the refusing part cannot run it")
+
+    async def abort(self) -> None:
+        self.aborted += 1
+
+
+def test_when_one_component_refuses_none_switches_and_what_others_acquired_is_released(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    old_port, new_port = free_port(), free_port()
+    path = configure(tmp_path / "c.yml", upstream, data_dir, f"127.0.0.1:{old_port}", "old@a.org")
+
+    refusing = Refusing()
+
+    async def scenario() -> tuple[bool, str, tuple[str, ...], bool]:
+        service = Service(load(path))
+        service.add(refusing)
+        await service.start()
+        try:
+            configure(path, upstream, data_dir, f"127.0.0.1:{new_port}", "new@a.org")
+            switched = await service.reload()
+            # Intake had bound the new port; the abort gave it back.
+            new_port_free = not listening(new_port)
+            actions = service.managers[0].rules[0].actions
+            return switched, service.reload_status.message, actions, new_port_free
+        finally:
+            await service.stop()
+
+    switched, why, actions, new_port_free = asyncio.run(scenario())
+    assert switched is False
+    assert why == "the refusing part cannot run it"
+    assert actions == ("mailto:old@a.org",)
+    assert new_port_free
+    assert refusing.aborted == 0  # it refused: it had acquired nothing to give back

@@ -92,6 +92,8 @@ class Config:
     slack_api_url: str = "https://slack.com/api"
     stamp: tuple[int, int, int] | None = None
     """(mtime_ns, size, inode) of the file as it was read, to notice later changes."""
+    source: str = field(default="", repr=False, compare=False)
+    """The text it was read from: intake workers reload from exactly what was validated."""
 
     @property
     def routing(self) -> tuple[Manager, ...]:
@@ -150,7 +152,7 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError([ConfigProblem(name, 0, "", f"cannot read: {reason}")]) from None
     loaded = parse(text, name, os.environ if env is None else env)
-    return replace(loaded, stamp=(st.st_mtime_ns, st.st_size, st.st_ino))
+    return replace(loaded, stamp=(st.st_mtime_ns, st.st_size, st.st_ino), source=text)
 
 
 def parse(text: str, filename: str, env: Mapping[str, str]) -> Config:

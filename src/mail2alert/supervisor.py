@@ -4,24 +4,32 @@ With ``intake-workers: N`` above 1, :func:`run` binds the listening sockets, che
 dir, then forks N intake processes that share the sockets (the kernel spreads connections
 over them) and keeps delivery, GoCD polling and held mail in the parent. SMTP intake is CPU
 bound in Python, so this is how mail2alert uses more than one core. Intake processes tell
-the parent about new mail through a pipe, learn new GoCD snapshots from ``data-dir``, and stop
-when a second pipe (the lifeline) tells them the parent is gone.
+the parent about new mail through a pipe and learn new GoCD snapshots from ``data-dir``.
+
+Each worker also has a link to the parent (a Unix socket pair). The parent drives every
+reload through it, all or nothing: it validates the new file and binds a moved listener
+itself, hands the text and the listener to every worker, and only when every worker has
+prepared them does it tell them all to switch; if one cannot, none does. The link closing
+tells a worker that the parent is gone (even by ``kill -9``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from mail2alert.app import Role, Service, bind, warn_if_unreachable
-from mail2alert.config import Config
-from mail2alert.errors import Mail2AlertError, ServiceFailed, StartupError
+from mail2alert.components import Change, Component, ReloadRefused
+from mail2alert.config import Config, parse
+from mail2alert.errors import ConfigError, Mail2AlertError, ServiceFailed, StartupError
 from mail2alert.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -35,15 +43,21 @@ async def serve(
     role: Role = "all",
     sockets: list[socket.socket] | None = None,
     wake_fd: int | None = None,
-    lifeline_fd: int | None = None,
+    link: socket.socket | None = None,
     monitor: tuple[str, int] | None = None,
     ready: Callable[[Service], None] = lambda s: None,
 ) -> None:
-    """Run the service until SIGTERM or SIGINT; raise StartupError if it cannot start."""
-    service = Service(config, role=role, sockets=sockets, wake_fd=wake_fd, lifeline_fd=lifeline_fd)
+    """Run the service until SIGTERM or SIGINT; raise StartupError if it cannot start.
+
+    ``link`` makes this process an intake worker of the main process at its other end.
+    """
+    name = "mail2alert" if link is None else f"intake worker {os.getpid()}"
+    service = Service(config, role=role, sockets=sockets, wake_fd=wake_fd, name=name)
+    if link is not None:
+        service.add(ParentLink(link, service))
     loop = asyncio.get_running_loop()
     # Handlers first: a SIGTERM during start-up then stops the service cleanly.
-    _handle_signals(loop, service)
+    _handle_signals(loop, service, reloads=link is None)
     console = _start_monitor(monitor, service) if monitor else None
     try:
         await service.start()
@@ -112,12 +126,26 @@ def _run_loop(main: Coroutine[Any, Any, T]) -> T:
 _SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
-def _handle_signals(loop: asyncio.AbstractEventLoop, service: Service) -> None:
-    """SIGTERM/SIGINT stop, SIGHUP reloads; then let through any that waited."""
+def _handle_signals(
+    loop: asyncio.AbstractEventLoop, service: Service, *, reloads: bool = True
+) -> None:
+    """SIGTERM/SIGINT stop, SIGHUP reloads; then let through any that waited.
+
+    An intake worker does not reload by itself (the main process drives every reload, so that
+    all processes switch or none): a SIGHUP sent to the whole group reaches the main process
+    too.
+    """
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.request_stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(service.reload()))
+    if reloads:
+        loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(service.reload()))
+    else:
+        loop.add_signal_handler(signal.SIGHUP, _ignored_hup)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+
+
+def _ignored_hup() -> None:
+    log.info("intake worker %d: reloads come from the main process (%d)", os.getpid(), os.getppid())
 
 
 def run(config: Config, *, monitor: str | None = None) -> int:
@@ -142,20 +170,19 @@ def run(config: Config, *, monitor: str | None = None) -> int:
         return 0
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
-    # The workers watch the lifeline's read end: it reaches EOF when this process dies.
-    lifeline_r, lifeline_w = os.pipe()
-    children = [
-        _fork_intake(config, sockets, (read_fd, lifeline_w), write_fd, lifeline_r)
-        for _ in range(config.intake_workers)
-    ]
+    links: dict[int, socket.socket] = {}
+    for _ in range(config.intake_workers):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # A worker keeps no end of another's link: each link's end must close with its owner.
+        inherited = (read_fd, ours.fileno(), *(s.fileno() for s in links.values()))
+        pid = _fork_intake(config, sockets, inherited, write_fd, theirs)
+        theirs.close()
+        ours.setblocking(False)
+        links[pid] = ours
     os.close(write_fd)
-    os.close(lifeline_r)
     for sock in sockets:
         sock.close()
-    try:
-        return _run_loop(_supervise(config, children, read_fd, monitor_at))
-    finally:
-        os.close(lifeline_w)
+    return _run_loop(_supervise(config, links, read_fd, monitor_at))
 
 
 def _fork_intake(
@@ -163,7 +190,7 @@ def _fork_intake(
     sockets: list[socket.socket],
     parent_fds: tuple[int, ...],
     wake_fd: int,
-    lifeline_fd: int,
+    link: socket.socket,
 ) -> int:
     pid = os.fork()
     if pid:
@@ -172,9 +199,7 @@ def _fork_intake(
     try:
         for fd in parent_fds:
             os.close(fd)
-        _run_loop(
-            serve(config, role="intake", sockets=sockets, wake_fd=wake_fd, lifeline_fd=lifeline_fd)
-        )
+        _run_loop(serve(config, role="intake", sockets=sockets, wake_fd=wake_fd, link=link))
         code = 0
     except BaseException:
         # A forked child must never return into the parent's code: log, then _exit below.
@@ -184,12 +209,13 @@ def _fork_intake(
 
 
 async def _supervise(
-    config: Config, children: list[int], read_fd: int, monitor: tuple[str, int] | None
+    config: Config, links: dict[int, socket.socket], read_fd: int, monitor: tuple[str, int] | None
 ) -> int:
     """The parent: deliver, and stop everything when told to or when a worker dies."""
     service = Service(config, role="delivery")
+    service.add(Workers(config, links))
     loop = asyncio.get_running_loop()
-    alive = set(children)
+    alive = set(links)
     exit_code = 0
 
     async def reap() -> None:
@@ -216,17 +242,10 @@ async def _supervise(
     _handle_signals(loop, service)
     try:
         await service.start()
-
-        def forward_reload() -> None:
-            for pid in alive:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
-
-        service.on_reload = forward_reload
         log.info(
             "mail2alert listening on %s with %d intake workers",
             config.local_smtp,
-            len(children),
+            len(links),
         )
         await service.stopped()
         for pid in alive:
@@ -237,11 +256,174 @@ async def _supervise(
         if service.failure is not None:
             log.error("mail2alert stopped: %s", service.failure)
             exit_code = 1
-        else:
-            log.info("mail2alert stopped")
     finally:
         if console is not None:
             console.close()
         loop.remove_reader(read_fd)
         os.close(read_fd)
     return exit_code
+
+
+#: How long the main process waits for each intake worker's answer during a reload.
+WORKER_ANSWER = 10.0
+#: The largest message on a link (a configuration file's text, as JSON).
+_LINK_MESSAGE = 1 << 20
+
+
+class Workers(Component):
+    """The intake workers, seen from the main process: a reload switches all or none."""
+
+    def __init__(self, config: Config, links: Mapping[int, socket.socket]) -> None:
+        self.config = config
+        self._links = links
+        self._sockets: list[socket.socket] = []
+        self._asked = 0
+
+    async def prepare(self, change: Change) -> None:
+        new = change.config
+        sockets: list[socket.socket] = []
+        if new.local_smtp != self.config.local_smtp:
+            # Bound here, once, and handed to every worker: a busy port refuses the reload
+            # before any process has switched.
+            try:
+                sockets = bind(new.local_smtp)
+            except StartupError as exc:
+                raise ReloadRefused(str(exc)) from None
+        question = {
+            "op": "prepare",
+            "path": new.path,
+            "text": new.source,
+            "stamp": list(new.stamp) if new.stamp else None,
+        }
+        refusals = [r for r in await self._ask_all(question, sockets) if r]
+        if refusals:
+            await self._ask_all({"op": "abort"})
+            _close(sockets)
+            raise ReloadRefused("; ".join(refusals))
+        self._sockets = sockets
+
+    async def switch(self, change: Change) -> None:
+        self.config = change.config
+        for failure in await self._ask_all({"op": "commit"}):
+            if failure:
+                log.error("%s (while switching to the new configuration)", failure)
+        # Every worker has its own copy of the listener now.
+        _close(self._sockets)
+        self._sockets = []
+
+    async def abort(self) -> None:
+        await self._ask_all({"op": "abort"})
+        _close(self._sockets)
+        self._sockets = []
+
+    async def stop(self) -> None:
+        _close(list(self._links.values()))
+
+    async def _ask_all(
+        self, question: Mapping[str, object], sockets: Sequence[socket.socket] = ()
+    ) -> list[str | None]:
+        self._asked += 1
+        asked = {**question, "id": self._asked}
+        fds = [s.fileno() for s in sockets]
+        return list(
+            await asyncio.gather(
+                *(self._ask(p, link, asked, fds) for p, link in self._links.items())
+            )
+        )
+
+    @staticmethod
+    async def _ask(
+        pid: int, link: socket.socket, question: Mapping[str, object], fds: list[int]
+    ) -> str | None:
+        """None when worker ``pid`` did what it was asked, else why not."""
+        try:
+            socket.send_fds(link, [json.dumps(question).encode()], fds)
+        except OSError as exc:
+            return f"intake worker {pid} cannot be told: {exc.strerror or exc}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WORKER_ANSWER
+        while (remaining := deadline - loop.time()) > 0:
+            try:
+                raw = await asyncio.wait_for(loop.sock_recv(link, _LINK_MESSAGE), remaining)
+            except TimeoutError:
+                break
+            except OSError as exc:
+                return f"intake worker {pid}: {exc.strerror or exc}"
+            if not raw:
+                return f"intake worker {pid} is gone"
+            answer = json.loads(raw)
+            if answer.get("id") != question["id"]:
+                continue  # a late answer to a question that timed out
+            return None if answer.get("ok") else f"intake worker {pid}: {answer.get('why')}"
+        return f"intake worker {pid} did not answer within {WORKER_ANSWER:.0f}s"
+
+
+def _close(sockets: Sequence[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+class ParentLink(Component):
+    """In an intake worker: the link to the main process, which drives every reload. The
+    link closing means the main process is gone (even by ``kill -9``): the worker stops."""
+
+    def __init__(self, link: socket.socket, service: Service) -> None:
+        self._link = link
+        self._service = service
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._link.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._link.fileno(), self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self._link, _LINK_MESSAGE, 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data, fds = b"", []
+        if not data:
+            self._forget()
+            if not self._service.stopping:
+                log.warning("intake worker %d: the main process is gone; stopping", os.getpid())
+            self._service.request_stop()
+            return
+        _spawn(self._answer(json.loads(data), fds))
+
+    async def _answer(self, question: dict[str, Any], fds: list[int]) -> None:
+        why: str | None = None
+        if question["op"] == "prepare":
+            why = await self._prepare(question, [socket.socket(fileno=fd) for fd in fds])
+        elif question["op"] == "commit":
+            await self._service.commit()
+            log.info("intake worker %d: configuration reloaded", os.getpid())
+        else:
+            await self._service.abort()
+        answer = {"id": question["id"], "ok": why is None, "why": why or ""}
+        with contextlib.suppress(OSError):
+            self._link.send(json.dumps(answer).encode())
+
+    async def _prepare(self, question: dict[str, Any], sockets: list[socket.socket]) -> str | None:
+        text = str(question["text"])
+        try:
+            new = parse(text, str(question["path"]), os.environ)
+        except ConfigError as exc:
+            why: str | None = f"the configuration does not load here ({len(exc.problems)} problems)"
+        else:
+            stamp = tuple(question["stamp"]) if question["stamp"] else None
+            change = Change(replace(new, stamp=stamp, source=text), tuple(sockets) or None)
+            why = await self._service.prepare(change)
+        if why is not None:
+            _close(sockets)
+        return why
+
+    def _forget(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._link.fileno())
+            self._loop = None
+
+    async def stop(self) -> None:
+        self._forget()
+        self._link.close()

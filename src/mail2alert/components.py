@@ -1,0 +1,691 @@
+"""The parts a mail2alert process is made of, each with ``start``, ``stop`` and a reload.
+
+A reload is all or nothing: every component first *prepares* the new configuration
+(acquiring what it needs, such as a new listener, or refusing with :class:`ReloadRefused`),
+and only when all of them have does each *switch* to it; if any refused, those that had
+prepared *abort* and every one keeps the configuration it runs. :mod:`mail2alert.app` puts
+components together into a service; :mod:`mail2alert.supervisor` adds the ones that link
+the processes of ``serve`` (the main process's intake workers, a worker's parent).
+
+Threads and SQLite connections (each connection is used by one thread only):
+
+===============  ====================================================  ======================
+component        thread that uses its connection                       connection
+===============  ====================================================  ======================
+NotesWatch       ``notes-reader`` (reads other processes' notes)       outbox, not durable
+Intake           ``outbox-writer`` (the group commit)                  outbox, durable
+Delivery         the dispatcher's own thread (claims, results)         outbox, not durable
+Holds            ``holds`` (held mail, notes learnt from outside)      outbox, durable
+===============  ====================================================  ======================
+
+Everything else (SMTP sessions, routing, keepers, the watches) runs on the event loop and
+touches no database: routing reads :class:`Knowledge`, which only the event loop's thread
+changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiosmtpd.smtp import SMTP
+
+from mail2alert.background import supervised
+from mail2alert.config import Config, HostPort
+from mail2alert.dispatcher import Dispatcher
+from mail2alert.errors import Mail2AlertError, StartupError
+from mail2alert.managers.base import Context
+from mail2alert.managers.memory import Feed, Keeper, Note
+from mail2alert.outbox import Accepted, GroupCommitter, Outbox
+from mail2alert.planning import accept, remember
+from mail2alert.routing import Manager
+from mail2alert.server import Handler, describe, smtp_factory
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long a stop waits for SMTP sessions in the middle of a transaction.
+GRACE = 10.0
+#: How often held mail is looked at even when no new snapshot arrived (for hold-max).
+HOLD_CHECK = 5.0
+#: How often an intake process looks for a new snapshot in data-dir.
+SNAPSHOT_CHECK = 1.0
+#: How often the configuration file is looked at for changes.
+CONFIG_CHECK = 2.0
+#: How often routing's notes are compared with what other processes committed (seconds).
+NOTES_EVERY = 0.5
+
+Notes = dict[str, dict[tuple[str, str], str]]
+
+
+class ReloadRefused(Mail2AlertError):
+    """A component cannot run the new configuration; the message says why."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """A configuration to switch to, and the listener the main process bound for it."""
+
+    config: Config
+    sockets: tuple[socket.socket, ...] | None = None
+
+
+class Crew:
+    """What every component of one service shares: the stop request and the supervision."""
+
+    def __init__(self, fail: Callable[[str], None]) -> None:
+        self.stopping = asyncio.Event()
+        self.fail = fail
+
+    def keep(
+        self, name: str, run: Callable[[], Any], stop: asyncio.Event | None = None
+    ) -> asyncio.Task[None]:
+        """Run ``run()`` in the background, started again whenever it fails."""
+        return asyncio.create_task(
+            supervised(name, run, stop=stop or self.stopping, fail=self.fail), name=name
+        )
+
+    async def pause(self, seconds: float) -> None:
+        """Wait ``seconds``, or less when a stop is requested."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
+
+
+class Knowledge:
+    """What routing reads besides the message: the managers, their snapshots, the notes.
+
+    Changed only on the event loop's thread, and a message reads ``managers`` and
+    ``context`` once, so it is routed wholly by what was known when it arrived.
+    """
+
+    def __init__(self, managers: Sequence[Manager]) -> None:
+        self.managers = managers
+        #: By table and key; the context's ``state`` is this very mapping.
+        self.notes: Notes = {}
+        self.context = Context(state=self.notes)
+        #: Set when a snapshot arrives: held mail may be routable now.
+        self.news = asyncio.Event()
+
+    def snapshot(self, label: str, snapshot: object) -> None:
+        """A manager's keeper has a new snapshot."""
+        if self.context.snapshots.get(label) is snapshot:
+            return
+        snapshots = {**self.context.snapshots, label: snapshot}
+        self.context = replace(self.context, snapshots=snapshots)
+        self.news.set()
+
+    def keep_snapshots_of(self, labels: set[str]) -> None:
+        """Forget the snapshots of managers that are gone."""
+        kept = {k: v for k, v in self.context.snapshots.items() if k in labels}
+        self.context = replace(self.context, snapshots=kept)
+
+    def remember(self, notes: Sequence[Note]) -> None:
+        """Notes of a decision that is durable now."""
+        remember(self.notes, notes)
+
+    def learn(self, notes: Sequence[Note]) -> None:
+        """Notes learnt from outside: kept only where nothing is known yet."""
+        for note in notes:
+            self.notes.setdefault(note.table, {}).setdefault(note.key, note.value)
+
+    def replace_notes(self, fresh: Mapping[str, Mapping[tuple[str, str], str]]) -> None:
+        """Everything committed, as read back from the outbox."""
+        for table, rows in fresh.items():
+            kept = self.notes.setdefault(table, {})
+            kept.clear()
+            kept.update(rows)
+
+
+class Component:
+    """A part of the service. By default it has nothing to prepare or abort on a reload."""
+
+    async def start(self) -> None:
+        """Open what it owns and start its work; raise StartupError if it cannot."""
+
+    async def prepare(self, change: Change) -> None:
+        """Acquire what ``change`` needs without using it yet; raise ReloadRefused if not."""
+
+    async def switch(self, change: Change) -> None:
+        """Run by ``change`` from now on (every component has prepared it)."""
+
+    async def abort(self) -> None:
+        """Release what :meth:`prepare` acquired: another component refused the change."""
+
+    async def stop(self) -> None:
+        """Finish its work and close what it owns (a stop was requested on the crew)."""
+
+    def describe(self) -> str | None:
+        """What it does, for the line a process logs when it is up."""
+        return None
+
+
+def _open(data_dir: Path, opening: Callable[[], T]) -> T:
+    try:
+        return opening()
+    except Mail2AlertError as exc:
+        raise StartupError(f"data-dir {str(data_dir)!r}: {exc}") from None
+
+
+def bind(address: HostPort) -> list[socket.socket]:
+    """Listening sockets for ``address`` (every address the host name resolves to).
+
+    Port 0 binds one ephemeral port on the first address. Raises StartupError.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartupError(f"cannot listen on {address}: {exc.strerror}") from None
+    sockets: list[socket.socket] = []
+    seen: set[Any] = set()
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            if sockaddr in seen:
+                continue
+            seen.add(sockaddr)
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(sockaddr)
+            sock.listen(1024)
+            sock.setblocking(False)
+            if address.port == 0:
+                break
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    return sockets
+
+
+def shown(addresses: Sequence[tuple[str, int]]) -> str:
+    """Addresses as an operator writes them."""
+    return ", ".join(str(HostPort(h, p)) for h, p in addresses)
+
+
+class NotesWatch(Component):
+    """Keeps the notes routing sees current with what other processes commit."""
+
+    def __init__(self, knowledge: Knowledge, config: Config, crew: Crew) -> None:
+        self._knowledge = knowledge
+        self._data_dir = config.data_dir
+        self._crew = crew
+        self._outbox: Outbox | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="notes-reader")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._outbox = _open(self._data_dir, lambda: Outbox(self._data_dir, durable=False))
+        self._knowledge.replace_notes(self._outbox.notes())
+        self._task = self._crew.keep("notes watch", self._follow)
+
+    async def _follow(self) -> None:
+        assert self._outbox is not None
+        outbox = self._outbox
+        loop = asyncio.get_running_loop()
+        seen = await loop.run_in_executor(self._reader, outbox.version)
+        while not self._crew.stopping.is_set():
+            await self._crew.pause(NOTES_EVERY)
+            version = await loop.run_in_executor(self._reader, outbox.version)
+            if version != seen:
+                seen = version
+                fresh = await loop.run_in_executor(self._reader, outbox.notes)
+                self._knowledge.replace_notes(fresh)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._reader.shutdown(wait=True)
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+
+
+class Intake(Component):
+    """SMTP sessions on ``local-smtp``: route each message, commit it, then answer."""
+
+    def __init__(
+        self,
+        knowledge: Knowledge,
+        config: Config,
+        crew: Crew,
+        *,
+        wake: Callable[[], None],
+        sockets: Sequence[socket.socket] | None = None,
+    ) -> None:
+        self._knowledge = knowledge
+        self.config = config
+        self._crew = crew
+        self._wake = wake
+        self._sockets = sockets
+        self.committer: GroupCommitter | None = None
+        self.handler: Handler | None = None
+        self.addresses: list[tuple[str, int]] = []
+        self._servers: list[asyncio.Server] = []
+        self._next: tuple[list[asyncio.Server], list[tuple[str, int]]] | None = None
+        self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        data_dir = self.config.data_dir
+        self.committer = _open(
+            data_dir, lambda: GroupCommitter(data_dir, on_death=self._writer_died)
+        )
+        self.handler = Handler(
+            self.committer,
+            lambda: self._knowledge.managers,
+            lambda: self._knowledge.context,
+            on_commit=self._committed,
+        )
+        sockets = list(self._sockets) if self._sockets is not None else bind(self.config.local_smtp)
+        self._servers, self.addresses = await self._serve(sockets, start=True)
+
+    def describe(self) -> str:
+        return f"listening on {shown(self.addresses)}"
+
+    def _writer_died(self, exc: BaseException) -> None:
+        """From the writer thread: intake cannot commit any more, so the process must end."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(
+                self._crew.fail, f"the outbox writer stopped: {type(exc).__name__}"
+            )
+
+    def _committed(self, accepted: Accepted) -> None:
+        """A message is durable: routing sees its notes from now on, and delivery wakes."""
+        self._knowledge.remember(accepted.notes)
+        self._wake()
+
+    async def _serve(
+        self, sockets: Sequence[socket.socket], *, start: bool
+    ) -> tuple[list[asyncio.Server], list[tuple[str, int]]]:
+        assert self.handler is not None
+        # Spooled DATA goes to data-dir, not /tmp, which is memory in many containers.
+        make = smtp_factory(self.handler, spool_dir=str(self.config.data_dir))
+
+        def factory() -> SMTP:
+            session: SMTP = make()
+            self._sessions.add(session)
+            return session
+
+        loop = asyncio.get_running_loop()
+        servers: list[asyncio.Server] = []
+        try:
+            for sock in sockets:
+                servers.append(await loop.create_server(factory, sock=sock, start_serving=start))
+        except OSError as exc:
+            for server in servers:
+                server.close()
+            for sock in sockets:
+                sock.close()
+            raise ReloadRefused(f"cannot listen: {exc.strerror or exc}") from None
+        return servers, [sock.getsockname()[:2] for sock in sockets]
+
+    async def prepare(self, change: Change) -> None:
+        new = change.config.local_smtp
+        if new == self.config.local_smtp:
+            return
+        if change.sockets is not None:
+            sockets = list(change.sockets)
+        else:
+            try:
+                sockets = bind(new)
+            except StartupError as exc:
+                raise ReloadRefused(str(exc)) from None
+        self._next = await self._serve(sockets, start=False)
+
+    async def switch(self, change: Change) -> None:
+        self.config = change.config
+        if self._next is None:
+            return
+        (servers, addresses), self._next = self._next, None
+        for server in servers:
+            await server.start_serving()
+        # Sessions already open on the old listener go on; only new connections move.
+        for old in self._servers:
+            old.close()
+        self._servers, self.addresses = servers, addresses
+        log.info("now listening on %s", shown(addresses))
+
+    async def abort(self) -> None:
+        if self._next is not None:
+            for server in self._next[0]:
+                server.close()
+            self._next = None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a session is in the middle of a transaction."""
+        if self.handler is not None and self.handler.in_flight:
+            return True
+        return any(
+            s.transport is not None and s.envelope is not None and s.envelope.mail_from is not None
+            for s in self._sessions
+        )
+
+    async def stop(self) -> None:
+        await self.abort()
+        for server in self._servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + GRACE
+        # Sessions signal nothing when a transaction ends; polling their state is the way.
+        while self.busy and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        for session in list(self._sessions):
+            if session.transport is not None:
+                session.transport.close()
+        for server in self._servers:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+        if self.committer is not None:
+            await loop.run_in_executor(None, self.committer.close)
+            self.committer = None
+
+
+def _delivery_settings(config: Config) -> tuple[object, ...]:
+    return (config.remote_smtp, config.delivery, config.chat_settings())
+
+
+class Delivery(Component):
+    """The dispatcher: delivers every outbox item; made anew when its settings change."""
+
+    def __init__(self, config: Config, crew: Crew) -> None:
+        self.config = config
+        self._crew = crew
+        self.dispatcher: Dispatcher | None = None
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def _make(self) -> Dispatcher:
+        cfg = self.config
+        return Dispatcher(cfg.data_dir, cfg.remote_smtp, cfg.delivery, chat=cfg.chat_settings())
+
+    async def start(self) -> None:
+        self.dispatcher = _open(self.config.data_dir, self._make)
+        self._run()
+
+    def describe(self) -> str:
+        return f"delivering to {self.config.remote_smtp}"
+
+    def _run(self) -> None:
+        """Deliver with the dispatcher made at start (or reload); a new one after a failure."""
+        first = self.dispatcher
+
+        async def deliver() -> None:
+            nonlocal first
+            if first is None:
+                self.dispatcher = self._make()
+            first = None
+            assert self.dispatcher is not None
+            await self.dispatcher.run(self._stop)
+
+        self._task = self._crew.keep("delivery", deliver, self._stop)
+
+    def wake(self) -> None:
+        """New items were committed (never blocks)."""
+        if self.dispatcher is not None:
+            self.dispatcher.wake()
+
+    async def switch(self, change: Change) -> None:
+        old, self.config = self.config, change.config
+        if _delivery_settings(old) == _delivery_settings(change.config):
+            return
+        await self._finish()
+        self._stop = asyncio.Event()
+        self.dispatcher = self._make()
+        self._run()
+        log.info("now delivering to %s", self.config.remote_smtp)
+
+    async def _finish(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def stop(self) -> None:
+        await self._finish()
+
+
+class Holds(Component):
+    """Held mail, routed again when a snapshot arrives (or after ``hold-max``); and the
+    notes learnt from outside, kept in the outbox."""
+
+    def __init__(
+        self,
+        knowledge: Knowledge,
+        config: Config,
+        crew: Crew,
+        *,
+        released: Callable[[], None],
+    ) -> None:
+        self._knowledge = knowledge
+        self._data_dir = config.data_dir
+        self._crew = crew
+        self._released = released
+        self._outbox: Outbox | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="holds")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._outbox = _open(self._data_dir, lambda: Outbox(self._data_dir))
+        self._task = self._crew.keep("held mail", self._release_until_stopped)
+
+    def learn(self, notes: Sequence[Note]) -> None:
+        """On the event loop (a keeper's callback): notes learnt from outside (such as a CI
+        server's last results), kept only where nothing is known yet, in the outbox and in
+        what routing sees at once."""
+        assert self._outbox is not None
+        # The connection belongs to the holds thread: the write goes there.
+        written = asyncio.get_running_loop().run_in_executor(
+            self._executor, self._outbox.learn, notes, time.time()
+        )
+        written.add_done_callback(_log_learn_failure)
+        self._knowledge.learn(notes)
+
+    async def _release_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        news = self._knowledge.news
+        while not self._crew.stopping.is_set():
+            managers = self._knowledge.managers
+            every = min([HOLD_CHECK] + [m.seconds("hold-max", 600.0) / 2 for m in managers])
+            try:
+                released = await loop.run_in_executor(self._executor, self.release)
+            except Mail2AlertError as exc:
+                log.error("held mail could not be released: %s", exc)
+                released = 0
+            if released:
+                self._released()
+            waiter = asyncio.ensure_future(news.wait())
+            stopper = asyncio.ensure_future(self._crew.stopping.wait())
+            await asyncio.wait({waiter, stopper}, timeout=every, return_when="FIRST_COMPLETED")
+            waiter.cancel()
+            stopper.cancel()
+            news.clear()
+
+    def release(self) -> int:
+        """Route held messages again; those still waiting past ``hold-max`` stop waiting."""
+        assert self._outbox is not None
+        managers = self._knowledge.managers
+        context = self._knowledge.context
+        now = time.time()
+        released = 0
+        for queue_id, received, envelope, raw in self._outbox.held():
+            manager = next((m for m in managers if m.wanted_recipients(envelope)), None)
+            hold_max = manager.seconds("hold-max", 600.0) if manager else 0.0
+            accepted = accept(
+                queue_id,
+                envelope,
+                raw,
+                managers,
+                context,
+                received_at=received,
+                stop_holding=now - received >= hold_max,
+            )
+            if accepted.decision.outcome == "hold":
+                continue
+            self._outbox.release(accepted)
+            log.info("%s (after holding %.0fs)", describe(accepted), now - received)
+            released += 1
+        return released
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+        if self._outbox is not None:
+            self._outbox.close()
+            self._outbox = None
+
+
+def _log_learn_failure(written: asyncio.Future[None]) -> None:
+    exc = None if written.cancelled() else written.exception()
+    if exc is not None:
+        log.error("notes learnt from outside could not be kept (will be learnt again): %s", exc)
+
+
+def _kept_by_keepers(config: Config) -> list[tuple[str, dict[str, object]]]:
+    return [(m.label, dict(m.options)) for m in config.routing if m.type.background]
+
+
+class Keepers(Component):
+    """Each manager type's background work (a GoCD poller): keeps its snapshot fresh."""
+
+    def __init__(
+        self,
+        knowledge: Knowledge,
+        config: Config,
+        crew: Crew,
+        *,
+        learn: Callable[[Sequence[Note]], None],
+    ) -> None:
+        self._knowledge = knowledge
+        self.config = config
+        self._crew = crew
+        self._learn = learn
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._stop = asyncio.Event()
+        feed = Feed(snapshot=self._knowledge.snapshot, notes=self._learn)
+        keepers: list[Keeper] = []
+        for manager in self.config.routing:
+            background = manager.type.background
+            if background is None:
+                continue
+            keeper = background.keeper(manager.label, manager.options, self.config.data_dir, feed)
+            if keeper is None:
+                continue
+            keepers.append(keeper)
+            if keeper.snapshot is not None:
+                self._knowledge.snapshot(manager.label, keeper.snapshot)
+        stop = self._stop
+        self._tasks = [self._crew.keep(k.name, partial(k.run, stop), stop) for k in keepers]
+
+    async def switch(self, change: Change) -> None:
+        old, self.config = self.config, change.config
+        if _kept_by_keepers(old) == _kept_by_keepers(change.config):
+            return
+        await self.stop()
+        self._knowledge.keep_snapshots_of({m.label for m in change.config.routing})
+        await self.start()
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+
+class SnapshotWatch(Component):
+    """In an intake worker: picks up the snapshots the main process's keepers save."""
+
+    def __init__(self, knowledge: Knowledge, config: Config, crew: Crew) -> None:
+        self._knowledge = knowledge
+        self._data_dir = config.data_dir
+        self._crew = crew
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = self._crew.keep("snapshot watch", self._follow)
+
+    async def _follow(self) -> None:
+        seen: dict[str, float] = {}
+        while not self._crew.stopping.is_set():
+            # Recomputed each time: a reload may change the managers and their sources.
+            for manager in self._knowledge.managers:
+                background = manager.type.background
+                if background is None:
+                    continue
+                path = background.saved(manager.options, self._data_dir)
+                if path is None:
+                    continue
+                with contextlib.suppress(OSError):
+                    mtime = path.stat().st_mtime
+                    if seen.get(manager.label) != mtime:
+                        seen[manager.label] = mtime
+                        snapshot = background.load(path)
+                        if snapshot is not None:
+                            self._knowledge.snapshot(manager.label, snapshot)
+            await self._crew.pause(SNAPSHOT_CHECK)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class ConfigWatch(Component):
+    """Reloads when the configuration file changes (as SIGHUP does)."""
+
+    def __init__(
+        self, config: Config, crew: Crew, *, reload: Callable[[], Awaitable[object]]
+    ) -> None:
+        self._path = Path(config.path)
+        # Compared with the file as it was loaded: a change made while starting counts too.
+        self._seen = config.stamp
+        self._crew = crew
+        self._reload = reload
+        self._task: asyncio.Task[None] | None = None
+
+    def _stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = self._path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def reading(self) -> None:
+        """The file is about to be read for a reload (a SIGHUP's): the file as it is now needs
+        no second reload from the watch. Stamped before reading, so a write that lands while
+        it is read is still noticed."""
+        self._seen = self._stamp() or self._seen
+
+    async def start(self) -> None:
+        self._seen = self._seen or self._stamp()
+        self._task = self._crew.keep("configuration watch", self._watch)
+
+    async def _watch(self) -> None:
+        while not self._crew.stopping.is_set():
+            await self._crew.pause(CONFIG_CHECK)
+            now = self._stamp()
+            if now is not None and now != self._seen:
+                self._seen = now
+                log.info("%s changed; reloading", self._path)
+                await self._reload()
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
