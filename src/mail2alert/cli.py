@@ -19,10 +19,11 @@ import yaml
 
 from mail2alert import __version__, config, explain, postqueue, sendtest
 from mail2alert.errors import ConfigError, Mail2AlertError, UsageError
-from mail2alert.managers.base import Context
+from mail2alert.managers.base import Context, ManagerType
+from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
-from mail2alert.outbox import read_stage_table
+from mail2alert.outbox import read_notes_of
 
 log = logging.getLogger("mail2alert")
 
@@ -151,12 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_snapshot(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--gocd-snapshot",
-        metavar="FILE.json",
-        type=Path,
-        help="pipeline groups from this file (any of GoCD's three payloads) instead of GoCD",
-    )
+    """Each manager type's option to read its snapshot from a file (``--gocd-snapshot``)."""
+    for kind in MANAGER_TYPES.values():
+        option = kind.explaining.snapshot_file
+        if option is not None:
+            parser.add_argument(
+                option.flag, metavar=option.metavar, type=Path, help=option.help, dest=_dest(kind)
+            )
+
+
+def _dest(kind: ManagerType) -> str:
+    return f"snapshot_of_{kind.name}"
 
 
 def _load(args: argparse.Namespace) -> config.Config:
@@ -171,26 +177,24 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 
 def _context(args: argparse.Namespace, loaded: config.Config) -> Context:
-    """What routing may know: GoCD groups (file, live, or kept) and the stage history."""
-    snapshots: dict[str, object]
-    if args.gocd_snapshot is not None:
-        snapshots = dict(explain.snapshots_from_file(args.gocd_snapshot, loaded))
-    else:
-        snapshots = asyncio.run(_fetch_snapshots(loaded))
-    return Context(
-        snapshots=snapshots,
-        state={
-            table: read_stage_table(loaded.data_dir, table) for table in ("history", "mail_threads")
-        },
-    )
+    """What routing may know: each manager's snapshot (file, live, or kept) and the notes."""
+    files = {
+        kind.name: path
+        for kind in MANAGER_TYPES.values()
+        if (path := getattr(args, _dest(kind), None)) is not None
+    }
+    snapshots = asyncio.run(_fetch_snapshots(loaded, skip=set(files)))
+    snapshots.update(explain.snapshots_from_files(files, loaded))
+    return Context(snapshots=snapshots, state=read_notes_of(loaded.data_dir))
 
 
-async def _fetch_snapshots(loaded: config.Config) -> dict[str, object]:
-    """Each manager's snapshot, read once (live, else as kept); notes on stderr."""
+async def _fetch_snapshots(loaded: config.Config, *, skip: set[str]) -> dict[str, object]:
+    """Each manager's snapshot, read once (live, else as kept); notes on stderr. Managers of
+    the types in ``skip`` are left out (their snapshot comes from a file)."""
     snapshots: dict[str, object] = {}
     for manager in loaded.routing:
         background = manager.type.background
-        if background is None:
+        if background is None or manager.type.name in skip:
             continue
         snapshot, note = await background.fetch(manager.label, manager.options, loaded.data_dir)
         if note:

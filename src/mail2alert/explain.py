@@ -19,11 +19,10 @@ import yaml
 
 from mail2alert.actions import mask
 from mail2alert.config import Config
-from mail2alert.errors import GocdError, UsageError
-from mail2alert.gocd.client import parse_groups
-from mail2alert.gocd.manager import VERBS
-from mail2alert.gocd.model import EVENTS, PipelineGroups, stage_of
+from mail2alert.errors import UsageError
 from mail2alert.managers.base import Context
+from mail2alert.managers.explaining import Facts, Inventory
+from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.message import RawMessage
 from mail2alert.model import ChatPost, Decision, Envelope
 from mail2alert.planning import accept
@@ -34,7 +33,7 @@ OUTCOME_WORDS = ("relay", "drop", "hold")
 
 
 def synthetic_message(mail_from: str, to: str, subject: str) -> bytes:
-    """A minimal mail with these headers, as a sender like GoCD would write it."""
+    """A minimal mail with these headers, as a sender of alerts would write it."""
     encoded = email.header.Header(subject, "utf-8").encode() if not subject.isascii() else subject
     lines = [
         f"From: {mail_from}",
@@ -63,8 +62,10 @@ class Explanation:
     rule_texts: tuple[str, ...] = ()
     chat: tuple[Mapping[str, Any], ...] = ()
     """The chat messages as they would be posted (action masked, title, body, colour)."""
-    has_groups: bool = False
-    """Whether pipeline groups from GoCD were known for the deciding manager."""
+    facts: Facts | None = None
+    """What the deciding manager's type reads the alert as (None: no manager wanted it)."""
+    held: str = ""
+    """What held mail waits for, in the deciding manager type's words."""
 
     @property
     def outcome(self) -> tuple[str, ...]:
@@ -77,23 +78,10 @@ class Explanation:
         """The explanation as plain data (``--json``); secrets masked."""
         d = self.decision
         alert = d.alert
-        stage = stage_of(alert) if alert else None
         return {
             "envelope": {"from": self.envelope.mail_from, "to": list(self.envelope.rcpt_tos)},
             "subject": alert.subject if alert else None,
-            "facts": None
-            if stage is None or alert is None
-            else {
-                "pipeline": stage.pipeline,
-                "pipeline_counter": stage.pipeline_counter,
-                "stage": stage.stage,
-                "stage_counter": stage.stage_counter,
-                "gocd_verb": stage.verb,
-                "gocd_event": VERBS[stage.verb],
-                "event": alert.event,
-                "group": self.group,
-                "details_url": alert.link,
-            },
+            "facts": None if self.facts is None or self.facts.data is None else {**self.facts.data},
             "manager": d.manager,
             "rules": [
                 {
@@ -116,10 +104,7 @@ class Explanation:
 
 def rule_text(manager: Manager, index: int) -> str:
     """A rule as one line: ``pipelines.in_group('my-group') events BREAKS``."""
-    rule = manager.rules[index]
-    args = ", ".join(repr(a) for a in rule.args)
-    events = f" events {','.join(e for e in EVENTS if e in rule.events)}" if rule.events else ""
-    return f"{rule.function.name}({args}){events}"
+    return manager.rule_text(index)
 
 
 def explain(
@@ -129,9 +114,10 @@ def explain(
     accepted = accept(queue_id, envelope, data, config.routing, context)
     d = accepted.decision
     manager = find_manager(config.routing, d.manager)
-    has_groups = manager is not None and (
-        context.snapshots.get(manager.label, context.snapshot) is not None
-    )
+    facts = None
+    if manager is not None and d.alert is not None:
+        known = context.snapshots.get(manager.label, context.snapshot) is not None
+        facts = manager.type.explaining.facts(d.alert, accepted.label, known)
     lines = tuple(r.line for r in manager.rules) if manager else ()
     texts = tuple(rule_text(manager, i) for i in range(len(manager.rules))) if manager else ()
     # As stored, and so as the chat transport will read it.
@@ -146,7 +132,8 @@ def explain(
         lines,
         texts,
         chat,
-        has_groups,
+        facts,
+        manager.type.explaining.held if manager is not None else "",
     )
 
 
@@ -182,19 +169,8 @@ def render(ex: Explanation, *, trace: bool) -> str:
     out = [f"envelope: from=<{ex.envelope.mail_from}> to=<{', '.join(ex.envelope.rcpt_tos)}>"]
     if alert is not None:
         out.append(f"subject:  {alert.subject}")
-        s = stage_of(alert)
-        if s is not None:
-            said = VERBS[s.verb]
-            event = alert.event if alert.event == said else f"{alert.event} (GoCD said {said})"
-            group = ex.group or (
-                "in no group GoCD knows" if ex.has_groups else "unknown (no GoCD data)"
-            )
-            out.append(
-                f"facts:    pipeline {s.pipeline} #{s.pipeline_counter}, stage {s.stage} "
-                f"#{s.stage_counter}, event {event}, " + (f"group {group}" if ex.group else group)
-            )
-        else:
-            out.append("facts:    not a GoCD stage mail (no pipeline, no event)")
+    if ex.facts is not None:
+        out.append(f"facts:    {ex.facts.line}")
     out.append(f"manager:  {d.manager or 'none wants it'}")
     if trace and d.trace:
         out.append("rules:")
@@ -209,7 +185,7 @@ def render(ex: Explanation, *, trace: bool) -> str:
     elif d.outcome == "relay":
         out.append(f"outcome:  relay unchanged to remote-smtp ({d.reason})")
     elif d.outcome == "hold":
-        out.append(f"outcome:  hold until GoCD's pipeline groups are known ({d.reason})")
+        out.append(f"outcome:  hold until {ex.held} ({d.reason})")
     else:
         out.append(f"outcome:  drop ({d.reason})")
     if d.passthrough:
@@ -327,113 +303,47 @@ def run_suite(config: Config, cases: Sequence[Case], context: Context) -> SuiteR
 
 @dataclass(frozen=True)
 class CoverageReport:
-    """For every gocd manager: group -> pipeline -> event -> actions; orphans; dead rules."""
+    """Every manager type's inventory: what each subject it knows of would be routed to."""
 
-    managers: Mapping[str, Mapping[str, Mapping[str, Mapping[str, tuple[str, ...]]]]]
-    orphans: Mapping[str, tuple[str, ...]]
-    dead_rules: Mapping[str, tuple[str, ...]]
-    missing_data: tuple[str, ...] = ()
+    parts: tuple[Inventory, ...]
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``--format yaml|json``; secrets masked."""
-        return {
-            "routes": {
-                label: {
-                    group: {
-                        pipeline: {ev: [mask(a) for a in acts] for ev, acts in events.items()}
-                        for pipeline, events in pipelines.items()
-                    }
-                    for group, pipelines in groups.items()
-                }
-                for label, groups in self.managers.items()
-            },
-            "orphans_for_BREAKS": {k: list(v) for k, v in self.orphans.items()},
-            "dead_rules": {k: list(v) for k, v in self.dead_rules.items()},
-            "no_gocd_data": list(self.missing_data),
-        }
+        merged: dict[str, Any] = {}
+        for part in self.parts:
+            merged.update(part.as_dict())
+        return merged
 
 
 def coverage(config: Config, context: Context) -> CoverageReport:
-    """Route a stage mail for every known pipeline and every event, as ``serve`` would."""
-    routes: dict[str, dict[str, dict[str, dict[str, tuple[str, ...]]]]] = {}
-    orphans: dict[str, tuple[str, ...]] = {}
-    dead: dict[str, tuple[str, ...]] = {}
-    missing: list[str] = []
-    verb_of = {event: verb for verb, event in VERBS.items()}
-    for manager in config.routing:
-        if manager.type.name != "gocd":
-            continue
-        groups = context.snapshots.get(manager.label)
-        if not isinstance(groups, PipelineGroups):
-            missing.append(manager.label)
-            continue
-        envelope = Envelope(
-            manager.wants_from[0] if manager.wants_from else "gocd@localhost",
-            (manager.wants_to[0] if manager.wants_to else "mail2alert@localhost",),
-        )
-        matched: set[int] = set()
-        by_group: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {}
-        lonely: list[str] = []
-        for group, pipelines in sorted(groups.groups.items()):
-            for pipeline in sorted(pipelines):
-                events: dict[str, tuple[str, ...]] = {}
-                for event in EVENTS:
-                    subject = f"Stage [{pipeline}/1/stage/1] {verb_of[event]}"
-                    data = synthetic_message(envelope.mail_from, envelope.rcpt_tos[0], subject)
-                    ex = explain(config, envelope, data, _without_history(context))
-                    if ex.decision.manager != manager.label:
-                        continue
-                    events[event] = ex.decision.actions if ex.decision.outcome == "deliver" else ()
-                    matched.update(t.index for t in ex.decision.trace if t.matched)
-                by_group.setdefault(group, {})[pipeline] = events
-                if not events.get("BREAKS"):
-                    lonely.append(f"{group}/{pipeline}")
-        routes[manager.label] = by_group
-        orphans[manager.label] = tuple(lonely)
-        dead[manager.label] = tuple(
-            f"rule {i + 1} (line {manager.rules[i].line}): {rule_text(manager, i)}"
-            for i in range(len(manager.rules))
-            if i not in matched and manager.rules[i].function.name.startswith("pipelines.")
-        )
-    return CoverageReport(routes, orphans, dead, tuple(missing))
+    """Ask every manager type that has an inventory to route all it knows of, as ``serve``
+    would (each probe through :func:`explain`, without the notes of earlier decisions)."""
+    bare = Context(snapshot=context.snapshot, snapshots=context.snapshots)
 
+    def probe(envelope: Envelope, data: bytes) -> Decision:
+        return explain(config, envelope, data, bare).decision
 
-def _without_history(context: Context) -> Context:
-    return Context(snapshot=context.snapshot, snapshots=context.snapshots)
+    parts = []
+    for kind in MANAGER_TYPES.values():
+        inventory = kind.explaining.coverage
+        if inventory is not None:
+            managers = [m for m in config.routing if m.type.name == kind.name]
+            parts.append(inventory(managers, context.snapshots, probe))
+    return CoverageReport(tuple(parts))
 
 
 def render_coverage(report: CoverageReport) -> str:
     """The text ``mail2alert coverage`` prints."""
-    out: list[str] = []
-    for label, groups in report.managers.items():
-        out.append(f"{label}:")
-        for group, pipelines in groups.items():
-            out.append(f"  group {group}")
-            for pipeline, events in pipelines.items():
-                out.append(f"    {pipeline}")
-                for event in EVENTS:
-                    acts = events.get(event, ())
-                    shown = ", ".join(mask(a) for a in acts) if acts else "-"
-                    out.append(f"      {event:<9} {shown}")
-        orphans = report.orphans.get(label, ())
-        out.append(f"  pipelines with no route for BREAKS: {len(orphans)}")
-        out.extend(f"    {o}" for o in orphans)
-        dead = report.dead_rules.get(label, ())
-        out.append(f"  rules that match no known pipeline: {len(dead)}")
-        out.extend(f"    {d}" for d in dead)
-    for label in report.missing_data:
-        out.append(f"{label}: no pipeline groups from GoCD (use --gocd-snapshot FILE)")
-    return "\n".join(out)
+    return "\n".join(line for part in report.parts for line in part.lines())
 
 
-def snapshots_from_file(path: Path, config: Config) -> dict[str, PipelineGroups]:
-    """``--gocd-snapshot FILE.json``: the same groups for every gocd manager."""
-    try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"--gocd-snapshot {path}: cannot read: {exc}") from None
-    try:
-        groups = parse_groups(payload, source=str(path))
-    except GocdError as exc:
-        raise UsageError(f"--gocd-snapshot {exc}") from None
-    return {m.label: groups for m in config.routing if m.type.name == "gocd"}
+def snapshots_from_files(files: Mapping[str, Path], config: Config) -> dict[str, object]:
+    """Snapshots from files named on the command line, by manager type: the same snapshot
+    for every manager of that type."""
+    snapshots: dict[str, object] = {}
+    for kind, path in files.items():
+        reading = MANAGER_TYPES[kind].explaining.snapshot_file
+        assert reading is not None
+        snapshot = reading.read(path)
+        snapshots.update({m.label: snapshot for m in config.routing if m.type.name == kind})
+    return snapshots

@@ -734,21 +734,19 @@ def _settle(
             future.set_exception(error)
 
 
-def read_stage_table(data_dir: Path, table: str) -> dict[tuple[str, str], str]:
-    """A per-stage table (history, mail_threads) of a data dir, read-only; {} without one."""
+def read_notes_of(data_dir: Path) -> dict[str, dict[tuple[str, str], str]]:
+    """Every note kept in a data dir's outbox, read-only, by table and key; {} without one."""
     path = data_dir / DB_NAME
     if not path.exists():
         return {}
-    column = NOTE_COLUMNS[table]
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
         try:
-            rows = db.execute(f"SELECT pipeline, stage, {column} FROM {table}").fetchall()  # noqa: S608 - names from NOTE_COLUMNS
+            return read_notes(db)
         finally:
             db.close()
     except sqlite3.Error as exc:
-        raise OutboxError(f"cannot read {table} in {path}: {exc}") from None
-    return {(str(p), str(s)): str(r) for p, s, r in rows}
+        raise OutboxError(f"cannot read the notes in {path}: {exc}") from None
 
 
 #: The tables notes are kept in, and each one's value column.

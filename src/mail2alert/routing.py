@@ -61,6 +61,13 @@ class Manager:
         among all managers, e.g. ``gocd#0``."""
         return f"{self.type.name}#{self.index}"
 
+    def rule_text(self, index: int) -> str:
+        """A rule as one line: ``pipelines.in_group('my-group') events BREAKS``."""
+        rule = self.rules[index]
+        args = ", ".join(repr(a) for a in rule.args)
+        wanted = [e for e in self.type.events if e in (rule.events or ())]
+        return f"{rule.function.name}({args})" + (f" events {','.join(wanted)}" if wanted else "")
+
     def seconds(self, key: str, default: float) -> float:
         """A duration option (``hold-max``, ``poll-interval``...) in seconds."""
         value = self.options.get(key, default)

@@ -11,8 +11,9 @@ import re
 from dataclasses import replace
 
 from mail2alert.errors import RuleArgumentError
+from mail2alert.gocd.explaining import GOCD_EXPLAINING
 from mail2alert.gocd.memory import GOCD_MEMORY, HISTORY
-from mail2alert.gocd.model import EVENTS, PipelineGroups, Stage, stage_of
+from mail2alert.gocd.model import EVENTS, VERBS, PipelineGroups, Stage, stage_of
 from mail2alert.gocd.poller import GOCD_BACKGROUND
 from mail2alert.gocd.presentation import GOCD_PRESENTATION, stage_facts
 from mail2alert.managers.base import (
@@ -27,15 +28,6 @@ from mail2alert.managers.base import (
 from mail2alert.managers.mail import MAIL
 from mail2alert.message import RawMessage
 from mail2alert.model import Alert, Envelope
-
-#: GoCD's verbs and the events mail2alert calls them.
-VERBS: dict[str, str] = {
-    "passed": "PASSES",
-    "failed": "FAILS",
-    "is broken": "BREAKS",
-    "is fixed": "FIXED",
-    "is cancelled": "CANCELLED",
-}
 
 _NAME = r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*"
 # GoCD's counters are Java ints and longs: 19 digits at most. More is not a GoCD subject (and
@@ -199,6 +191,7 @@ GOCD = ManagerType(
     background=GOCD_BACKGROUND,
     waiting="waiting for pipeline groups from GoCD",
     gave_up="no GoCD data in time",
+    explaining=GOCD_EXPLAINING,
     options={
         "url": Option("url", "GoCD's base URL, e.g. https://ci.example.com/go"),
         "user": Option("text", "user for HTTP basic auth"),

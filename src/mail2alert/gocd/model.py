@@ -10,6 +10,15 @@ from mail2alert.model import Alert
 #: GoCD stage events, in the order the original documented them.
 EVENTS: tuple[str, ...] = ("PASSES", "FAILS", "BREAKS", "FIXED", "CANCELLED")
 
+#: GoCD's verbs and the events mail2alert calls them.
+VERBS: dict[str, str] = {
+    "passed": "PASSES",
+    "failed": "FAILS",
+    "is broken": "BREAKS",
+    "is fixed": "FIXED",
+    "is cancelled": "CANCELLED",
+}
+
 
 @dataclass(frozen=True)
 class Stage:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from mail2alert.managers.explaining import SUBJECT_ONLY, Explaining
 from mail2alert.managers.memory import NO_MEMORY, Background, Memory
 from mail2alert.message import RawMessage
 from mail2alert.model import Alert, Envelope
@@ -125,11 +126,13 @@ class ManagerType:
     events: tuple[str, ...] = ()
     options: Mapping[str, Option] = field(default_factory=dict)
     memory: Memory = NO_MEMORY
+    """The stateful half: what decisions remember and recall (nothing, by default)."""
     presentation: Presentation = PLAIN
+    """How its alerts read in chat: fact names, default templates, colours."""
     background: Background | None = None
     """How its outside data is kept fresh (None: it has none)."""
-    """How its alerts read in chat: fact names, default templates, colours."""
-    """The stateful half: what decisions remember and recall (nothing, by default)."""
+    explaining: Explaining = SUBJECT_ONLY
+    """What ``route`` and ``coverage`` show of its alerts, in its words."""
     waiting: str = "waiting for outside data"
     """Why a message is held while a rule waits for a snapshot that is not there yet."""
     gave_up: str = "no outside data in time"

@@ -1,0 +1,78 @@
+"""What a manager type shows operators, in its own words: ``route``'s facts line, what held
+mail waits for, the ``coverage`` inventory and a snapshot read from a file.
+
+The commands in :mod:`mail2alert.explain` and :mod:`mail2alert.cli` call these hooks without
+knowing what a manager's facts are; a type without them shows the subject alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mail2alert.model import Alert, Decision, Envelope
+
+if TYPE_CHECKING:
+    from mail2alert.routing import Manager
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What an alert is about: one line for ``route``, and the same as data for ``--json``
+    (None when the alert has none of the type's facts)."""
+
+    line: str
+    data: Mapping[str, object] | None = None
+
+
+#: Routes a made-up message as ``serve`` would (without the notes of earlier decisions).
+Probe = Callable[[Envelope, bytes], Decision]
+
+
+class Inventory(Protocol):
+    """A type's part of the ``coverage`` report."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``--format json|yaml`` (merged with other types' by key)."""
+        ...
+
+    def lines(self) -> list[str]:
+        """The text ``coverage`` prints for it."""
+        ...
+
+
+@dataclass(frozen=True)
+class SnapshotFile:
+    """A command-line option that gives a snapshot from a file instead of the outside source.
+
+    ``read`` raises :class:`~mail2alert.errors.UsageError` naming the option and the file.
+    """
+
+    flag: str
+    metavar: str
+    help: str
+    read: Callable[[Path], object]
+
+
+@dataclass(frozen=True)
+class Explaining:
+    """The hooks; ``facts(alert, label, known)`` gets the manager's label for the alert (its
+    group, say) and whether the manager had a snapshot."""
+
+    facts: Callable[[Alert, str | None, bool], Facts]
+    held: str = "its manager's outside data is known"
+    """What held mail waits for, as ``route`` says: "hold until ..."."""
+    coverage: Callable[[Sequence[Manager], Mapping[str, object], Probe], Inventory] | None = None
+    """Routes every subject the type knows of (for its managers, by their snapshots)."""
+    snapshot_file: SnapshotFile | None = None
+
+
+def subject_only(alert: Alert, label: str | None, known: bool) -> Facts:
+    """The facts of a type that reads none beyond the subject."""
+    return Facts("none beyond the subject")
+
+
+#: The hooks of a type that shows nothing of its own (the ``mail`` manager).
+SUBJECT_ONLY = Explaining(facts=subject_only)
