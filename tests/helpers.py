@@ -7,11 +7,11 @@ Everything waits on events or polls state with a deadline; nothing sleeps a fixe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import email.utils
 import signal
 import smtplib
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import yaml
 
 from mail2alert import config
-from mail2alert.outbox import DB_NAME
+from mail2alert.outbox import DB_NAME, Outbox
 from mail2alert.testing import Captured, CaptureServer, ServiceThread
 
 T = TypeVar("T")
@@ -210,22 +210,47 @@ class OutboxView:
     """Reads the outbox of a data dir from the outside, as an operator would."""
 
     def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
         self.path = data_dir / DB_NAME
 
-    def query(self, sql: str, *params: object) -> list[dict[str, Any]]:
-        """Rows of ``sql`` as dicts."""
-        with contextlib.closing(sqlite3.connect(self.path, timeout=30)) as db:
-            db.row_factory = sqlite3.Row
-            return [dict(row) for row in db.execute(sql, params)]
+    @contextlib.contextmanager
+    def _opened(self) -> Iterator[Outbox]:
+        outbox = Outbox(self.data_dir)
+        try:
+            yield outbox
+        finally:
+            outbox.close()
+
+    def queue_ids(self) -> list[str]:
+        """The queue id of every message the outbox has, oldest first."""
+        with self._opened() as outbox:
+            return [m.id for m in outbox.messages()]
+
+    def integrity(self) -> str:
+        """SQLite's check of the file: ``ok`` or what is wrong."""
+        with self._opened() as outbox:
+            return outbox.integrity()
+
+    def notes(self, space: str) -> dict[tuple[str, ...], str]:
+        """The notes kept in one space (``history``...), by key."""
+        with self._opened() as outbox:
+            return outbox.notes().get(space, {})
+
+    def unfinished(self, queue_ids: Sequence[str]) -> int:
+        """How many items of these messages are not delivered yet."""
+        with self._opened() as outbox:
+            return outbox.unfinished(queue_ids)
 
     def message(self, queue_id: str) -> dict[str, Any] | None:
-        """The messages row of ``queue_id``."""
-        rows = self.query("SELECT * FROM messages WHERE id=?", queue_id)
-        return rows[0] if rows else None
+        """The stored message ``queue_id``, as a dict of its fields."""
+        with self._opened() as outbox:
+            message = outbox.message(queue_id)
+        return None if message is None else dataclasses.asdict(message)
 
     def items(self, queue_id: str) -> list[dict[str, Any]]:
         """The items of one message, in the order they were made."""
-        return self.query("SELECT * FROM items WHERE message_id=? ORDER BY id", queue_id)
+        with self._opened() as outbox:
+            return [dataclasses.asdict(item) for item in outbox.items_of(queue_id)]
 
     def item(self, queue_id: str) -> dict[str, Any]:
         """The one item of a message."""
@@ -235,10 +260,8 @@ class OutboxView:
 
     def recipients(self, queue_id: str) -> dict[str, dict[str, Any]]:
         """Recipient rows of every item of a message, by address."""
-        rows = self.query(
-            "SELECT r.* FROM recipients r JOIN items i ON i.id=r.item_id WHERE i.message_id=?",
-            queue_id,
-        )
+        with self._opened() as outbox:
+            rows = [dataclasses.asdict(r) for r in outbox.recipients_of(queue_id)]
         return {row["rcpt"]: row for row in rows}
 
     def wait_state(self, queue_id: str, state: str, *, timeout: float = 15.0) -> dict[str, Any]:

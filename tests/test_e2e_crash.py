@@ -109,7 +109,7 @@ def test_sigterm_ends_the_process_with_exit_code_0_and_the_outbox_intact(
     assert serve.terminate() == 0
 
     outbox = OutboxView(tmp_path / "data")
-    assert outbox.query("PRAGMA integrity_check") == [{"integrity_check": "ok"}]
+    assert outbox.integrity() == "ok"
     for queue_id in queue_ids:
         assert outbox.message(queue_id) is not None
         assert outbox.item(queue_id)["state"] == "pending"

@@ -75,12 +75,7 @@ def send_session(port: int, message_ids: Sequence[str]) -> dict[str, str]:
 
 def pending(outbox: OutboxView, queue_ids: Sequence[str]) -> int:
     """How many items of these messages are not delivered yet."""
-    marks = ",".join("?" * len(queue_ids))
-    rows = outbox.query(
-        f"SELECT COUNT(*) AS n FROM items WHERE state != 'done' AND message_id IN ({marks})",
-        *queue_ids,
-    )
-    return int(rows[0]["n"])
+    return outbox.unfinished(queue_ids)
 
 
 KILLS = 3

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 import trustme
 
-from mail2alert.errors import GocdError
-from mail2alert.gocd.client import GocdClient, parse_cctray, parse_groups
+from mail2alert.gocd.client import GocdClient, GocdError, parse_cctray, parse_groups
 from mail2alert.gocd.manager import corrected_event, parse_subject, read_gocd_alert
 from mail2alert.gocd.model import stage_of
 from mail2alert.gocd.poller import snapshot_path
 from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
 from mail2alert.managers.base import Context
+from mail2alert.managers.memory import Note
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope, Secret
 from mail2alert.outbox import Outbox
@@ -451,7 +451,7 @@ def test_the_history_corrects_a_failed_after_a_pass_to_breaks_across_a_restart(
     with running(path) as service:
         _routed(service.port, "Stage [my-pipeline/6/my-stage/1] passed")
         outbox = OutboxView(data_dir)
-        wait_until(lambda: outbox.query("SELECT * FROM history"), what="a history row")
+        wait_until(lambda: outbox.notes("history"), what="a history row")
     with running(path) as service:
         # GoCD lost its own memory in a restart and says "failed": it was a breakage.
         _routed(service.port, "Stage [my-pipeline/7/my-stage/1] failed")
@@ -476,7 +476,7 @@ def test_the_history_is_seeded_from_cctray(
     path = _config(tmp_path, upstream, data_dir, manager)
     with server, running(path) as service:
         server.wait_requests("cctray.xml")
-        wait_until(lambda: OutboxView(data_dir).query("SELECT * FROM history"), what="seeding")
+        wait_until(lambda: OutboxView(data_dir).notes("history"), what="seeding")
         _routed(service.port, "Stage [my-pipeline/6/my-stage/1] passed")
         assert upstream.wait_for(1)[0].rcpt_tos == ("cat@example.com",)
 
@@ -556,7 +556,7 @@ def test_a_stage_result_another_process_committed_corrects_the_next_event(
     with running(path) as service:
         other = Outbox(data_dir)  # another process's connection, as far as SQLite can tell
         try:
-            other.seed_history({("my-pipeline", "my-stage"): "failed"}, 0.0)
+            other.learn([Note("history", ("my-pipeline", "my-stage"), "failed")], 0.0)
         finally:
             other.close()
         wait_until(

@@ -372,7 +372,7 @@ def test_a_message_over_the_size_limit_is_refused_with_552(mail2alert: Relay) ->
         code, _ = client.getreply()
 
     assert code == 552
-    assert mail2alert.outbox.query("SELECT id FROM messages") == []
+    assert mail2alert.outbox.queue_ids() == []
 
 
 # -- file descriptors -------------------------------------------------------------------------

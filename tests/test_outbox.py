@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from mail2alert.errors import OutboxError
-from mail2alert.managers.memory import Claim
+from mail2alert.managers.memory import Claim, Note
 from mail2alert.model import Decision, Envelope, Outgoing
-from mail2alert.outbox import Accepted, GroupCommitter, Outbox, RecipientResult, Result
+from mail2alert.outbox import DB_NAME, Accepted, GroupCommitter, Outbox, RecipientResult, Result
 
 DAY = 86400.0
 
@@ -42,9 +45,9 @@ def test_purge_forgets_delivered_mail_after_a_week_and_keeps_what_is_pending(
     deliver_all(outbox, 7 * DAY)
     outbox.put([accepted("OLD-PENDING", 0.0, event_key="gocd#0:p/1/s/1:failed")])
     outbox.purge(8 * DAY)
-    messages = {m for (m,) in outbox.db.execute("SELECT id FROM messages")}
-    items = {m for (m,) in outbox.db.execute("SELECT message_id FROM items")}
-    seen = outbox.db.execute("SELECT COUNT(*) FROM seen_events").fetchone()[0]
+    messages = {m.id for m in outbox.messages()}
+    items = {m for m in messages if outbox.items_of(m)}
+    seen = outbox.claims()
     outbox.close()
     assert messages == {"NEW-DONE", "OLD-PENDING"}
     assert items == {"NEW-DONE", "OLD-PENDING"}
@@ -84,5 +87,51 @@ def test_a_batch_that_fails_unexpectedly_gets_an_outbox_error_and_the_writer_goe
     assert "ValueError: a bug" in str(first)
     assert second is None
     outbox = Outbox(tmp_path)
-    assert [m for (m,) in outbox.db.execute("SELECT id FROM messages")] == ["SECOND"]
+    assert [m.id for m in outbox.messages()] == ["SECOND"]
     outbox.close()
+
+
+def test_an_outbox_of_the_first_schema_keeps_its_notes_and_threads_when_opened(
+    tmp_path: Path,
+) -> None:
+    # The tables as the first schema made them: the file of an outbox from before notes
+    # were generic. Written with SQL here because no code writes that schema any more.
+    with contextlib.closing(sqlite3.connect(tmp_path / DB_NAME)) as old, old:
+        old.executescript(
+            """
+            CREATE TABLE history (pipeline TEXT NOT NULL, stage TEXT NOT NULL,
+                result TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (pipeline, stage));
+            CREATE TABLE mail_threads (pipeline TEXT NOT NULL, stage TEXT NOT NULL,
+                message_id TEXT NOT NULL, PRIMARY KEY (pipeline, stage));
+            CREATE TABLE chat_threads (pipeline TEXT NOT NULL, stage TEXT NOT NULL,
+                action TEXT NOT NULL, channel TEXT NOT NULL, ts TEXT NOT NULL,
+                PRIMARY KEY (pipeline, stage, action));
+            INSERT INTO history VALUES ('app', 'build', 'failed', 5.0);
+            INSERT INTO mail_threads VALUES ('app', 'build', '<breaks@example.com>');
+            INSERT INTO chat_threads VALUES ('app', 'build', 'slack:#ci', 'C1', '17.5');
+            """
+        )
+
+    for _ in range(2):  # the second open finds it up to date
+        outbox = Outbox(tmp_path)
+        try:
+            assert outbox.notes() == {
+                "history": {("app", "build"): "failed"},
+                "mail_threads": {("app", "build"): "<breaks@example.com>"},
+            }
+            assert outbox.chat_thread(("app", "build", "slack:#ci")) == ("C1", "17.5")
+        finally:
+            outbox.close()
+
+
+def test_notes_of_any_space_and_key_length_are_kept_and_forgotten(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path)
+    try:
+        outbox.learn([Note("teams", ("job", "app", "x"), "team-a")], 1.0)
+        outbox.learn([Note("teams", ("job", "app", "x"), "team-b")], 2.0)  # known wins
+        assert outbox.notes() == {"teams": {("job", "app", "x"): "team-a"}}
+        forget = accepted("FORGET", 3.0)
+        outbox.put([dataclasses.replace(forget, notes=(Note("teams", ("job", "app", "x"), ""),))])
+        assert outbox.notes() == {}
+    finally:
+        outbox.close()

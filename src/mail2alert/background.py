@@ -1,6 +1,6 @@
 """Background work that must never die quietly: restart on error, with back-off.
 
-Every long-running task of the service (delivery, the GoCD pollers, held mail, the
+Every long-running task of the service (delivery, the managers' keepers, held mail, the
 configuration watch) runs under :func:`supervised`. An unexpected error is logged at ERROR
 the moment it happens, and the task starts again after a back-off. Storage trouble (a full or
 read-only ``data-dir``, an I/O error) goes away when the operator fixes the disk, so it is

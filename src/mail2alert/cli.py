@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     cover = commands.add_parser(
-        "coverage", help="which actions fire for every pipeline group, pipeline and event"
+        "coverage", help="where everything the managers know of would go, orphans and dead rules"
     )
     _add_config(cover)
     _add_snapshot(cover)
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_snapshot(parser: argparse.ArgumentParser) -> None:
-    """Each manager type's option to read its snapshot from a file (``--gocd-snapshot``)."""
+    """Each manager type's option to read its snapshot from a file."""
     for kind in MANAGER_TYPES.values():
         option = kind.explaining.snapshot_file
         if option is not None:
@@ -261,7 +261,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_coverage(args: argparse.Namespace) -> int:
-    """``mail2alert coverage``: the routes of every known pipeline, orphans and dead rules."""
+    """``mail2alert coverage``: the routes of all the managers know, orphans, dead rules."""
     loaded = _load(args)
     report = explain.coverage(loaded, _context(args, loaded))
     if args.format == "json":

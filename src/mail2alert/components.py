@@ -66,7 +66,7 @@ CONFIG_CHECK = 2.0
 #: How often routing's notes are compared with what other processes committed (seconds).
 NOTES_EVERY = 0.5
 
-Notes = dict[str, dict[tuple[str, str], str]]
+Notes = dict[str, dict[tuple[str, ...], str]]
 
 
 class ReloadRefused(Mail2AlertError):
@@ -139,7 +139,7 @@ class Knowledge:
         for note in notes:
             self.notes.setdefault(note.table, {}).setdefault(note.key, note.value)
 
-    def replace_notes(self, fresh: Mapping[str, Mapping[tuple[str, str], str]]) -> None:
+    def replace_notes(self, fresh: Mapping[str, Mapping[tuple[str, ...], str]]) -> None:
         """Everything committed, as read back from the outbox."""
         for table, rows in fresh.items():
             kept = self.notes.setdefault(table, {})
@@ -562,7 +562,7 @@ def _kept_by_keepers(config: Config) -> list[tuple[str, dict[str, object]]]:
 
 
 class Keepers(Component):
-    """Each manager type's background work (a GoCD poller): keeps its snapshot fresh."""
+    """Each manager type's background work (a poller, say): keeps its snapshot fresh."""
 
     def __init__(
         self,

@@ -613,12 +613,9 @@ class _Walker:
         except RuleArgumentError as exc:
             self.problem(arg_nodes[exc.index], f"{fpath}.args[{exc.index}]", str(exc))
             return None
-        if function.needs_groups and "url" not in options:
-            self.problem(
-                fkeys["function"],
-                f"{fpath}.function",
-                f"{function.name} needs pipeline groups from GoCD: set 'url' on this manager",
-            )
+        unmet = function.requires(options) if function.requires else None
+        if unmet:
+            self.problem(fkeys["function"], f"{fpath}.function", unmet)
         if not actions:
             return None
         if template is None:

@@ -8,7 +8,8 @@ Library code raises these; only :mod:`mail2alert.cli` turns them into exit codes
     ├── ServiceFailed               a part of the running service failed for good
     ├── OutboxError                 the durable queue could not be read or written
     │   └── OutboxFull              ... because its file system has no space left
-    ├── GocdError                   GoCD could not be read (unreachable, refused, bad answer)
+    ├── SourceError                 a manager's outside data could not be read (unreachable,
+    │                               refused, a bad answer); each manager type has its own
     ├── RuleArgumentError           a rule function cannot use one of its args (config load)
     └── UsageError                  a command was called with arguments that do not fit (exit 2)
 """
@@ -66,8 +67,9 @@ class OutboxFull(OutboxError):
     """The outbox could not be written because ``data-dir`` has no space left."""
 
 
-class GocdError(Mail2AlertError):
-    """GoCD could not be read; the message names the URL and status, never credentials."""
+class SourceError(Mail2AlertError):
+    """A manager's outside data (say a CI server's API) could not be read; the message names
+    the URL and status, never credentials. Manager types subclass it."""
 
 
 class UsageError(Mail2AlertError):

@@ -103,7 +103,7 @@ class Explanation:
 
 
 def rule_text(manager: Manager, index: int) -> str:
-    """A rule as one line: ``pipelines.in_group('my-group') events BREAKS``."""
+    """A rule as one line: ``ci.in_team('a') events FAILED``."""
     return manager.rule_text(index)
 
 

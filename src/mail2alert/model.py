@@ -67,7 +67,7 @@ class Decision:
     - ``deliver``: send to ``actions`` (mailto recipients are in ``recipients``).
     - ``drop``: a manager wanted it but no rule matched.
     - ``relay``: no manager wanted it (or routing failed); pass it upstream unchanged.
-    - ``hold``: rules need GoCD data that is not there yet; keep it and route again later.
+    - ``hold``: rules need data their manager does not have yet; keep it, route again later.
     """
 
     outcome: Outcome
@@ -117,7 +117,7 @@ class ChatPost:
     severity: Severity = "info"
     event: str | None = None
     link: str | None = None
-    thread_key: tuple[str, str] | None = None
+    thread_key: tuple[str, ...] | None = None
     thread: Literal["start", "reply"] | None = None
 
     def to_json(self) -> str:
@@ -139,15 +139,12 @@ class ChatPost:
     def from_json(cls, data: bytes | str) -> ChatPost:
         """A stored post; raises ValueError for data that is not one.
 
-        Posts stored before ``thread_key`` and ``severity`` existed name their conversation
-        by ``pipeline`` and ``stage``, and have no severity: they read as they were meant.
+        Posts stored before ``severity`` existed read with the severity of their colour.
         """
         fields = json.loads(data)
         if not isinstance(fields, dict) or not isinstance(fields.get("title"), str):
             raise ValueError("not a chat post")
         key = fields.get("thread_key")
-        if key is None and fields.get("pipeline") and fields.get("stage"):
-            key = [fields["pipeline"], fields["stage"]]
         thread = fields.get("thread")
         severity = fields.get("severity")
         return cls(
@@ -160,7 +157,7 @@ class ChatPost:
             else _LEGACY_SEVERITY.get(str(fields.get("colour")), "info"),
             event=fields.get("event"),
             link=fields.get("link"),
-            thread_key=(str(key[0]), str(key[1])) if key else None,
+            thread_key=tuple(str(part) for part in key) if key else None,
             thread=thread if thread in ("start", "reply") else None,
         )
 

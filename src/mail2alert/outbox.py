@@ -8,15 +8,20 @@ the next transaction: one fsync serves many SMTP sessions.
 Tables::
 
     messages    one row per accepted message: envelope, subject, routing outcome and reason;
-                ``raw`` is kept only while the message is held for GoCD data
+                ``raw`` is kept only while the message is held (its manager waits for data)
     items       one row per thing to deliver: bytes, state (pending/done/dead), attempts,
                 next try, last error; ``waiting`` names the destination it waits for when
                 that destination could not be reached (the item's own attempts do not count)
     recipients  per item and recipient: pending/done/dead and the server's last answer
-    history     per GoCD pipeline/stage the last result (passed/failed), for event correction
-    seen_events GoCD stage events already accepted, to deliver each only once
-    mail_threads per pipeline/stage the Message-ID of its BREAKS mail, for the FIXED reply
-    chat_threads per pipeline/stage and chat action the Slack thread of its BREAKS post
+    notes       what managers keep between messages (:class:`~mail2alert.managers.memory.Note`):
+                per space (a manager type's name for a kind of note) and key, a value;
+                the planner keeps the Message-ID of the mail that starts a conversation
+                in the ``mail_threads`` space
+    seen_events the claims of messages accepted lately, to deliver each event only once
+    chat_threads per conversation and chat action the Slack thread its first post started
+
+Keys are stored as JSON arrays of their parts. ``PRAGMA user_version`` is the schema's
+version: an outbox of an older one is brought up to date when it is opened.
 
 Delivery state (done, retry later) is written with ``synchronous=NORMAL``: a power cut may
 forget that an item was delivered and send it again, but never lose it.
@@ -42,7 +47,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,26 +95,17 @@ CREATE TABLE IF NOT EXISTS recipients (
     last_error TEXT NOT NULL DEFAULT '',
     UNIQUE (item_id, rcpt)
 );
-CREATE TABLE IF NOT EXISTS history (
-    pipeline TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    result TEXT NOT NULL,
+CREATE TABLE IF NOT EXISTS notes (
+    space TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
     at REAL NOT NULL,
-    PRIMARY KEY (pipeline, stage)
-);
-CREATE TABLE IF NOT EXISTS mail_threads (
-    pipeline TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    PRIMARY KEY (pipeline, stage)
+    PRIMARY KEY (space, key)
 );
 CREATE TABLE IF NOT EXISTS chat_threads (
-    pipeline TEXT NOT NULL,
-    stage TEXT NOT NULL,
-    action TEXT NOT NULL,
+    key TEXT PRIMARY KEY,
     channel TEXT NOT NULL,
-    ts TEXT NOT NULL,
-    PRIMARY KEY (pipeline, stage, action)
+    ts TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS seen_events (
     key TEXT PRIMARY KEY,
@@ -177,35 +173,68 @@ def storage_error(exc: BaseException, doing: str) -> OutboxError:
     return kind(f"cannot {doing}: {exc}")
 
 
-#: The tables notes are kept in: the SQL that keeps one (``{verb}``: REPLACE or IGNORE) and
-#: the SQL that forgets one.
-_NOTES: Mapping[str, tuple[str, str]] = {
-    "history": (
-        "INSERT OR {verb} INTO history VALUES (?,?,?,?)",
-        "DELETE FROM history WHERE pipeline=? AND stage=?",
-    ),
-    "mail_threads": (
-        "INSERT OR {verb} INTO mail_threads VALUES (?,?,?)",
-        "DELETE FROM mail_threads WHERE pipeline=? AND stage=?",
-    ),
-}
+#: The version of the schema above (``PRAGMA user_version``); see :func:`_migrate`.
+SCHEMA_VERSION = 1
+
+
+def stored_key(key: Sequence[str]) -> str:
+    """A key of several parts as the outbox stores it: one JSON array."""
+    return json.dumps(list(key), ensure_ascii=False, separators=(",", ":"))
+
+
+def _key_of(text: str) -> tuple[str, ...]:
+    return tuple(str(part) for part in json.loads(text))
 
 
 def _keep(db: sqlite3.Connection, note: Note, at: float, *, known_wins: bool = False) -> None:
     """Keep (or, with an empty value, forget) one note; with ``known_wins``, only where
-    nothing is known yet. Raises ValueError for a table notes are not kept in."""
-    try:
-        keep, forget = _NOTES[note.table]
-    except KeyError:
-        raise ValueError(f"no outbox table for notes {note.table!r}") from None
-    keep = keep.format(verb="IGNORE" if known_wins else "REPLACE")
+    nothing is known yet."""
+    key = stored_key(note.key)
     if not note.value:
         if not known_wins:
-            db.execute(forget, note.key)
-    elif note.table == "history":
-        db.execute(keep, (*note.key, note.value, at))
-    else:
-        db.execute(keep, (*note.key, note.value))
+            db.execute("DELETE FROM notes WHERE space=? AND key=?", (note.table, key))
+        return
+    verb = "IGNORE" if known_wins else "REPLACE"
+    db.execute(
+        f"INSERT OR {verb} INTO notes VALUES (?,?,?,?)",  # noqa: S608 - one of two words
+        (note.table, key, note.value, at),
+    )
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring an outbox of an older schema up to :data:`SCHEMA_VERSION`, in a transaction.
+
+    Version 0 kept each kind of note in a table of its own, keyed by two columns, with the
+    value third (and for ``history`` the time fourth), and chat threads keyed by three
+    columns. Their rows move into ``notes`` and ``chat_threads``; the columns are read by
+    position, as the old schema defined them.
+    """
+    if db.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+        return
+    tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    for space in ("history", "mail_threads"):
+        if space not in tables:
+            continue
+        for row in db.execute(f"SELECT * FROM {space}").fetchall():  # noqa: S608 - a fixed name
+            at = float(row[3]) if len(row) > 3 else 0.0
+            db.execute(
+                "INSERT OR IGNORE INTO notes VALUES (?,?,?,?)",
+                (space, stored_key((str(row[0]), str(row[1]))), str(row[2]), at),
+            )
+        db.execute(f"DROP TABLE {space}")
+    columns = [row[1] for row in db.execute("PRAGMA table_info(chat_threads)")]
+    if len(columns) == 5:
+        old = db.execute("SELECT * FROM chat_threads").fetchall()
+        db.execute("DROP TABLE chat_threads")
+        db.execute(
+            "CREATE TABLE chat_threads (key TEXT PRIMARY KEY, channel TEXT NOT NULL,"
+            " ts TEXT NOT NULL)"
+        )
+        db.executemany(
+            "INSERT OR IGNORE INTO chat_threads VALUES (?,?,?)",
+            [(stored_key((str(a), str(b), str(c))), ch, ts) for a, b, c, ch, ts in old],
+        )
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 @dataclass(frozen=True)
@@ -232,7 +261,8 @@ class Committed:
     """What :meth:`Outbox.put` did with a batch, by queue id."""
 
     duplicates: dict[str, str] = field(default_factory=dict)
-    """Duplicate GoCD events -> the queue id of the original: recorded, nothing sent."""
+    """Duplicates (a claim seen within its window) -> the queue id of the original:
+    recorded, nothing sent."""
     failed: dict[str, OutboxError] = field(default_factory=dict)
     """Messages that could not be written (the others were committed)."""
 
@@ -278,6 +308,112 @@ class Result:
     waiting: str = ""
 
 
+# -- what the outbox holds, as commands and tests read it ----------------------------------
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    """A ``messages`` row: one accepted message and its routing outcome."""
+
+    id: str
+    received: float
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    subject: str
+    manager: str | None
+    outcome: str
+    reason: str
+    raw: bytes | None
+    """The message itself, kept only while it is held."""
+
+
+@dataclass(frozen=True)
+class StoredItem:
+    """An ``items`` row: one thing to deliver and how far it got."""
+
+    id: int
+    message_id: str
+    kind: str
+    mail_from: str
+    data: bytes
+    state: str
+    attempts: int
+    created: float
+    next_try: float
+    last_error: str
+    waiting: str
+
+
+@dataclass(frozen=True)
+class StoredRecipient:
+    """A ``recipients`` row: one recipient of an item and the server's last answer."""
+
+    item_id: int
+    rcpt: str
+    state: str
+    last_error: str
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One line of ``queue list``: a pending or dead item, or a held message."""
+
+    queue_id: str
+    item: int | None
+    kind: str
+    state: str
+    created: float
+    attempts: int
+    next_try: float | None
+    recipients: tuple[str, ...]
+    sender: str
+    last_error: str
+
+
+@dataclass(frozen=True)
+class Change:
+    """What :meth:`Outbox.retry` or :meth:`Outbox.delete` did to one message."""
+
+    queue_id: str
+    pending: int = 0
+    dead: int = 0
+    done: int = 0
+    recipients: int = 0
+    held: bool = False
+
+    @property
+    def items(self) -> int:
+        """How many items were changed."""
+        return self.pending + self.dead + self.done
+
+
+#: The item states ``queue list`` and ``queue retry`` deal with.
+QUEUED = ("pending", "dead")
+
+
+def _message_of(row: Sequence[Any]) -> StoredMessage:
+    qid, received, sender, rcpt_tos, subject, manager, outcome, reason, raw = row
+    return StoredMessage(
+        str(qid),
+        float(received),
+        loaded(sender),
+        tuple(loaded(r) for r in json.loads(rcpt_tos)),
+        loaded(subject),
+        manager,
+        str(outcome),
+        str(reason),
+        None if raw is None else bytes(raw),
+    )
+
+
+def _chat_action(data: bytes) -> tuple[str, ...]:
+    """A chat item's destination as operators see it: the masked action, never its id."""
+    try:
+        return (str(json.loads(data)["action"]),)
+    except (ValueError, KeyError, TypeError):
+        return ("(chat)",)
+
+
 class Outbox:
     """A connection to the outbox database, used by one thread at a time.
 
@@ -300,6 +436,9 @@ class Outbox:
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(items)")}
             if "waiting" not in columns:  # an outbox made before destinations could be down
                 self.db.execute("ALTER TABLE items ADD COLUMN waiting TEXT NOT NULL DEFAULT ''")
+            if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                with self.transaction("bring the outbox up to date") as db:
+                    _migrate(db)
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"cannot open the outbox in {data_dir}: {exc}") from None
 
@@ -310,7 +449,7 @@ class Outbox:
             os.close(self._lock)
             self._lock = None
 
-    def notes(self) -> dict[str, dict[tuple[str, str], str]]:
+    def notes(self) -> dict[str, dict[tuple[str, ...], str]]:
         """Every note kept so far, by table and key (for routing's in-memory snapshot)."""
         return read_notes(self.db)
 
@@ -419,7 +558,7 @@ class Outbox:
             _keep(db, note, a.received)
 
     def held(self) -> list[tuple[str, float, Envelope, bytes]]:
-        """Messages held for GoCD data: (queue id, received, envelope, raw bytes)."""
+        """Messages held until their manager has data: (queue id, received, envelope, raw)."""
         rows = self.db.execute(
             "SELECT id, received, mail_from, rcpt_tos, raw FROM messages"
             " WHERE outcome='hold' ORDER BY received"
@@ -436,34 +575,32 @@ class Outbox:
             original = self._seen_before(db, accepted)
             self._insert_message(db, accepted, duplicate_of=original)
 
-    def seed_history(self, results: dict[tuple[str, str], str], at: float) -> None:
-        """Remember results from cctray.xml for stages mail2alert has not seen itself."""
-        self.learn([Note("history", key, result) for key, result in results.items()], at)
-
     def learn(self, notes: Sequence[Note], at: float) -> None:
         """Keep notes learnt from outside, only where nothing is known yet."""
         with self.transaction() as db:
             for note in notes:
                 _keep(db, note, at, known_wins=True)
 
-    def chat_thread(self, key: tuple[str, str, str]) -> tuple[str, str] | None:
-        """The Slack (channel, ts) of the BREAKS post for (pipeline, stage, action)."""
+    def chat_thread(self, key: Sequence[str]) -> tuple[str, str] | None:
+        """The Slack (channel, ts) of the thread a conversation's first post started, for
+        ``key`` = (conversation key..., action)."""
         row = self.db.execute(
-            "SELECT channel, ts FROM chat_threads WHERE pipeline=? AND stage=? AND action=?", key
+            "SELECT channel, ts FROM chat_threads WHERE key=?", (stored_key(key),)
         ).fetchone()
         return None if row is None else (str(row[0]), str(row[1]))
 
-    def set_chat_thread(self, key: tuple[str, str, str], channel: str, ts: str) -> None:
-        """Remember the Slack thread a BREAKS post started."""
+    def set_chat_thread(self, key: Sequence[str], channel: str, ts: str) -> None:
+        """Remember the Slack thread a conversation's first post started."""
         with self.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO chat_threads VALUES (?,?,?,?,?)", (*key, channel, ts)
+                "INSERT OR REPLACE INTO chat_threads VALUES (?,?,?)",
+                (stored_key(key), channel, ts),
             )
 
-    def drop_chat_thread(self, key: tuple[str, str, str]) -> None:
-        """Forget a Slack thread once its FIXED reply is posted."""
+    def drop_chat_thread(self, key: Sequence[str]) -> None:
+        """Forget a Slack thread once the reply that ends its conversation is posted."""
         with self.transaction() as db:
-            db.execute("DELETE FROM chat_threads WHERE pipeline=? AND stage=? AND action=?", key)
+            db.execute("DELETE FROM chat_threads WHERE key=?", (stored_key(key),))
 
     def purge(self, now: float, *, keep: float = 7 * 86400) -> None:
         """Forget delivered items and old records; pending, dead and held ones stay."""
@@ -635,6 +772,194 @@ class Outbox:
                 )
         return [str(qid) for _, qid in rows]
 
+    # -- reading and changing it from the outside (``queue``, tests) ---------------------
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """A read transaction: every read in it sees the same state of the outbox.
+
+        In WAL mode it takes no lock the server waits for.
+        """
+        self.db.execute("BEGIN")
+        try:
+            yield
+        finally:
+            self.db.execute("COMMIT")
+
+    def known(self, queue_id: str) -> str:
+        """The queue id as stored (ids are matched regardless of case); OutboxError if
+        there is no such message."""
+        row = self.db.execute(
+            "SELECT id FROM messages WHERE id=? COLLATE NOCASE", (queue_id,)
+        ).fetchone()
+        if row is None:
+            raise OutboxError(f"no message {queue_id} in the outbox {self.path}")
+        return str(row[0])
+
+    def messages(self) -> list[StoredMessage]:
+        """Every message the outbox still has, oldest first."""
+        rows = self.db.execute(f"{self._MESSAGE} ORDER BY received, id").fetchall()
+        return [_message_of(row) for row in rows]
+
+    def message(self, queue_id: str) -> StoredMessage | None:
+        """The message with this queue id (exactly), or None."""
+        row = self.db.execute(f"{self._MESSAGE} WHERE id=?", (queue_id,)).fetchone()
+        return None if row is None else _message_of(row)
+
+    def items_of(self, queue_id: str) -> list[StoredItem]:
+        """The items of one message, in the order they were made."""
+        rows = self.db.execute(
+            "SELECT id, message_id, kind, mail_from, data, state, attempts, created, next_try,"
+            " last_error, waiting FROM items WHERE message_id=? ORDER BY id",
+            (queue_id,),
+        ).fetchall()
+        return [
+            StoredItem(i, m, kind, loaded(sender), bytes(data), *rest)
+            for i, m, kind, sender, data, *rest in rows
+        ]
+
+    def recipients_of(self, queue_id: str) -> list[StoredRecipient]:
+        """The recipients of every item of one message, item by item, in order."""
+        rows = self.db.execute(
+            "SELECT r.item_id, r.rcpt, r.state, r.last_error FROM recipients r"
+            " JOIN items i ON i.id=r.item_id WHERE i.message_id=? ORDER BY i.id, r.rowid",
+            (queue_id,),
+        ).fetchall()
+        return [StoredRecipient(i, loaded(rcpt), state, error) for i, rcpt, state, error in rows]
+
+    def unfinished(self, queue_ids: Sequence[str]) -> int:
+        """How many items of these messages are not delivered yet."""
+        where = f"state!='done' AND message_id IN ({_marks(queue_ids)})"
+        row = self.db.execute(
+            f"SELECT COUNT(*) FROM items WHERE {where}",  # noqa: S608 - only placeholders are interpolated
+            tuple(queue_ids),
+        ).fetchone()
+        return int(row[0])
+
+    def claims(self) -> int:
+        """How many de-duplication claims are remembered (:meth:`purge` forgets old ones)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM seen_events").fetchone()[0])
+
+    def integrity(self) -> str:
+        """SQLite's own check of the file: ``ok``, or what is wrong."""
+        return "; ".join(str(r[0]) for r in self.db.execute("PRAGMA integrity_check"))
+
+    def entries(self) -> list[Entry]:
+        """Pending and dead items and held messages, oldest first."""
+        with self.reading():
+            return self._entries()
+
+    def _entries(self) -> list[Entry]:
+        rcpts: dict[int, list[str]] = {}
+        for item_id, rcpt in self.db.execute(
+            "SELECT r.item_id, r.rcpt FROM recipients r JOIN items i ON i.id=r.item_id"
+            " WHERE i.state IN ('pending','dead') AND r.state IN ('pending','dead')"
+            " ORDER BY r.rowid"
+        ):
+            rcpts.setdefault(item_id, []).append(loaded(rcpt))
+        found = [
+            Entry(
+                qid,
+                item_id,
+                kind,
+                state,
+                created,
+                attempts,
+                None if state == "dead" else next_try,
+                _chat_action(chat) if chat is not None else tuple(rcpts.get(item_id, ())),
+                loaded(sender),
+                error,
+            )
+            for item_id, qid, kind, state, created, attempts, next_try, sender, error, chat in (
+                self.db.execute(
+                    "SELECT id, message_id, kind, state, created, attempts, next_try, mail_from,"
+                    " last_error, CASE WHEN kind='chat' THEN data END"
+                    " FROM items WHERE state IN ('pending','dead')"
+                )
+            )
+        ]
+        found += [
+            Entry(
+                m.id, None, "smtp", "held", m.received, 0, None, m.rcpt_tos, m.mail_from, m.reason
+            )
+            for m in map(
+                _message_of, self.db.execute(f"{self._MESSAGE} WHERE outcome='hold'").fetchall()
+            )
+        ]
+        return sorted(found, key=lambda e: (e.created, e.queue_id, e.item or 0))
+
+    def retry(self, queue_ids: Sequence[str], now: float) -> list[Change]:
+        """Make the pending and dead items of these messages (all if empty) due at ``now``.
+
+        Dead items become pending again, and so do their dead recipients; recipients already
+        served stay done and are not sent to again. Attempts are kept, so the back-off goes
+        on where it was; an item older than ``give-up-after`` gets exactly one more try.
+        """
+        changes: list[Change] = []
+        with self.transaction() as db:
+            wanted = [self.known(q) for q in queue_ids] or [
+                qid
+                for (qid,) in db.execute(
+                    "SELECT message_id FROM items WHERE state IN ('pending','dead')"
+                    " GROUP BY message_id ORDER BY MIN(created), message_id"
+                )
+            ]
+            for qid in dict.fromkeys(wanted):
+                counts = self._item_counts(qid, QUEUED)
+                revived = db.execute(
+                    "UPDATE recipients SET state='pending' WHERE state='dead' AND item_id IN"
+                    " (SELECT id FROM items WHERE message_id=? AND state IN ('pending','dead'))",
+                    (qid,),
+                ).rowcount
+                db.execute(
+                    "UPDATE items SET state='pending', waiting='', next_try=?"
+                    " WHERE message_id=? AND state IN ('pending','dead')",
+                    (now, qid),
+                )
+                changes.append(Change(qid, recipients=revived, held=self._is_held(qid), **counts))
+        return changes
+
+    def delete(self, queue_ids: Sequence[str]) -> list[Change]:
+        """Remove these messages with all their items and recipients; nothing more is sent.
+
+        An attempt the dispatcher has already started cannot be called back: it may still
+        arrive.
+        """
+        changes: list[Change] = []
+        with self.transaction() as db:
+            for qid in dict.fromkeys(self.known(q) for q in queue_ids):
+                counts = self._item_counts(qid, ("pending", "dead", "done"))
+                held = self._is_held(qid)
+                removed = db.execute(
+                    "SELECT COUNT(*) FROM recipients WHERE state!='done'"
+                    " AND item_id IN (SELECT id FROM items WHERE message_id=?)",
+                    (qid,),
+                ).fetchone()[0]
+                db.execute(
+                    "DELETE FROM recipients WHERE item_id IN"
+                    " (SELECT id FROM items WHERE message_id=?)",
+                    (qid,),
+                )
+                db.execute("DELETE FROM items WHERE message_id=?", (qid,))
+                db.execute("DELETE FROM messages WHERE id=?", (qid,))
+                changes.append(Change(qid, recipients=removed, held=held, **counts))
+        return changes
+
+    _MESSAGE = (
+        "SELECT id, received, mail_from, rcpt_tos, subject, manager, outcome, reason, raw"
+        " FROM messages"
+    )
+
+    def _item_counts(self, queue_id: str, states: Sequence[str]) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT state, COUNT(*) FROM items WHERE message_id=? GROUP BY state", (queue_id,)
+        )
+        return {state: count for state, count in rows if state in states}
+
+    def _is_held(self, queue_id: str) -> bool:
+        row = self.db.execute("SELECT 1 FROM messages WHERE id=? AND outcome='hold'", (queue_id,))
+        return row.fetchone() is not None
+
 
 class GroupCommitter:
     """Commits accepted messages from a writer thread, many per fsync.
@@ -668,7 +993,8 @@ class GroupCommitter:
     async def put(self, accepted: Accepted) -> str | None:
         """Return once ``accepted`` is committed; raise OutboxError if it could not be.
 
-        The result is the queue id of the original when this was a duplicate GoCD event.
+        The result is the queue id of the original when this was a duplicate (its claim was
+        seen within the claim's window).
         """
         if not self._thread.is_alive():
             # Only something like MemoryError ends it; never leave a sender waiting for it.
@@ -734,7 +1060,7 @@ def _settle(
             future.set_exception(error)
 
 
-def read_notes_of(data_dir: Path) -> dict[str, dict[tuple[str, str], str]]:
+def read_notes_of(data_dir: Path) -> dict[str, dict[tuple[str, ...], str]]:
     """Every note kept in a data dir's outbox, read-only, by table and key; {} without one."""
     path = data_dir / DB_NAME
     if not path.exists():
@@ -749,16 +1075,9 @@ def read_notes_of(data_dir: Path) -> dict[str, dict[tuple[str, str], str]]:
         raise OutboxError(f"cannot read the notes in {path}: {exc}") from None
 
 
-#: The tables notes are kept in, and each one's value column.
-NOTE_COLUMNS: Mapping[str, str] = {"history": "result", "mail_threads": "message_id"}
-
-
-def read_notes(db: sqlite3.Connection) -> dict[str, dict[tuple[str, str], str]]:
-    """Every note of the outbox ``db`` is a connection to, by table and key."""
-    return {
-        table: {
-            (str(a), str(b)): str(value)
-            for a, b, value in db.execute(f"SELECT pipeline, stage, {column} FROM {table}")  # noqa: S608 - names from NOTE_COLUMNS
-        }
-        for table, column in NOTE_COLUMNS.items()
-    }
+def read_notes(db: sqlite3.Connection) -> dict[str, dict[tuple[str, ...], str]]:
+    """Every note of the outbox ``db`` is a connection to, by space and key."""
+    notes: dict[str, dict[tuple[str, ...], str]] = {}
+    for space, key, value in db.execute("SELECT space, key, value FROM notes"):
+        notes.setdefault(str(space), {})[_key_of(key)] = str(value)
+    return notes

@@ -84,7 +84,7 @@ def plan(
     return Plan(tuple(items), tuple(notes), claim, label)
 
 
-def remember(state: dict[str, dict[tuple[str, str], str]], notes: Sequence[Note]) -> None:
+def remember(state: dict[str, dict[tuple[str, ...], str]], notes: Sequence[Note]) -> None:
     """Apply committed ``notes`` to an in-memory snapshot of the notes, as the outbox did."""
     for note in notes:
         rows = state.setdefault(note.table, {})

@@ -30,7 +30,7 @@ from typing import Any
 
 from mail2alert import config
 from mail2alert.errors import OutboxError, UsageError
-from mail2alert.outbox import DB_NAME, Outbox
+from mail2alert.outbox import DB_NAME, Change, Entry, Outbox
 
 #: How many header lines ``show`` prints of an item's data.
 HEADER_LINES = 20
@@ -39,27 +39,7 @@ ERROR_WIDTH = 60
 #: Printed where there is no next try: dead items, held messages.
 NONE = "—"
 
-States = tuple[str, ...]
-QUEUED: States = ("pending", "dead")
-
-
 # -- records -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One line of ``queue list``: a pending or dead item, or a message held for GoCD data."""
-
-    queue_id: str
-    item: int | None
-    kind: str
-    state: str
-    created: float
-    attempts: int
-    next_try: float | None
-    recipients: tuple[str, ...]
-    sender: str
-    last_error: str
 
 
 @dataclass(frozen=True)
@@ -104,24 +84,7 @@ class MessageDetail:
     items: tuple[ItemDetail, ...]
 
 
-@dataclass(frozen=True)
-class Change:
-    """What ``retry`` or ``delete`` did to one message."""
-
-    queue_id: str
-    pending: int = 0
-    dead: int = 0
-    done: int = 0
-    recipients: int = 0
-    held: bool = False
-
-    @property
-    def items(self) -> int:
-        """How many items were changed."""
-        return self.pending + self.dead + self.done
-
-
-# -- reading and changing the outbox -------------------------------------------------------
+# -- reading the outbox --------------------------------------------------------------------
 
 
 @contextmanager
@@ -141,215 +104,43 @@ def opened(cfg: config.Config) -> Iterator[Outbox]:
         outbox.close()
 
 
-@contextmanager
-def snapshot(outbox: Outbox) -> Iterator[sqlite3.Connection]:
-    """A read transaction: every query in it sees the same state of the outbox.
-
-    In WAL mode it takes no lock the server waits for.
-    """
-    outbox.db.execute("BEGIN")
-    try:
-        yield outbox.db
-    finally:
-        outbox.db.execute("COMMIT")
-
-
-def entries(outbox: Outbox) -> list[Entry]:
-    """Pending and dead items and held messages, oldest first."""
-    with snapshot(outbox) as db:
-        return _entries(db)
-
-
-def _entries(db: sqlite3.Connection) -> list[Entry]:
-    rcpts: dict[int, list[str]] = {}
-    for item_id, rcpt in db.execute(
-        "SELECT r.item_id, r.rcpt FROM recipients r JOIN items i ON i.id=r.item_id"
-        " WHERE i.state IN ('pending','dead') AND r.state IN ('pending','dead')"
-        " ORDER BY r.rowid"
-    ):
-        rcpts.setdefault(item_id, []).append(rcpt)
-    found = [
-        Entry(
-            qid,
-            item_id,
-            kind,
-            state,
-            created,
-            attempts,
-            None if state == "dead" else next_try,
-            _chat_action(chat) if chat is not None else tuple(rcpts.get(item_id, ())),
-            sender,
-            error,
-        )
-        for item_id, qid, kind, state, created, attempts, next_try, sender, error, chat in (
-            db.execute(
-                "SELECT id, message_id, kind, state, created, attempts, next_try, mail_from,"
-                " last_error, CASE WHEN kind='chat' THEN data END"
-                " FROM items WHERE state IN ('pending','dead')"
-            )
-        )
-    ]
-    found += [
-        Entry(
-            qid,
-            None,
-            "smtp",
-            "held",
-            received,
-            0,
-            None,
-            tuple(json.loads(rcpt_tos)),
-            sender,
-            reason,
-        )
-        for qid, received, sender, rcpt_tos, reason in db.execute(
-            "SELECT id, received, mail_from, rcpt_tos, reason FROM messages WHERE outcome='hold'"
-        )
-    ]
-    return sorted(found, key=lambda e: (e.created, e.queue_id, e.item or 0))
-
-
 def detail(outbox: Outbox, queue_id: str) -> MessageDetail:
     """Everything about one message; OutboxError if there is no such message."""
-    with snapshot(outbox) as db:
-        return _detail(db, _known(outbox, queue_id))
-
-
-def _detail(db: sqlite3.Connection, queue_id: str) -> MessageDetail:
-    row = db.execute(
-        "SELECT id, received, mail_from, rcpt_tos, subject, manager, outcome, reason, raw"
-        " FROM messages WHERE id=?",
-        (queue_id,),
-    ).fetchone()
-    qid, received, mail_from, rcpt_tos, subject, manager, outcome, reason, raw = row
-    items = tuple(
-        ItemDetail(
-            item_id,
-            kind,
-            state,
-            attempts,
-            created,
-            None if state != "pending" else next_try,
-            sender,
-            error,
-            _recipients(db, item_id),
-            data_lines(kind, bytes(data)),
-        )
-        for item_id, kind, state, attempts, created, next_try, sender, error, data in db.execute(
-            "SELECT id, kind, state, attempts, created, next_try, mail_from, last_error, data"
-            " FROM items WHERE message_id=? ORDER BY id",
-            (qid,),
-        ).fetchall()
-    )
+    with outbox.reading():
+        message = outbox.message(outbox.known(queue_id))
+        assert message is not None
+        items = outbox.items_of(message.id)
+        recipients = outbox.recipients_of(message.id)
     return MessageDetail(
-        qid,
-        received,
-        mail_from,
-        tuple(json.loads(rcpt_tos)),
-        subject,
-        manager,
-        outcome,
-        reason,
-        header_lines(bytes(raw or b"")),
-        items,
-    )
-
-
-def _chat_action(data: bytes) -> tuple[str, ...]:
-    """A chat item's destination as operators see it: the masked action, never its id."""
-    try:
-        return (str(json.loads(data)["action"]),)
-    except (ValueError, KeyError, TypeError):
-        return ("(chat)",)
-
-
-def _recipients(db: sqlite3.Connection, item_id: int) -> tuple[RecipientRow, ...]:
-    return tuple(
-        RecipientRow(rcpt, state, answer)
-        for rcpt, state, answer in db.execute(
-            "SELECT rcpt, state, last_error FROM recipients WHERE item_id=? ORDER BY rowid",
-            (item_id,),
-        )
-    )
-
-
-def retry(outbox: Outbox, queue_ids: Sequence[str], now: float) -> list[Change]:
-    """Make the pending and dead items of these messages (all if empty) due at ``now``.
-
-    Dead items become pending again, and so do their dead recipients; recipients already
-    served stay done and are not sent to again. Attempts are kept, so the back-off goes on
-    where it was; an item older than ``give-up-after`` gets exactly one more try.
-    """
-    changes: list[Change] = []
-    with outbox.transaction() as db:
-        wanted = [_known(outbox, q) for q in queue_ids] or [
-            qid
-            for (qid,) in db.execute(
-                "SELECT message_id FROM items WHERE state IN ('pending','dead')"
-                " GROUP BY message_id ORDER BY MIN(created), message_id"
+        message.id,
+        message.received,
+        message.mail_from,
+        message.rcpt_tos,
+        message.subject,
+        message.manager,
+        message.outcome,
+        message.reason,
+        header_lines(message.raw or b""),
+        tuple(
+            ItemDetail(
+                item.id,
+                item.kind,
+                item.state,
+                item.attempts,
+                item.created,
+                None if item.state != "pending" else item.next_try,
+                item.mail_from,
+                item.last_error,
+                tuple(
+                    RecipientRow(r.rcpt, r.state, r.last_error)
+                    for r in recipients
+                    if r.item_id == item.id
+                ),
+                data_lines(item.kind, item.data),
             )
-        ]
-        for qid in dict.fromkeys(wanted):
-            counts = _item_counts(db, qid, QUEUED)
-            revived = db.execute(
-                "UPDATE recipients SET state='pending' WHERE state='dead' AND item_id IN"
-                " (SELECT id FROM items WHERE message_id=? AND state IN ('pending','dead'))",
-                (qid,),
-            ).rowcount
-            db.execute(
-                "UPDATE items SET state='pending', waiting='', next_try=?"
-                " WHERE message_id=? AND state IN ('pending','dead')",
-                (now, qid),
-            )
-            changes.append(Change(qid, recipients=revived, held=_is_held(db, qid), **counts))
-    return changes
-
-
-def delete(outbox: Outbox, queue_ids: Sequence[str]) -> list[Change]:
-    """Remove these messages with all their items and recipients; nothing more is sent.
-
-    An attempt the dispatcher has already started cannot be called back: it may still arrive.
-    """
-    changes: list[Change] = []
-    with outbox.transaction() as db:
-        for qid in dict.fromkeys(_known(outbox, q) for q in queue_ids):
-            counts = _item_counts(db, qid, ("pending", "dead", "done"))
-            held = _is_held(db, qid)
-            removed = db.execute(
-                "SELECT COUNT(*) FROM recipients WHERE state!='done'"
-                " AND item_id IN (SELECT id FROM items WHERE message_id=?)",
-                (qid,),
-            ).fetchone()[0]
-            db.execute(
-                "DELETE FROM recipients WHERE item_id IN (SELECT id FROM items WHERE message_id=?)",
-                (qid,),
-            )
-            db.execute("DELETE FROM items WHERE message_id=?", (qid,))
-            db.execute("DELETE FROM messages WHERE id=?", (qid,))
-            changes.append(Change(qid, recipients=removed, held=held, **counts))
-    return changes
-
-
-def _known(outbox: Outbox, queue_id: str) -> str:
-    """The queue id as stored (ids are matched regardless of case); OutboxError if unknown."""
-    row = outbox.db.execute(
-        "SELECT id FROM messages WHERE id=? COLLATE NOCASE", (queue_id,)
-    ).fetchone()
-    if row is None:
-        raise OutboxError(f"no message {queue_id} in the outbox {outbox.path}")
-    return str(row[0])
-
-
-def _item_counts(db: sqlite3.Connection, queue_id: str, states: States) -> dict[str, int]:
-    rows = db.execute(
-        "SELECT state, COUNT(*) FROM items WHERE message_id=? GROUP BY state", (queue_id,)
+            for item in items
+        ),
     )
-    return {state: count for state, count in rows if state in states}
-
-
-def _is_held(db: sqlite3.Connection, queue_id: str) -> bool:
-    row = db.execute("SELECT 1 FROM messages WHERE id=? AND outcome='hold'", (queue_id,))
-    return row.fetchone() is not None
 
 
 # -- formatting ----------------------------------------------------------------------------
@@ -488,7 +279,10 @@ def show_lines(m: MessageDetail, now: float) -> list[str]:
         f"reason:    {printable(m.reason)}",
     ]
     if m.outcome == "hold":
-        lines += ["held for GoCD data: routed again when it comes, or after hold-max"]
+        lines += [
+            "held until its manager has the data its rules need: routed again when it comes,"
+            " or after hold-max"
+        ]
         lines += ["headers:", *(f"  {h}" for h in m.headers)]
     if not m.items and m.outcome != "hold":
         lines.append("items:     none (nothing to deliver)")
@@ -517,7 +311,7 @@ def change_line(c: Change, verb: str) -> str:
     """One line per message of ``retry`` / ``delete``."""
     if c.items == 0:
         if c.held and verb == "requeued":
-            return f"{c.queue_id}: held for GoCD data, nothing to retry"
+            return f"{c.queue_id}: held, nothing to retry"
         what = "held message" if c.held else "record"
         return f"{c.queue_id}: {'nothing to retry' if verb == 'requeued' else f'{what} deleted'}"
     parts = [f"{n} {s}" for s, n in (("pending", c.pending), ("dead", c.dead), ("done", c.done))]
@@ -588,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _list(outbox: Outbox, args: argparse.Namespace, now: float) -> list[str]:
-    found = entries(outbox)
+    found = outbox.entries()
     if args.json:
         return [json.dumps([entry_json(e, now) for e in found], indent=2)]
     return list_lines(found, now)
@@ -602,12 +396,12 @@ def _show(outbox: Outbox, args: argparse.Namespace, now: float) -> list[str]:
 
 
 def _retry(outbox: Outbox, args: argparse.Namespace, now: float) -> list[str]:
-    changes = retry(outbox, args.queue_ids, now)
+    changes = outbox.retry(args.queue_ids, now)
     return [change_line(c, "requeued") for c in changes] or ["nothing to retry"]
 
 
 def _delete(outbox: Outbox, args: argparse.Namespace, now: float) -> list[str]:
-    return [change_line(c, "deleted") for c in delete(outbox, args.queue_ids)]
+    return [change_line(c, "deleted") for c in outbox.delete(args.queue_ids)]
 
 
 _ACTIONS: dict[str, Callable[[Outbox, argparse.Namespace, float], list[str]]] = {

@@ -32,7 +32,7 @@ class Rule:
         """This rule's verdict on ``alert`` and whether it waits for a snapshot."""
         if self.events is not None:
             if alert.event is None:
-                return RuleTrace(index, False, "has no event (not a stage mail)"), False
+                return RuleTrace(index, False, "the message has no event"), False
             if alert.event not in self.events:
                 wanted = ", ".join(sorted(self.events))
                 return RuleTrace(index, False, f"event {alert.event} is not one of {wanted}"), False
@@ -58,11 +58,11 @@ class Manager:
     @property
     def label(self) -> str:
         """How logs, reports and the outbox name this manager: its type and its position
-        among all managers, e.g. ``gocd#0``."""
+        among all managers, e.g. ``ci#0``."""
         return f"{self.type.name}#{self.index}"
 
     def rule_text(self, index: int) -> str:
-        """A rule as one line: ``pipelines.in_group('my-group') events BREAKS``."""
+        """A rule as one line: ``ci.in_team('a') events FAILED``."""
         rule = self.rules[index]
         args = ", ".join(repr(a) for a in rule.args)
         wanted = [e for e in self.type.events if e in (rule.events or ())]
@@ -89,7 +89,7 @@ class Manager:
 
 
 def find_manager(managers: Sequence[Manager], label: str | None) -> Manager | None:
-    """The manager a decision names (``gocd#0``), or None."""
+    """The manager a decision names (``ci#0``), or None."""
     return next((m for m in managers if m.label == label), None)
 
 

@@ -2,7 +2,7 @@
 
 The target is an action URI (``mailto:ops@example.com``, ``slack:#builds``, ``json://...``)
 or a rule of the configuration (``managers[0].rules[1]``, as ``check`` names it, or
-``gocd#0:2``, manager and rule number as ``route --trace`` shows them); a rule sends to each
+``ci#0:2``, manager and rule number as ``route --trace`` shows them); a rule sends to each
 of its actions. Nothing goes through the outbox: the answer is the transport's own.
 """
 
@@ -55,7 +55,7 @@ def targets(config: Config, target: str) -> tuple[str, ...]:
 
 
 def _richest() -> Presentation:
-    """The presentation of the first manager type whose sample has an event (GoCD's)."""
+    """The presentation of the first manager type whose sample has an event."""
     shown = [t.presentation for t in MANAGER_TYPES.values()]
     return next((p for p in shown if p.sample.event), PLAIN)
 
@@ -118,10 +118,10 @@ def describe(uri: str, attempt: Attempt, remote: str) -> tuple[bool, str]:
 
 
 def _no_threads() -> ThreadStore:
-    async def get(key: tuple[str, str, str]) -> tuple[str, str] | None:
+    async def get(key: tuple[str, ...]) -> tuple[str, str] | None:
         return None
 
-    async def put(key: tuple[str, str, str], channel: str, ts: str) -> None:
+    async def put(key: tuple[str, ...], channel: str, ts: str) -> None:
         return None
 
     return ThreadStore(get=get, put=put, drop=lambda key: put(key, "", ""))

@@ -140,7 +140,7 @@ class Handler:
                 return REPLY_NO_SPACE if isinstance(exc, OutboxFull) else REPLY_NOT_QUEUED
             if duplicate_of is not None:
                 log.info(
-                    "%s: same GoCD event as %s, already delivered once: %s",
+                    "%s: same event as %s, already delivered once: %s",
                     queue_id,
                     duplicate_of,
                     loggable(accepted.subject),

@@ -2,9 +2,11 @@
 
 With ``intake-workers: N`` above 1, :func:`run` binds the listening sockets, checks the data
 dir, then forks N intake processes that share the sockets (the kernel spreads connections
-over them) and keeps delivery, GoCD polling and held mail in the parent. SMTP intake is CPU
+over them) and keeps delivery, the managers' background work and held mail in the
+parent. SMTP intake is CPU
 bound in Python, so this is how mail2alert uses more than one core. Intake processes tell
-the parent about new mail through a pipe and learn new GoCD snapshots from ``data-dir``.
+the parent about new mail through a pipe and learn new snapshots from
+``data-dir``.
 
 Each worker also has a link to the parent (a Unix socket pair). The parent drives every
 reload through it, all or nothing: it validates the new file and binds a moved listener

@@ -2,9 +2,8 @@
 
 Every template sees ``event`` (as rules see it), ``word`` (how the event reads), ``group``
 (the alert's label), ``subject``, ``details_url`` (the alert's link) and ``sender``, plus the
-facts of every registered manager type (see each type's :class:`Presentation`: the gocd
-manager's are ``pipeline``, ``pipeline_counter``, ``stage``, ``stage_counter``, ``locator``,
-``verb``, ``gocd_event`` and ``changes``). Facts an alert does not have are empty strings,
+facts of every registered manager type (see each type's :class:`Presentation`, and the README
+for the built-in ones). Facts an alert does not have are empty strings,
 so one template serves every mail.
 
 Templates are rendered against each manager type's sample alert and a plain one when the

@@ -1,5 +1,5 @@
 """Helpers for mail2alert's tests and for operators' own: capture servers, a service in a thread,
-fake chat services (GoCD's fakes are in :mod:`mail2alert.gocd.testing`).
+fake chat services (a manager type's own fakes live in its package).
 
 Everything here uses real sockets on loopback; nothing is mocked.
 """

@@ -22,12 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mail2alert.errors import GocdError
+from mail2alert.errors import SourceError
 from mail2alert.gocd.model import PipelineGroups
 from mail2alert.model import Secret
 
 if TYPE_CHECKING:
     import aiohttp
+
+
+class GocdError(SourceError):
+    """GoCD could not be read; the message names the URL and status, never credentials."""
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from mail2alert.actions import mask
-from mail2alert.errors import GocdError, UsageError
-from mail2alert.gocd.client import parse_groups
+from mail2alert.errors import UsageError
+from mail2alert.gocd.client import GocdError, parse_groups
 from mail2alert.gocd.model import EVENTS, VERBS, PipelineGroups, stage_of
 from mail2alert.managers.explaining import Explaining, Facts, Probe, SnapshotFile
 from mail2alert.model import Alert, Envelope

@@ -8,6 +8,7 @@ by the poller in :mod:`mail2alert.gocd`) which group a pipeline is in.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from mail2alert.errors import RuleArgumentError
@@ -156,6 +157,15 @@ def _compile_name_like_in_group(args: tuple[str, ...]) -> Predicate:
     return name_like_in_group
 
 
+def _needs_groups(name: str) -> Callable[[Mapping[str, object]], str | None]:
+    def requires(options: Mapping[str, object]) -> str | None:
+        if "url" in options:
+            return None
+        return f"{name} needs pipeline groups from GoCD: set 'url' on this manager"
+
+    return requires
+
+
 ANY = RuleFunction(
     name="pipelines.any",
     summary="any stage mail, whatever its pipeline",
@@ -167,14 +177,14 @@ IN_GROUP = RuleFunction(
     summary="the pipeline is in this pipeline group",
     params=(("group", "group"),),
     compile=_compile_in_group,
-    needs_groups=True,
+    requires=_needs_groups("pipelines.in_group"),
 )
 NAME_LIKE_IN_GROUP = RuleFunction(
     name="pipelines.name_like_in_group",
     summary="the regex's first group, applied to the pipeline name, names a pipeline in the group",
     params=(("pattern", "regex"), ("group", "group")),
     compile=_compile_name_like_in_group,
-    needs_groups=True,
+    requires=_needs_groups("pipelines.name_like_in_group"),
 )
 
 GOCD = ManagerType(

@@ -17,8 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from mail2alert.errors import GocdError
-from mail2alert.gocd.client import GocdClient, parse_groups
+from mail2alert.gocd.client import GocdClient, GocdError, parse_groups
 from mail2alert.gocd.memory import HISTORY
 from mail2alert.gocd.model import PipelineGroups
 from mail2alert.managers.memory import Background, Feed, Note

@@ -1,7 +1,7 @@
 """The plugin contracts: what a manager type and a rule function are.
 
-A *manager type* (``mail``, ``gocd``) reads facts from a message and offers rule functions.
-A *rule function* (``mail.in_subject``, ``pipelines.in_group``...) is compiled once, when the
+A *manager type* (``mail``, and each one in the registry) reads facts from a message and
+offers rule functions. A *rule function* (``mail.in_subject``...) is compiled once, when the
 configuration loads, into a :class:`Predicate`; compiling checks its arguments, so a bad regex
 or a missing argument is a configuration error and never a surprise at run time.
 
@@ -28,16 +28,16 @@ class Context:
     """What routing may know beyond the message itself.
 
     ``snapshots`` holds the latest snapshot of each manager's outside data, by manager label
-    (``gocd#0``); routing puts the deciding manager's into ``snapshot``, which is None while
+    (``ci#0``); routing puts the deciding manager's into ``snapshot``, which is None while
     that manager has never had one. ``state`` holds the notes decisions have kept (see
     :mod:`mail2alert.managers.memory`), by table and key.
     """
 
     snapshot: object | None = None
     snapshots: Mapping[str, object] = field(default_factory=dict)
-    state: Mapping[str, Mapping[tuple[str, str], str]] = field(default_factory=dict)
+    state: Mapping[str, Mapping[tuple[str, ...], str]] = field(default_factory=dict)
 
-    def recall(self, table: str, key: tuple[str, str]) -> str | None:
+    def recall(self, table: str, key: tuple[str, ...]) -> str | None:
         """The note kept in ``table`` for ``key``, or None."""
         return self.state.get(table, {}).get(key)
 
@@ -70,6 +70,8 @@ class RuleFunction:
     ``compile`` receives the arguments from the configuration and returns the predicate; it
     raises :class:`~mail2alert.errors.RuleArgumentError` for an argument it cannot use.
     With ``variadic`` the last parameter may repeat (and must be given at least once).
+    ``requires`` says, given the manager's keys, why the function cannot work there (say it
+    reads a snapshot the manager has no source for), or None.
     """
 
     name: str
@@ -77,7 +79,7 @@ class RuleFunction:
     params: tuple[tuple[str, ArgKind], ...]
     compile: Callable[[tuple[str, ...]], Predicate]
     variadic: bool = False
-    needs_groups: bool = False
+    requires: Callable[[Mapping[str, object]], str | None] | None = None
 
     @property
     def signature(self) -> str:

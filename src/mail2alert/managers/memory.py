@@ -6,17 +6,17 @@ nothing to remember (``mail``) uses :data:`NO_MEMORY`.
 
 The words the core does know:
 
-- a **conversation** is a run of alerts about one subject of the manager's (for GoCD: one
-  stage of one pipeline). An alert may *start* it (a breakage) or *answer* it (the fix):
+- a **conversation** is a run of alerts about one subject of the manager's (say, one job
+  of a CI server). An alert may *start* it (a breakage) or *answer* it (the fix):
   the answer's mail is threaded under the start's, its chat post replied in the start's
   thread, and the conversation ends;
-- a **note** is one fact the manager keeps in the outbox once the message is committed (for
-  GoCD: the last result of a stage, which corrects the next event), and routing sees it
+- a **note** is one fact the manager keeps in the outbox once the message is committed (say,
+  the last result of a job, which corrects the next event), and routing sees it
   again in :attr:`~mail2alert.managers.base.Context.state`;
 - a **claim** says an alert is the same event as any other with its key within a window:
   the second is recorded, and delivered not at all;
 - a **label** names, for display and for templates, where the alert belongs (a group);
-- a **snapshot** is the outside data a manager's rules read (for GoCD: its pipeline groups),
+- a **snapshot** is the outside data a manager's rules read (say, which team owns which job),
   kept fresh in the background by the manager type's :class:`Background` keeper.
 """
 
@@ -30,8 +30,8 @@ from typing import Literal, Protocol
 
 from mail2alert.model import Alert
 
-#: A conversation's or a note's key: two parts, lower case.
-Key = tuple[str, str]
+#: A conversation's or a note's key: its parts, lower case.
+Key = tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ class Keeper(Protocol):
 
     @property
     def name(self) -> str:
-        """How logs name it, e.g. ``GoCD poller of gocd#0``."""
+        """How logs name it, e.g. ``poller of ci#0``."""
         ...
 
     @property

@@ -3,8 +3,10 @@
 An outbox chat item holds the rendered message and the action's id, never its URL (which is
 a secret); the URL is looked up in the running configuration when the item is sent.
 
-Threading: a BREAKS post's Slack ``ts`` is kept in the outbox, and the FIXED (or PASSES)
-post of the same pipeline/stage is sent as a reply in that thread.
+Threading: the Slack ``ts`` of the post that starts a conversation (a breakage,
+say)
+is kept in the outbox, and the post that answers it (the fix) is sent as a reply in that
+thread.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mail2alert.actions import mask, parse_slack
-from mail2alert.gocd.client import ClientError
 from mail2alert.model import ChatPost, ChatSettings
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.transports import Attempt
@@ -44,7 +45,7 @@ SLACK_PERMANENT = frozenset(
     }
 )
 
-ThreadKey = tuple[str, str, str]
+ThreadKey = tuple[str, ...]
 
 
 @dataclass
@@ -127,7 +128,7 @@ class ChatSender:
                 if response.status != 200:
                     return Attempt((), f"Slack answered HTTP {response.status}", permanent=True)
                 answer = await response.json(content_type=None)
-        except (ClientError(), TimeoutError, ValueError) as exc:
+        except (_client_error(), TimeoutError, ValueError) as exc:
             return Attempt(
                 (),
                 f"Slack Web API at {self.settings.slack_api_url}: {_why(exc)}",
@@ -204,6 +205,13 @@ def _seconds(value: str | None) -> float:
         return max(1.0, float(value or 1))
     except ValueError:
         return 30.0
+
+
+def _client_error() -> type[Exception]:
+    """aiohttp's ClientError, imported on first use (only the delivery process posts)."""
+    import aiohttp
+
+    return aiohttp.ClientError
 
 
 def _answered(exc: BaseException) -> bool:
