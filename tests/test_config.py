@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from mail2alert import cli, config
-from mail2alert.config import Config, Delivery, HostPort
+from mail2alert.config import Config
 from mail2alert.errors import ConfigError
 from mail2alert.model import Secret
+from mail2alert.settings import Delivery, HostPort
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "configuration.yml"
 

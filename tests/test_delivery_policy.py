@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from mail2alert.background import RestartPolicy, is_disk_full, is_storage_error, supervised
-from mail2alert.config import Delivery
 from mail2alert.dispatcher import Destination, backoff, destination_of, judge
 from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.model import Decision, Envelope, Outgoing
@@ -26,6 +25,7 @@ from mail2alert.outbox import (
     storable,
     storage_error,
 )
+from mail2alert.settings import Delivery
 from mail2alert.transports import Attempt
 
 DELIVERY = Delivery(retry_initial=60.0, retry_max=3600.0, give_up_after=5 * 86400.0)

@@ -24,6 +24,7 @@ from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
 from mail2alert.outbox import read_notes_of
+from mail2alert.settings import HostPort
 
 log = logging.getLogger("mail2alert")
 
@@ -324,8 +325,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
     """``mail2alert capture``: print every message received, until interrupted."""
     from mail2alert import testing
 
-    host, _, port = args.listen.rpartition(":")
-    testing.run_capture(host.strip("[]") or "localhost", int(port))
+    try:
+        address = HostPort.parse(args.listen, default_host="localhost")
+    except ValueError as exc:
+        raise UsageError(f"capture --listen: {exc}") from None
+    testing.run_capture(address.host, address.port)
     return 0
 
 

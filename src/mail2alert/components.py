@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 from aiosmtpd.smtp import SMTP
 
 from mail2alert.background import supervised
-from mail2alert.config import Config, HostPort
+from mail2alert.config import Config
 from mail2alert.dispatcher import Dispatcher
 from mail2alert.errors import Mail2AlertError, StartupError
 from mail2alert.managers.base import Context
@@ -50,6 +50,7 @@ from mail2alert.outbox import Accepted, GroupCommitter, Outbox
 from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager
 from mail2alert.server import Handler, describe, smtp_factory
+from mail2alert.settings import HostPort
 
 log = logging.getLogger(__name__)
 
@@ -501,7 +502,7 @@ class Holds(Component):
         news = self._knowledge.news
         while not self._crew.stopping.is_set():
             managers = self._knowledge.managers
-            every = min([HOLD_CHECK] + [m.seconds("hold-max", 600.0) / 2 for m in managers])
+            every = min([HOLD_CHECK] + [m.type.hold_max(m.options) / 2 for m in managers])
             try:
                 released = await loop.run_in_executor(self._executor, self.release)
             except Mail2AlertError as exc:
@@ -517,7 +518,8 @@ class Holds(Component):
             news.clear()
 
     def release(self) -> int:
-        """Route held messages again; those still waiting past ``hold-max`` stop waiting."""
+        """Route held messages again; those held longer than their manager type's
+        ``hold_max`` stop waiting."""
         assert self._outbox is not None
         managers = self._knowledge.managers
         context = self._knowledge.context
@@ -525,7 +527,7 @@ class Holds(Component):
         released = 0
         for queue_id, received, envelope, raw in self._outbox.held():
             manager = next((m for m in managers if m.wanted_recipients(envelope)), None)
-            hold_max = manager.seconds("hold-max", 600.0) if manager else 0.0
+            hold_max = manager.type.hold_max(manager.options) if manager else 0.0
             accepted = accept(
                 queue_id,
                 envelope,

@@ -29,6 +29,7 @@ from mail2alert.managers.base import ManagerType, Option
 from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.model import ChatSettings, ChatTemplate, Secret
 from mail2alert.routing import Manager, Rule
+from mail2alert.settings import Delivery, HostPort
 from mail2alert.templates import check as check_template
 
 ENV_CONFIG = "MAIL2ALERT_CONFIGURATION"
@@ -48,28 +49,6 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class HostPort:
-    """A ``host:port`` address; IPv6 hosts are written ``[::1]:1025``."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Delivery:
-    """How delivery to ``remote-smtp`` is retried (seconds), in the spirit of Postfix."""
-
-    retry_initial: float = 60.0
-    retry_max: float = 3600.0
-    give_up_after: float = 5 * 86400.0
-    timeout: float = 30.0
-    connections: int = 4
-
-
-@dataclass(frozen=True)
 class ManagerConfig:
     """A manager as configured: its routing part plus its type-specific options."""
 
@@ -86,7 +65,7 @@ class Config:
     remote_smtp: HostPort
     managers: tuple[ManagerConfig, ...]
     data_dir: Path
-    delivery: Delivery = Delivery()
+    delivery: Delivery = field(default_factory=Delivery)
     intake_workers: int = 1
     slack_token: Secret | None = None
     slack_api_url: str = "https://slack.com/api"
@@ -316,16 +295,11 @@ class _Walker:
         value = self.text(node, path)
         if value is None:
             return None
-        found = re.match(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]\s]+)):(\d{1,5})$", value.strip())
-        port = int(found.group(3)) if found else -1
-        if not found or not (0 if allow_zero else 1) <= port <= 65535:
-            self.problem(
-                node,
-                path,
-                f'expected host:port (e.g. localhost:1025 or "[::1]:1025"), got {value!r}',
-            )
+        try:
+            return HostPort.parse(value, allow_zero=allow_zero)
+        except ValueError as exc:
+            self.problem(node, path, str(exc))
             return None
-        return HostPort(found.group(1) or found.group(2), port)
 
     def actions(self, node: Node, path: str) -> tuple[str, ...]:
         items = self.sequence(node, path) or []

@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from mail2alert.background import RestartPolicy, is_storage_error
-from mail2alert.config import Delivery, HostPort
 from mail2alert.model import ChatSettings
 from mail2alert.outbox import Item, Outbox, Result
+from mail2alert.settings import Delivery, HostPort
 from mail2alert.transports import Attempt
 from mail2alert.transports.chat import ChatSender, ThreadStore
 from mail2alert.transports.smtp import SmtpConnection

@@ -68,11 +68,6 @@ class Manager:
         wanted = [e for e in self.type.events if e in (rule.events or ())]
         return f"{rule.function.name}({args})" + (f" events {','.join(wanted)}" if wanted else "")
 
-    def seconds(self, key: str, default: float) -> float:
-        """A duration option (``hold-max``, ``poll-interval``...) in seconds."""
-        value = self.options.get(key, default)
-        return float(value) if isinstance(value, int | float) else default
-
     def wanted_recipients(self, envelope: Envelope) -> tuple[str, ...] | None:
         """The recipients this manager takes, or None when it does not want the message.
 

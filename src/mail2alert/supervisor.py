@@ -33,6 +33,7 @@ from mail2alert.components import Change, Component, ReloadRefused
 from mail2alert.config import Config, parse
 from mail2alert.errors import ConfigError, Mail2AlertError, ServiceFailed, StartupError
 from mail2alert.outbox import Outbox
+from mail2alert.settings import HostPort
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,14 @@ def _spawn(coro: Coroutine[Any, Any, Any]) -> None:
 
 
 def _monitor_address(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    if not port.isdigit() or not 0 < int(port) < 65534:
+    try:
+        address = HostPort.parse(text, default_host="127.0.0.1")
+    except ValueError:
+        address = None
+    # The console takes the port and the two after it.
+    if address is None or address.port > 65533:
         raise StartupError(f"--monitor {text!r}: expected HOST:PORT, e.g. 127.0.0.1:50101")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return address.host, address.port
 
 
 def _start_monitor(address: tuple[str, int], service: Service) -> Any:

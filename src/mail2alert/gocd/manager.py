@@ -17,10 +17,10 @@ from mail2alert.gocd.memory import GOCD_MEMORY, HISTORY
 from mail2alert.gocd.model import EVENTS, VERBS, PipelineGroups, Stage, stage_of
 from mail2alert.gocd.poller import GOCD_BACKGROUND
 from mail2alert.gocd.presentation import GOCD_PRESENTATION, stage_facts
+from mail2alert.gocd.settings import OPTIONS, GocdSettings, hold_max
 from mail2alert.managers.base import (
     Context,
     ManagerType,
-    Option,
     Predicate,
     RuleFunction,
     Verdict,
@@ -159,7 +159,7 @@ def _compile_name_like_in_group(args: tuple[str, ...]) -> Predicate:
 
 def _needs_groups(name: str) -> Callable[[Mapping[str, object]], str | None]:
     def requires(options: Mapping[str, object]) -> str | None:
-        if "url" in options:
+        if GocdSettings.of(options).url is not None:
             return None
         return f"{name} needs pipeline groups from GoCD: set 'url' on this manager"
 
@@ -202,20 +202,6 @@ GOCD = ManagerType(
     waiting="waiting for pipeline groups from GoCD",
     gave_up="no GoCD data in time",
     explaining=GOCD_EXPLAINING,
-    options={
-        "url": Option("url", "GoCD's base URL, e.g. https://ci.example.com/go"),
-        "user": Option("text", "user for HTTP basic auth"),
-        "passwd": Option("secret", "password for HTTP basic auth"),
-        "token": Option("secret", "access token (Authorization: bearer)"),
-        "poll-interval": Option("seconds", "how often to read pipeline groups", 30.0),
-        "ca-file": Option("path", "CA bundle for GoCD's TLS certificate"),
-        "verify": Option("bool", "verify GoCD's TLS certificate", True),
-        "hold-max": Option("seconds", "how long to hold mail while GoCD data is missing", 600.0),
-        "duplicate-window": Option(
-            "seconds",
-            "how long the same stage event is delivered only once (0: no de-duplication)",
-            600.0,
-            zero_means_off=True,
-        ),
-    },
+    options=OPTIONS,
+    hold_max=hold_max,
 )

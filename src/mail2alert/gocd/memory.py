@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from mail2alert.gocd.model import PipelineGroups, stage_of
+from mail2alert.gocd.settings import GocdSettings
 from mail2alert.managers.memory import Claim, Conversation, Note
 from mail2alert.model import Alert
 
@@ -50,10 +51,10 @@ class GocdMemory:
 
     def claim(self, alert: Alert, label: str, options: Mapping[str, object]) -> Claim | None:
         stage = stage_of(alert)
-        window = options.get("duplicate-window", 0.0)
-        if stage is None or not isinstance(window, int | float) or window <= 0:
+        window = GocdSettings.of(options).duplicate_window
+        if stage is None or window <= 0:
             return None
-        return Claim(f"{label}:{stage.locator.lower()}:{stage.verb}", float(window))
+        return Claim(f"{label}:{stage.locator.lower()}:{stage.verb}", window)
 
     def label(self, alert: Alert, snapshot: object | None) -> str | None:
         stage = stage_of(alert)

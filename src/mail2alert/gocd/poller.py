@@ -20,8 +20,8 @@ from pathlib import Path
 from mail2alert.gocd.client import GocdClient, GocdError, parse_groups
 from mail2alert.gocd.memory import HISTORY
 from mail2alert.gocd.model import PipelineGroups
+from mail2alert.gocd.settings import GocdSettings
 from mail2alert.managers.memory import Background, Feed, Note
-from mail2alert.model import Secret
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,15 @@ def load_snapshot(path: Path) -> PipelineGroups | None:
 
 def client_from_options(options: Mapping[str, object]) -> GocdClient:
     """A GoCD client from a gocd manager's configured options."""
-    password = options.get("passwd")
-    token = options.get("token")
+    settings = GocdSettings.of(options)
+    assert settings.url is not None, "only a manager with a url has a client"
     return GocdClient(
-        str(options["url"]),
-        user=str(options["user"]) if "user" in options else None,
-        password=password if isinstance(password, Secret) else None,
-        token=token if isinstance(token, Secret) else None,
-        verify=bool(options.get("verify", True)),
-        ca_file=str(options["ca-file"]) if "ca-file" in options else None,
+        settings.url,
+        user=settings.user,
+        password=settings.passwd,
+        token=settings.token,
+        verify=settings.verify,
+        ca_file=settings.ca_file,
     )
 
 
@@ -161,9 +161,9 @@ def keeper(
 ) -> GroupPoller | None:
     """The poller of a gocd manager with a ``url`` (None without one): it feeds pipeline
     groups as snapshots, and the stage results of cctray.xml as notes."""
-    if "url" not in options:
+    settings = GocdSettings.of(options)
+    if settings.url is None:
         return None
-    interval = options.get("poll-interval", 30.0)
 
     def learnt(results: Mapping[tuple[str, str], str]) -> None:
         feed.notes([Note(HISTORY, key, result) for key, result in results.items()])
@@ -171,7 +171,7 @@ def keeper(
     return GroupPoller(
         label,
         client_from_options(options),
-        interval=float(interval) if isinstance(interval, int | float) else 30.0,
+        interval=settings.poll_interval,
         data_dir=data_dir,
         on_snapshot=feed.snapshot,
         on_cctray=learnt,
@@ -180,7 +180,8 @@ def keeper(
 
 def saved(options: Mapping[str, object], data_dir: Path) -> Path | None:
     """Where the poller of a gocd manager keeps its snapshot (None without a ``url``)."""
-    return snapshot_path(data_dir, str(options["url"])) if "url" in options else None
+    url = GocdSettings.of(options).url
+    return None if url is None else snapshot_path(data_dir, url)
 
 
 async def fetch(

@@ -138,7 +138,13 @@ class ManagerType:
     waiting: str = "waiting for outside data"
     """Why a message is held while a rule waits for a snapshot that is not there yet."""
     gave_up: str = "no outside data in time"
-    """Why held mail went to the fallback actions (or was relayed) after ``hold-max``."""
+    """Why held mail went to the fallback actions (or was relayed) after ``hold_max``."""
+    hold_max: Callable[[Mapping[str, object]], float] = lambda options: DEFAULT_HOLD_MAX
+    """Given a manager's keys, how long (seconds) its mail may be held."""
+
+
+#: How long mail may be held for a manager type that does not say.
+DEFAULT_HOLD_MAX = 600.0
 
 
 def read_alert(message: RawMessage, envelope: Envelope, context: Context) -> Alert:

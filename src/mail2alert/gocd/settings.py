@@ -1,0 +1,80 @@
+"""The keys of a gocd manager: declared once, with their defaults, and read as one record."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mail2alert.managers.base import Option
+from mail2alert.model import Secret
+
+OPTIONS: Mapping[str, Option] = {
+    "url": Option("url", "GoCD's base URL, e.g. https://ci.example.com/go"),
+    "user": Option("text", "user for HTTP basic auth"),
+    "passwd": Option("secret", "password for HTTP basic auth"),
+    "token": Option("secret", "access token (Authorization: bearer)"),
+    "poll-interval": Option("seconds", "how often to read pipeline groups", 30.0),
+    "ca-file": Option("path", "CA bundle for GoCD's TLS certificate"),
+    "verify": Option("bool", "verify GoCD's TLS certificate", True),
+    "hold-max": Option("seconds", "how long to hold mail while GoCD data is missing", 600.0),
+    "duplicate-window": Option(
+        "seconds",
+        "how long the same stage event is delivered only once (0: no de-duplication)",
+        600.0,
+        zero_means_off=True,
+    ),
+}
+
+
+def _seconds(options: Mapping[str, object], key: str) -> float:
+    value = options.get(key, OPTIONS[key].default)
+    default = OPTIONS[key].default
+    assert isinstance(default, float)
+    return float(value) if isinstance(value, int | float) else default
+
+
+def _text(options: Mapping[str, object], key: str) -> str | None:
+    value = options.get(key)
+    return None if value is None else str(value)
+
+
+def _secret(options: Mapping[str, object], key: str) -> Secret | None:
+    value = options.get(key)
+    return value if isinstance(value, Secret) else None
+
+
+@dataclass(frozen=True)
+class GocdSettings:
+    """A gocd manager's validated keys; what is not set has its declared default."""
+
+    url: str | None
+    user: str | None
+    passwd: Secret | None
+    token: Secret | None
+    poll_interval: float
+    ca_file: str | None
+    verify: bool
+    hold_max: float
+    duplicate_window: float
+    """0: no de-duplication."""
+
+    @classmethod
+    def of(cls, options: Mapping[str, object]) -> GocdSettings:
+        """The settings in a manager's options (as :mod:`mail2alert.config` validated them)."""
+        verify = options.get("verify", OPTIONS["verify"].default)
+        return cls(
+            url=_text(options, "url"),
+            user=_text(options, "user"),
+            passwd=_secret(options, "passwd"),
+            token=_secret(options, "token"),
+            poll_interval=_seconds(options, "poll-interval"),
+            ca_file=_text(options, "ca-file"),
+            verify=bool(verify),
+            hold_max=_seconds(options, "hold-max"),
+            duplicate_window=_seconds(options, "duplicate-window"),
+        )
+
+
+def hold_max(options: Mapping[str, object]) -> float:
+    """How long mail of this manager may wait for pipeline groups."""
+    return GocdSettings.of(options).hold_max
