@@ -44,7 +44,7 @@ from mail2alert.background import RestartPolicy, is_storage_error
 from mail2alert.model import ChatSettings
 from mail2alert.outbox import Item, Outbox, Result
 from mail2alert.settings import Delivery, HostPort
-from mail2alert.transports import Attempt
+from mail2alert.transports import Attempt, Transport
 from mail2alert.transports.chat import ChatSender, ThreadStore
 from mail2alert.transports.smtp import SmtpConnection
 
@@ -184,11 +184,20 @@ def judge(
     return Result(item, attempt.recipients, 0.0, "; ".join(f"{r.rcpt}: {r.reason}" for r in dead))
 
 
+#: What the dispatcher reads the time from (``time.time``; a fake one in fast tests).
+Clock = Callable[[], float]
+
+
 class Dispatcher:
     """Delivers everything pending in the outbox of ``data_dir`` to ``remote``.
 
     Threads: the event loop runs the workers and the recorder; the one outbox connection is
     used only from the ``outbox-reader`` thread.
+
+    Each worker delivers mail through a transport of its own, made by ``connect`` (an SMTP
+    connection to ``remote`` unless told otherwise); chat items go through ``chat_transport``
+    (Slack and Apprise unless told otherwise). ``clock`` gives the time every decision is
+    taken at.
     """
 
     def __init__(
@@ -198,9 +207,14 @@ class Dispatcher:
         delivery: Delivery,
         *,
         chat: ChatSettings | None = None,
+        connect: Callable[[], Transport] | None = None,
+        chat_transport: Transport | None = None,
+        clock: Clock = time.time,
     ) -> None:
         self.remote = remote
         self.delivery = delivery
+        self._clock = clock
+        self._connect = connect or self._smtp_connection
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         self._outbox = Outbox(data_dir, durable=False)
         self._queue: asyncio.Queue[tuple[Item, bool]] = asyncio.Queue()
@@ -218,7 +232,7 @@ class Dispatcher:
         self._recordable = asyncio.Event()
         self._recordable.set()
         self._hostname = socket.gethostname()
-        self._chat = ChatSender(
+        self._chat: Transport = chat_transport or ChatSender(
             chat or ChatSettings(),
             ThreadStore(
                 get=lambda key: self._db(partial(self._outbox.chat_thread, key)),
@@ -229,9 +243,23 @@ class Dispatcher:
             ),
         )
 
+    def _smtp_connection(self) -> Transport:
+        return SmtpConnection(
+            self.remote.host,
+            self.remote.port,
+            timeout=self.delivery.timeout,
+            local_hostname=self._hostname,
+        )
+
     def wake(self) -> None:
         """Look at the outbox now (new items were committed)."""
         self._wake.set()
+
+    async def idle(self) -> None:
+        """Return once nothing is under way: every item taken has its result recorded."""
+        while self._inflight or self._unrecorded:
+            self._recorded.clear()
+            await self._recorded.wait()
 
     def destination(self, name: str) -> Destination:
         """The state of one destination (``smtp``, or ``chat:<action id>``)."""
@@ -274,7 +302,7 @@ class Dispatcher:
                     if not started:
                         await self._resume_waiting()
                         started = True
-                    now = time.time()
+                    now = self._clock()
                     if now - purged >= PURGE_EVERY:
                         purged = now
                         await self._purge(now)
@@ -294,7 +322,7 @@ class Dispatcher:
 
     async def _resume_waiting(self) -> None:
         """After a start: destinations that items wait for are probed at once."""
-        now = time.time()
+        now = self._clock()
         for name, count in (await self._db(self._outbox.waiting_for)).items():
             destination = self.destination(name)
             destination.failures, destination.down_since, destination.next_probe = 1, now, now
@@ -329,7 +357,7 @@ class Dispatcher:
         next_due = await self._db(partial(self._outbox.next_due, exclude))
         probes = [d.next_probe for d in self._destinations.values() if d.down and not d.probing]
         soonest = min([t for t in (next_due, *probes) if t is not None], default=None)
-        delay = POLL if soonest is None else min(POLL, soonest - time.time())
+        delay = POLL if soonest is None else min(POLL, soonest - self._clock())
         return max(delay, 0.01)
 
     def _storage_failed(self, doing: str, exc: BaseException) -> float:
@@ -369,12 +397,7 @@ class Dispatcher:
         event.clear()
 
     async def _worker(self) -> None:
-        connection = SmtpConnection(
-            self.remote.host,
-            self.remote.port,
-            timeout=self.delivery.timeout,
-            local_hostname=self._hostname,
-        )
+        connection = self._connect()
         try:
             while True:
                 try:
@@ -395,9 +418,9 @@ class Dispatcher:
         finally:
             await connection.close()
 
-    async def _attempt(self, connection: SmtpConnection, item: Item, *, probe: bool) -> Result:
+    async def _attempt(self, connection: Transport, item: Item, *, probe: bool) -> Result:
         destination = self.destination(destination_of(item))
-        now = time.time()
+        now = self._clock()
         if not probe and not destination.lets_through(item):
             # Down, and this item waited before: it waits for the destination, untried.
             return judge(
@@ -408,18 +431,16 @@ class Dispatcher:
                 via=destination.name,
                 waiting=destination,
             )
+        transport = self._chat if item.kind == "chat" else connection
         try:
-            if item.kind == "chat":
-                attempt = await self._chat.send(item)
-            else:
-                attempt = await connection.send(item)
+            attempt = await transport.send(item)
         except Exception as exc:
             # A bug must not end this worker: its item would stay claimed until restart.
             log.exception("%s: delivery attempt failed unexpectedly", item.message_id)
             await connection.close()
             attempt = Attempt((), f"internal error: {type(exc).__name__}: {exc}")
-        via = "chat" if item.kind == "chat" else connection.address
-        now = time.time()
+        via = transport.address
+        now = self._clock()
         if attempt.unreachable:
             if destination.unreachable(now, attempt.error, self.delivery, probe=probe):
                 log.warning(
@@ -440,7 +461,7 @@ class Dispatcher:
     async def _release(self) -> None:
         """Make the items that wait for destinations that answer again due now."""
         for name in sorted(self._to_release):
-            count = await self._db(partial(self._outbox.release_waiting, name, time.time()))
+            count = await self._db(partial(self._outbox.release_waiting, name, self._clock()))
             self._to_release.discard(name)
             if count:
                 log.info("%d items that waited for %s are due now", count, name)
@@ -488,7 +509,7 @@ class Dispatcher:
         """Items waiting for a destination longer than ``give-up-after`` are dead."""
 
         def expire() -> int:
-            before = time.time() - self.delivery.give_up_after
+            before = self._clock() - self.delivery.give_up_after
             count = 0
             for name in {r.waiting for r in results if r.waiting}:
                 reason = f"gave up after {_age(self.delivery.give_up_after)}: "

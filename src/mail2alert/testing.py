@@ -1,7 +1,10 @@
 """Helpers for mail2alert's tests and for operators' own: capture servers, a service in a thread,
 fake chat services (a manager type's own fakes live in its package).
 
-Everything here uses real sockets on loopback; nothing is mocked.
+The capture servers and fake services use real sockets on loopback; nothing is mocked.
+For the fast tests under them, :class:`RecordingTransport` and :class:`FakeClock` stand in
+for the network and the time: the dispatcher's policy runs against them with no socket
+and no sleep.
 """
 
 from __future__ import annotations
@@ -18,6 +21,93 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.config import Config
+from mail2alert.outbox import Item, RecipientResult
+from mail2alert.transports import Attempt
+
+
+class FakeClock:
+    """A clock that moves only when told: ``clock()`` is the time, ``advance`` moves it."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        """Let ``seconds`` pass."""
+        self.now += seconds
+
+
+@dataclass(frozen=True)
+class Sent:
+    """One attempt a :class:`RecordingTransport` saw: the item's id, kind, recipients, data."""
+
+    item: int
+    kind: str
+    recipients: tuple[str, ...]
+    data: bytes
+
+
+Answer = Callable[[Item], Attempt]
+
+
+def accept_all(item: Item) -> Attempt:
+    """What a server that takes everything answers: every recipient done."""
+    return Attempt(tuple(RecipientResult(r, "done") for r in item.recipients))
+
+
+class RecordingTransport:
+    """A :class:`~mail2alert.transports.Transport` that answers from a script and records
+    every attempt; no network.
+
+    ``answers`` are used one per attempt, in order, then ``otherwise`` (by default every
+    recipient is done). :meth:`wait_for` returns once ``count`` attempts were made.
+    """
+
+    def __init__(
+        self,
+        answers: tuple[Answer, ...] = (),
+        *,
+        otherwise: Answer = accept_all,
+        address: str = "recording",
+    ) -> None:
+        self.sent: list[Sent] = []
+        self._answers = list(answers)
+        self._otherwise = otherwise
+        self._address = address
+        self._changed: asyncio.Event | None = None
+        self.closed = False
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def script(self, *answers: Answer) -> None:
+        """Answer the next attempts with ``answers``, in order."""
+        self._answers.extend(answers)
+
+    async def send(self, item: Item) -> Attempt:
+        self.sent.append(Sent(item.id, item.kind, item.recipients, item.data))
+        answer = self._answers.pop(0) if self._answers else self._otherwise
+        if self._changed is not None:
+            self._changed.set()
+        return answer(item)
+
+    async def wait_for(self, count: int) -> list[Sent]:
+        """The attempts so far, once there are at least ``count`` (bound the wait with
+        ``asyncio.timeout``)."""
+        self._changed = self._changed or asyncio.Event()
+        while len(self.sent) < count:
+            self._changed.clear()
+            await self._changed.wait()
+        return list(self.sent)
+
+    async def close_if_idle(self, idle: float) -> None:
+        return None
+
+    async def close(self) -> None:
+        self.closed = True
 
 
 def free_port(host: str = "127.0.0.1") -> int:

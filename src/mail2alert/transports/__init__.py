@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from mail2alert.outbox import RecipientResult
+from mail2alert.outbox import Item, RecipientResult
 
 
 @dataclass(frozen=True)
@@ -25,3 +26,29 @@ class Attempt:
     permanent: bool = False
     retry_after: float | None = None
     unreachable: bool = False
+
+
+class Transport(Protocol):
+    """Delivers outbox items to one kind of destination and says what happened.
+
+    ``send`` never raises for the other side's trouble: a refusal, a timeout or a lost
+    connection is an :class:`Attempt`. The dispatcher decides, from the attempt alone, what
+    becomes of the item (:func:`mail2alert.dispatcher.judge`).
+    """
+
+    @property
+    def address(self) -> str:
+        """Where it delivers, as logs name it (``mx.example.com:25``, ``chat``)."""
+        ...
+
+    async def send(self, item: Item) -> Attempt:
+        """Try to deliver ``item`` to its pending recipients once."""
+        ...
+
+    async def close_if_idle(self, idle: float) -> None:
+        """Let go of connections unused for ``idle`` seconds."""
+        ...
+
+    async def close(self) -> None:
+        """Let go of every connection."""
+        ...

@@ -65,6 +65,14 @@ class ChatSender:
         self.threads = threads
         self._session: aiohttp.ClientSession | None = None
 
+    @property
+    def address(self) -> str:
+        """Chat destinations are named per item (their action); logs say ``chat``."""
+        return "chat"
+
+    async def close_if_idle(self, idle: float) -> None:
+        """aiohttp keeps its own idle connections in check: nothing to do."""
+
     async def close(self) -> None:
         """Close the HTTP connections."""
         if self._session is not None:
