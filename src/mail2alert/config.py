@@ -1,9 +1,11 @@
 """Load and validate ``configuration.yml``; every problem is reported at once, with file:line.
 
-The file is read into YAML nodes (which know their line), then walked key by key. Each problem
-becomes a :class:`~mail2alert.errors.ConfigProblem`; if there is any, :func:`load` raises one
-:class:`~mail2alert.errors.ConfigError` carrying them all, so an operator fixes everything in
-one pass. Nothing is started from a file that has a problem.
+The file is read into YAML nodes (which know their line), then walked key by key on the
+generic validators of :mod:`mail2alert.validation`; each manager type's keys are checked by
+the kinds it declares, and its rule functions check what they require of those keys. Each
+problem becomes a :class:`~mail2alert.errors.ConfigProblem`; if there is any, :func:`load`
+raises one :class:`~mail2alert.errors.ConfigError` carrying them all, so an operator fixes
+everything in one pass. Nothing is started from a file that has a problem.
 
 ``$NAME`` and ``${NAME}`` in string values are replaced from the environment (``$$`` is a
 literal ``$``); an unset variable is a problem, never left as text.
@@ -11,14 +13,11 @@ literal ``$``); an unset variable is a problem, never left as text.
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import urlsplit
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -31,19 +30,11 @@ from mail2alert.model import ChatSettings, ChatTemplate, Secret
 from mail2alert.routing import Manager, Rule
 from mail2alert.settings import Delivery, HostPort
 from mail2alert.templates import check as check_template
+from mail2alert.validation import STR, Checker, did_you_mean, kind_of, line_of
 
 ENV_CONFIG = "MAIL2ALERT_CONFIGURATION"
 DEFAULT_SLACK_API = "https://slack.com/api"
 DEFAULT_CONFIG = "configuration.yml"
-
-_VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_STR = "tag:yaml.org,2002:str"
-_NULL = "tag:yaml.org,2002:null"
-_BOOL = "tag:yaml.org,2002:bool"
-_INT = "tag:yaml.org,2002:int"
-_FLOAT = "tag:yaml.org,2002:float"
 
 T = TypeVar("T")
 
@@ -159,147 +150,17 @@ def parse(text: str, filename: str, env: Mapping[str, str]) -> Config:
     return config
 
 
-def _did_you_mean(word: str, choices: Collection[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _line(node: Node) -> int:
-    return int(node.start_mark.line) + 1
-
-
-class _Walker:
-    """Turns YAML nodes into a Config, collecting problems instead of stopping at the first."""
+class _Walker(Checker):
+    """Turns YAML nodes into a Config: the schema of the file, on the generic validators."""
 
     def __init__(self, filename: str, env: Mapping[str, str]) -> None:
-        self.filename = filename
-        self.env = env
-        self.problems: list[ConfigProblem] = []
+        super().__init__(filename, env)
         self.slack_actions: list[tuple[Node, str]] = []
 
-    def problem(self, node: Node | None, path: str, message: str) -> None:
-        line = _line(node) if node is not None else 0
-        self.problems.append(ConfigProblem(self.filename, line, path, message))
-
-    # -- shapes ---------------------------------------------------------------------------
-
-    def mapping(
-        self,
-        node: Node,
-        path: str,
-        *,
-        known: Collection[str],
-        required: Collection[str] = (),
-        what: str = "",
-    ) -> dict[str, Node] | None:
-        if not isinstance(node, MappingNode):
-            self.problem(node, path, f"expected a mapping of keys, got {_kind(node)}")
-            return None
-        out: dict[str, Node] = {}
-        for key_node, value in node.value:
-            key = key_node.value if isinstance(key_node, ScalarNode) else None
-            where = f"{path}.{key}" if path and key else (key or path)
-            if not isinstance(key, str):
-                self.problem(key_node, path, "keys must be plain names")
-            elif key in out:
-                self.problem(key_node, where, f"duplicate key {key!r}")
-            elif key not in known:
-                hint = _did_you_mean(key, known)
-                self.problem(key_node, where, f"unknown key {key!r}{what}{hint}")
-            else:
-                out[key] = value
-        for key in required:
-            if key not in out:
-                self.problem(node, path, f"missing required key {key!r}")
-        return out
-
-    def sequence(self, node: Node, path: str, *, single_ok: bool = False) -> list[Node] | None:
-        if isinstance(node, SequenceNode):
-            return list(node.value)
-        if single_ok and isinstance(node, ScalarNode) and node.tag != _NULL:
-            return [node]
-        self.problem(node, path, f"expected a list, got {_kind(node)}")
-        return None
-
-    def text(self, node: Node, path: str, *, allow_numbers: bool = False) -> str | None:
-        ok_tags = {_STR} | ({_INT, _FLOAT} if allow_numbers else set())
-        if not isinstance(node, ScalarNode) or node.tag not in ok_tags:
-            self.problem(node, path, f"expected text, got {_kind(node)}")
-            return None
-        return self.expand(node, path, str(node.value))
-
-    def expand(self, node: Node, path: str, value: str) -> str | None:
-        missing: list[str] = []
-
-        def substitute(found: re.Match[str]) -> str:
-            name = found.group(1) or found.group(2)
-            if name is None:
-                return "$"
-            if name not in self.env:
-                missing.append(name)
-                return ""
-            return self.env[name]
-
-        result = _VAR.sub(substitute, value)
-        for name in missing:
-            self.problem(node, path, f"environment variable {name!r} is not set")
-        return None if missing else result
-
-    def text_list(self, node: Node, path: str) -> list[tuple[str, Node]]:
-        items = self.sequence(node, path, single_ok=True) or []
-        out: list[tuple[str, Node]] = []
-        for i, item in enumerate(items):
-            value = self.text(item, f"{path}[{i}]" if isinstance(node, SequenceNode) else path)
-            if value is not None:
-                out.append((value, item))
-        return out
-
-    def seconds(self, node: Node, path: str, *, zero_ok: bool = False) -> float | None:
-        raw = node.value if isinstance(node, ScalarNode) and node.tag != _NULL else None
-        found = _DURATION.match(str(raw)) if raw is not None else None
-        if isinstance(node, ScalarNode) and node.tag == _STR and found is None:
-            expanded = self.expand(node, path, str(raw))
-            found = _DURATION.match(expanded) if expanded is not None else None
-            if expanded is None:
-                return None
-        if found is None or (float(found.group(1)) == 0 and not zero_ok):
-            what = "a duration" if zero_ok else "a positive duration"
-            self.problem(
-                node,
-                path,
-                f"expected {what} like 30s, 10m, 1h, 5d or seconds, got {_show(node)}",
-            )
-            return None
-        return float(found.group(1)) * _UNITS[found.group(2)]
-
-    def integer(self, node: Node, path: str, *, minimum: int) -> int | None:
-        if isinstance(node, ScalarNode) and node.tag == _INT and int(node.value) >= minimum:
-            return int(node.value)
-        self.problem(
-            node, path, f"expected a whole number of at least {minimum}, got {_show(node)}"
-        )
-        return None
-
     def workers(self, node: Node, path: str) -> int | None:
-        if isinstance(node, ScalarNode) and node.tag == _STR and node.value == "auto":
+        if isinstance(node, ScalarNode) and node.tag == STR and node.value == "auto":
             return default_workers()
         return self.integer(node, path, minimum=1)
-
-    def boolean(self, node: Node, path: str) -> bool | None:
-        if isinstance(node, ScalarNode) and node.tag == _BOOL:
-            return str(node.value).lower() in ("true", "yes", "on")
-        self.problem(node, path, f"expected true or false, got {_show(node)}")
-        return None
-
-    def host_port(self, node: Node, path: str, *, allow_zero: bool = False) -> HostPort | None:
-        value = self.text(node, path)
-        if value is None:
-            return None
-        try:
-            return HostPort.parse(value, allow_zero=allow_zero)
-        except ValueError as exc:
-            self.problem(node, path, str(exc))
-            return None
 
     def actions(self, node: Node, path: str) -> tuple[str, ...]:
         items = self.sequence(node, path) or []
@@ -416,7 +277,7 @@ class _Walker:
         common = ("name", "messages-we-want", "rules", "fallback")
         if not isinstance(node, MappingNode):
             self.problem(
-                node, path, f"expected a manager (a mapping with 'name'), got {_kind(node)}"
+                node, path, f"expected a manager (a mapping with 'name'), got {kind_of(node)}"
             )
             return None
         names = {k.value: v for k, v in node.value if isinstance(k, ScalarNode)}
@@ -429,7 +290,7 @@ class _Walker:
                 self.problem(
                     names["name"],
                     f"{path}.name",
-                    f"unknown manager {type_name!r}{_did_you_mean(type_name, MANAGER_TYPES)}"
+                    f"unknown manager {type_name!r}{did_you_mean(type_name, MANAGER_TYPES)}"
                     f" (known: {known})",
                 )
         options_known = (
@@ -470,7 +331,7 @@ class _Walker:
             wants_from=wants[1],
             rules=tuple(rules),
             fallback=fallback,
-            line=_line(node),
+            line=line_of(node),
             options=options,
         )
         return ManagerConfig(manager, options)
@@ -505,28 +366,6 @@ class _Walker:
                 out[name] = option.default
         return out
 
-    def option(self, option: Option, node: Node, path: str) -> object | None:
-        if option.kind == "seconds":
-            return self.seconds(node, path, zero_ok=option.zero_means_off)
-        if option.kind == "bool":
-            return self.boolean(node, path)
-        value = self.text(node, path)
-        if value is None:
-            return None
-        if option.kind == "secret":
-            return Secret(value)
-        if option.kind == "url":
-            parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                shown = value if not parts.password else value.replace(parts.password, "***")
-                self.problem(node, path, f"expected an http:// or https:// URL, got {shown!r}")
-                return None
-            return value.rstrip("/")
-        if option.kind == "path" and not Path(value).is_file():
-            self.problem(node, path, f"no such file: {value!r}")
-            return None
-        return value
-
     def rule(
         self, node: Node, path: str, mtype: ManagerType, options: Mapping[str, object]
     ) -> Rule | None:
@@ -559,7 +398,7 @@ class _Walker:
             return None
         function = mtype.functions.get(name)
         if function is None:
-            hint = _did_you_mean(name, mtype.functions)
+            hint = did_you_mean(name, mtype.functions)
             known = ", ".join(mtype.functions)
             self.problem(
                 fkeys["function"],
@@ -594,7 +433,7 @@ class _Walker:
             return None
         if template is None:
             return None
-        return Rule(function, clean, predicate, actions, events, _line(node), template)
+        return Rule(function, clean, predicate, actions, events, line_of(node), template)
 
     def template(self, keys: Mapping[str, Node], path: str) -> ChatTemplate | None:
         """A rule's ``template`` (text = the body, or a mapping of title/body) and ``style``."""
@@ -651,7 +490,7 @@ class _Walker:
         for value, item in self.text_list(node, f"{fpath}.{key}"):
             event = value.strip().upper()
             if event not in mtype.events:
-                hint = _did_you_mean(event, mtype.events)
+                hint = did_you_mean(event, mtype.events)
                 self.problem(
                     item,
                     f"{fpath}.{key}",
@@ -667,21 +506,3 @@ class _Walker:
                 "list events, or remove the key to match mail whatever its event",
             )
         return frozenset(out)
-
-
-def _kind(node: Node | None) -> str:
-    if isinstance(node, MappingNode):
-        return "a mapping"
-    if isinstance(node, SequenceNode):
-        return "a list"
-    if node is None or node.tag == _NULL:
-        return "nothing"
-    return {_BOOL: "true/false", _INT: "a number", _FLOAT: "a number"}.get(
-        node.tag, f"text {node.value!r}"
-    )
-
-
-def _show(node: Node) -> str:
-    if isinstance(node, ScalarNode) and node.tag != _NULL:
-        return repr(node.value)
-    return _kind(node)

@@ -1,0 +1,210 @@
+"""The generic validators of configuration files: shapes, text, durations, host:port, URLs.
+
+A :class:`Checker` reads YAML nodes (which know their line) into values; each problem becomes
+a :class:`~mail2alert.errors.ConfigProblem` with ``file:line`` and the key's path, and reading
+goes on, so an operator sees every problem at once. :mod:`mail2alert.config` builds the
+file's schema on it; a manager type's keys (:class:`~mail2alert.managers.base.Option`) are
+checked by their kind here.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Collection, Mapping
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from mail2alert.errors import ConfigProblem
+from mail2alert.managers.base import Option
+from mail2alert.model import Secret
+from mail2alert.settings import HostPort
+
+_VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+STR = "tag:yaml.org,2002:str"
+NULL = "tag:yaml.org,2002:null"
+BOOL = "tag:yaml.org,2002:bool"
+INT = "tag:yaml.org,2002:int"
+FLOAT = "tag:yaml.org,2002:float"
+
+
+def did_you_mean(word: str, choices: Collection[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def line_of(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+class Checker:
+    """Reads YAML nodes into values, collecting problems (with file:line and key path)
+    instead of stopping at the first."""
+
+    def __init__(self, filename: str, env: Mapping[str, str]) -> None:
+        self.filename = filename
+        self.env = env
+        self.problems: list[ConfigProblem] = []
+
+    def problem(self, node: Node | None, path: str, message: str) -> None:
+        line = line_of(node) if node is not None else 0
+        self.problems.append(ConfigProblem(self.filename, line, path, message))
+
+    # -- shapes ---------------------------------------------------------------------------
+
+    def mapping(
+        self,
+        node: Node,
+        path: str,
+        *,
+        known: Collection[str],
+        required: Collection[str] = (),
+        what: str = "",
+    ) -> dict[str, Node] | None:
+        if not isinstance(node, MappingNode):
+            self.problem(node, path, f"expected a mapping of keys, got {kind_of(node)}")
+            return None
+        out: dict[str, Node] = {}
+        for key_node, value in node.value:
+            key = key_node.value if isinstance(key_node, ScalarNode) else None
+            where = f"{path}.{key}" if path and key else (key or path)
+            if not isinstance(key, str):
+                self.problem(key_node, path, "keys must be plain names")
+            elif key in out:
+                self.problem(key_node, where, f"duplicate key {key!r}")
+            elif key not in known:
+                hint = did_you_mean(key, known)
+                self.problem(key_node, where, f"unknown key {key!r}{what}{hint}")
+            else:
+                out[key] = value
+        for key in required:
+            if key not in out:
+                self.problem(node, path, f"missing required key {key!r}")
+        return out
+
+    def sequence(self, node: Node, path: str, *, single_ok: bool = False) -> list[Node] | None:
+        if isinstance(node, SequenceNode):
+            return list(node.value)
+        if single_ok and isinstance(node, ScalarNode) and node.tag != NULL:
+            return [node]
+        self.problem(node, path, f"expected a list, got {kind_of(node)}")
+        return None
+
+    def text(self, node: Node, path: str, *, allow_numbers: bool = False) -> str | None:
+        ok_tags = {STR} | ({INT, FLOAT} if allow_numbers else set())
+        if not isinstance(node, ScalarNode) or node.tag not in ok_tags:
+            self.problem(node, path, f"expected text, got {kind_of(node)}")
+            return None
+        return self.expand(node, path, str(node.value))
+
+    def expand(self, node: Node, path: str, value: str) -> str | None:
+        missing: list[str] = []
+
+        def substitute(found: re.Match[str]) -> str:
+            name = found.group(1) or found.group(2)
+            if name is None:
+                return "$"
+            if name not in self.env:
+                missing.append(name)
+                return ""
+            return self.env[name]
+
+        result = _VAR.sub(substitute, value)
+        for name in missing:
+            self.problem(node, path, f"environment variable {name!r} is not set")
+        return None if missing else result
+
+    def text_list(self, node: Node, path: str) -> list[tuple[str, Node]]:
+        items = self.sequence(node, path, single_ok=True) or []
+        out: list[tuple[str, Node]] = []
+        for i, item in enumerate(items):
+            value = self.text(item, f"{path}[{i}]" if isinstance(node, SequenceNode) else path)
+            if value is not None:
+                out.append((value, item))
+        return out
+
+    def seconds(self, node: Node, path: str, *, zero_ok: bool = False) -> float | None:
+        raw = node.value if isinstance(node, ScalarNode) and node.tag != NULL else None
+        found = _DURATION.match(str(raw)) if raw is not None else None
+        if isinstance(node, ScalarNode) and node.tag == STR and found is None:
+            expanded = self.expand(node, path, str(raw))
+            found = _DURATION.match(expanded) if expanded is not None else None
+            if expanded is None:
+                return None
+        if found is None or (float(found.group(1)) == 0 and not zero_ok):
+            what = "a duration" if zero_ok else "a positive duration"
+            self.problem(
+                node,
+                path,
+                f"expected {what} like 30s, 10m, 1h, 5d or seconds, got {shown(node)}",
+            )
+            return None
+        return float(found.group(1)) * _UNITS[found.group(2)]
+
+    def integer(self, node: Node, path: str, *, minimum: int) -> int | None:
+        if isinstance(node, ScalarNode) and node.tag == INT and int(node.value) >= minimum:
+            return int(node.value)
+        self.problem(
+            node, path, f"expected a whole number of at least {minimum}, got {shown(node)}"
+        )
+        return None
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        if isinstance(node, ScalarNode) and node.tag == BOOL:
+            return str(node.value).lower() in ("true", "yes", "on")
+        self.problem(node, path, f"expected true or false, got {shown(node)}")
+        return None
+
+    def host_port(self, node: Node, path: str, *, allow_zero: bool = False) -> HostPort | None:
+        value = self.text(node, path)
+        if value is None:
+            return None
+        try:
+            return HostPort.parse(value, allow_zero=allow_zero)
+        except ValueError as exc:
+            self.problem(node, path, str(exc))
+            return None
+
+    def option(self, option: Option, node: Node, path: str) -> object | None:
+        if option.kind == "seconds":
+            return self.seconds(node, path, zero_ok=option.zero_means_off)
+        if option.kind == "bool":
+            return self.boolean(node, path)
+        value = self.text(node, path)
+        if value is None:
+            return None
+        if option.kind == "secret":
+            return Secret(value)
+        if option.kind == "url":
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                shown = value if not parts.password else value.replace(parts.password, "***")
+                self.problem(node, path, f"expected an http:// or https:// URL, got {shown!r}")
+                return None
+            return value.rstrip("/")
+        if option.kind == "path" and not Path(value).is_file():
+            self.problem(node, path, f"no such file: {value!r}")
+            return None
+        return value
+
+
+def kind_of(node: Node | None) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if node is None or node.tag == NULL:
+        return "nothing"
+    return {BOOL: "true/false", INT: "a number", FLOAT: "a number"}.get(
+        node.tag, f"text {node.value!r}"
+    )
+
+
+def shown(node: Node) -> str:
+    if isinstance(node, ScalarNode) and node.tag != NULL:
+        return repr(node.value)
+    return kind_of(node)
