@@ -55,13 +55,17 @@ def write_config(
     remote_port: int,
     data_dir: Path,
     managers: Sequence[dict[str, Any]],
-    local: str = "127.0.0.1:0",
+    local: str | dict[str, Any] = "127.0.0.1:0",
+    remote: dict[str, Any] | None = None,
     delivery: dict[str, Any] | None = None,
 ) -> Path:
-    """Write a configuration file listening on ``local``, delivering to 127.0.0.1:remote_port."""
+    """Write a configuration file listening on ``local``, delivering to 127.0.0.1:remote_port
+    (with the other keys of ``remote-smtp`` from ``remote``)."""
     document = {
         "local-smtp": local,
-        "remote-smtp": f"127.0.0.1:{remote_port}",
+        "remote-smtp": {"address": f"127.0.0.1:{remote_port}", **remote}
+        if remote
+        else f"127.0.0.1:{remote_port}",
         "data-dir": str(data_dir),
         "delivery": FAST_DELIVERY if delivery is None else delivery,
         "managers": list(managers),

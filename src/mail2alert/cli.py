@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
 from mail2alert.outbox import read_notes_of
 from mail2alert.settings import HostPort
+from mail2alert.users import hash_password
 
 log = logging.getLogger("mail2alert")
 
@@ -148,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
         "capture", help="a local SMTP sink that prints every message it receives (for trying out)"
     )
     capture.add_argument("--listen", default="localhost:8025", metavar="HOST:PORT")
+    passwd = commands.add_parser(
+        "passwd",
+        help="print a users-file line (name:hash) for a password read from the terminal or stdin",
+    )
+    passwd.add_argument("name", help="the user name (no ':' in it)")
     postqueue.add_parser(commands)
     return parser
 
@@ -333,6 +340,23 @@ def cmd_capture(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """``mail2alert passwd NAME``: a users-file line; the password is never echoed."""
+    name = args.name.strip()
+    if not name or ":" in name or any(c.isspace() for c in name):
+        raise UsageError("passwd: a user name is one word without ':'")
+    if sys.stdin.isatty():
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            raise UsageError("passwd: the two passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        raise UsageError("passwd: an empty password is no password")
+    print(f"{name}:{hash_password(password)}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code."""
     parser = build_parser()
@@ -346,6 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "coverage": cmd_coverage,
         "send-test": cmd_send_test,
         "capture": cmd_capture,
+        "passwd": cmd_passwd,
         "queue": postqueue.run,
     }
     try:

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -49,7 +50,7 @@ from mail2alert.managers.memory import Feed, Keeper, Note
 from mail2alert.outbox import Accepted, GroupCommitter, Outbox
 from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager
-from mail2alert.server import Handler, describe, smtp_factory
+from mail2alert.server import Access, Handler, describe, smtp_factory
 from mail2alert.settings import HostPort
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,20 @@ def _open(data_dir: Path, opening: Callable[[], T]) -> T:
         raise StartupError(f"data-dir {str(data_dir)!r}: {exc}") from None
 
 
+def _access_of(config: Config) -> Access:
+    """The listener's access rules, with its certificate and users loaded."""
+    try:
+        return Access.of(config.listener)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ReloadRefused(f"local-smtp: {exc}") from None
+
+
+def _listening_tls(config: Config) -> tuple[object, ...]:
+    """What of TLS the listening socket itself carries (only implicit TLS does)."""
+    tls = config.listener.tls
+    return (tls.cert, tls.key) if tls is not None and tls.mode == "implicit" else ()
+
+
 def bind(address: HostPort) -> list[socket.socket]:
     """Listening sockets for ``address`` (every address the host name resolves to).
 
@@ -280,9 +295,15 @@ class Intake(Component):
         self._next: tuple[list[asyncio.Server], list[tuple[str, int]]] | None = None
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._access: Access | None = None
+        self._next_access: Access | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        try:
+            self._access = _access_of(self.config)
+        except ReloadRefused as exc:
+            raise StartupError(str(exc)) from None
         data_dir = self.config.data_dir
         self.committer = _open(
             data_dir, lambda: GroupCommitter(data_dir, on_death=self._writer_died)
@@ -316,7 +337,12 @@ class Intake(Component):
     ) -> tuple[list[asyncio.Server], list[tuple[str, int]]]:
         assert self.handler is not None
         # Spooled DATA goes to data-dir, not /tmp, which is memory in many containers.
-        make = smtp_factory(self.handler, spool_dir=str(self.config.data_dir))
+        make = smtp_factory(
+            self.handler, spool_dir=str(self.config.data_dir), access=lambda: self._access
+        )
+        # Implicit TLS wraps every connection of the listening socket.
+        access = self._next_access or self._access
+        context = access.tls_context if access is not None and access.implicit_tls else None
 
         def factory() -> SMTP:
             session: SMTP = make()
@@ -327,7 +353,9 @@ class Intake(Component):
         servers: list[asyncio.Server] = []
         try:
             for sock in sockets:
-                servers.append(await loop.create_server(factory, sock=sock, start_serving=start))
+                servers.append(
+                    await loop.create_server(factory, sock=sock, start_serving=start, ssl=context)
+                )
         except OSError as exc:
             for server in servers:
                 server.close()
@@ -337,8 +365,14 @@ class Intake(Component):
         return servers, [sock.getsockname()[:2] for sock in sockets]
 
     async def prepare(self, change: Change) -> None:
+        self._next_access = _access_of(change.config)
         new = change.config.local_smtp
         if new == self.config.local_smtp:
+            if _listening_tls(change.config) != _listening_tls(self.config):
+                raise ReloadRefused(
+                    "local-smtp: implicit TLS is set up when the listener is bound;"
+                    " restart mail2alert to change it, or change the address too"
+                )
             return
         if change.sockets is not None:
             sockets = list(change.sockets)
@@ -351,6 +385,7 @@ class Intake(Component):
 
     async def switch(self, change: Change) -> None:
         self.config = change.config
+        self._access, self._next_access = self._next_access or self._access, None
         if self._next is None:
             return
         (servers, addresses), self._next = self._next, None
@@ -363,6 +398,7 @@ class Intake(Component):
         log.info("now listening on %s", shown(addresses))
 
     async def abort(self) -> None:
+        self._next_access = None
         if self._next is not None:
             for server in self._next[0]:
                 server.close()

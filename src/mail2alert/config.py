@@ -14,10 +14,11 @@ literal ``$``); an unset variable is a problem, never left as text.
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast, get_args
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -28,8 +29,18 @@ from mail2alert.managers.base import ManagerType, Option
 from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.model import ChatSettings, ChatTemplate, Secret
 from mail2alert.routing import Manager, Rule
-from mail2alert.settings import Delivery, HostPort
+from mail2alert.settings import (
+    Delivery,
+    HostPort,
+    InboundAuth,
+    InboundTls,
+    InboundTlsMode,
+    Listener,
+    OutboundTlsMode,
+    Upstream,
+)
 from mail2alert.templates import check as check_template
+from mail2alert.users import parse_users
 from mail2alert.validation import STR, Checker, did_you_mean, kind_of, line_of
 
 ENV_CONFIG = "MAIL2ALERT_CONFIGURATION"
@@ -62,6 +73,10 @@ class Config:
     slack_api_url: str = "https://slack.com/api"
     stamp: tuple[int, int, int] | None = None
     """(mtime_ns, size, inode) of the file as it was read, to notice later changes."""
+    listener: Listener = field(default_factory=lambda: Listener(HostPort("localhost", 1025)))
+    """``local-smtp`` in full (its ``address`` is :attr:`local_smtp`)."""
+    upstream: Upstream = field(default_factory=lambda: Upstream(HostPort("localhost", 25)))
+    """``remote-smtp`` in full (its ``address`` is :attr:`remote_smtp`)."""
     source: str = field(default="", repr=False, compare=False)
     """The text it was read from: intake workers reload from exactly what was validated."""
 
@@ -203,10 +218,8 @@ class _Walker(Checker):
         )
         if top is None:
             return None
-        local = self._optional(
-            top, "local-smtp", lambda n, p: self.host_port(n, p, allow_zero=True)
-        )
-        remote = self._optional(top, "remote-smtp", self.host_port)
+        listener = self._optional(top, "local-smtp", self.listener)
+        upstream = self._optional(top, "remote-smtp", self.upstream)
         data_dir = self._optional(top, "data-dir", self.text)
         workers = self._optional(top, "intake-workers", self.workers)
         delivery = self._optional(top, "delivery", self.delivery)
@@ -225,12 +238,15 @@ class _Walker(Checker):
                 self.problem(
                     node, path, "slack: actions post with the top-level 'slack-token'; set it"
                 )
-        if self.problems or remote is None:
+        if self.problems or upstream is None:
             return None
+        listener = listener or Listener(HostPort("localhost", 1025))
         return Config(
             path=self.filename,
-            local_smtp=local or HostPort("localhost", 1025),
-            remote_smtp=remote,
+            local_smtp=listener.address,
+            remote_smtp=upstream.address,
+            listener=listener,
+            upstream=upstream,
             managers=tuple(managers),
             data_dir=Path(data_dir or "./mail2alert-data"),
             delivery=delivery or Delivery(),
@@ -243,6 +259,171 @@ class _Walker(Checker):
         self, keys: Mapping[str, Node], key: str, read: Callable[[Node, str], T | None]
     ) -> T | None:
         return read(keys[key], key) if key in keys else None
+
+    def listener(self, node: Node, path: str) -> Listener | None:
+        """``local-smtp``: ``host:port``, or a mapping with the address, access and limits."""
+        if not isinstance(node, MappingNode):
+            address = self.host_port(node, path, allow_zero=True)
+            return None if address is None else Listener(address)
+        keys = self.mapping(
+            node,
+            path,
+            known=(
+                "address",
+                "allowed-clients",
+                "tls",
+                "auth",
+                "max-message-size",
+                "max-recipients",
+                "max-sessions",
+                "timeout",
+            ),
+            required=("address",),
+        )
+        if keys is None or "address" not in keys:
+            return None
+        address = self.host_port(keys["address"], f"{path}.address", allow_zero=True)
+        default = Listener(HostPort("localhost", 0))
+        allowed = default.allowed_clients
+        if "allowed-clients" in keys:
+            allowed = self.networks(keys["allowed-clients"], f"{path}.allowed-clients") or ()
+        tls = self._optional_in(keys, path, "tls", self.inbound_tls)
+        auth = self._optional_in(keys, path, "auth", self.inbound_auth)
+        if auth is not None and "tls" not in keys:
+            self.problem(
+                keys["auth"],
+                f"{path}.auth",
+                "AUTH is offered only on a TLS session (never a password in clear text):"
+                " set 'tls' too",
+            )
+        size = self._optional_in(keys, path, "max-message-size", self.size)
+        rcpts = self._optional_in(keys, path, "max-recipients", self._positive)
+        sessions = self._optional_in(keys, path, "max-sessions", self._positive)
+        timeout = self._optional_in(keys, path, "timeout", self.seconds)
+        if address is None:
+            return None
+        return Listener(
+            address,
+            allowed_clients=allowed,
+            tls=tls,
+            auth=auth,
+            max_message_size=size or default.max_message_size,
+            max_recipients=rcpts or default.max_recipients,
+            max_sessions=sessions or default.max_sessions,
+            timeout=timeout or default.timeout,
+        )
+
+    def _positive(self, node: Node, path: str) -> int | None:
+        return self.integer(node, path, minimum=1)
+
+    def _optional_in(
+        self, keys: Mapping[str, Node], path: str, key: str, read: Callable[[Node, str], T | None]
+    ) -> T | None:
+        return read(keys[key], f"{path}.{key}") if key in keys else None
+
+    def inbound_tls(self, node: Node, path: str) -> InboundTls | None:
+        keys = self.mapping(node, path, known=("mode", "cert", "key"), required=("cert", "key"))
+        if keys is None:
+            return None
+        mode: str | None = "starttls"
+        if "mode" in keys:
+            value = self.text(keys["mode"], f"{path}.mode")
+            if value not in get_args(InboundTlsMode):
+                if value is not None:
+                    self.problem(
+                        keys["mode"],
+                        f"{path}.mode",
+                        f"expected starttls, starttls-required or implicit, got {value!r}",
+                    )
+                return None
+            mode = value
+        cert = self._optional_in(keys, path, "cert", self.readable_file)
+        key = self._optional_in(keys, path, "key", self.readable_file)
+        if cert is None or key is None:
+            return None
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+        except (ssl.SSLError, OSError) as exc:
+            self.problem(node, path, f"the certificate and key cannot be used: {exc}")
+            return None
+        return InboundTls(cast(InboundTlsMode, mode), cert, key)
+
+    def inbound_auth(self, node: Node, path: str) -> InboundAuth | None:
+        keys = self.mapping(node, path, known=("users-file", "required"), required=("users-file",))
+        if keys is None or "users-file" not in keys:
+            return None
+        fpath = f"{path}.users-file"
+        users_file = self.readable_file(keys["users-file"], fpath)
+        required = self._optional_in(keys, path, "required", self.boolean) or False
+        if users_file is None:
+            return None
+        try:
+            _, problems = parse_users(users_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            self.problem(keys["users-file"], fpath, f"cannot read {str(users_file)!r}: {exc}")
+            return None
+        for problem in problems:
+            self.problem(
+                keys["users-file"], fpath, f"{users_file}:{problem.line}: {problem.message}"
+            )
+        return None if problems else InboundAuth(users_file, required)
+
+    def upstream(self, node: Node, path: str) -> Upstream | None:
+        """``remote-smtp``: ``host:port``, or a mapping with the address, TLS and login."""
+        if not isinstance(node, MappingNode):
+            address = self.host_port(node, path)
+            return None if address is None else Upstream(address)
+        keys = self.mapping(
+            node,
+            path,
+            known=("address", "tls", "user", "passwd", "ca-file", "verify", "helo", "sender"),
+            required=("address",),
+        )
+        if keys is None or "address" not in keys:
+            return None
+        address = self.host_port(keys["address"], f"{path}.address")
+        tls: str | None = "may"
+        if "tls" in keys:
+            value = self.text(keys["tls"], f"{path}.tls")
+            if value not in get_args(OutboundTlsMode):
+                if value is not None:
+                    self.problem(
+                        keys["tls"],
+                        f"{path}.tls",
+                        f"expected may, none, starttls or implicit, got {value!r}",
+                    )
+                return None
+            tls = value
+        user = self._optional_in(keys, path, "user", self.text)
+        passwd = self._optional_in(keys, path, "passwd", self.text)
+        if (user is None) != (passwd is None) and ("user" in keys) != ("passwd" in keys):
+            missing, given = ("passwd", "user") if "user" in keys else ("user", "passwd")
+            self.problem(keys[given], f"{path}.{given}", f"'{given}' needs '{missing}' too")
+        if "passwd" in keys and tls == "none":
+            self.problem(
+                keys["passwd"],
+                f"{path}.passwd",
+                "a password is never sent in clear text: use tls: starttls or implicit",
+            )
+        ca_file = self._optional_in(keys, path, "ca-file", self.readable_file)
+        verify = self._optional_in(keys, path, "verify", self.boolean)
+        helo = self._optional_in(keys, path, "helo", self.text)
+        sender = self._optional_in(keys, path, "sender", self.text)
+        if sender is not None and "@" not in sender:
+            self.problem(keys["sender"], f"{path}.sender", f"{sender!r} is not a mail address")
+            sender = None
+        if address is None:
+            return None
+        return Upstream(
+            address,
+            tls=cast(OutboundTlsMode, tls),
+            user=user,
+            passwd=Secret(passwd) if passwd is not None else None,
+            ca_file=ca_file,
+            verify=True if verify is None else verify,
+            helo=helo,
+            sender=sender.strip() if sender else None,
+        )
 
     def delivery(self, node: Node, path: str) -> Delivery | None:
         keys = self.mapping(

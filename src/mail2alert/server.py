@@ -13,11 +13,15 @@ import logging
 import re
 import resource
 import socket
+import ssl
 import tempfile
-from collections.abc import Callable, Sequence
-from typing import IO, Any, ClassVar, cast
+import time
+from base64 import b64decode
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any, AnyStr, ClassVar, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, Session, syntax
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.actions import mask
@@ -27,6 +31,8 @@ from mail2alert.model import Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id
 from mail2alert.planning import accept
 from mail2alert.routing import Manager
+from mail2alert.settings import Listener
+from mail2alert.users import read_users, verify
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,18 @@ REPLY_NO_SPACE = "452 4.3.1 Insufficient system storage, try again later"
 REPLY_TOO_MANY = "421 4.3.2 too many connections, try again later"
 REPLY_BAD_SENDER = "501 5.1.7 Bad sender address syntax"
 REPLY_BAD_RECIPIENT = "501 5.1.3 Bad recipient address syntax"
+REPLY_RELAY_DENIED = "554 5.7.1 Relay access denied: this client may not send through mail2alert"
+REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
+REPLY_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
+REPLY_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
+REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
+
+#: The wait before answering a failed AUTH from an address: this, doubled for each failure
+#: in a row from it, up to :data:`AUTH_DELAY_MAX` (Postfix's ``smtpd_error_sleep_time``).
+AUTH_DELAY = 1.0
+AUTH_DELAY_MAX = 30.0
+#: Failures from an address are forgotten after this long without one.
+AUTH_FORGET = 3600.0
 
 
 #: What must not reach a log line as it came: C0 and C1 controls (a terminal obeys ESC and
@@ -334,6 +352,59 @@ _SIMPLE_ADDRESS = re.compile(
 _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+@dataclass
+class AuthThrottle:
+    """Failed logins per client address, for the delay before the next answer (one per
+    process; every session of that process shares it)."""
+
+    failures: dict[str, tuple[int, float]] = field(default_factory=dict)
+
+    def delay(self, peer: str, now: float) -> float:
+        """Record a failure from ``peer``; how long to wait before answering it."""
+        count, last = self.failures.get(peer, (0, 0.0))
+        count = 1 if now - last > AUTH_FORGET else count + 1
+        self.failures[peer] = (count, now)
+        if len(self.failures) > 10_000:  # bounded: the oldest go first
+            for old in sorted(self.failures, key=lambda p: self.failures[p][1])[:1000]:
+                del self.failures[old]
+        return float(min(AUTH_DELAY_MAX, AUTH_DELAY * 2 ** (count - 1)))
+
+    def succeeded(self, peer: str) -> None:
+        self.failures.pop(peer, None)
+
+
+@dataclass(frozen=True)
+class Access:
+    """What sessions on the listener may and must do: ``local-smtp``, its TLS context and
+    the users who may authenticate, as of the last (re)load."""
+
+    listener: Listener
+    tls_context: ssl.SSLContext | None = None
+    users: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, listener: Listener) -> Access:
+        """Load the certificate and the users file; OSError, ssl.SSLError or ValueError if
+        they cannot be used (the configuration check has said so already)."""
+        context = None
+        if listener.tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(listener.tls.cert, listener.tls.key)
+        users = read_users(listener.auth.users_file) if listener.auth is not None else {}
+        return cls(listener, context, users)
+
+    @property
+    def implicit_tls(self) -> bool:
+        """TLS from the first byte: the listening socket wraps every connection."""
+        return self.listener.tls is not None and self.listener.tls.mode == "implicit"
+
+
+def _never(*args: object) -> AuthResult:
+    # LeanSMTP checks passwords itself, off the event loop; aiosmtpd needs an authenticator
+    # to offer AUTH at all.
+    return AuthResult(success=False)
+
+
 class LeanSMTP(SMTP):
     """aiosmtpd's SMTP session with its two hottest spots made cheap, and hardened.
 
@@ -346,6 +417,12 @@ class LeanSMTP(SMTP):
 
     Hardened: an address with a control character is refused at MAIL or RCPT, and HELP lists
     only the commands EHLO offers.
+
+    Access (:class:`Access`): a client outside ``allowed-clients`` must authenticate before
+    MAIL (530 5.7.0 where AUTH can be offered, else 554 5.7.1), logged once per session;
+    ``starttls-required`` refuses MAIL before STARTTLS; AUTH PLAIN and LOGIN are offered only
+    on a TLS session, checked against the users file in a thread, and a failure is answered
+    after a delay that doubles per failure from the same address.
     """
 
     _names: ClassVar[list[str] | None] = None
@@ -373,6 +450,9 @@ class LeanSMTP(SMTP):
     gate: SessionGate | None = None
     """Refuses sessions near the file descriptor limit (None: every session is served)."""
     _turned_away = False
+    access: Access | None = None
+    throttle: AuthThrottle | None = None
+    _refusal_logged = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Serve the connection, or tell it 421 when descriptors run short."""
@@ -486,11 +566,114 @@ class LeanSMTP(SMTP):
     # address would go into the envelope, the outbox and the upstream's MAIL FROM as it is.
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        """MAIL as aiosmtpd's, but an address with a control character is a syntax error."""
+        """MAIL as aiosmtpd's, but an address with a control character is a syntax error,
+        and the listener's access rules come first."""
+        refusal = self._refusal()
+        if refusal is not None:
+            await self.push(refusal)
+            return
         if self._has_control(arg, "FROM:"):
             await self.push(REPLY_BAD_SENDER)
             return
         await super().smtp_MAIL(arg)
+
+    @property
+    def _on_tls(self) -> bool:
+        return self._tls_protocol is not None or (
+            self.access is not None and self.access.implicit_tls
+        )
+
+    @property
+    def _peer(self) -> str:
+        peer = self.session.peer if self.session is not None else None
+        return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+    def _refusal(self) -> str | None:
+        """Why MAIL may not start a transaction here (a reply), or None when it may."""
+        access = self.access
+        if access is None or self.session is None:
+            return None
+        listener = access.listener
+        tls = listener.tls
+        if tls is not None and tls.mode == "starttls-required" and not self._on_tls:
+            return REPLY_STARTTLS_FIRST
+        if self.session.authenticated or listener.allows(self._peer):
+            return None
+        if not self._refusal_logged:
+            self._refusal_logged = True
+            log.warning(
+                "refused a client at %s: not in allowed-clients, and not authenticated",
+                loggable(self._peer),
+            )
+        return REPLY_AUTH_REQUIRED if listener.auth is not None else REPLY_RELAY_DENIED
+
+    async def push(self, status: AnyStr) -> None:
+        # aiosmtpd lists AUTH on every TLS session, with no mechanism when none is set up.
+        if (
+            self.access is not None
+            and self.access.listener.auth is None
+            and isinstance(status, str)
+            and status.startswith("250-AUTH")
+        ):
+            return
+        await super().push(status)
+
+    async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
+        """AUTH PLAIN: ``authzid NUL login NUL password``, given with the command or after
+        an empty challenge."""
+        if len(args) == 1:
+            answer = await self.challenge_auth("")
+            if answer is MISSING:
+                return AuthResult(success=False)
+            data = answer
+        else:
+            try:
+                data = b64decode(args[1].encode("ascii"), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Cannot decode the base64 answer")
+                return AuthResult(success=False, handled=True)
+        parts = data.split(b"\x00")
+        if len(parts) != 3:
+            await self.push("501 5.5.2 Expected authzid NUL login NUL password")
+            return AuthResult(success=False, handled=True)
+        return await self._check_login(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
+        """AUTH LOGIN: the user name (with the command or asked for), then the password."""
+        if len(args) == 1:
+            answer = await self.challenge_auth(self.AuthLoginUsernameChallenge)
+            if answer is MISSING:
+                return AuthResult(success=False)
+            login = answer
+        else:
+            try:
+                login = b64decode(args[1].encode("ascii"), validate=True)
+            except ValueError:
+                await self.push("501 5.5.2 Cannot decode the base64 answer")
+                return AuthResult(success=False, handled=True)
+        password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
+        if password is MISSING:
+            return AuthResult(success=False)
+        return await self._check_login(login, password)
+
+    async def _check_login(self, login: bytes, password: bytes) -> AuthResult:
+        access = self.access
+        if access is None or access.listener.auth is None:
+            return AuthResult(success=False, handled=False, message=REPLY_AUTH_INVALID)
+        name = login.decode("utf-8", "replace")
+        secret = password.decode("utf-8", "replace")
+        loop = asyncio.get_running_loop()
+        ok = await loop.run_in_executor(None, verify, access.users, name, secret)
+        peer = self._peer
+        if ok:
+            if self.throttle is not None:
+                self.throttle.succeeded(peer)
+            log.info("%s authenticated as %s", loggable(peer), loggable(name))
+            return AuthResult(success=True, auth_data=LoginPassword(login, b""))
+        delay = self.throttle.delay(peer, time.monotonic()) if self.throttle else 0.0
+        log.warning("failed login as %s from %s", loggable(name), loggable(peer))
+        await asyncio.sleep(delay)
+        return AuthResult(success=False, handled=False, message=REPLY_AUTH_INVALID)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -573,26 +756,48 @@ def return_big_buffers_to_the_os(threshold: int = SPOOL_THRESHOLD) -> bool:
 
 
 def smtp_factory(
-    handler: Handler, *, hostname: str | None = None, spool_dir: str | None = None
+    handler: Handler,
+    *,
+    hostname: str | None = None,
+    spool_dir: str | None = None,
+    access: Callable[[], Access | None] = lambda: None,
 ) -> Callable[[], Any]:
     """A protocol factory for ``loop.create_server``: aiosmtpd with SMTPUTF8 and 8BITMIME.
 
     DATA bigger than :data:`SPOOL_THRESHOLD` is spooled in ``spool_dir`` (default: the
-    system's temporary directory) while it arrives.
+    system's temporary directory) while it arrives. Each new session takes the listener's
+    access rules as ``access()`` gives them then (None: anyone may send, no TLS, no AUTH).
     """
     return_big_buffers_to_the_os()
     gate = SessionGate.for_this_process()
+    throttle = AuthThrottle()
 
     def make() -> SMTP:
+        now = access()
+        options: dict[str, Any] = {}
+        if now is not None:
+            auth = now.listener.auth
+            options = {
+                "data_size_limit": now.listener.max_message_size,
+                "timeout": now.listener.timeout,
+                "tls_context": None if now.implicit_tls else now.tls_context,
+                # On an implicit TLS listener the whole session is TLS.
+                "auth_require_tls": not now.implicit_tls,
+                "auth_required": bool(auth and auth.required),
+                "authenticator": _never,
+            }
         session = LeanSMTP(
             handler,
             enable_SMTPUTF8=True,
             decode_data=False,
             hostname=hostname or handler.hostname,
             ident="mail2alert ESMTP",
+            **options,
         )
         session.spool_dir = spool_dir
         session.gate = gate
+        session.access = now
+        session.throttle = throttle
         return session
 
     return make

@@ -1,4 +1,4 @@
-"""Settings records every layer may import: addresses and delivery policy.
+"""Settings records every layer may import: addresses, the listener, the upstream, delivery.
 
 They are parsed and validated by :mod:`mail2alert.config`, and read by the components that
 use them (the intake, the dispatcher, the commands); they know nothing of YAML.
@@ -6,8 +6,13 @@ use them (the intake, the dispatcher, the commands); they know nothing of YAML.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from mail2alert.model import Secret
 
 _HOST_PORT = re.compile(r"^(?:\[([0-9A-Fa-f:.]+)\]|([^:\[\]\s]+)):(\d{1,5})$")
 
@@ -52,3 +57,78 @@ class Delivery:
     give_up_after: float = 5 * 86400.0
     timeout: float = 30.0
     connections: int = 4
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Who may send without authenticating, unless ``allowed-clients`` says otherwise: loopback
+#: and the private ranges, so a container network works and the internet is refused.
+PRIVATE_NETWORKS: tuple[Network, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in ("127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7")
+)
+
+InboundTlsMode = Literal["starttls", "starttls-required", "implicit"]
+OutboundTlsMode = Literal["may", "none", "starttls", "implicit"]
+
+#: aiosmtpd's own default: what mail2alert took before the limit could be set.
+DEFAULT_MAX_MESSAGE_SIZE = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InboundTls:
+    """TLS on the listener: STARTTLS offered, required before MAIL, or from the first byte."""
+
+    mode: InboundTlsMode
+    cert: Path
+    key: Path
+
+
+@dataclass(frozen=True)
+class InboundAuth:
+    """SMTP AUTH on the listener, against a users file (``name:hash`` lines)."""
+
+    users_file: Path
+    required: bool = False
+    """True: every client must authenticate, wherever it connects from."""
+
+
+@dataclass(frozen=True)
+class Listener:
+    """``local-smtp``: where mail2alert listens, who may send, and the session limits."""
+
+    address: HostPort
+    allowed_clients: tuple[Network, ...] = PRIVATE_NETWORKS
+    tls: InboundTls | None = None
+    auth: InboundAuth | None = None
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_recipients: int = 1000
+    max_sessions: int = 200
+    timeout: float = 300.0
+
+    def allows(self, peer: str) -> bool:
+        """Whether a client at ``peer`` (an IP address) may send without authenticating."""
+        try:
+            address = ipaddress.ip_address(peer.split("%")[0])
+        except ValueError:
+            return False  # a Unix socket or something stranger: not on any allowed network
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.allowed_clients)
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """``remote-smtp``: the smarthost everything goes out through, and how to talk to it."""
+
+    address: HostPort
+    tls: OutboundTlsMode = "may"
+    """``may``: STARTTLS when offered, certificate not checked (Postfix's ``may``);
+    ``starttls`` / ``implicit``: always TLS, certificate verified; ``none``: clear text."""
+    user: str | None = None
+    passwd: Secret | None = None
+    ca_file: Path | None = None
+    verify: bool = True
+    helo: str | None = None
+    sender: str | None = None
+    """The envelope sender of everything sent upstream, and the From: of routed mail."""

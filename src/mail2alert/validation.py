@@ -10,6 +10,7 @@ checked by their kind here.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from collections.abc import Collection, Mapping
 from pathlib import Path
@@ -20,11 +21,13 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from mail2alert.errors import ConfigProblem
 from mail2alert.managers.base import Option
 from mail2alert.model import Secret
-from mail2alert.settings import HostPort
+from mail2alert.settings import HostPort, Network
 
 _VAR = re.compile(r"\$(?:\$|\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]iB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 STR = "tag:yaml.org,2002:str"
 NULL = "tag:yaml.org,2002:null"
 BOOL = "tag:yaml.org,2002:bool"
@@ -168,6 +171,48 @@ class Checker:
         except ValueError as exc:
             self.problem(node, path, str(exc))
             return None
+
+    def size(self, node: Node, path: str) -> int | None:
+        """A size in bytes: a whole number, or one with KiB, MiB or GiB (``10MiB``)."""
+        raw = str(node.value) if isinstance(node, ScalarNode) and node.tag in (STR, INT) else None
+        found = _SIZE.match(raw) if raw is not None else None
+        if found is None or int(found.group(1)) == 0:
+            self.problem(
+                node,
+                path,
+                f"expected a size like 10MiB, 512KiB or a number of bytes, got {shown(node)}",
+            )
+            return None
+        return int(found.group(1)) * _SIZE_UNITS[(found.group(2) or "").lower()]
+
+    def networks(self, node: Node, path: str) -> tuple[Network, ...] | None:
+        """A list of CIDRs or addresses (``10.0.0.0/8``, ``"::1"``); an address is a /32 or
+        /128 network."""
+        out: list[Network] = []
+        good = True
+        for value, item in self.text_list(node, path):
+            try:
+                out.append(ipaddress.ip_network(value.strip(), strict=False))
+            except ValueError:
+                self.problem(
+                    item, path, f"expected an address or a CIDR like 10.0.0.0/8, got {value!r}"
+                )
+                good = False
+        return tuple(out) if good else None
+
+    def readable_file(self, node: Node, path: str) -> Path | None:
+        """A path to a file mail2alert can read."""
+        value = self.text(node, path)
+        if value is None:
+            return None
+        file = Path(value)
+        try:
+            with file.open("rb"):
+                pass
+        except OSError as exc:
+            self.problem(node, path, f"cannot read {value!r}: {exc.strerror or exc}")
+            return None
+        return file
 
     def option(self, option: Option, node: Node, path: str) -> object | None:
         if option.kind == "seconds":

@@ -1,0 +1,232 @@
+"""Who may send through mail2alert, over real sockets: allowed clients, STARTTLS, implicit
+TLS and AUTH on the listener, with certificates made in the test and a client that really
+connects from 127.0.0.2."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import smtplib
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+
+from mail2alert import server
+from mail2alert.server import AuthThrottle
+from mail2alert.testing import CaptureServer, ServiceThread
+from mail2alert.users import hash_password, read_users, verify
+from tests.helpers import OutboxView, compose, running, write_config
+
+MAIL_MANAGER = {
+    "name": "mail",
+    "messages-we-want": {"to": "admin@example.com"},
+    "rules": [
+        {
+            "actions": ["mailto:ops@example.com"],
+            "filter": {"function": "mail.in_subject", "args": ["backup"]},
+        }
+    ],
+}
+OUTSIDER = ("127.0.0.2", 0)  # a client that is not 127.0.0.1
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path, ca: trustme.CA) -> dict[str, str]:
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert.cert_chain_pems[0].write_to_path(str(cert_path))
+    cert.private_key_pem.write_to_path(str(key_path))
+    return {"cert": str(cert_path), "key": str(key_path)}
+
+
+@pytest.fixture
+def users_file(tmp_path: Path) -> Path:
+    path = tmp_path / "users"
+    path.write_text(f"# who may send\nci:{hash_password('right horse')}\n")
+    return path
+
+
+@pytest.fixture
+def client_context(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+@pytest.fixture(autouse=True)
+def quick_auth_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "AUTH_DELAY", 0.2)
+
+
+@contextlib.contextmanager
+def serving(
+    tmp_path: Path, upstream: CaptureServer, local: dict[str, Any]
+) -> Iterator[ServiceThread]:
+    path = write_config(
+        tmp_path / "configuration.yml",
+        remote_port=upstream.port,
+        data_dir=tmp_path / "data",
+        managers=[MAIL_MANAGER],
+        local={"address": "127.0.0.1:0", **local},
+    )
+    with running(path) as service:
+        yield service
+
+
+def test_a_client_outside_allowed_clients_is_refused_at_mail_and_nothing_is_queued(
+    tmp_path: Path, upstream: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    with serving(tmp_path, upstream, {"allowed-clients": ["127.0.0.1/32"]}) as service:
+        with smtplib.SMTP("127.0.0.1", service.port, source_address=OUTSIDER) as client:
+            client.ehlo()
+            for _ in range(2):
+                code, text = client.mail("go@example.com")
+                assert (code, text[:5]) == (554, b"5.7.1")
+            assert client.rcpt("admin@example.com")[0] == 503
+        with smtplib.SMTP("127.0.0.1", service.port) as insider:
+            insider.sendmail("go@example.com", ["admin@example.com"], compose())
+        upstream.wait_for(1)
+        queued = OutboxView(tmp_path / "data").queue_ids()
+
+    assert len(queued) == 1  # the insider's only
+    refusals = [r for r in caplog.records if "not in allowed-clients" in r.getMessage()]
+    assert len(refusals) == 1
+    assert "127.0.0.2" in refusals[0].getMessage()
+
+
+def test_auth_is_offered_only_after_starttls_and_lets_an_outsider_send(
+    tmp_path: Path,
+    upstream: CaptureServer,
+    tls_files: dict[str, str],
+    users_file: Path,
+    client_context: ssl.SSLContext,
+) -> None:
+    local = {
+        "allowed-clients": ["127.0.0.1/32"],
+        "tls": {"mode": "starttls", **tls_files},
+        "auth": {"users-file": str(users_file)},
+    }
+    with serving(tmp_path, upstream, local) as service:
+        with smtplib.SMTP("localhost", service.port, source_address=OUTSIDER) as client:
+            client.ehlo()
+            assert client.has_extn("starttls")
+            assert not client.has_extn("auth")
+            code, text = client.mail("go@example.com")
+            assert (code, text) == (530, b"5.7.0 Authentication required")
+            client.rset()
+            client.starttls(context=client_context)
+            client.ehlo()
+            assert client.esmtp_features["auth"].split() == ["LOGIN", "PLAIN"]
+            with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+                client.login("ci", "wrong horse")
+            assert refused.value.smtp_code == 535
+            assert refused.value.smtp_error.startswith(b"5.7.8")
+            client.login("ci", "right horse")
+            client.sendmail("go@example.com", ["admin@example.com"], compose())
+        (got,) = upstream.wait_for(1)
+    assert got.rcpt_tos == ("ops@example.com",)
+
+
+def test_a_failed_login_is_answered_after_a_delay(
+    tmp_path: Path,
+    upstream: CaptureServer,
+    tls_files: dict[str, str],
+    users_file: Path,
+    client_context: ssl.SSLContext,
+) -> None:
+    local = {"tls": {"mode": "starttls", **tls_files}, "auth": {"users-file": str(users_file)}}
+    with (
+        serving(tmp_path, upstream, local) as service,
+        smtplib.SMTP("localhost", service.port) as client,
+    ):
+        client.starttls(context=client_context)
+        client.ehlo()
+        started = time.monotonic()
+        with pytest.raises(smtplib.SMTPAuthenticationError):
+            client.login("nobody", "guess")
+        assert time.monotonic() - started >= server.AUTH_DELAY
+
+
+def test_the_delay_doubles_per_failure_from_one_address_and_a_success_resets_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server, "AUTH_DELAY", 1.0)
+    throttle = AuthThrottle()
+    assert [throttle.delay("10.0.0.9", float(t)) for t in range(4)] == [1.0, 2.0, 4.0, 8.0]
+    assert throttle.delay("10.0.0.8", 4.0) == 1.0  # another address has its own count
+    throttle.succeeded("10.0.0.9")
+    assert throttle.delay("10.0.0.9", 5.0) == 1.0
+    assert max(throttle.delay("10.0.0.7", float(t)) for t in range(20)) == 30.0
+    assert throttle.delay("10.0.0.7", 20.0 + 3601) == 1.0  # forgotten after an hour
+
+
+def test_starttls_required_refuses_mail_before_starttls(
+    tmp_path: Path,
+    upstream: CaptureServer,
+    tls_files: dict[str, str],
+    client_context: ssl.SSLContext,
+) -> None:
+    with serving(
+        tmp_path, upstream, {"tls": {"mode": "starttls-required", **tls_files}}
+    ) as service:
+        with smtplib.SMTP("localhost", service.port) as client:
+            client.ehlo()
+            code, text = client.mail("go@example.com")
+            assert (code, text[:5]) == (530, b"5.7.0")
+            client.rset()
+            client.starttls(context=client_context)
+            client.sendmail("go@example.com", ["admin@example.com"], compose())
+        upstream.wait_for(1)
+
+
+def test_implicit_tls_is_tls_from_the_first_byte(
+    tmp_path: Path,
+    upstream: CaptureServer,
+    tls_files: dict[str, str],
+    users_file: Path,
+    client_context: ssl.SSLContext,
+) -> None:
+    local = {
+        "allowed-clients": ["127.0.0.1/32"],
+        "tls": {"mode": "implicit", **tls_files},
+        "auth": {"users-file": str(users_file)},
+    }
+    with serving(tmp_path, upstream, local) as service:
+        with smtplib.SMTP_SSL(
+            "localhost", service.port, context=client_context, source_address=OUTSIDER
+        ) as client:
+            client.ehlo()
+            assert not client.has_extn("starttls")
+            client.login("ci", "right horse")
+            client.sendmail("go@example.com", ["admin@example.com"], compose())
+        (got,) = upstream.wait_for(1)
+    assert got.rcpt_tos == ("ops@example.com",)
+
+
+def test_passwd_prints_a_users_file_line_for_a_password_read_from_stdin(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mail2alert", "passwd", "ci"],
+        input="right horse\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    line = done.stdout.strip()
+    assert "right horse" not in done.stdout + done.stderr
+    (tmp_path / "users").write_text(line + "\n")
+    users = read_users(tmp_path / "users")
+    assert verify(users, "ci", "right horse")
+    assert not verify(users, "ci", "wrong horse")
