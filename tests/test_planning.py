@@ -278,3 +278,32 @@ def test_a_message_no_manager_wants_is_relayed() -> None:
     decision = route([manager], ENVELOPE, RawMessage.parse(compose()), Context())
 
     assert (decision.outcome, decision.manager) == ("relay", None)
+
+
+# -- a sender of our own (hosted smarthosts take mail only from their login) ------------------
+
+
+def sent_with(sender: str | None, **mail: str) -> bytes:
+    manager = Manager(MANAGER_TYPES["mail"], 0, rules=(mail_rule("x", "mailto:1@example.com"),))
+    envelope = Envelope("go@example.com", ("a@example.com",))
+    a = accept("Q", envelope, compose(subject="x", **mail), [manager], Context(), sender=sender)
+    (item,) = a.items
+    assert item.mail_from == "go@example.com"  # the transport puts the sender on MAIL FROM
+    return item.data
+
+
+def test_with_a_sender_routed_mail_is_from_it_and_replies_go_to_the_original_author() -> None:
+    data = sent_with("alerts@example.com")
+    assert field_value(data, "From") == "alerts@example.com"
+    assert field_value(data, "Reply-To") == "Go Server <go@example.com>"
+
+
+def test_a_reply_to_of_the_message_is_kept_as_it_is() -> None:
+    data = sent_with("alerts@example.com", headers=("Reply-To: team@example.com",))
+    assert field_value(data, "Reply-To") == "team@example.com"
+
+
+def test_without_a_sender_routed_mail_is_from_the_envelope_sender_as_before() -> None:
+    data = sent_with(None)
+    assert field_value(data, "From") == "Go Server <go@example.com>"
+    assert field_value(data, "Reply-To") == ""

@@ -156,12 +156,15 @@ def outgoing_for(
     in_reply_to: str | None = None,
     conversation: Conversation | None = None,
     shown: Presentation = PLAIN,
+    sender: str | None = None,
 ) -> list[Outgoing]:
     """The items to send for a decision; ``received`` is the trace field to prepend.
 
     A delivered mail gets ``To:`` = its recipients and ``From:`` = the envelope sender (the
     original field is kept when it already names that address, so its display name stays);
-    ``in_reply_to`` threads it under an earlier mail. All ``mailto:`` recipients share one
+    ``in_reply_to`` threads it under an earlier mail. With ``sender`` (hosted smarthosts
+    refuse other senders than their login), ``From:`` is ``sender`` and the original From:
+    becomes ``Reply-To:`` when the message has none. All ``mailto:`` recipients share one
     mail; each chat action is an item of its own (``label`` and ``conversation`` reach its
     template and its thread). A relayed mail, and the copy for recipients no manager took,
     is the original unchanged.
@@ -170,22 +173,26 @@ def outgoing_for(
     if decision.outcome == "relay":
         return [Outgoing(envelope.mail_from, envelope.rcpt_tos, received + message.data)]
     if decision.outcome == "deliver" and decision.recipients:
-        sender = envelope.mail_from
-        keep_from = not sender or address_of(message.get("from")).lower() == sender.lower()
-        threading: tuple[bytes, ...] = ()
+        author = sender or envelope.mail_from
+        keep_from = not author or address_of(message.get("from")).lower() == author.lower()
+        added: tuple[bytes, ...] = ()
         if in_reply_to:
-            threading = (
+            added = (
                 f"In-Reply-To: {in_reply_to}".encode(),
                 f"References: {in_reply_to}".encode(),
             )
+        original = message.get_raw("from")
+        if sender and not keep_from and original and message.get_raw("reply-to") is None:
+            # Unfolded, so that no line break of the original can end up in a new field.
+            added += (b"Reply-To: " + _LINE_BREAKS.sub(b"", original).strip(),)
         data = rewrite(
             message,
-            from_value=None if keep_from else sender,
+            from_value=None if keep_from else author,
             to_addresses=decision.recipients,
             prepend=received,
-            add_fields=threading,
+            add_fields=added,
         )
-        items.append(Outgoing(sender, decision.recipients, data))
+        items.append(Outgoing(envelope.mail_from, decision.recipients, data))
     if decision.outcome == "deliver" and decision.alert is not None:
         for uri in decision.actions:
             if is_chat(uri):
@@ -193,6 +200,9 @@ def outgoing_for(
     if decision.passthrough:
         items.append(Outgoing(envelope.mail_from, decision.passthrough, received + message.data))
     return items
+
+
+_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
 
 
 def chat_item(

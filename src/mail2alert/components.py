@@ -239,6 +239,7 @@ class NotesWatch(Component):
     def __init__(self, knowledge: Knowledge, config: Config, crew: Crew) -> None:
         self._knowledge = knowledge
         self._data_dir = config.data_dir
+        self._sender = config.upstream.sender
         self._crew = crew
         self._outbox: Outbox | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="notes-reader")
@@ -313,6 +314,7 @@ class Intake(Component):
             lambda: self._knowledge.managers,
             lambda: self._knowledge.context,
             on_commit=self._committed,
+            sender=lambda: self.config.upstream.sender,
         )
         sockets = list(self._sockets) if self._sockets is not None else bind(self.config.local_smtp)
         self._servers, self.addresses = await self._serve(sockets, start=True)
@@ -435,7 +437,7 @@ class Intake(Component):
 
 
 def _delivery_settings(config: Config) -> tuple[object, ...]:
-    return (config.remote_smtp, config.delivery, config.chat_settings())
+    return (config.upstream, config.delivery, config.chat_settings())
 
 
 class Delivery(Component):
@@ -450,7 +452,13 @@ class Delivery(Component):
 
     def _make(self) -> Dispatcher:
         cfg = self.config
-        return Dispatcher(cfg.data_dir, cfg.remote_smtp, cfg.delivery, chat=cfg.chat_settings())
+        return Dispatcher(
+            cfg.data_dir,
+            cfg.remote_smtp,
+            cfg.delivery,
+            chat=cfg.chat_settings(),
+            upstream=cfg.upstream,
+        )
 
     async def start(self) -> None:
         self.dispatcher = _open(self.config.data_dir, self._make)
@@ -511,6 +519,7 @@ class Holds(Component):
     ) -> None:
         self._knowledge = knowledge
         self._data_dir = config.data_dir
+        self._sender = config.upstream.sender
         self._crew = crew
         self._released = released
         self._outbox: Outbox | None = None
@@ -520,6 +529,9 @@ class Holds(Component):
     async def start(self) -> None:
         self._outbox = _open(self._data_dir, lambda: Outbox(self._data_dir))
         self._task = self._crew.keep("held mail", self._release_until_stopped)
+
+    async def switch(self, change: Change) -> None:
+        self._sender = change.config.upstream.sender
 
     def learn(self, notes: Sequence[Note]) -> None:
         """On the event loop (a keeper's callback): notes learnt from outside (such as a CI
@@ -572,6 +584,7 @@ class Holds(Component):
                 context,
                 received_at=received,
                 stop_holding=now - received >= hold_max,
+                sender=self._sender,
             )
             if accepted.decision.outcome == "hold":
                 continue
@@ -654,6 +667,7 @@ class SnapshotWatch(Component):
     def __init__(self, knowledge: Knowledge, config: Config, crew: Crew) -> None:
         self._knowledge = knowledge
         self._data_dir = config.data_dir
+        self._sender = config.upstream.sender
         self._crew = crew
         self._task: asyncio.Task[None] | None = None
 

@@ -43,7 +43,7 @@ from typing import TypeVar
 from mail2alert.background import RestartPolicy, is_storage_error
 from mail2alert.model import ChatSettings
 from mail2alert.outbox import Item, Outbox, Result
-from mail2alert.settings import Delivery, HostPort
+from mail2alert.settings import Delivery, HostPort, Upstream
 from mail2alert.transports import Attempt, Transport
 from mail2alert.transports.chat import ChatSender, ThreadStore
 from mail2alert.transports.smtp import SmtpConnection
@@ -197,7 +197,7 @@ class Dispatcher:
     Each worker delivers mail through a transport of its own, made by ``connect`` (an SMTP
     connection to ``remote`` unless told otherwise); chat items go through ``chat_transport``
     (Slack and Apprise unless told otherwise). ``clock`` gives the time every decision is
-    taken at.
+    taken at; ``upstream`` says how to talk to ``remote`` (TLS, login, sender).
     """
 
     def __init__(
@@ -210,8 +210,10 @@ class Dispatcher:
         connect: Callable[[], Transport] | None = None,
         chat_transport: Transport | None = None,
         clock: Clock = time.time,
+        upstream: Upstream | None = None,
     ) -> None:
         self.remote = remote
+        self.upstream = upstream
         self.delivery = delivery
         self._clock = clock
         self._connect = connect or self._smtp_connection
@@ -249,6 +251,7 @@ class Dispatcher:
             self.remote.port,
             timeout=self.delivery.timeout,
             local_hostname=self._hostname,
+            upstream=self.upstream,
         )
 
     def wake(self) -> None:

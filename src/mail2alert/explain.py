@@ -111,7 +111,9 @@ def explain(
     config: Config, envelope: Envelope, data: bytes, context: Context, *, queue_id: str = "TEST"
 ) -> Explanation:
     """Route one message exactly as ``serve`` would, and keep every step for display."""
-    accepted = accept(queue_id, envelope, data, config.routing, context)
+    accepted = accept(
+        queue_id, envelope, data, config.routing, context, sender=config.upstream.sender
+    )
     d = accepted.decision
     manager = find_manager(config.routing, d.manager)
     facts = None

@@ -53,12 +53,14 @@ def plan(
     context: Context,
     *,
     received: bytes,
+    sender: str | None = None,
 ) -> Plan:
-    """Plan ``decision`` for the message; ``received`` is the trace field to prepend."""
+    """Plan ``decision`` for the message; ``received`` is the trace field to prepend, and
+    ``sender``, when set, the From: of routed mail."""
     manager = find_manager(managers, decision.manager)
     alert = decision.alert
     if manager is None or alert is None:
-        return Plan(tuple(outgoing_for(decision, envelope, message, received)))
+        return Plan(tuple(outgoing_for(decision, envelope, message, received, sender=sender)))
     memory = manager.type.memory
     label = memory.label(alert, context.snapshots.get(manager.label, context.snapshot))
     conversation = memory.conversation(alert)
@@ -72,6 +74,7 @@ def plan(
         in_reply_to=answers,
         conversation=conversation,
         shown=manager.type.presentation,
+        sender=sender,
     )
     if decision.outcome == "hold":
         return Plan(tuple(items), label=label)
@@ -113,12 +116,14 @@ def accept(
     hostname: str = "localhost",
     received_at: float | None = None,
     stop_holding: bool = False,
+    sender: str | None = None,
 ) -> Accepted:
     """Route one received message and plan what the outbox must keep; never raises.
 
     If routing itself fails (our bug, never the sender's), the message is relayed unchanged
     and the error logged with its queue id. With ``stop_holding``, a message that would be
     held again goes to its manager's ``fallback`` actions, or is relayed unchanged.
+    ``sender`` (``remote-smtp``'s) is the From: of routed mail.
     """
     now = time.time() if received_at is None else received_at
     message = RawMessage.parse(data)
@@ -138,7 +143,7 @@ def accept(
         recipient=single,
         newline=message.newline,
     )
-    planned = plan(decision, envelope, message, managers, context, received=received)
+    planned = plan(decision, envelope, message, managers, context, received=received, sender=sender)
     alert = decision.alert
     return Accepted(
         queue_id,

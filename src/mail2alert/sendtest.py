@@ -94,11 +94,8 @@ async def send(config: Config, uri: str, *, sender: str) -> Attempt:
     raw = RawMessage.parse(text.encode("utf-8"))
     data = rewrite(raw, from_value=None, to_addresses=(address,), prepend=b"")
     item = Item(0, "TEST", "smtp", sender, data, 0, time.time(), (address,))
-    connection = SmtpConnection(
-        config.remote_smtp.host,
-        config.remote_smtp.port,
-        timeout=config.delivery.timeout,
-        local_hostname=socket.gethostname(),
+    connection = SmtpConnection.to(
+        config.upstream, timeout=config.delivery.timeout, local_hostname=socket.gethostname()
     )
     try:
         return await connection.send(item)

@@ -16,6 +16,7 @@ import socket
 import ssl
 import tempfile
 import time
+import warnings
 from base64 import b64decode
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -119,11 +120,13 @@ class Handler:
         context: Callable[[], Context],
         *,
         on_commit: Callable[[Accepted], None] = lambda accepted: None,
+        sender: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.committer = committer
         self.managers = managers
         self.context = context
         self.on_commit = on_commit
+        self.sender = sender
         self.hostname = socket.gethostname()
         self.in_flight = 0
 
@@ -145,6 +148,7 @@ class Handler:
                 helo=session.host_name or "",
                 peer=peer,
                 hostname=self.hostname,
+                sender=self.sender(),
             )
             # The items hold their own copies now; while the commit waits for its fsync the
             # message's bytes need not be held too (a 31 MB message is held by its items alone).
@@ -786,14 +790,17 @@ def smtp_factory(
                 "auth_required": bool(auth and auth.required),
                 "authenticator": _never,
             }
-        session = LeanSMTP(
-            handler,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=hostname or handler.hostname,
-            ident="mail2alert ESMTP",
-            **options,
-        )
+        with warnings.catch_warnings():
+            # AUTH required on implicit TLS: aiosmtpd cannot tell the session is TLS.
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+            session = LeanSMTP(
+                handler,
+                enable_SMTPUTF8=True,
+                decode_data=False,
+                hostname=hostname or handler.hostname,
+                ident="mail2alert ESMTP",
+                **options,
+            )
         session.spool_dir = spool_dir
         session.gate = gate
         session.access = now

@@ -13,11 +13,12 @@ import asyncio
 import socket
 import ssl
 import threading
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.config import Config
@@ -183,12 +184,32 @@ class CaptureServer:
     It can be told to refuse: ``refuse_data("451 4.3.0 busy")`` answers the next DATA so,
     ``refuse_rcpt(addr, "550 5.1.1 no such user")`` refuses a recipient. ``stop()`` and
     ``start()`` again keep the same port, to play an upstream that goes down and comes back.
+
+    A smarthost: with ``tls`` it offers STARTTLS (``require_starttls``: and nothing before
+    it), or with ``implicit`` speaks TLS from the first byte; with ``users`` (name ->
+    password) it offers AUTH on TLS only, and takes mail only from who logged in.
+    :attr:`logins` records who did.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, echo: bool = False) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        echo: bool = False,
+        tls: ssl.SSLContext | None = None,
+        require_starttls: bool = False,
+        implicit: bool = False,
+        users: dict[str, str] | None = None,
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.echo = echo
+        self.tls = tls
+        self.require_starttls = require_starttls
+        self.implicit = implicit
+        self.users = users
+        self.logins: list[str] = []
         self.messages: list[Captured] = []
         self.refused = 0
         self.script = _Script()
@@ -222,10 +243,11 @@ class CaptureServer:
             try:
                 self._server = loop.run_until_complete(
                     loop.create_server(
-                        lambda: SMTP(handler, enable_SMTPUTF8=True, decode_data=False),
+                        lambda: self._session(handler),
                         self.host,
                         self.port,
                         reuse_address=True,
+                        ssl=self.tls if self.implicit else None,
                     )
                 )
             except BaseException as exc:  # noqa: BLE001 - handed to the starting thread
@@ -244,6 +266,36 @@ class CaptureServer:
         if failure:
             raise failure[0]
         return self
+
+    def _session(self, handler: _CaptureHandler) -> SMTP:
+        with warnings.catch_warnings():
+            # On implicit TLS, AUTH without "auth_require_tls" is right: the whole session is
+            # TLS, which aiosmtpd cannot tell and warns about.
+            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+            return SMTP(handler, **self._session_options())
+
+    def _session_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"enable_SMTPUTF8": True, "decode_data": False}
+        if self.tls is not None and not self.implicit:
+            options["tls_context"] = self.tls
+            options["require_starttls"] = self.require_starttls
+        if self.users is not None:
+            options["authenticator"] = self._authenticate
+            options["auth_required"] = True
+            options["auth_require_tls"] = not self.implicit
+        return options
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: SmtpEnvelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        users = self.users or {}
+        login = data.login.decode() if isinstance(data, LoginPassword) else ""
+        password = data.password.decode() if isinstance(data, LoginPassword) else None
+        if users.get(login) is None or users.get(login) != password:
+            return AuthResult(success=False, handled=False)
+        with self.changed:
+            self.logins.append(login)
+        return AuthResult(success=True)
 
     def stop(self) -> None:
         """Stop listening and close every connection."""

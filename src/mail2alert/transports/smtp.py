@@ -9,18 +9,28 @@ good, never sent.
 A big message goes out in blocks, each written once the socket has taken the one before:
 aiosmtplib's ``data()`` makes three copies of a message and hands all of it to the transport
 at once, which made one 31 MB message cost some 150 MB more while it was sent.
+
+TLS and AUTH follow ``remote-smtp`` (:class:`~mail2alert.settings.Upstream`): ``may`` uses
+STARTTLS when offered without checking the certificate (Postfix's ``may``), ``starttls`` and
+``implicit`` always use TLS and verify it. A setup that fails (a certificate that does not
+verify, no STARTTLS where it is required, a refused login) is the destination's trouble,
+not the item's: the items wait for it with that reason and are tried again; nothing is sent
+in clear text that should not be, and a password never goes over a connection without TLS.
+With ``sender`` set, it is the envelope sender of everything sent upstream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import ssl
 import time
 from collections.abc import Iterator
 
 import aiosmtplib
 
 from mail2alert.outbox import Item, RecipientResult
+from mail2alert.settings import Upstream
 from mail2alert.transports import Attempt
 
 #: Characters no address may carry onto an SMTP command line.
@@ -68,16 +78,56 @@ class _DestinationDown(Exception):
         self.reply = reply
 
 
+class _SetupFailed(Exception):
+    """The connection could not be set up as configured (TLS, AUTH): the reason, no secret."""
+
+
+def tls_context(upstream: Upstream) -> ssl.SSLContext:
+    """The client TLS context for ``upstream``: verified unless ``may`` or ``verify: false``."""
+    if upstream.tls == "may" or not upstream.verify:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    return ssl.create_default_context(
+        cafile=str(upstream.ca_file) if upstream.ca_file is not None else None
+    )
+
+
 class SmtpConnection:
     """One connection to the upstream server, opened on demand and reused across items."""
 
-    def __init__(self, host: str, port: int, *, timeout: float, local_hostname: str) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        local_hostname: str,
+        upstream: Upstream | None = None,
+    ) -> None:
+        """``upstream`` says how to talk to it (TLS, login, sender); None: as ``may`` with
+        no login."""
         self.host = host
         self.port = port
         self.timeout = timeout
-        self.local_hostname = local_hostname
+        self.upstream = upstream
+        self.local_hostname = (upstream.helo if upstream else None) or local_hostname
+        self._context = tls_context(upstream) if upstream is not None else None
         self._smtp: aiosmtplib.SMTP | None = None
         self._last_used = 0.0
+
+    @classmethod
+    def to(cls, upstream: Upstream, *, timeout: float, local_hostname: str) -> SmtpConnection:
+        """A connection to ``upstream`` as it is configured."""
+        address = upstream.address
+        return cls(
+            address.host,
+            address.port,
+            timeout=timeout,
+            local_hostname=local_hostname,
+            upstream=upstream,
+        )
 
     @property
     def address(self) -> str:
@@ -99,6 +149,9 @@ class SmtpConnection:
         except (aiosmtplib.SMTPException, OSError, TimeoutError, _DestinationDown) as exc:
             await self.close()
             return _failure(exc, self.address)
+        except _SetupFailed as exc:
+            await self.close()
+            return Attempt((), str(exc), unreachable=True)
         # The server may close an idle connection we kept; that is no failure of the item.
         try:
             return await self._send(item)
@@ -108,6 +161,9 @@ class SmtpConnection:
         except (aiosmtplib.SMTPException, OSError, TimeoutError, _DestinationDown) as exc:
             await self.close()
             return _failure(exc, self.address)
+        except _SetupFailed as exc:
+            await self.close()
+            return Attempt((), str(exc), unreachable=True)
 
     async def _send(self, item: Item) -> Attempt:
         smtp = await self._connection()
@@ -123,7 +179,8 @@ class SmtpConnection:
             options.append(b"SMTPUTF8")
         if smtp.supports_extension("8bitmime") and not item.data.isascii():
             options.append(b"BODY=8BITMIME")
-        answer = await smtp.execute_command(b"MAIL", b"FROM:" + _path(item.mail_from), *options)
+        sender = self.upstream.sender if self.upstream and self.upstream.sender else item.mail_from
+        answer = await smtp.execute_command(b"MAIL", b"FROM:" + _path(sender), *options)
         if answer.code != 250:
             await self._reset(smtp, answer.code)
             return _refused_whole(answer.code, answer.message)
@@ -187,12 +244,15 @@ class SmtpConnection:
     async def _connection(self) -> aiosmtplib.SMTP:
         if self._smtp is not None and self._smtp.is_connected:
             return self._smtp
+        mode = self.upstream.tls if self.upstream is not None else "none"
         smtp = aiosmtplib.SMTP(
             hostname=self.host,
             port=self.port,
             timeout=self.timeout,
             local_hostname=self.local_hostname,
             start_tls=False,
+            use_tls=mode == "implicit",
+            tls_context=self._context if mode == "implicit" else None,
         )
         try:
             await smtp.connect()
@@ -201,6 +261,26 @@ class SmtpConnection:
             raise _DestinationDown(_reply(exc.code, exc.message)) from None
         self._smtp = smtp
         # EHLO now: the server's extensions (SMTPUTF8) must be known before MAIL FROM.
+        await self._hello(smtp)
+        secure = mode == "implicit"
+        if mode in ("may", "starttls") and smtp.supports_extension("starttls"):
+            try:
+                await smtp.starttls(tls_context=self._context)
+            except aiosmtplib.SMTPResponseException as exc:
+                raise _SetupFailed(
+                    f"{self.address} refused STARTTLS: {_reply(exc.code, exc.message)}"
+                ) from None
+            await self._hello(smtp)
+            secure = True
+        elif mode == "starttls":
+            raise _SetupFailed(
+                f"{self.address} does not offer STARTTLS, and tls: starttls never sends in"
+                " clear text"
+            )
+        await self._login(smtp, secure=secure)
+        return smtp
+
+    async def _hello(self, smtp: aiosmtplib.SMTP) -> None:
         try:
             await smtp.ehlo()
         except aiosmtplib.SMTPHeloError:
@@ -208,7 +288,25 @@ class SmtpConnection:
                 await smtp.helo()
             except aiosmtplib.SMTPHeloError as exc:
                 raise _DestinationDown(_reply(exc.code, exc.message)) from None
-        return smtp
+
+    async def _login(self, smtp: aiosmtplib.SMTP, *, secure: bool) -> None:
+        upstream = self.upstream
+        if upstream is None or upstream.user is None or upstream.passwd is None:
+            return
+        if not secure:
+            raise _SetupFailed(
+                f"{self.address} offers no STARTTLS: the password for {upstream.user} is never"
+                " sent in clear text"
+            )
+        try:
+            await smtp.login(upstream.user, upstream.passwd.reveal())
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise _SetupFailed(
+                f"{self.address} refused the login as {upstream.user}:"
+                f" {_reply(exc.code, exc.message)}"
+            ) from None
+        except aiosmtplib.SMTPException as exc:
+            raise _SetupFailed(f"{self.address}: no login as {upstream.user}: {exc}") from None
 
     async def close_if_idle(self, idle: float) -> None:
         """Close the connection when it has not been used for ``idle`` seconds."""
