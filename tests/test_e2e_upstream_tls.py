@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import trustme
 
+from mail2alert import cli
 from mail2alert.testing import CaptureServer
 from tests.helpers import OutboxView, compose, running, send, write_config
 
@@ -180,3 +181,34 @@ def test_a_password_never_goes_to_a_server_that_offers_no_starttls(tmp_path: Pat
     item = pending_reason(tmp_path, path, upstream)
     assert "never sent in clear text" in item["last_error"]
     assert upstream.logins == []
+
+
+def test_check_smtp_logs_in_sends_nothing_and_says_what_failed(
+    tmp_path: Path,
+    server_tls: ssl.SSLContext,
+    ca_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    upstream = CaptureServer(tls=server_tls, require_starttls=True, users={"alerts": PASSWORD})
+    path = config(
+        tmp_path,
+        upstream.port,
+        tls="starttls",
+        **{"ca-file": str(ca_file)},
+        user="alerts",
+        passwd="$SMTP_PASSWD",
+    )
+    with upstream:
+        assert cli.main(["check", "--smtp", "--config", str(path)]) == 0
+        assert f"remote-smtp 127.0.0.1:{upstream.port}: OK (starttls, logged in as alerts)" in (
+            capsys.readouterr().out
+        )
+        assert upstream.logins == ["alerts"]
+        monkeypatch.setenv("SMTP_PASSWD", "wrong-one")
+        assert cli.main(["check", "--smtp", "--config", str(path)]) == 1
+        err = capsys.readouterr().err
+    assert "FAILED:" in err
+    assert "refused the login as alerts: 535" in err
+    assert "wrong-one" not in err
+    assert upstream.messages == []

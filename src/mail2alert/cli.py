@@ -11,6 +11,7 @@ import getpass
 import json
 import logging
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from email.utils import parseaddr
@@ -26,6 +27,7 @@ from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
 from mail2alert.outbox import read_notes_of
 from mail2alert.settings import HostPort
+from mail2alert.transports.smtp import SmtpConnection
 from mail2alert.users import hash_password
 
 log = logging.getLogger("mail2alert")
@@ -86,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate the configuration and say what it holds")
     _add_config(check)
+    check.add_argument(
+        "--smtp",
+        action="store_true",
+        help="also connect to remote-smtp: EHLO, STARTTLS and AUTH as configured; nothing is sent",
+    )
 
     route = commands.add_parser(
         "route", help="show where one message would go, without sending anything"
@@ -311,7 +318,23 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{path}: invalid, {count} problem{'s' * (count != 1)}", file=sys.stderr)
         return 1
     print(f"{path}: OK, {loaded.summary()}")
+    if not args.smtp:
+        return 0
+    failed = asyncio.run(
+        SmtpConnection.to(
+            loaded.upstream, timeout=loaded.delivery.timeout, local_hostname=socket.gethostname()
+        ).check()
+    )
+    if failed:
+        print(f"remote-smtp {loaded.remote_smtp}: FAILED: {failed}", file=sys.stderr)
+        return 1
+    print(f"remote-smtp {loaded.remote_smtp}: OK ({loaded.upstream.tls}{_login(loaded)})")
     return 0
+
+
+def _login(loaded: config.Config) -> str:
+    user = loaded.upstream.user
+    return f", logged in as {user}" if user else ""
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ With ``sender`` set, it is the envelope sender of everything sent upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import time
@@ -308,6 +309,26 @@ class SmtpConnection:
         except aiosmtplib.SMTPException as exc:
             raise _SetupFailed(f"{self.address}: no login as {upstream.user}: {exc}") from None
 
+    async def check(self) -> str | None:
+        """Connect, greet, STARTTLS and log in as configured, send nothing, and say goodbye;
+        None when all of it worked, else what failed (never the password)."""
+        try:
+            smtp = await self._connection()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError, _DestinationDown) as exc:
+            await self.close()
+            return _failure(exc, self.address).error
+        except _SetupFailed as exc:
+            await self.close()
+            return str(exc)
+        # A command's loop may end right after: wait until TLS is shut down and the socket
+        # closed. aiosmtplib has no public way to wait for that; its protocol's future is it.
+        closed = getattr(smtp.protocol, "_closed_future", None)
+        await self.close()
+        if isinstance(closed, asyncio.Future):
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(closed), self.timeout)
+        return None
+
     async def close_if_idle(self, idle: float) -> None:
         """Close the connection when it has not been used for ``idle`` seconds."""
         if self._smtp is not None and time.monotonic() - self._last_used > idle:
@@ -316,7 +337,10 @@ class SmtpConnection:
     async def close(self) -> None:
         """Say QUIT if we can, then drop the connection."""
         smtp, self._smtp = self._smtp, None
-        if smtp is None or not smtp.is_connected:
+        if smtp is None:
+            return
+        if not smtp.is_connected:
+            smtp.close()  # what a failed handshake may have left open
             return
         try:
             await smtp.quit()
