@@ -169,7 +169,7 @@ def test_a_sender_address_of_non_utf8_bytes_is_accepted_and_routed(
         relay(tmp_path, upstream, [wanting_every_sender()]) as mail2alert,
         session(mail2alert.port) as client,
     ):
-        client.send(b"MAIL FROM:<caf\xe9@example.com>\r\n")
+        client.send(b"MAIL FROM:<caf\xe9@example.com> SMTPUTF8\r\n")
         assert client.getreply()[0] == 250
         assert client.rcpt("admin@example.com")[0] == 250
         code, text = client.data(message)
@@ -281,7 +281,7 @@ def test_helo_names_and_addresses_are_logged_escaped(
     ):
         client.send(b"EHLO client\x1b[31m\x9b.test\r\n")
         assert client.getreply()[0] == 250
-        client.send(b"MAIL FROM:<caf\xe9@example.com>\r\n")
+        client.send(b"MAIL FROM:<caf\xe9@example.com> SMTPUTF8\r\n")
         assert client.getreply()[0] == 250
         client.send(b"RCPT TO:<admin\xff@example.com>\r\n")
         assert client.getreply()[0] == 250

@@ -182,7 +182,7 @@ def _open(data_dir: Path, opening: Callable[[], T]) -> T:
 def _access_of(config: Config) -> Access:
     """The listener's access rules, with its certificate and users loaded."""
     try:
-        return Access.of(config.listener)
+        return Access.of(config.listener, processes=config.intake_workers)
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise ReloadRefused(f"local-smtp: {exc}") from None
 

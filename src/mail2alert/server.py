@@ -7,6 +7,7 @@ outcome of routing goes into the outbox, and the dispatcher delivers from there.
 from __future__ import annotations
 
 import asyncio
+import collections
 import ctypes
 import enum
 import logging
@@ -48,6 +49,18 @@ REPLY_AUTH_REQUIRED = "530 5.7.0 Authentication required"
 REPLY_STARTTLS_FIRST = "530 5.7.0 Must issue a STARTTLS command first"
 REPLY_AUTH_INVALID = "535 5.7.8 Authentication credentials invalid"
 REPLY_AUTH_OK = "235 2.7.0 Authentication successful"
+REPLY_TOO_MANY_SESSIONS = "421 4.7.0 Too many sessions, try again later"
+REPLY_TIMEOUT = "421 4.4.2 Timeout exceeded, closing the connection"
+REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
+REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
+REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address without SMTPUTF8"
+REPLY_COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
+
+#: The longest command line taken, CRLF not counted (Postfix's ``line_length_limit``):
+#: room for a long address with every MAIL parameter, where aiosmtpd allows 512.
+COMMAND_LIMIT = 2048
+
+_SIZE_PARAM = re.compile(r"(?:^|\s)SIZE=(\d+)(?:\s|$)", re.IGNORECASE)
 
 #: The wait before answering a failed AUTH from an address: this, doubled for each failure
 #: in a row from it, up to :data:`AUTH_DELAY_MAX` (Postfix's ``smtpd_error_sleep_time``).
@@ -289,11 +302,13 @@ class DataDecoder:
         if not data:
             return
         at_line_start = self._line == 0
-        if self._longest_line(data) > self.line_limit - 2:
-            self._fail(DataState.TOO_LONG)
         self.size += len(data)
+        # Too big is the answer that matters when a message is both too big and has a line
+        # too long: it says what to change.
         if self.size_limit and self.size > self.size_limit:
             self._fail(DataState.TOO_MUCH)
+        if self._longest_line(data) > self.line_limit - 2:
+            self._fail(DataState.TOO_LONG)
         if self.state is not DataState.NOMINAL:
             return
         piece = data.replace(b"\r\n.", b"\r\n")
@@ -357,6 +372,14 @@ _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 @dataclass
+class SessionCount:
+    """Open sessions of one process against its share of ``max-sessions``."""
+
+    limit: int
+    active: int = 0
+
+
+@dataclass
 class AuthThrottle:
     """Failed logins per client address, for the delay before the next answer (one per
     process; every session of that process shares it)."""
@@ -385,9 +408,11 @@ class Access:
     listener: Listener
     tls_context: ssl.SSLContext | None = None
     users: Mapping[str, str] = field(default_factory=dict)
+    sessions_per_process: int = 200
+    """This process's share of ``max-sessions`` (it is one of the intake processes)."""
 
     @classmethod
-    def of(cls, listener: Listener) -> Access:
+    def of(cls, listener: Listener, *, processes: int = 1) -> Access:
         """Load the certificate and the users file; OSError, ssl.SSLError or ValueError if
         they cannot be used (the configuration check has said so already)."""
         context = None
@@ -395,7 +420,8 @@ class Access:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(listener.tls.cert, listener.tls.key)
         users = read_users(listener.auth.users_file) if listener.auth is not None else {}
-        return cls(listener, context, users)
+        share = -(-listener.max_sessions // max(1, processes))
+        return cls(listener, context, users, share)
 
     @property
     def implicit_tls(self) -> bool:
@@ -431,6 +457,16 @@ class LeanSMTP(SMTP):
 
     _names: ClassVar[list[str] | None] = None
 
+    def __init__(self, handler: Any, *, command_limit: int | None = None, **options: Any) -> None:
+        if command_limit is not None:
+            # Read by aiosmtpd's __init__ as the reader's limit, so it must be set first.
+            self.line_length_limit = command_limit + 2
+        super().__init__(handler, **options)
+        if command_limit is not None:
+            self.command_size_limit = command_limit
+            # Per session: aiosmtpd's is one dict for all sessions, grown by every EHLO.
+            self.command_size_limits = collections.defaultdict(lambda: command_limit)
+
     def __dir__(self) -> list[str]:
         cls = type(self)
         if cls._names is None:
@@ -456,30 +492,62 @@ class LeanSMTP(SMTP):
     _turned_away = False
     access: Access | None = None
     throttle: AuthThrottle | None = None
+    sessions: SessionCount | None = None
+    """This process's open sessions (None: no limit but the descriptors')."""
+    max_recipients: int | None = None
+    data_line_limit: int | None = None
+    """The longest line DATA takes (None: ``line_length_limit``, as aiosmtpd)."""
+    too_big_reply = "552 Error: Too much mail data"
     _refusal_logged = False
+    _counted = False
+    _in_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Serve the connection, or tell it 421 when descriptors run short."""
-        if self.transport is None and self.gate is not None:  # not a STARTTLS hand-over
+        """Serve the connection, or tell it 421 when descriptors or sessions run short."""
+        if self.transport is None:  # not a STARTTLS hand-over
             sock = transport.get_extra_info("socket")
-            if sock is not None and not self.gate.admits(sock.fileno()):
-                self._turned_away = True
-                # uvloop's transports write, but are no asyncio.WriteTransport by class.
-                writer = cast(asyncio.WriteTransport, transport)
-                writer.write(REPLY_TOO_MANY.encode("ascii") + b"\r\n")
-                writer.close()
+            if self.gate is not None and sock is not None and not self.gate.admits(sock.fileno()):
+                self._turn_away(transport, REPLY_TOO_MANY)
                 return
+            if self.sessions is not None:
+                if self.sessions.active >= self.sessions.limit:
+                    self._turn_away(transport, REPLY_TOO_MANY_SESSIONS)
+                    return
+                self.sessions.active += 1
+                self._counted = True
         super().connection_made(transport)
 
+    def _turn_away(self, transport: asyncio.BaseTransport, reply: str) -> None:
+        self._turned_away = True
+        # uvloop's transports write, but are no asyncio.WriteTransport by class.
+        writer = cast(asyncio.WriteTransport, transport)
+        writer.write(reply.encode("ascii") + b"\r\n")
+        writer.close()
+
     def connection_lost(self, error: Exception | None) -> None:
+        if self._counted and self.sessions is not None:
+            self._counted = False
+            self.sessions.active -= 1
         if not self._turned_away:
             super().connection_lost(error)
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes an idle session without a word; say why first (RFC 5321 4.5.3.2).
+        if self.transport is not None and not self.transport.is_closing():
+            cast(asyncio.WriteTransport, self.transport).write(
+                REPLY_TIMEOUT.encode("ascii") + b"\r\n"
+            )
+        super()._timeout_cb()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
 
     def eof_received(self) -> bool | None:
         return False if self._turned_away else super().eof_received()
 
     def data_received(self, data: bytes) -> None:
         if not self._turned_away:
+            if self._in_data:
+                # In DATA the timeout counts from the last bytes received: a slow upload
+                # goes on, a stalled one is cut off (aiosmtpd counts from the DATA command).
+                self._reset_timeout()
             super().data_received(data)
 
     @syntax("DATA")
@@ -502,7 +570,7 @@ class LeanSMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         decoder = DataDecoder(
             size_limit=self.data_size_limit,
-            line_limit=self.line_length_limit,
+            line_limit=self.data_line_limit or self.line_length_limit,
             spool_threshold=self.spool_threshold,
             spool_dir=self.spool_dir,
         )
@@ -513,7 +581,8 @@ class LeanSMTP(SMTP):
         if content is None:
             if decoder.error is not None:
                 log.error("DATA not kept, sender told to retry: %s", decoder.error)
-            await self.push(_DATA_REPLIES[decoder.state])
+            reply = _DATA_REPLIES[decoder.state]
+            await self.push(self.too_big_reply if decoder.state is DataState.TOO_MUCH else reply)
             self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
             return
         self.envelope.content = self.envelope.original_content = content
@@ -525,7 +594,11 @@ class LeanSMTP(SMTP):
     async def _read_data(self, decoder: DataDecoder) -> bytes | None:
         """Feed ``decoder`` until the end line; the content, or None if DATA failed."""
         try:
-            await read_data(self._reader, decoder)
+            self._in_data = True
+            try:
+                await read_data(self._reader, decoder)
+            finally:
+                self._in_data = False
         except asyncio.CancelledError:
             log.info("Connection lost during DATA")
             self._writer.close()
@@ -579,6 +652,14 @@ class LeanSMTP(SMTP):
         if self._has_control(arg, "FROM:"):
             await self.push(REPLY_BAD_SENDER)
             return
+        if self.access is not None and arg is not None:
+            declared = _SIZE_PARAM.search(arg)
+            if declared and self.data_size_limit and int(declared.group(1)) > self.data_size_limit:
+                await self.push(REPLY_TOO_BIG)
+                return
+            if not arg.isascii() and "SMTPUTF8" not in arg.upper().split(">")[-1]:
+                await self.push(REPLY_NEEDS_SMTPUTF8)
+                return
         await super().smtp_MAIL(arg)
 
     @property
@@ -612,6 +693,9 @@ class LeanSMTP(SMTP):
         return REPLY_AUTH_REQUIRED if listener.auth is not None else REPLY_RELAY_DENIED
 
     async def push(self, status: AnyStr) -> None:
+        if self.access is not None and status == "500 Command line too long":
+            await super().push(REPLY_COMMAND_TOO_LONG)
+            return
         # aiosmtpd lists AUTH on every TLS session, with no mechanism when none is set up.
         if (
             self.access is not None
@@ -685,6 +769,14 @@ class LeanSMTP(SMTP):
         if self._has_control(arg, "TO:"):
             await self.push(REPLY_BAD_RECIPIENT)
             return
+        envelope = self.envelope
+        if self.access is not None and envelope is not None and envelope.mail_from is not None:
+            if self.max_recipients and len(envelope.rcpt_tos) >= self.max_recipients:
+                await self.push(REPLY_TOO_MANY_RECIPIENTS)
+                return
+            if arg is not None and not arg.isascii() and not envelope.smtp_utf8:
+                await self.push(REPLY_NEEDS_SMTPUTF8)
+                return
         await super().smtp_RCPT(arg)
 
 
@@ -775,6 +867,7 @@ def smtp_factory(
     return_big_buffers_to_the_os()
     gate = SessionGate.for_this_process()
     throttle = AuthThrottle()
+    sessions = SessionCount(0)
 
     def make() -> SMTP:
         now = access()
@@ -789,6 +882,7 @@ def smtp_factory(
                 "auth_require_tls": not now.implicit_tls,
                 "auth_required": bool(auth and auth.required),
                 "authenticator": _never,
+                "command_limit": COMMAND_LIMIT,
             }
         with warnings.catch_warnings():
             # AUTH required on implicit TLS: aiosmtpd cannot tell the session is TLS.
@@ -805,6 +899,13 @@ def smtp_factory(
         session.gate = gate
         session.access = now
         session.throttle = throttle
+        if now is not None:
+            session.sessions = sessions
+            sessions.limit = now.sessions_per_process
+            session.max_recipients = now.listener.max_recipients
+            # Lines of any length, up to the size limit, as Postfix takes them.
+            session.data_line_limit = now.listener.max_message_size + 2
+            session.too_big_reply = REPLY_TOO_BIG
         return session
 
     return make
