@@ -19,7 +19,15 @@ count (default 1, 10, 50) and every system under test:
 * peak PSS (both): the peak of the summed proportional set size (smaps_rollup) of the process
   tree, sampled every 100 ms; shared pages are counted once. This is the fair figure for
   Postfix (~60 processes sharing most pages) and for mail2alert with intake-workers;
-* CPU: CPU seconds used by the mail2alert process per message, and machine-wide CPU use.
+* CPU: CPU seconds used by the system's process tree per message, and machine-wide CPU use;
+* what each message costs the disk, per 1,000 messages of the throughput phase (until the sink
+  has all N): the bytes the process tree wrote (``write_bytes`` of /proc/<pid>/io, summed over
+  the tree; a reaped child's counts go to its parent, so short-lived Postfix processes are
+  counted too), and the block device's sectors written and flush requests (/sys/block/<dev>/
+  stat: the whole device, so other work on the machine and the file system's journal count
+  too). With ``--syncs M`` a further M messages are sent with ``strace -f -c`` attached to the
+  tree, which counts its fsync and fdatasync calls (strace slows it, so no rate is taken then);
+* peak WAL size (mail2alert): the largest outbox.sqlite3-wal seen, sampled every 100 ms.
 
 Systems:
   m2a-routed   mail2alert, a ``mail`` manager whose mail.in_subject rule matches the subject
@@ -34,6 +42,10 @@ Systems:
 
 Needs the Postfix tools (smtp-source, smtp-sink; Debian package ``postfix``), and root for the
 Postfix instance. The script never installs anything; it says what is missing.
+
+A system name may end in ``@LABEL`` to run the sources given as ``--src LABEL=PATH``, so two
+versions of mail2alert are compared in one run, e.g.
+  --src before=/tmp/m2a-before/src --src now=src --systems m2a-routed@before,m2a-routed@now
 
 Example:
   .venv/bin/python bench/bench.py --messages 5000 --sessions 1,10,50
@@ -143,11 +155,13 @@ def tree_pss_kb(pid: int) -> int:
 
 
 def proc_cpu(pid: int) -> float:
-    """utime + stime (all threads) of one process, in seconds."""
+    """utime + stime (all threads) of one process and of its children that it has reaped
+    (cutime + cstime), in seconds: summed over a tree, a child that ends between two readings
+    still counts, in its parent (Postfix's smtpd and cleanup processes come and go)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return 0.0
 
@@ -174,6 +188,59 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def tree_write_bytes(pid: int) -> int:
+    """Bytes the process tree caused to be written to storage (``write_bytes`` in
+    /proc/<pid>/io, which a reaped child's counts are added to), less what was dirtied and
+    then thrown away before it reached the disk (``cancelled_write_bytes``: a file deleted
+    before writeback)."""
+    total = 0
+    for p in children(pid):
+        try:
+            with open(f"/proc/{p}/io") as f:
+                fields = dict(line.split(": ", 1) for line in f.read().splitlines())
+        except (OSError, ValueError):
+            continue
+        total += int(fields.get("write_bytes", 0)) - int(fields.get("cancelled_write_bytes", 0))
+    return total
+
+
+class Device:
+    """The block device that holds ``path``: its sectors written and flush requests
+    (/sys/block/<dev>/stat). Device-wide: other processes and the file system's journal
+    count too."""
+
+    def __init__(self, path: Path) -> None:
+        dev = os.stat(path).st_dev
+        self.stat: Path | None = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
+        if not self.stat.exists():
+            self.stat = None
+        elif (self.stat.parent / "partition").exists():  # a partition: the disk has the flushes
+            self.stat = self.stat.parent.parent / "stat"
+        self.name = self.stat.parent.resolve().name if self.stat else "?"
+
+    def counters(self) -> tuple[int, int] | None:
+        """(bytes written, flush requests) so far, or None when the kernel does not say."""
+        if self.stat is None:
+            return None
+        try:
+            f = [int(v) for v in self.stat.read_text().split()]
+        except (OSError, ValueError):
+            return None
+        # Fields: 7 = sectors written (512 bytes each); 15 = flush requests completed
+        # (kernels since 5.5).
+        return f[6] * 512, f[14] if len(f) >= 15 else -1
+
+
+def count_syncs(summary: str) -> int:
+    """fsync + fdatasync calls in an ``strace -c`` summary."""
+    calls = 0
+    for line in summary.splitlines():
+        parts = line.split()
+        if len(parts) >= 5 and parts[-1] in ("fsync", "fdatasync") and parts[3].isdigit():
+            calls += int(parts[3])
+    return calls
+
+
 def machine_cpu() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine."""
     with open("/proc/stat") as f:
@@ -185,9 +252,11 @@ def machine_cpu() -> tuple[float, float]:
 class RssSampler:
     """Samples the summed PSS of a process tree every 100 ms; keeps the peak."""
 
-    def __init__(self, pid_fn) -> None:
+    def __init__(self, pid_fn, wal: Path | None = None) -> None:
         self.pid_fn = pid_fn
+        self.wal = wal
         self.peak_kb = 0
+        self.wal_peak = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -197,6 +266,9 @@ class RssSampler:
             pid = self.pid_fn()
             if pid:
                 self.peak_kb = max(self.peak_kb, tree_pss_kb(pid))
+            if self.wal is not None:
+                with contextlib.suppress(OSError):
+                    self.wal_peak = max(self.wal_peak, self.wal.stat().st_size)
 
     def stop(self) -> int:
         self._stop.set()
@@ -303,12 +375,14 @@ class Mail2Alert:
         routed: bool,
         args,
         intake_workers: int = 1,
+        src: str = "",
     ) -> None:
         self.name = name
         self.port = free_port()
         self.dir = workdir / name
         self.dir.mkdir(parents=True, exist_ok=True)
         data = self.dir / "data"
+        self.wal = data / "outbox.sqlite3-wal"
         shutil.rmtree(data, ignore_errors=True)
         if routed:
             managers = f"""managers:
@@ -348,7 +422,7 @@ class Mail2Alert:
         prefix = args.m2a_prefix.split() if args.m2a_prefix else []
         self.prefixed = bool(prefix)
         self.log = open(self.dir / "mail2alert.log", "wb")
-        env = dict(os.environ, PYTHONPATH=str(args.src))
+        env = dict(os.environ, PYTHONPATH=src)
         self.proc = subprocess.Popen(
             prefix + cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir, env=env
         )
@@ -571,6 +645,15 @@ class Result:
     rss_kb: int = 0
     pss_kb: int = 0
     threads: dict[str, float] = field(default_factory=dict)
+    written_mb_per_k: float | None = None
+    """MB the process tree wrote per 1,000 messages (/proc/<pid>/io)."""
+    dev_written_mb_per_k: float | None = None
+    """MB the block device wrote per 1,000 messages (device-wide)."""
+    dev_flushes_per_k: float | None = None
+    """Flush requests the block device completed per 1,000 messages (device-wide)."""
+    syncs_per_k: float | None = None
+    """fsync + fdatasync calls per 1,000 messages, counted by strace (--syncs)."""
+    wal_peak_mb: float | None = None
     error: str = ""
 
     @property
@@ -582,23 +665,62 @@ class Result:
         return self.messages / self.e2e_s if self.e2e_s else None
 
 
+def strace_syncs(target, sink: Sink | None, sessions: int, count: int, args) -> float:
+    """Send ``count`` more messages with strace counting the tree's fsync/fdatasync calls;
+    calls per 1,000 messages."""
+    out = Path(tempfile.mkstemp(prefix="strace-", suffix=".txt")[1])
+    cmd = ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", str(out)]
+    for pid in children(target.pid):
+        cmd += ["-p", str(pid)]
+    tracer = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # let strace attach to every thread
+        before = sink.count if sink is not None else 0
+        src = smtp_source(target.port, sessions, count, args)
+        try:
+            src.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            src.kill()
+            raise RuntimeError("smtp-source (strace run) did not finish in time") from None
+        if sink is not None:
+            sink.wait_for(before + count, args.timeout)
+        time.sleep(0.5)  # the last delivery results are recorded after the sink has them
+    finally:
+        tracer.send_signal(signal.SIGINT)  # detach and write the summary
+        try:
+            tracer.wait(30)
+        except subprocess.TimeoutExpired:
+            tracer.kill()
+            tracer.wait()
+    try:
+        return count_syncs(out.read_text()) * 1000 / count
+    finally:
+        out.unlink()
+
+
 def run_one(system: str, sessions: int, args, workdir: Path) -> Result:
     res = Result(system, sessions, args.messages)
     sink: Sink | None = None
     hole: Blackhole | None = None
     target = None
     sampler = None
+    device = Device(workdir)
     try:
-        kind, _, w = system.partition("-w")
+        name, _, label = system.partition("@")
+        if name.startswith("m2a") and label not in args.srcs:
+            raise ValueError(f"no --src {label}=PATH for {system!r}")
+        src = args.srcs.get(label, "")
+        kind, _, w = name.partition("-w")
         workers = int(w) if w else 1
         if kind == "m2a-intake":
             hole = Blackhole()
-            target = Mail2Alert(workdir, system, hole.port, True, args, workers)
-            sampler = RssSampler(lambda: target.pid)
+            target = Mail2Alert(workdir, system, hole.port, True, args, workers, src)
+            sampler = RssSampler(lambda: target.pid, target.wal)
         elif kind in ("m2a-routed", "m2a-relay"):
             sink = Sink(workdir)
-            target = Mail2Alert(workdir, system, sink.port, kind == "m2a-routed", args, workers)
-            sampler = RssSampler(lambda: target.pid)
+            routed = kind == "m2a-routed"
+            target = Mail2Alert(workdir, system, sink.port, routed, args, workers, src)
+            sampler = RssSampler(lambda: target.pid, target.wal)
         elif kind == "postfix":
             sink = Sink(workdir)
             target = Postfix(workdir, sink.port)
@@ -610,6 +732,7 @@ def run_one(system: str, sessions: int, args, workdir: Path) -> Result:
         # Phase A: throughput.
         cpu0, mc0 = target.cpu(), machine_cpu()
         th0 = thread_cpu(target.pid) if isinstance(target, Mail2Alert) else {}
+        wb0, dev0 = tree_write_bytes(target.pid), device.counters()
         t0 = time.monotonic()
         src = smtp_source(target.port, sessions, args.messages, args)
         try:
@@ -627,10 +750,16 @@ def run_one(system: str, sessions: int, args, workdir: Path) -> Result:
                 res.error = f"only {sink.count}/{args.messages} delivered in time"
             else:
                 res.e2e_s = done - t0
-        t_end = time.monotonic()
         cpu1, mc1 = target.cpu(), machine_cpu()
+        wb1, dev1 = tree_write_bytes(target.pid), device.counters()
+        per_k = 1000 / args.messages
+        res.written_mb_per_k = (wb1 - wb0) / 1e6 * per_k
+        if dev0 is not None and dev1 is not None:
+            res.dev_written_mb_per_k = (dev1[0] - dev0[0]) / 1e6 * per_k
+            if dev0[1] >= 0:
+                res.dev_flushes_per_k = (dev1[1] - dev0[1]) * per_k
+        res.cpu_per_msg_ms = (cpu1 - cpu0) * 1000 / args.messages
         if isinstance(target, Mail2Alert):
-            res.cpu_per_msg_ms = (cpu1 - cpu0) * 1000 / args.messages
             th1 = thread_cpu(target.pid)
             res.threads = {
                 k: (v - th0.get(k, 0.0)) * 1000 / args.messages
@@ -638,7 +767,6 @@ def run_one(system: str, sessions: int, args, workdir: Path) -> Result:
                 if v - th0.get(k, 0.0) > 0
             }
         res.machine_cpu = (mc1[0] - mc0[0]) / max(1.0, mc1[1] - mc0[1])
-        del t_end
 
         # Phase B: accept latency on one extra session while C-1 sessions keep it busy.
         bg = None
@@ -656,10 +784,16 @@ def run_one(system: str, sessions: int, args, workdir: Path) -> Result:
         if sink is not None:
             sink.wait_quiet(1.0, 60)
 
+        # Phase C (--syncs M): M more messages, strace counting fsync and fdatasync.
+        if args.syncs:
+            res.syncs_per_k = strace_syncs(target, sink, sessions, args.syncs, args)
+
         if isinstance(target, Mail2Alert):
             res.rss_kb = target.peak_rss_kb()
         if sampler is not None:
             res.pss_kb = sampler.stop()
+            if isinstance(target, Mail2Alert):
+                res.wal_peak_mb = sampler.wal_peak / 1e6
             sampler = None
     except Exception as exc:  # noqa: BLE001 - a benchmark reports and goes on
         res.error = f"{type(exc).__name__}: {exc}"
@@ -682,8 +816,13 @@ def fmt(v: float | None, spec: str = ".0f") -> str:
     return "-" if v is None else format(v, spec)
 
 
+def _median(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
 def medians(results: list[Result]) -> list[Result]:
-    """One result per (system, sessions): median rates; latencies pooled."""
+    """One result per (system, sessions): median rates and costs; latencies pooled."""
     groups: dict[tuple[str, int], list[Result]] = {}
     for r in results:
         if not r.error:
@@ -696,6 +835,13 @@ def medians(results: list[Result]) -> list[Result]:
         m.intake_s = statistics.median(intakes) if intakes else None
         m.e2e_s = statistics.median(e2es) if e2es else None
         m.lat_accept = [x for r in rs for x in r.lat_accept]
+        m.cpu_per_msg_ms = _median([r.cpu_per_msg_ms for r in rs])
+        m.written_mb_per_k = _median([r.written_mb_per_k for r in rs])
+        m.dev_written_mb_per_k = _median([r.dev_written_mb_per_k for r in rs])
+        m.dev_flushes_per_k = _median([r.dev_flushes_per_k for r in rs])
+        m.syncs_per_k = _median([r.syncs_per_k for r in rs])
+        m.wal_peak_mb = _median([r.wal_peak_mb for r in rs])
+        m.pss_kb = int(_median([float(r.pss_kb) for r in rs if r.pss_kb]) or 0)
         out.append(m)
     return out
 
@@ -707,8 +853,9 @@ def report(results: list[Result], args) -> str:
         "",
         "| system | sessions | intake msg/s | end-to-end msg/s | accept p50 ms"
         " | accept p99 ms | txn p50 ms | txn p99 ms | CPU ms/msg | machine CPU"
-        " | peak RSS MB | peak PSS MB | note |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        " | peak RSS MB | peak PSS MB | MB written /1k | device MB /1k | device flushes /1k"
+        " | fsyncs /1k | peak WAL MB | note |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         a = [x * 1000 for x in r.lat_accept]
@@ -723,7 +870,10 @@ def report(results: list[Result], args) -> str:
             f"{a50} | {a99} | {t50} | {t99} | "
             f"{fmt(r.cpu_per_msg_ms, '.2f')} | {machine}% | "
             f"{fmt(r.rss_kb / 1024 if r.rss_kb else None, '.1f')} | "
-            f"{fmt(r.pss_kb / 1024 if r.pss_kb else None, '.1f')} | {r.error} |"
+            f"{fmt(r.pss_kb / 1024 if r.pss_kb else None, '.1f')} | "
+            f"{fmt(r.written_mb_per_k, '.1f')} | {fmt(r.dev_written_mb_per_k, '.1f')} | "
+            f"{fmt(r.dev_flushes_per_k)} | {fmt(r.syncs_per_k)} | "
+            f"{fmt(r.wal_peak_mb, '.1f')} | {r.error} |"
         )
     threads = [
         f"- {r.system} @{r.sessions}: "
@@ -741,13 +891,20 @@ def report(results: list[Result], args) -> str:
         results = medians(results)
         lines += ["", f"Medians over {args.repeat} interleaved repeats:", ""]
         lines += [
-            "| system | sessions | intake msg/s | end-to-end msg/s | accept p99 ms |",
-            "|---|---:|---:|---:|---:|",
+            "| system | sessions | intake msg/s | end-to-end msg/s | accept p50 ms"
+            " | accept p99 ms | CPU ms/msg | MB written /1k | device flushes /1k | fsyncs /1k"
+            " | peak PSS MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in results:
+            a = [x * 1000 for x in r.lat_accept]
             lines.append(
                 f"| {r.system} | {r.sessions} | {fmt(r.intake_rate)} | {fmt(r.e2e_rate)} | "
-                f"{fmt(pct(r.lat_accept, 99) * 1000 if r.lat_accept else None, '.2f')} |"
+                f"{fmt(statistics.median(a) if a else None, '.2f')} | "
+                f"{fmt(pct(a, 99) if a else None, '.2f')} | "
+                f"{fmt(r.cpu_per_msg_ms, '.2f')} | {fmt(r.written_mb_per_k, '.1f')} | "
+                f"{fmt(r.dev_flushes_per_k)} | {fmt(r.syncs_per_k)} | "
+                f"{fmt(r.pss_kb / 1024 if r.pss_kb else None, '.1f')} |"
             )
     post = {r.sessions: r for r in results if r.system == "postfix" and not r.error}
     ratios = []
@@ -784,12 +941,29 @@ def main() -> int:
     ap.add_argument("--probe-seconds", type=float, default=15, help="latency probe time bound")
     ap.add_argument("--timeout", type=float, default=180, help="bound per run, seconds")
     ap.add_argument("--log-level", default="INFO", help="mail2alert --log-level (default INFO)")
-    ap.add_argument("--python", default=str(ROOT / ".venv/bin/python"), help="mail2alert's python")
+    venv = ROOT / ".venv/bin/python"
+    ap.add_argument(
+        "--python",
+        default=str(venv if venv.exists() else sys.executable),
+        help="mail2alert's python (default: .venv/bin/python, else this python)",
+    )
     ap.add_argument(
         "--src",
-        default=str(ROOT / "src"),
+        action="append",
+        default=[],
+        metavar="[LABEL=]PATH",
         help="mail2alert sources to run (PYTHONPATH); e.g. a snapshot made with\n"
-        "git archive HEAD src | tar -x -C /tmp/m2a-snap  ->  --src /tmp/m2a-snap/src",
+        "git archive HEAD src | tar -x -C /tmp/m2a-snap  ->  --src /tmp/m2a-snap/src;\n"
+        "repeat with LABEL=PATH and name systems SYSTEM@LABEL to compare versions\n"
+        "in one run (default: src of this checkout)",
+    )
+    ap.add_argument(
+        "--syncs",
+        type=int,
+        default=0,
+        metavar="M",
+        help="after each run send M more messages with strace -f -c counting the\n"
+        "fsync/fdatasync calls of the tree (default 0: off)",
     )
     ap.add_argument(
         "--m2a-prefix",
@@ -801,6 +975,13 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1, help="run everything R times, interleaved")
     ap.add_argument("--json", help="also write the results as JSON to this file")
     args = ap.parse_args()
+    args.srcs = {}
+    for spec in args.src or [str(ROOT / "src")]:
+        label, sep, path = spec.rpartition("=")
+        args.srcs[label if sep else ""] = str(Path(path).resolve())
+    if args.syncs and shutil.which("strace") is None:
+        print("bench: --syncs needs strace (apt-get install -y strace)", file=sys.stderr)
+        return 2
 
     missing = [t for t in ("smtp-source", "smtp-sink") if shutil.which(t) is None]
     if missing:
@@ -867,6 +1048,11 @@ def main() -> int:
                         "machine_cpu": r.machine_cpu,
                         "peak_rss_mb": r.rss_kb / 1024,
                         "peak_pss_mb": r.pss_kb / 1024,
+                        "written_mb_per_1000": r.written_mb_per_k,
+                        "device_written_mb_per_1000": r.dev_written_mb_per_k,
+                        "device_flushes_per_1000": r.dev_flushes_per_k,
+                        "fsyncs_per_1000": r.syncs_per_k,
+                        "peak_wal_mb": r.wal_peak_mb,
                         "thread_cpu_ms_per_msg": r.threads,
                         "error": r.error,
                     }
