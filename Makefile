@@ -3,20 +3,31 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+# make run's ports: mail2alert's SMTP, the capture sink, the stand-in GoCD.
+SMTP_PORT ?= 1025
+SINK_PORT ?= 8025
+GOCD_PORT ?= 8080
 
 .PHONY: run test lint typecheck pytest bench clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
+# The venv counts as made only once `venv` has succeeded ($(VENV)/.made): a failed or
+# interrupted attempt (Debian without python3-venv, Ctrl-C) is removed and made again next time.
+$(VENV)/.made:
+	@command -v $(PYTHON) >/dev/null || { echo "make: $(PYTHON) not found; on Debian: apt-get install python3 python3-venv" >&2; exit 1; }
+	@echo "Creating $(VENV) with $$($(PYTHON) --version) ..."
+	@rm -rf $(VENV)
+	@$(PYTHON) -m venv $(VENV) >/dev/null 2>&1 || { rm -rf $(VENV); echo "make: '$(PYTHON) -m venv' failed; on Debian: apt-get install python3-venv" >&2; exit 1; }
+	@touch $@
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml $(VENV)/.made
+	@echo "Installing mail2alert and its tools into $(VENV) (about a minute the first time) ..."
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	rm -f $(VENV)/.installed-*
-	touch $@
+	@rm -f $(VENV)/.installed-*
+	@touch $@
 
 ## run: start mail2alert on examples/configuration.yml (localhost:1025) with a capture sink on localhost:8025
 run: $(STAMP)
-	$(BIN)/python examples/run_demo.py
+	$(BIN)/python examples/run_demo.py --smtp-port $(SMTP_PORT) --sink-port $(SINK_PORT) --gocd-port $(GOCD_PORT)
 
 ## test: ruff, mypy --strict, and the whole pytest suite with branch coverage
 test: $(STAMP) lint typecheck pytest

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import getpass
 import json
 import logging
@@ -20,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from mail2alert import __version__, config, explain, postqueue, sendtest
-from mail2alert.errors import ConfigError, Mail2AlertError, UsageError
+from mail2alert.errors import ConfigError, Mail2AlertError, StartupError, UsageError
 from mail2alert.managers.base import Context, ManagerType
 from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.message import RawMessage
@@ -359,7 +360,14 @@ def cmd_capture(args: argparse.Namespace) -> int:
         address = HostPort.parse(args.listen, default_host="localhost")
     except ValueError as exc:
         raise UsageError(f"capture --listen: {exc}") from None
-    testing.run_capture(address.host, address.port)
+    try:
+        testing.run_capture(address.host, address.port)
+    except OSError as exc:
+        reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
+        raise StartupError(
+            f"capture: cannot listen on {address}: {reason}; "
+            "choose another with --listen HOST:PORT"
+        ) from None
     return 0
 
 
