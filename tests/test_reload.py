@@ -73,7 +73,7 @@ def test_an_invalid_new_configuration_keeps_the_running_one_and_says_why(
         assert upstream.wait_for(1)[0].rcpt_tos == ("old@example.com",)
         status = service.service.reload_status
     assert not status.ok
-    assert "is invalid (1 problems)" in status.message
+    assert "is invalid (1 problem)" in status.message
     assert "unknown function 'mail.in_subjekt'" in caplog.text
     assert "keeping the running configuration" in caplog.text
 

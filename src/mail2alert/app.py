@@ -210,7 +210,8 @@ class Service:
             except ConfigError as exc:
                 for problem in exc.problems:
                     log.error("%s", problem)
-                return self._refused(f"{path} is invalid ({len(exc.problems)} problems)")
+                count = len(exc.problems)
+                return self._refused(f"{path} is invalid ({count} problem{'s' * (count != 1)})")
             if new.intake_workers != self.config.intake_workers:
                 log.warning("intake-workers changes take effect at the next restart")
             why = await self._prepare(Change(new))

@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mail2alert", description="Route CI alert mails to the right people by rules."
     )
     parser.add_argument("--version", action="version", version=f"mail2alert {__version__}")
-    parser.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument("--log-level", metavar="LEVEL", help=LOG_LEVEL_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the SMTP relay")
@@ -164,7 +164,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     passwd.add_argument("name", help="the user name (no ':' in it)")
     postqueue.add_parser(commands)
+    summaries = {action.dest: action.help for action in commands._choices_actions}
+    for name, command in commands.choices.items():
+        command.description = command.description or summaries.get(name)
+        command.epilog = f"example:\n  {EXAMPLES[name]}"
+        command.formatter_class = argparse.RawDescriptionHelpFormatter
+        for each in _parsers(command):
+            # Also after the command (`mail2alert check --log-level DEBUG`); SUPPRESS keeps
+            # a value given before it.
+            each.add_argument(
+                "--log-level", metavar="LEVEL", default=argparse.SUPPRESS, help=LOG_LEVEL_HELP
+            )
     return parser
+
+
+#: One example per command, shown at the end of its ``--help``.
+EXAMPLES = {
+    "serve": "mail2alert serve --config /etc/mail2alert/configuration.yml",
+    "check": "mail2alert check --config examples/configuration.yml --smtp",
+    "route": "mail2alert route examples/mail/stage-broken.eml --config examples/configuration.yml"
+    " --trace",
+    "test": "mail2alert test examples/routing-tests.yml --config examples/configuration.yml",
+    "coverage": "mail2alert coverage --config examples/configuration.yml --format yaml",
+    "send-test": "mail2alert send-test mailto:you@example.com --config configuration.yml",
+    "capture": "mail2alert capture --listen localhost:8025",
+    "passwd": "mail2alert passwd gocd >> /etc/mail2alert/users",
+    "queue": "mail2alert queue list --config /etc/mail2alert/configuration.yml",
+}
+LOG_LEVEL_HELP = "DEBUG, INFO, WARNING or ERROR (default $LOGLEVEL, else INFO)"
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every parser below it (``queue list``, ``queue show``...)."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += _parsers(child)
+    return found
 
 
 def _add_snapshot(parser: argparse.ArgumentParser) -> None:
