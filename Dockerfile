@@ -6,7 +6,7 @@
 #
 # In the mounted configuration.yml, set
 #     local-smtp: 0.0.0.0:1025          # "localhost" would be unreachable from outside the container
-#     data-dir: /var/lib/mail2alert     # the volume (the default, ./mail2alert-data, lands there too)
+#     data-dir: /var/lib/mail2alert     # the volume ($MAIL2ALERT_DATA_DIR, the default here, says so too)
 
 # --- build: the mail2alert wheel and the wheels of its dependencies --------------------------
 FROM python:3.11-slim AS build
@@ -30,7 +30,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    MAIL2ALERT_CONFIGURATION=/etc/mail2alert/configuration.yml
+    MAIL2ALERT_CONFIGURATION=/etc/mail2alert/configuration.yml \
+    MAIL2ALERT_DATA_DIR=/var/lib/mail2alert
 
 # The wheels are bind-mounted from the build stage, so they never become a layer of this image.
 # A fixed uid/gid lets the host grant the mounted configuration to it (chgrp 10001 ...).
@@ -45,7 +46,7 @@ RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
 
 # Declared after the chown, so a new named volume starts out owned by mail2alert.
 VOLUME ["/var/lib/mail2alert"]
-# mail2alert's default data-dir is ./mail2alert-data: from here it is inside the volume too.
+# Without a data-dir in the file, $MAIL2ALERT_DATA_DIR (above) puts the outbox in the volume.
 WORKDIR /var/lib/mail2alert
 USER 10001:10001
 

@@ -59,8 +59,8 @@ def configuration(ports: dict[str, int], workdir: Path) -> Path:
     for name, old in (("smtp", "localhost:1025"), ("sink", "localhost:8025")):
         text = text.replace(old, f"localhost:{ports[name]}")
     text = text.replace("http://localhost:8080/go", f"http://localhost:{ports['gocd']}/go")
-    # The copy lives in a temporary directory: keep the outbox where the example's would be.
-    text += f"data-dir: {json.dumps(str(Path.cwd() / 'mail2alert-data'))}\n"
+    # The copy lives in a temporary directory: keep the outbox where the example's is.
+    text += f"data-dir: {json.dumps(str(HERE / 'mail2alert-data'))}\n"
     path = workdir / "configuration.yml"
     path.write_text(text)
     return path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,3 +22,13 @@ def upstream() -> Iterator[CaptureServer]:
 def data_dir(tmp_path: Path) -> Path:
     """A fresh data-dir for one test."""
     return tmp_path / "data"
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """cli.main() reconfigures the root logger (basicConfig force=True); undo that afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import textwrap
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
@@ -76,7 +75,7 @@ def test_the_example_mail_manager_has_its_wants_and_rule() -> None:
 def test_optional_settings_have_their_defaults() -> None:
     loaded = config.load(EXAMPLE)
 
-    assert loaded.data_dir == Path("./mail2alert-data")
+    assert loaded.data_dir == EXAMPLE.parent / "mail2alert-data"
     assert loaded.delivery == Delivery(retry_initial=60, retry_max=3600, give_up_after=5 * 86400)
 
 
@@ -842,16 +841,6 @@ def test_load_of_a_missing_file_is_one_problem(tmp_path: Path) -> None:
 
 
 # -- mail2alert check ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """cli.main() reconfigures the root logger (basicConfig force=True); undo that afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.usefixtures("restore_logging")

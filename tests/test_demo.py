@@ -3,6 +3,7 @@ meets them."""
 
 from __future__ import annotations
 
+import shutil
 import signal
 import smtplib
 import socket
@@ -65,9 +66,12 @@ def test_capture_on_a_busy_port_says_so_in_one_line_without_a_traceback() -> Non
 
 
 def test_the_demo_on_chosen_ports_routes_the_readmes_broken_stage_to_cat(tmp_path: Path) -> None:
+    # A copy of examples/, so that the demo's outbox (beside its configuration) is made here.
+    examples = shutil.copytree(ROOT / "examples", tmp_path / "examples")
     ports = {name: free_port() for name in ("smtp", "sink", "gocd")}
     demo = subprocess.Popen(
-        [sys.executable, str(DEMO)] + [f"--{n}-port={p}" for n, p in ports.items()],
+        [sys.executable, str(examples / "run_demo.py")]
+        + [f"--{n}-port={p}" for n, p in ports.items()],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -92,5 +96,5 @@ def test_the_demo_on_chosen_ports_routes_the_readmes_broken_stage_to_cat(tmp_pat
         reader.join(10)
         demo.stdout.close()
     assert any(f"stand-in GoCD on localhost:{ports['gocd']}" in x for x in lines)
-    assert (tmp_path / "mail2alert-data").is_dir()
+    assert (examples / "mail2alert-data" / "outbox.sqlite3").is_file()
     assert not any("Traceback" in x for x in lines)

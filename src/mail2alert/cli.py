@@ -26,7 +26,7 @@ from mail2alert.managers.base import Context, ManagerType
 from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
-from mail2alert.outbox import read_notes_of
+from mail2alert.outbox import read_notes_of, unusable
 from mail2alert.settings import HostPort
 from mail2alert.transports.smtp import SmtpConnection
 from mail2alert.users import hash_password
@@ -354,6 +354,10 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         count = len(exc.problems)
         print(f"{path}: invalid, {count} problem{'s' * (count != 1)}", file=sys.stderr)
+        return 1
+    unfit = unusable(loaded.data_dir)
+    if unfit is not None:
+        print(f"{path}: data-dir {loaded.data_dir} {unfit}", file=sys.stderr)
         return 1
     print(f"{path}: OK, {loaded.summary()}")
     if not args.smtp:

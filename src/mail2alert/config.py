@@ -120,6 +120,12 @@ def default_workers() -> int:
     return min(2, os.cpu_count() or 1)
 
 
+#: ``data-dir`` when the file names none: this variable (the Docker image and the systemd
+#: unit set it to their state directory), else ``mail2alert-data`` beside the file.
+ENV_DATA_DIR = "MAIL2ALERT_DATA_DIR"
+DEFAULT_DATA_DIR = "mail2alert-data"
+
+
 def config_path(explicit: str | None) -> Path:
     """Where the configuration is: ``--config``, else ``$MAIL2ALERT_CONFIGURATION``, else ./."""
     return Path(explicit or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
@@ -248,7 +254,7 @@ class _Walker(Checker):
             listener=listener,
             upstream=upstream,
             managers=tuple(managers),
-            data_dir=Path(data_dir or "./mail2alert-data"),
+            data_dir=self.located(data_dir or self.env.get(ENV_DATA_DIR) or DEFAULT_DATA_DIR),
             delivery=delivery or Delivery(),
             intake_workers=workers or default_workers(),
             slack_token=Secret(slack_token) if slack_token else None,

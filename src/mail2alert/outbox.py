@@ -45,6 +45,7 @@ import os
 import queue
 import secrets
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -1135,3 +1136,22 @@ def read_notes(db: sqlite3.Connection) -> dict[str, dict[tuple[str, ...], str]]:
     for space, key, value in db.execute("SELECT space, key, value FROM notes"):
         notes.setdefault(str(space), {})[_key_of(key)] = str(value)
     return notes
+
+
+def unusable(data_dir: Path) -> str | None:
+    """Why ``data_dir`` cannot hold an outbox (it is a file, or it or the directory it would
+    be made in is not writable), or None when it can. Creates nothing that stays."""
+    existing = data_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory" if existing != data_dir else "is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if existing == data_dir:
+            return f"is not writable ({why})"
+        return f"cannot be made: {existing} is not writable ({why})"
+    return None

@@ -52,6 +52,19 @@ class Checker:
         self.filename = filename
         self.env = env
         self.problems: list[ConfigProblem] = []
+        #: Relative paths in the file are relative to the file, not to where a command runs,
+        #: so every command (and ``serve`` under systemd) finds the same files.
+        self.base = Path(filename).parent.absolute()
+
+    def located(self, value: str) -> Path:
+        """``value`` as a path: as it is when absolute, else relative to the file."""
+        path = Path(value)
+        return path if path.is_absolute() else self.base / path
+
+    @staticmethod
+    def shown(value: str, path: Path) -> str:
+        """``value`` quoted for a message, with where it was looked for when it was relative."""
+        return repr(value) if str(path) == value else f"{value!r} ({path})"
 
     def problem(self, node: Node | None, path: str, message: str) -> None:
         line = line_of(node) if node is not None else 0
@@ -205,12 +218,13 @@ class Checker:
         value = self.text(node, path)
         if value is None:
             return None
-        file = Path(value)
+        file = self.located(value)
         try:
             with file.open("rb"):
                 pass
         except OSError as exc:
-            self.problem(node, path, f"cannot read {value!r}: {exc.strerror or exc}")
+            shown = self.shown(value, file)
+            self.problem(node, path, f"cannot read {shown}: {exc.strerror or exc}")
             return None
         return file
 
@@ -231,9 +245,12 @@ class Checker:
                 self.problem(node, path, f"expected an http:// or https:// URL, got {shown!r}")
                 return None
             return value.rstrip("/")
-        if option.kind == "path" and not Path(value).is_file():
-            self.problem(node, path, f"no such file: {value!r}")
-            return None
+        if option.kind == "path":
+            file = self.located(value)
+            if not file.is_file():
+                self.problem(node, path, f"no such file: {self.shown(value, file)}")
+                return None
+            return str(file)
         return value
 
 
