@@ -406,8 +406,7 @@ def cmd_capture(args: argparse.Namespace) -> int:
     except OSError as exc:
         reason = "in use" if exc.errno == errno.EADDRINUSE else exc.strerror or str(exc)
         raise StartupError(
-            f"capture: cannot listen on {address}: {reason}; "
-            "choose another with --listen HOST:PORT"
+            f"capture: cannot listen on {address}: {reason}; choose another with --listen HOST:PORT"
         ) from None
     return 0
 
