@@ -339,6 +339,24 @@ def test_the_image_is_built_in_two_python_3_11_slim_stages() -> None:
     assert bases == ["python:3.11-slim", "python:3.11-slim"]
 
 
+def test_the_dockerfile_needs_no_buildkit() -> None:
+    """Debian's docker.io builds with the classic builder: no ``# syntax=`` directive, no
+    ``RUN --mount``, no ``COPY --link``, no heredocs."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, re.MULTILINE | re.IGNORECASE)
+    for kw, rest in dockerfile():
+        assert not (kw == "RUN" and rest.startswith("--mount")), rest
+        assert not (kw in ("COPY", "ADD") and "--link" in rest), rest
+        assert "<<" not in rest, rest
+
+
+def test_the_runtime_stage_gets_the_built_venv_and_runs_its_mail2alert() -> None:
+    stages = " ".join(f"{kw} {rest}" for kw, rest in dockerfile()).split("FROM ")
+    assert "COPY --from=build /opt/mail2alert /opt/mail2alert" in stages[-1]
+    env = " ".join(rest for kw, rest in dockerfile() if kw == "ENV")
+    assert "PATH=/opt/mail2alert/bin:$PATH" in env.split()
+
+
 def test_the_runtime_stage_installs_no_compilers() -> None:
     stages = " ".join(f"{kw} {rest}" for kw, rest in dockerfile()).split("FROM ")
     runtime = stages[-1]
