@@ -218,15 +218,19 @@ def _dest(kind: ManagerType) -> str:
     return f"snapshot_of_{kind.name}"
 
 
-def _load(args: argparse.Namespace) -> config.Config:
-    """The configuration, or ConfigError after printing every problem."""
+def _load(args: argparse.Namespace, *, unset_ok: bool = True) -> config.Config:
+    """The configuration, or ConfigError after printing every problem. ``unset_ok`` for the
+    commands that send nothing: unset variables are then notes on stderr, not problems."""
     path = config.config_path(args.config)
     try:
-        return config.load(path)
+        loaded = config.load(path, unset_ok=unset_ok)
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         raise Mail2AlertError(f"{path} is invalid (see `mail2alert check`)") from None
+    for note in loaded.unset_notes():
+        print(f"note: {note}", file=sys.stderr)
+    return loaded
 
 
 def _context(args: argparse.Namespace, loaded: config.Config) -> Context:
@@ -245,9 +249,18 @@ async def _fetch_snapshots(loaded: config.Config, *, skip: set[str]) -> dict[str
     """Each manager's snapshot, read once (live, else as kept); notes on stderr. Managers of
     the types in ``skip`` are left out (their snapshot comes from a file)."""
     snapshots: dict[str, object] = {}
-    for manager in loaded.routing:
+    blocked = loaded.live_blocked()
+    for index, manager in enumerate(loaded.routing):
         background = manager.type.background
         if background is None or manager.type.name in skip:
+            continue
+        if index in blocked:
+            saved = background.saved(manager.options, loaded.data_dir)
+            kept = background.load(saved) if saved is not None else None
+            if kept is not None:
+                snapshots[manager.label] = kept
+            else:
+                print(f"note: {manager.label}: nothing kept in {loaded.data_dir}", file=sys.stderr)
             continue
         snapshot, note = await background.fetch(manager.label, manager.options, loaded.data_dir)
         if note:
@@ -328,7 +341,7 @@ def cmd_coverage(args: argparse.Namespace) -> int:
 
 def cmd_send_test(args: argparse.Namespace) -> int:
     """``mail2alert send-test``: 0 when every target took the test notification."""
-    loaded = _load(args)
+    loaded = _load(args, unset_ok=False)
     uris = sendtest.targets(loaded, args.target)
 
     async def send_all() -> list[tuple[bool, str]]:

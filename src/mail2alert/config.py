@@ -14,6 +14,7 @@ literal ``$``); an unset variable is a problem, never left as text.
 from __future__ import annotations
 
 import os
+import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -59,6 +60,19 @@ class ManagerConfig:
 
 
 @dataclass(frozen=True)
+class Unset:
+    """An environment variable the file names that was not set, and the key that names it."""
+
+    name: str
+    path: str
+
+    def manager_index(self) -> int | None:
+        """The index of the manager whose key names it, or None for a top-level key."""
+        found = re.match(r"managers\[(\d+)\]", self.path)
+        return int(found.group(1)) if found else None
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, valid configuration."""
 
@@ -79,6 +93,29 @@ class Config:
     """``remote-smtp`` in full (its ``address`` is :attr:`remote_smtp`)."""
     source: str = field(default="", repr=False, compare=False)
     """The text it was read from: intake workers reload from exactly what was validated."""
+    unset: tuple[Unset, ...] = ()
+    """The environment variables it names that were not set (loaded with ``unset_ok``)."""
+
+    def unset_notes(self) -> list[str]:
+        """What each unset variable (:attr:`unset`) leaves out of a command that sends
+        nothing, one line each."""
+        notes = []
+        for unset in self.unset:
+            what = f"{unset.path} names ${unset.name}, which is not set"
+            index = unset.manager_index()
+            if ".actions[" in unset.path:
+                notes.append(f"{what}: that action is left out here")
+            elif index is not None and self.routing[index].type.background is not None:
+                label = self.routing[index].label
+                notes.append(f"{what}: {label}'s live data is not read, the kept one is used")
+            else:
+                notes.append(f"{what}: only serve and check need it")
+        return notes
+
+    def live_blocked(self) -> set[int]:
+        """The managers (by index) whose own keys name an unset variable: not to be asked
+        for live data with credentials that are missing."""
+        return {i for u in self.unset if (i := u.manager_index()) is not None}
 
     @property
     def routing(self) -> tuple[Manager, ...]:
@@ -131,8 +168,11 @@ def config_path(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
 
 
-def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the configuration file at ``path``; raise ConfigError listing all."""
+def load(
+    path: str | Path, env: Mapping[str, str] | None = None, *, unset_ok: bool = False
+) -> Config:
+    """Read and validate the configuration file at ``path``; raise ConfigError listing all.
+    ``unset_ok``: see :func:`parse`."""
     name = str(path)
     try:
         st = Path(path).stat()
@@ -142,13 +182,19 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError([ConfigProblem(name, 0, "", f"cannot read: {reason}")]) from None
-    loaded = parse(text, name, os.environ if env is None else env)
+    loaded = parse(text, name, os.environ if env is None else env, unset_ok=unset_ok)
     return replace(loaded, stamp=(st.st_mtime_ns, st.st_size, st.st_ino), source=text)
 
 
-def parse(text: str, filename: str, env: Mapping[str, str]) -> Config:
-    """Validate configuration text; ``filename`` is only used in messages."""
+def parse(text: str, filename: str, env: Mapping[str, str], *, unset_ok: bool = False) -> Config:
+    """Validate configuration text; ``filename`` is only used in messages.
+
+    ``unset_ok`` is for commands that send nothing (``route``, ``test``, ``coverage``,
+    ``queue``): an unset ``$NAME`` reads as empty and is listed in :attr:`Config.unset`
+    instead of being a problem; what then fails to validate is still a problem.
+    """
     walker = _Walker(filename, env)
+    walker.unset_ok = unset_ok
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -168,7 +214,7 @@ def parse(text: str, filename: str, env: Mapping[str, str]) -> Config:
         raise ConfigError(
             walker.problems or [ConfigProblem(filename, 0, "", "empty configuration")]
         )
-    return config
+    return replace(config, unset=tuple(Unset(name, path) for name, path in walker.unset))
 
 
 class _Walker(Checker):
@@ -187,9 +233,10 @@ class _Walker(Checker):
         items = self.sequence(node, path) or []
         out: list[str] = []
         for i, item in enumerate(items):
+            unset = len(self.unset)
             uri = self.text(item, f"{path}[{i}]")
-            if uri is None:
-                continue
+            if uri is None or len(self.unset) > unset:
+                continue  # an action whose URL is unset is left out (only with unset_ok)
             problem = check_action(uri.strip())
             if problem:
                 self.problem(item, f"{path}[{i}]", problem)

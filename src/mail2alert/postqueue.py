@@ -374,7 +374,9 @@ def run(args: argparse.Namespace) -> int:
     action = args.action or "list"
     if action == "retry" and bool(args.queue_ids) == args.all:
         raise UsageError("queue retry: give queue ids or --all, not both or neither")
-    cfg = config.load(config.config_path(args.config))
+    cfg = config.load(config.config_path(args.config), unset_ok=True)
+    for note in cfg.unset_notes():
+        print(f"note: {note}", file=sys.stderr)
     with opened(cfg) as outbox:
         lines = _ACTIONS[action](outbox, args, time.time())
     sys.stdout.write("".join(line + "\n" for line in lines))

@@ -52,6 +52,10 @@ class Checker:
         self.filename = filename
         self.env = env
         self.problems: list[ConfigProblem] = []
+        #: With ``unset_ok``, an unset ``$NAME`` is no problem: it reads as empty and is
+        #: listed in :attr:`unset` as (name, key path), for commands that need no secret.
+        self.unset_ok = False
+        self.unset: list[tuple[str, str]] = []
         #: Relative paths in the file are relative to the file, not to where a command runs,
         #: so every command (and ``serve`` under systemd) finds the same files.
         self.base = Path(filename).parent.absolute()
@@ -130,6 +134,9 @@ class Checker:
             return self.env[name]
 
         result = _VAR.sub(substitute, value)
+        if self.unset_ok:
+            self.unset += [(name, path) for name in missing]
+            return result
         for name in missing:
             self.problem(node, path, f"environment variable {name!r} is not set")
         return None if missing else result
