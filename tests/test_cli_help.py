@@ -9,6 +9,7 @@ import pytest
 from mail2alert import __version__, cli
 
 
+@pytest.mark.usefixtures("restore_logging")
 @pytest.mark.parametrize("command", sorted(cli.EXAMPLES))
 def test_every_commands_help_has_a_one_line_description_and_an_example(
     command: str, capsys: pytest.CaptureFixture[str]
@@ -31,6 +32,7 @@ def test_every_command_has_an_example() -> None:
     assert set(action.choices or ()) == set(cli.EXAMPLES)
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as ended:
         cli.main(["--version"])
@@ -51,6 +53,7 @@ def test_log_level_is_taken_before_or_after_the_command(argv: list[str]) -> None
     assert args.log_level == "DEBUG"
 
 
+@pytest.mark.usefixtures("restore_logging")
 def test_a_log_level_before_the_command_is_kept_when_none_follows_it() -> None:
     args = cli.build_parser().parse_args(["--log-level", "WARNING", "check"])
     assert args.log_level == "WARNING"
