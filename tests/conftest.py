@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from mail2alert.testing import CaptureServer
+
+# The property tests (tests/test_fuzz.py) must give the same verdict on every run and in
+# bounded time: derandomized, a fixed number of examples, and no example database written
+# into the work tree. HYPOTHESIS_PROFILE=deep searches longer, by hand.
+settings.register_profile("ci", derandomize=True, max_examples=60, deadline=None, database=None)
+settings.register_profile("deep", max_examples=5000, deadline=None, database=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture
