@@ -280,6 +280,58 @@ def test_a_message_no_manager_wants_is_relayed() -> None:
     assert (decision.outcome, decision.manager) == ("relay", None)
 
 
+# -- never back to mail2alert -----------------------------------------------------------------
+
+
+def to_ourselves(*actions: str, fallback: tuple[str, ...] = ()) -> Accepted:
+    """A mail to the manager's own address, routed by one matching rule with ``actions``."""
+    manager = Manager(
+        MANAGER_TYPES["mail"],
+        0,
+        wants_to=("alerts@example.com",),
+        rules=(mail_rule("disk", *actions),),
+        fallback=fallback,
+    )
+    envelope = Envelope("go@example.com", ("alerts@example.com",))
+    return accept("Q", envelope, compose(subject="disk full"), [manager], Context())
+
+
+def test_routed_mail_is_not_sent_to_an_address_mail2alert_takes_mail_for() -> None:
+    """Upstream would hand it straight back to mail2alert, which would route it again."""
+    a = to_ourselves("mailto:team@example.com", "mailto:Alerts@Example.com")
+
+    assert [item.recipients for item in a.items] == [("team@example.com",)]
+    assert a.decision.reason == (
+        "1 of 1 rules matched; Alerts@Example.com left out (mail2alert's own address)"
+    )
+
+
+def test_with_no_one_else_to_send_to_the_fallback_actions_are_used_without_ours() -> None:
+    fallback = ("mailto:alerts@example.com", "mailto:ops@example.com")
+
+    a = to_ourselves("mailto:alerts@example.com", fallback=fallback)
+
+    assert (a.decision.outcome, a.decision.actions) == ("deliver", ("mailto:ops@example.com",))
+    assert [item.recipients for item in a.items] == [("ops@example.com",)]
+
+
+def test_with_no_one_else_and_no_fallback_the_mail_is_dropped_and_the_reason_says_why() -> None:
+    a = to_ourselves("mailto:alerts@example.com")
+
+    assert (a.decision.outcome, a.items) == ("drop", ())
+    assert a.decision.reason == (
+        "1 of 1 rules matched; alerts@example.com left out (mail2alert's own address):"
+        " no one left to send to"
+    )
+
+
+def test_chat_actions_still_go_when_the_only_mail_recipient_is_ours() -> None:
+    a = to_ourselves("mailto:alerts@example.com", "slack:#ops")
+
+    assert (a.decision.outcome, a.decision.actions) == ("deliver", ("slack:#ops",))
+    assert [item.kind for item in a.items] == ["chat"]
+
+
 # -- a sender of our own (hosted smarthosts take mail only from their login) ------------------
 
 

@@ -26,8 +26,10 @@ from functools import cached_property
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-#: The names :mod:`email` gives ASCII (as an encoded word's charset, lower-cased).
-_ASCII_CHARSETS = frozenset({"us-ascii", "ascii"})
+_LINE_BREAK_TEXT = re.compile("[\r\n]")
+_LINE_BREAKS = re.compile(rb"[\r\n]+")
+#: A CR that does not begin a CRLF: no line end to mail2alert, but one to most mail readers.
+_BARE_CR = re.compile(rb"\r(?!\n)")
 
 #: How much of a message :func:`body_text` reads: the text routing needs is near the top.
 BODY_TEXT_LIMIT = 1 << 20
@@ -105,6 +107,11 @@ class RawMessage:
                 return f.value
         return None
 
+    def count(self, name: str) -> int:
+        """How many fields called ``name`` (case-insensitive) the header section holds."""
+        wanted = name.lower()
+        return sum(f.name == wanted for f in self.fields)
+
     def get(self, name: str) -> str:
         """The first ``name`` field, unfolded and decoded (RFC 2047, any charset); '' if absent."""
         raw = self.get_raw(name)
@@ -145,25 +152,9 @@ def _decode_header_value(raw: bytes) -> str:
         # an encoded word ("café =?utf-8?Q?x?=" became "caf\ufffd x").
         return _decode_words_leniently(text)
     try:
-        return str(email.header.make_header(_ascii_words_as_utf8(email.header.decode_header(text))))
+        return str(email.header.make_header(email.header.decode_header(text)))
     except (LookupError, ValueError, UnicodeError, email.errors.MessageError):
         return _decode_words_leniently(text)
-
-
-def _ascii_words_as_utf8(parts: list[tuple[bytes, str | None]]) -> list[tuple[bytes, str | None]]:
-    """Encoded words in us-ascii read as UTF-8 (which ASCII is), joined to UTF-8 words beside.
-
-    make_header takes a us-ascii word for unencoded text and puts a space between it and the
-    encoded word before: "=?utf-8?Q?S?= =?us-ascii?Q?tage?=" read "S tage".
-    """
-    out: list[tuple[bytes, str | None]] = []
-    for chunk, charset in parts:
-        charset = "utf-8" if charset in _ASCII_CHARSETS else charset
-        if out and charset is not None and out[-1][1] == charset:
-            out[-1] = (out[-1][0] + chunk, charset)
-        else:
-            out.append((chunk, charset))
-    return out
 
 
 def _decode_words_leniently(text: str) -> str:
@@ -199,7 +190,9 @@ def _decode_chunk(chunk: bytes, charset: str) -> str:
 
 def address_of(header_text: str) -> str:
     """The bare address in a From:/To:-style value, or '' when there is none."""
-    _, addr = email.utils.parseaddr(header_text)
+    # parseaddr ends a quoted string at a CR: '"victim@example.org\r" <go@example.com>' read
+    # as victim@example.org. No line break belongs in a value, so none may end a quote.
+    _, addr = email.utils.parseaddr(_LINE_BREAK_TEXT.sub(" ", header_text))
     if addr and "@" in addr:
         return valid_text(addr)
     found = _ADDRESS.search(header_text)
@@ -266,14 +259,16 @@ def rewrite(
 
     The new fields take the place of the first old ones; further From:/To: fields are removed.
     ``from_value`` None keeps the original From: field. ``add_fields`` (without line endings)
-    go at the end of the header section, replacing any fields of the same names.
+    go at the end of the header section, replacing any fields of the same names. A line
+    break in a value written here is left out: it could only end the field and start another.
     """
+    add_fields = tuple(one_line(f) for f in add_fields)
     replaced = {f.split(b":", 1)[0].strip().lower().decode("ascii") for f in add_fields}
     nl = message.newline
     new_to = _fold_addresses(to_addresses, nl)
     # An envelope sender of non-UTF-8 bytes arrives surrogate-escaped: write its own bytes.
     new_from = (
-        b"From: " + from_value.encode("utf-8", "surrogateescape") + nl
+        b"From: " + one_line(from_value.encode("utf-8", "surrogateescape")) + nl
         if from_value is not None
         else None
     )
@@ -322,3 +317,27 @@ def _fold_addresses(addresses: tuple[str, ...], nl: bytes) -> bytes:
             line += piece
     lines.append(line)
     return nl.join(s.encode("utf-8", "surrogateescape") for s in lines) + nl
+
+
+def one_line(value: bytes) -> bytes:
+    """``value`` with its line breaks left out, as unfolding does: fit to write in one field."""
+    return _LINE_BREAKS.sub(b"", value)
+
+
+def fold_bare_cr(data: bytes) -> bytes:
+    """``data`` with each bare CR of its header section made the start of a folded line.
+
+    SMTP lets no bare CR through, and the usual cure, a CRLF in its place, would start a new
+    header field where mail2alert (and the SMTP servers on the way) saw none:
+    ``Subject: hi<CR>Bcc: x`` would gain a Bcc. Folded, the field stays the one field it was.
+    Returns ``data`` itself when there is nothing to fold (the body is never touched).
+    """
+    end = RawMessage.parse(data).header_end
+    if _BARE_CR.search(data, 0, end) is None:
+        return data
+    return _BARE_CR.sub(_fold, data[:end]) + data[end:]
+
+
+def _fold(bare_cr: re.Match[bytes]) -> bytes:
+    after = bare_cr.string[bare_cr.end() : bare_cr.end() + 1]
+    return b"\r\n" if after in (b" ", b"\t") else b"\r\n "

@@ -117,16 +117,18 @@ def accept(
     received_at: float | None = None,
     stop_holding: bool = False,
     sender: str | None = None,
+    parsed: RawMessage | None = None,
 ) -> Accepted:
     """Route one received message and plan what the outbox must keep; never raises.
 
     If routing itself fails (our bug, never the sender's), the message is relayed unchanged
     and the error logged with its queue id. With ``stop_holding``, a message that would be
     held again goes to its manager's ``fallback`` actions, or is relayed unchanged.
-    ``sender`` (``remote-smtp``'s) is the From: of routed mail.
+    ``sender`` (``remote-smtp``'s) is the From: of routed mail. ``parsed`` is ``data`` split
+    already, by a caller that had to read its header first.
     """
     now = time.time() if received_at is None else received_at
-    message = RawMessage.parse(data)
+    message = RawMessage.parse(data) if parsed is None else parsed
     try:
         decision = route(managers, envelope, message, context)
     except Exception:
@@ -134,6 +136,7 @@ def accept(
         decision = Decision("relay", None, "routing failed: relayed unchanged")
     if decision.outcome == "hold" and stop_holding:
         decision = _stop_holding(queue_id, decision, managers)
+    decision = _not_to_ourselves(queue_id, decision, managers)
     single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
     received = received_header(
         helo=helo,
@@ -157,6 +160,42 @@ def accept(
         claim=planned.claim,
         label=planned.label,
     )
+
+
+def _not_to_ourselves(queue_id: str, decision: Decision, managers: Sequence[Manager]) -> Decision:
+    """``decision`` without the recipients mail2alert itself takes mail for.
+
+    Sent upstream, a mail to a manager's ``messages-we-want: to:`` address comes straight back
+    and is routed again: a loop. Those recipients are left out (logged once); when nothing is
+    left, the manager's fallback actions are used as for a match without actions, else the
+    message is dropped, and the decision's reason says why.
+    """
+    if decision.outcome != "deliver":
+        return decision
+    ours = {address.lower() for manager in managers for address in manager.wants_to}
+    looping = [a for a in decision.actions if _mail_to(a) in ours]
+    if not looping:
+        return decision
+    left_out = ", ".join(a[len("mailto:") :] for a in looping)
+    log.warning(
+        "%s: not sent to %s: mail2alert takes mail for it, so it would come back (a loop)",
+        queue_id,
+        left_out,
+    )
+    why = f"{decision.reason}; {left_out} left out (mail2alert's own address)"
+    kept = tuple(a for a in decision.actions if a not in looping)
+    if kept:
+        return replace(decision, actions=kept, reason=why)
+    manager = find_manager(managers, decision.manager)
+    fallback = tuple(a for a in manager.fallback if _mail_to(a) not in ours) if manager else ()
+    if fallback:
+        return replace(decision, actions=fallback, reason=f"{why}: fallback actions")
+    return replace(decision, outcome="drop", actions=(), reason=f"{why}: no one left to send to")
+
+
+def _mail_to(action: str) -> str | None:
+    """The address of a ``mailto:`` action, in lower case; None for any other action."""
+    return action[len("mailto:") :].lower() if action.lower().startswith("mailto:") else None
 
 
 def _stop_holding(queue_id: str, decision: Decision, managers: Sequence[Manager]) -> Decision:

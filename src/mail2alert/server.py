@@ -29,6 +29,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 from mail2alert.actions import mask
 from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.managers.base import Context
+from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id
 from mail2alert.planning import accept
@@ -55,6 +56,11 @@ REPLY_TOO_MANY_RECIPIENTS = "452 4.5.3 Too many recipients"
 REPLY_TOO_BIG = "552 5.3.4 Message size exceeds fixed maximum message size"
 REPLY_NEEDS_SMTPUTF8 = "553 5.6.7 Non-ASCII address without SMTPUTF8"
 REPLY_COMMAND_TOO_LONG = "500 5.5.2 Command line too long"
+REPLY_LOOP = "554 5.4.6 Too many hops: mail loop detected"
+
+#: A message that has passed more mail servers than this is looping (Postfix's
+#: ``hopcount_limit`` counts the same way, with 50); it is refused, not passed round again.
+MAX_HOPS = 30
 
 #: The longest command line taken, CRLF not counted (Postfix's ``line_length_limit``):
 #: room for a long address with every MAIL parameter, where aiosmtpd allows 512.
@@ -152,6 +158,18 @@ class Handler:
             content = envelope.content
             data = content if isinstance(content, bytes) else (content or "").encode("utf-8")
             peer = session.peer[0] if isinstance(session.peer, tuple) else str(session.peer)
+            message = RawMessage.parse(data)
+            hops = message.count("received")
+            if hops > MAX_HOPS:
+                log.warning(
+                    "%s: refused, looping: %d Received: fields (more than %d) from=<%s> to=<%s>",
+                    queue_id,
+                    hops,
+                    MAX_HOPS,
+                    loggable(_reverse_path(envelope.mail_from)),
+                    loggable(",".join(envelope.rcpt_tos)),
+                )
+                return REPLY_LOOP
             accepted = accept(
                 queue_id,
                 Envelope(_reverse_path(envelope.mail_from), tuple(envelope.rcpt_tos)),
@@ -162,11 +180,12 @@ class Handler:
                 peer=peer,
                 hostname=self.hostname,
                 sender=self.sender(),
+                parsed=message,
             )
             # The items hold their own copies now; while the commit waits for its fsync the
             # message's bytes need not be held too (a 31 MB message is held by its items alone).
             envelope.content = envelope.original_content = None
-            del content, data
+            del content, data, message
             try:
                 duplicate_of = await self.committer.put(accepted)
             except OutboxError as exc:

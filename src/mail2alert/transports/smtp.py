@@ -6,6 +6,12 @@ UTF-8 go out as they came in (aiosmtplib's own ``sendmail`` would re-parse them,
 an empty sender). What cannot be sent on a command line (a line break, a NUL) is refused for
 good, never sent.
 
+DATA goes out as the wire wants it: every line ended by CRLF (a bare LF becomes one, as every
+SMTP server reads it) and every line that starts with a dot stuffed, so no sequence in a
+message can end its DATA early (``<LF>.<LF>``, ``<CR>.<CR>``: SMTP smuggling). A bare CR in
+the header section is folded instead (:func:`~mail2alert.message.fold_bare_cr`): made a line
+end, it would start a header field the message did not have.
+
 A big message goes out in blocks, each written once the socket has taken the one before:
 aiosmtplib's ``data()`` makes three copies of a message and hands all of it to the transport
 at once, which made one 31 MB message cost some 150 MB more while it was sent.
@@ -22,6 +28,7 @@ With ``sender`` set, it is the envelope sender of everything sent upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import time
@@ -29,6 +36,7 @@ from collections.abc import Iterator
 
 import aiosmtplib
 
+from mail2alert.message import fold_bare_cr
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.settings import HostPort, Upstream
 from mail2alert.transports import Attempt
@@ -96,10 +104,6 @@ def tls_context(upstream: Upstream) -> ssl.SSLContext:
     return ssl.create_default_context(
         cafile=str(upstream.ca_file) if upstream.ca_file is not None else None
     )
-
-
-#: The longest ``check`` waits for the connection to be closed after QUIT.
-CLOSE_WAIT = 2.0
 
 
 class SmtpConnection:
@@ -205,11 +209,12 @@ class SmtpConnection:
         if not accepted:
             await self._reset(smtp, 0)
             return Attempt(tuple(results[r] for r in item.recipients))
+        data = fold_bare_cr(item.data)
         try:
-            if len(item.data) <= DATA_BLOCK:
-                await smtp.data(item.data)
+            if len(data) <= DATA_BLOCK:
+                await smtp.data(data)
             else:
-                await self._data_in_blocks(smtp, item.data)
+                await self._data_in_blocks(smtp, data)
         except aiosmtplib.SMTPDataError as exc:
             if exc.code == 421:
                 raise _DestinationDown(_reply(exc.code, exc.message)) from None
@@ -336,13 +341,12 @@ class SmtpConnection:
             await self.close()
             return str(exc)
         # A command's loop may end right after: wait until TLS is shut down and the socket
-        # closed. aiosmtplib has no public way to wait for that (its protocol's close future
-        # is never resolved in 5.x), but its protocol lets go of the transport once it is lost.
-        protocol = smtp.protocol
+        # closed. aiosmtplib has no public way to wait for that; its protocol's future is it.
+        closed = getattr(smtp.protocol, "_closed_future", None)
         await self.close()
-        deadline = time.monotonic() + min(self.timeout, CLOSE_WAIT)
-        while getattr(protocol, "transport", None) is not None and time.monotonic() < deadline:  # noqa: ASYNC110 - nothing signals the loss
-            await asyncio.sleep(0.005)
+        if isinstance(closed, asyncio.Future):
+            with contextlib.suppress(TimeoutError, Exception):
+                await asyncio.wait_for(asyncio.shield(closed), self.timeout)
         return None
 
     async def close_if_idle(self, idle: float) -> None:
