@@ -279,6 +279,13 @@ def test_an_unquoted_ipv6_address_is_a_yaml_error_with_a_hint() -> None:
     ]
 
 
+def test_yaml_nested_thousands_of_levels_deep_is_a_problem_at_its_line_not_a_crash() -> None:
+    """Found by tests/test_fuzz.py: "[" * 5000 raised RecursionError out of PyYAML."""
+    deep = "remote-smtp: localhost:8025\nmanagers: " + "[" * 5000
+
+    assert problems(deep) == ["configuration.yml:2: nested more than 100 levels deep"]
+
+
 def test_an_unknown_key_is_reported_with_a_suggestion() -> None:
     assert problems(
         """\

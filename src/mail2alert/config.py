@@ -186,6 +186,11 @@ def load(
     return replace(loaded, stamp=(st.st_mtime_ns, st.st_size, st.st_ino), source=text)
 
 
+#: Deeper than this, YAML is no configuration of ours (which nests six levels), and PyYAML's
+#: composer, which recurses once per level, would run out of Python's stack on it.
+MAX_DEPTH = 100
+
+
 def parse(text: str, filename: str, env: Mapping[str, str], *, unset_ok: bool = False) -> Config:
     """Validate configuration text; ``filename`` is only used in messages.
 
@@ -196,6 +201,11 @@ def parse(text: str, filename: str, env: Mapping[str, str], *, unset_ok: bool = 
     walker = _Walker(filename, env)
     walker.unset_ok = unset_ok
     try:
+        too_deep = _nested_too_deep(text)
+        if too_deep is not None:
+            raise ConfigError(
+                [ConfigProblem(filename, too_deep, "", f"nested more than {MAX_DEPTH} levels deep")]
+            )
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -215,6 +225,24 @@ def parse(text: str, filename: str, env: Mapping[str, str], *, unset_ok: bool = 
             walker.problems or [ConfigProblem(filename, 0, "", "empty configuration")]
         )
     return replace(config, unset=tuple(Unset(name, path) for name, path in walker.unset))
+
+
+def _nested_too_deep(text: str) -> int | None:
+    """The line where ``text`` first nests deeper than :data:`MAX_DEPTH`, or None.
+
+    PyYAML's parser keeps its own stack, so its events can be counted safely where composing
+    the nodes could not; a syntax error raises as it would when composing.
+    """
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_DEPTH:
+                mark = event.start_mark
+                return int(mark.line) + 1 if mark is not None else 0
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+    return None
 
 
 class _Walker(Checker):
