@@ -586,12 +586,12 @@ def test_run_sh_never_pulls_an_image(run_script: RunScript, config_dir: Path) ->
         assert "--pull=never" in call
 
 
-def test_selftest_sh_runs_check_then_coverage_on_the_read_only_config(
+def test_selftest_sh_runs_check_online_then_coverage_on_the_read_only_config(
     run_script: RunScript, config_dir: Path
 ) -> None:
     ran = run_script("selftest.sh", str(config_dir))
     assert ran.returncode == 0, ran.stderr
-    assert ran.mail2alert_args() == [["check"], ["coverage"]]
+    assert ran.mail2alert_args() == [["check", "--online"], ["coverage"]]
     for call in ran.runs():
         assert f"{config_dir.resolve()}:{CONFIG_MOUNT}:ro" in option_values(call, "--volume")
         assert set(PASSED_ENV) <= set(option_values(call, "--env"))
@@ -602,7 +602,7 @@ def test_selftest_sh_fails_without_running_coverage_when_the_check_fails(
 ) -> None:
     ran = run_script("selftest.sh", str(config_dir), FAKE_DOCKER_FAIL_ON="check")
     assert ran.returncode != 0
-    assert ran.mail2alert_args() == [["check"]]
+    assert ran.mail2alert_args() == [["check", "--online"]]
 
 
 # -- the systemd unit ----------------------------------------------------------------------

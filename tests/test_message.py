@@ -91,6 +91,13 @@ def test_encoded_words_are_decoded_in_their_charset(raw: bytes, expected: str) -
     assert decode_header_value(raw) == expected
 
 
+def test_a_us_ascii_word_after_another_encoded_word_is_joined_without_a_space() -> None:
+    """Found by tests/test_fuzz.py: it read "S tage [0/0/0/0] failed", no stage mail."""
+    raw = b"=?utf-8?Q?S?= =?us-ascii?Q?tage_[0/0/0/0]_failed?="
+
+    assert decode_header_value(raw) == "Stage [0/0/0/0] failed"
+
+
 def test_an_encoded_word_in_an_unknown_charset_reads_as_utf8_when_it_can() -> None:
     assert decode_header_value(b"=?x-unknown?B?w6XDpMO2?= tail") == "åäö tail"
 

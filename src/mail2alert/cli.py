@@ -12,7 +12,6 @@ import getpass
 import json
 import logging
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from email.utils import parseaddr
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from mail2alert import __version__, config, explain, postqueue, sendtest
+from mail2alert import __version__, config, explain, online, postqueue, sendtest
 from mail2alert.errors import ConfigError, Mail2AlertError, StartupError, UsageError
 from mail2alert.managers.base import Context, ManagerType
 from mail2alert.managers.registry import MANAGER_TYPES
@@ -28,7 +27,6 @@ from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
 from mail2alert.outbox import read_notes_of, unusable
 from mail2alert.settings import HostPort
-from mail2alert.transports.smtp import SmtpConnection
 from mail2alert.users import hash_password
 
 log = logging.getLogger("mail2alert")
@@ -93,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--smtp",
         action="store_true",
         help="also connect to remote-smtp: EHLO, STARTTLS and AUTH as configured; nothing is sent",
+    )
+    check.add_argument(
+        "--online",
+        action="store_true",
+        help="also ask everything the service needs: remote-smtp as --smtp does, each manager's"
+        " source (GoCD), each chat destination as far as it can be asked without posting",
     )
 
     route = commands.add_parser(
@@ -373,23 +377,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{path}: data-dir {loaded.data_dir} {unfit}", file=sys.stderr)
         return 1
     print(f"{path}: OK, {loaded.summary()}")
-    if not args.smtp:
+    if args.online:
+        findings = asyncio.run(online.everything(loaded))
+    elif args.smtp:
+        findings = [asyncio.run(online.smtp(loaded))]
+    else:
         return 0
-    failed = asyncio.run(
-        SmtpConnection.to(
-            loaded.upstream, timeout=loaded.delivery.timeout, local_hostname=socket.gethostname()
-        ).check()
-    )
-    if failed:
-        print(f"remote-smtp {loaded.remote_smtp}: FAILED: {failed}", file=sys.stderr)
-        return 1
-    print(f"remote-smtp {loaded.remote_smtp}: OK ({loaded.upstream.tls}{_login(loaded)})")
-    return 0
-
-
-def _login(loaded: config.Config) -> str:
-    user = loaded.upstream.user
-    return f", logged in as {user}" if user else ""
+    for finding in findings:
+        print(finding.line(), file=sys.stdout if finding.ok else sys.stderr)
+    return 0 if all(f.ok for f in findings) else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

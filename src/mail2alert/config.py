@@ -24,7 +24,7 @@ from typing import TypeVar, cast, get_args
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from mail2alert.actions import action_id, check_action, is_chat
+from mail2alert.actions import action_id, check_action, is_chat, is_slack_web
 from mail2alert.errors import ConfigError, ConfigProblem, RuleArgumentError
 from mail2alert.managers.base import ManagerType, Option
 from mail2alert.managers.registry import MANAGER_TYPES
@@ -270,7 +270,7 @@ class _Walker(Checker):
                 self.problem(item, f"{path}[{i}]", problem)
                 continue
             out.append(uri.strip())
-            if uri.strip().lower().startswith("slack:") and not uri.strip().startswith("slack://"):
+            if is_slack_web(uri):
                 self.slack_actions.append((item, f"{path}[{i}]"))
         if not items and isinstance(node, SequenceNode):
             self.problem(node, path, "needs at least one action")

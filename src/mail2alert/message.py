@@ -26,6 +26,8 @@ from functools import cached_property
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 _ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+#: The names :mod:`email` gives ASCII (as an encoded word's charset, lower-cased).
+_ASCII_CHARSETS = frozenset({"us-ascii", "ascii"})
 _LINE_BREAK_TEXT = re.compile("[\r\n]")
 _LINE_BREAKS = re.compile(rb"[\r\n]+")
 #: A CR that does not begin a CRLF: no line end to mail2alert, but one to most mail readers.
@@ -152,9 +154,25 @@ def _decode_header_value(raw: bytes) -> str:
         # an encoded word ("café =?utf-8?Q?x?=" became "caf\ufffd x").
         return _decode_words_leniently(text)
     try:
-        return str(email.header.make_header(email.header.decode_header(text)))
+        return str(email.header.make_header(_ascii_words_as_utf8(email.header.decode_header(text))))
     except (LookupError, ValueError, UnicodeError, email.errors.MessageError):
         return _decode_words_leniently(text)
+
+
+def _ascii_words_as_utf8(parts: list[tuple[bytes, str | None]]) -> list[tuple[bytes, str | None]]:
+    """Encoded words in us-ascii read as UTF-8 (which ASCII is), joined to UTF-8 words beside.
+
+    make_header takes a us-ascii word for unencoded text and puts a space between it and the
+    encoded word before: "=?utf-8?Q?S?= =?us-ascii?Q?tage?=" read "S tage".
+    """
+    out: list[tuple[bytes, str | None]] = []
+    for chunk, charset in parts:
+        charset = "utf-8" if charset in _ASCII_CHARSETS else charset
+        if out and charset is not None and out[-1][1] == charset:
+            out[-1] = (out[-1][0] + chunk, charset)
+        else:
+            out.append((chunk, charset))
+    return out
 
 
 def _decode_words_leniently(text: str) -> str:

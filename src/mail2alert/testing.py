@@ -506,7 +506,7 @@ class _FakeHttp:
             self._failing = None
             self._script.clear()
 
-    def _answer(self, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
+    def _answer(self, path: str, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
         raise NotImplementedError
 
     def _respond(
@@ -522,7 +522,7 @@ class _FakeHttp:
             elif self._failing is not None:
                 status, answer = self._failing, None
             else:
-                status, answer = self._answer(headers, body)
+                status, answer = self._answer(path, headers, body)
             self.calls.append(ChatCall(time.time(), path, headers, body, status, answer))
             self.changed.notify_all()
         return status, answer, extra
@@ -574,7 +574,8 @@ class _FakeHttp:
 
 
 class FakeSlack(_FakeHttp):
-    """Slack's Web API ``chat.postMessage`` on loopback, answering as Slack does.
+    """Slack's Web API ``chat.postMessage`` (and ``auth.test``) on loopback, answering as
+    Slack does.
 
     A request without ``Authorization: Bearer <token>`` is answered 200 with
     ``{"ok": false, "error": "invalid_auth"}``; a good one with ``{"ok": true, "channel":
@@ -584,6 +585,7 @@ class FakeSlack(_FakeHttp):
 
     name = "fake-slack"
     CHANNEL = "C0123"
+    TEAM = "Example Team"
 
     def __init__(self, token: str = "xoxb-test-token") -> None:  # noqa: S107 - a test token
         super().__init__()
@@ -595,9 +597,11 @@ class FakeSlack(_FakeHttp):
         """What ``slack-api-url`` is set to."""
         return f"http://127.0.0.1:{self.port}/api"
 
-    def _answer(self, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
+    def _answer(self, path: str, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
         if call_headers.get("Authorization") != f"Bearer {self.token}":
             return 200, {"ok": False, "error": "invalid_auth"}
+        if path.endswith("/auth.test"):
+            return 200, {"ok": True, "team": self.TEAM, "user": "mail2alert"}
         if not isinstance(body, dict) or not body.get("channel"):
             return 200, {"ok": False, "error": "invalid_arguments"}
         ts = f"1700000000.{self._next_ts:06d}"
@@ -642,7 +646,7 @@ class HookReceiver(_FakeHttp):
         auth = "" if user is None else f"{user}:{password}@" if password is not None else f"{user}@"
         return f"json://{auth}127.0.0.1:{self.port}/{path.lstrip('/')}"
 
-    def _answer(self, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
+    def _answer(self, path: str, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
         return 200, {"ok": True}
 
     def start(self) -> HookReceiver:

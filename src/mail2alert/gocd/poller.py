@@ -200,4 +200,18 @@ async def fetch(
         return kept, f"{label}: GoCD not read ({exc}); using the groups kept in {data_dir}"
 
 
-GOCD_BACKGROUND = Background(keeper=keeper, saved=saved, load=load_snapshot, fetch=fetch)
+async def probe(label: str, options: Mapping[str, object]) -> tuple[bool, str]:
+    """``check --online``: does GoCD give this manager its pipeline groups?"""
+    if "url" not in options:
+        return True, "no url: GoCD is not asked"
+    client = client_from_options(options)
+    try:
+        groups = await client.pipeline_groups()
+    except GocdError as exc:
+        return False, f"GoCD {exc}"
+    return True, f"GoCD {client.url} answered: {len(groups.groups)} pipeline groups"
+
+
+GOCD_BACKGROUND = Background(
+    keeper=keeper, saved=saved, load=load_snapshot, fetch=fetch, probe=probe
+)

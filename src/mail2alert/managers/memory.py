@@ -138,10 +138,12 @@ class Background:
     ``saved`` is where the keeper saves the latest snapshot in ``data-dir``, for the other
     processes (intake workers) to follow with ``load``; ``fetch`` reads a snapshot once,
     for commands (``route``, ``test``, ``coverage``): the snapshot, or None, and a note
-    for the operator on what was used.
+    for the operator on what was used; ``probe`` asks the source once for ``check
+    --online``: whether it answers as the keeper needs (ok, and one line on what was found).
     """
 
     keeper: Callable[[str, Mapping[str, object], Path, Feed], Keeper | None]
     saved: Callable[[Mapping[str, object], Path], Path | None]
     load: Callable[[Path], object | None]
     fetch: Callable[[str, Mapping[str, object], Path], Awaitable[tuple[object | None, str]]]
+    probe: Callable[[str, Mapping[str, object]], Awaitable[tuple[bool, str]]] | None = None

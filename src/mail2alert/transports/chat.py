@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from mail2alert.actions import mask, parse_slack
+from mail2alert.actions import is_slack_web, mask, parse_slack
 from mail2alert.model import ChatPost, ChatSettings
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.transports import Attempt
@@ -90,7 +90,7 @@ class ChatSender:
         if uri is None:
             shown = post.action or action
             return Attempt((), f"{shown} is no longer in the configuration", permanent=True)
-        if uri.lower().startswith("slack:") and not uri.startswith("slack://"):
+        if is_slack_web(uri):
             return await self._slack(uri, action, post)
         return await self._apprise(uri, action, post)
 
@@ -231,3 +231,26 @@ def _answered(exc: BaseException) -> bool:
 
 def _why(exc: BaseException) -> str:
     return "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}"
+
+
+async def check_slack_token(settings: ChatSettings) -> tuple[bool, str]:
+    """``check --online``: whether Slack's Web API takes ``slack-token`` (``auth.test``: it
+    posts nothing); (ok, what Slack said), never the token."""
+    import aiohttp
+
+    assert settings.slack_token is not None, "asked only with a token"
+    url = f"{settings.slack_api_url.rstrip('/')}/auth.test"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=settings.timeout)) as s,
+            s.post(url, headers={"Authorization": f"Bearer {settings.slack_token.reveal()}"}) as r,
+        ):
+            if r.status != 200:
+                return False, f"answered HTTP {r.status}"
+            answer = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        return False, _why(exc)
+    if not isinstance(answer, dict) or not answer.get("ok"):
+        error = answer.get("error", "unknown") if isinstance(answer, dict) else "not JSON"
+        return False, f"slack-token refused: {error}"
+    return True, f"slack-token works for team {answer.get('team', '?')!s}"

@@ -28,7 +28,6 @@ With ``sender`` set, it is the envelope sender of everything sent upstream.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import ssl
 import time
@@ -104,6 +103,10 @@ def tls_context(upstream: Upstream) -> ssl.SSLContext:
     return ssl.create_default_context(
         cafile=str(upstream.ca_file) if upstream.ca_file is not None else None
     )
+
+
+#: The longest ``check`` waits for the connection to be closed after QUIT.
+CLOSE_WAIT = 2.0
 
 
 class SmtpConnection:
@@ -341,12 +344,13 @@ class SmtpConnection:
             await self.close()
             return str(exc)
         # A command's loop may end right after: wait until TLS is shut down and the socket
-        # closed. aiosmtplib has no public way to wait for that; its protocol's future is it.
-        closed = getattr(smtp.protocol, "_closed_future", None)
+        # closed. aiosmtplib has no public way to wait for that (its protocol's close future
+        # is never resolved in 5.x), but its protocol lets go of the transport once it is lost.
+        protocol = smtp.protocol
         await self.close()
-        if isinstance(closed, asyncio.Future):
-            with contextlib.suppress(TimeoutError, Exception):
-                await asyncio.wait_for(asyncio.shield(closed), self.timeout)
+        deadline = time.monotonic() + min(self.timeout, CLOSE_WAIT)
+        while getattr(protocol, "transport", None) is not None and time.monotonic() < deadline:  # noqa: ASYNC110 - nothing signals the loss
+            await asyncio.sleep(0.005)
         return None
 
     async def close_if_idle(self, idle: float) -> None:
