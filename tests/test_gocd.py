@@ -32,6 +32,8 @@ from tests.helpers import OutboxView, example_managers, running, send, wait_unti
 
 GROUPS = {"my-group": ["ppp", "my-pipeline"], "infra": ["deploy-infra"]}
 GOCD_TO = "mail2alert@example.com"
+#: Mails as GoCD 26.1's JavaMail writes them (a copy of ../shared/reference/gocd-mails).
+GOCD_MAILS = Path(__file__).parent / "data" / "gocd-mails"
 
 
 # -- parsing ---------------------------------------------------------------------------------
@@ -496,6 +498,31 @@ def test_the_same_gocd_event_sent_to_several_users_is_delivered_once(
         outcomes = [wait_until(lambda q=q: outbox.message(q))["outcome"] for q in ids]
     assert outcomes == ["deliver", "duplicate", "duplicate", "deliver"]
     assert len(upstream.messages) == 2
+
+
+def test_a_duplicate_event_still_reaches_the_other_addresses_of_a_users_list(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, gocd: FakeGoCD
+) -> None:
+    """A GoCD user's e-mail may be a list: one message to mail2alert@ and bob@. Only the copy
+    for mail2alert@ is de-duplicated; bob@ gets the message unchanged."""
+    path = _config(tmp_path, upstream, data_dir, _gocd_manager(gocd.url))
+    real = (GOCD_MAILS / "stage-broken.eml").read_bytes()
+    listed = real.replace(
+        b"To: mail2alert@example.com", b"To: mail2alert@example.com, bob@example.com"
+    )
+    outbox = OutboxView(data_dir)
+    with running(path) as service:
+        _wait_for_groups(data_dir, gocd)
+        send(service.port, real, rcpt_tos=[GOCD_TO])
+        second = send(service.port, listed, rcpt_tos=[GOCD_TO, "bob@example.com"]).queue_id
+        got = upstream.wait_for(2)
+        assert wait_until(lambda: outbox.message(second))["outcome"] == "duplicate"
+    assert sorted(m.rcpt_tos for m in got) == [("bob@example.com",), ("cat@example.com",)]
+    (bob,) = [m for m in got if m.rcpt_tos == ("bob@example.com",)]
+    # Unchanged but for the trace field on top and the CRLFs that SMTP wants of the body
+    # (GoCD's ends its lines with LF and its last line with nothing).
+    crlf = listed.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    assert bob.data.endswith(crlf + b"\r\n")
 
 
 @pytest.fixture

@@ -11,9 +11,14 @@ from pathlib import Path
 import pytest
 
 from mail2alert.errors import OutboxError
+from mail2alert.gocd.testing import gocd_stage_mail
+from mail2alert.managers.base import Context
 from mail2alert.managers.memory import Claim, Note
+from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.model import Decision, Envelope, Outgoing
 from mail2alert.outbox import DB_NAME, Accepted, GroupCommitter, Outbox, RecipientResult, Result
+from mail2alert.planning import accept
+from mail2alert.routing import Manager, Rule
 
 DAY = 86400.0
 
@@ -135,3 +140,38 @@ def test_notes_of_any_space_and_key_length_are_kept_and_forgotten(tmp_path: Path
         assert outbox.notes() == {}
     finally:
         outbox.close()
+
+
+def test_a_duplicate_still_relays_the_copy_for_recipients_its_manager_did_not_take(
+    tmp_path: Path,
+) -> None:
+    """A claim is the deciding manager's: it suppresses what the manager made of a second
+    copy of an event, never the unchanged copy for someone else the message was addressed to
+    (a GoCD user's address may be a list: ``mail2alert@``, ``bob@``)."""
+    gocd = MANAGER_TYPES["gocd"]
+    any_stage = gocd.functions["pipelines.any"]
+    rule = Rule(any_stage, (), any_stage.compile(()), ("mailto:team@example.com",))
+    manager = Manager(gocd, 0, wants_to=("mail2alert@example.com",), rules=(rule,))
+    ours = Envelope("go@example.com", ("mail2alert@example.com",))
+    listed = Envelope("go@example.com", ("mail2alert@example.com", "bob@example.com"))
+    data = gocd_stage_mail(to="mail2alert@example.com, bob@example.com")
+    first = accept("FIRST", ours, data, [manager], Context(), received_at=1.0)
+    second = accept("SECOND", listed, data, [manager], Context(), received_at=2.0)
+    outbox = Outbox(tmp_path)
+    try:
+        outbox.put([first])
+        committed = outbox.put([second])
+        items = outbox.items_of("SECOND")
+        recipients = [r.rcpt for r in outbox.recipients_of("SECOND")]
+        stored = outbox.message("SECOND")
+    finally:
+        outbox.close()
+
+    assert committed.duplicates == {"SECOND": "FIRST"}
+    assert [(i.kind, i.data.endswith(data)) for i in items] == [("smtp", True)]
+    assert recipients == ["bob@example.com"]
+    assert stored is not None
+    assert (stored.outcome, stored.reason) == (
+        "duplicate",
+        "same event as FIRST: delivered once; relayed unchanged to bob@example.com",
+    )

@@ -94,13 +94,6 @@ def is_chat(uri: str) -> bool:
     return not uri.lower().startswith("mailto:")
 
 
-def is_slack_web(uri: str) -> bool:
-    """Whether ``uri`` posts through Slack's Web API (``slack:#channel``), not through an
-    Apprise ``slack://`` webhook."""
-    uri = uri.strip()
-    return uri.lower().startswith("slack:") and not uri.startswith("slack://")
-
-
 def action_id(uri: str) -> str:
     """A stable id for an action, stored in the outbox instead of the (secret) URI."""
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
@@ -178,7 +171,8 @@ def outgoing_for(
     """
     items: list[Outgoing] = []
     if decision.outcome == "relay":
-        return [Outgoing(envelope.mail_from, envelope.rcpt_tos, received + message.data)]
+        unchanged = received + message.data
+        return [Outgoing(envelope.mail_from, envelope.rcpt_tos, unchanged, passthrough=True)]
     if decision.outcome == "deliver" and decision.recipients:
         author = sender or envelope.mail_from
         keep_from = not author or address_of(message.get("from")).lower() == author.lower()
@@ -205,7 +199,9 @@ def outgoing_for(
             if is_chat(uri):
                 items.append(chat_item(uri, decision, label, conversation, shown))
     if decision.passthrough:
-        items.append(Outgoing(envelope.mail_from, decision.passthrough, received + message.data))
+        unchanged = received + message.data
+        copy = Outgoing(envelope.mail_from, decision.passthrough, unchanged, passthrough=True)
+        items.append(copy)
     return items
 
 

@@ -95,6 +95,10 @@ class Outgoing:
     recipients: tuple[str, ...]
     data: bytes
     kind: str = "smtp"
+    passthrough: bool = False
+    """The message unchanged, for recipients no manager took: it goes out even when the
+    message is a duplicate (a claim is the deciding manager's, and covers only what the
+    manager made of the message)."""
 
 
 Severity = Literal["failure", "success", "warning", "info"]

@@ -571,8 +571,15 @@ class Outbox:
         d = a.decision
         outcome: str = d.outcome
         reason = d.reason
+        items = a.items
         if duplicate_of is not None:
             outcome, reason = "duplicate", f"same event as {duplicate_of}: delivered once"
+            # The claim is the deciding manager's: it never covers the copy for recipients
+            # the manager did not take (one GoCD user's address list may name others too).
+            items = tuple(item for item in a.items if item.passthrough)
+            if items:
+                others = ", ".join(r for item in items for r in item.recipients)
+                reason = f"{reason}; relayed unchanged to {others}"
         _insert(
             db,
             "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,{blob})",
@@ -589,10 +596,10 @@ class Outbox:
             ),
             ("messages", "raw"),
         )
+        for item in items:
+            self._insert_item(db, a.queue_id, a.received, item)
         if duplicate_of is not None:
             return
-        for item in a.items:
-            self._insert_item(db, a.queue_id, a.received, item)
         for note in a.notes:
             _keep(db, note, a.received)
 
