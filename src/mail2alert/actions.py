@@ -94,6 +94,13 @@ def is_chat(uri: str) -> bool:
     return not uri.lower().startswith("mailto:")
 
 
+def is_slack_web(uri: str) -> bool:
+    """Whether ``uri`` posts through Slack's Web API (``slack:#channel``), not through an
+    Apprise ``slack://`` webhook."""
+    uri = uri.strip()
+    return uri.lower().startswith("slack:") and not uri.startswith("slack://")
+
+
 def action_id(uri: str) -> str:
     """A stable id for an action, stored in the outbox instead of the (secret) URI."""
     return hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16]
