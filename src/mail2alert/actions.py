@@ -20,7 +20,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from mail2alert.managers.memory import Conversation
-from mail2alert.message import RawMessage, address_of, rewrite, valid_text
+from mail2alert.message import RawMessage, address_of, one_line, rewrite, valid_text
 from mail2alert.model import ChatPost, ChatTemplate, Decision, Envelope, Outgoing
 from mail2alert.templates import PLAIN, Presentation, render
 
@@ -192,7 +192,7 @@ def outgoing_for(
         original = message.get_raw("from")
         if sender and not keep_from and original and message.get_raw("reply-to") is None:
             # Unfolded, so that no line break of the original can end up in a new field.
-            added += (b"Reply-To: " + _LINE_BREAKS.sub(b"", original).strip(),)
+            added += (b"Reply-To: " + one_line(original).strip(),)
         data = rewrite(
             message,
             from_value=None if keep_from else author,
@@ -210,9 +210,6 @@ def outgoing_for(
         copy = Outgoing(envelope.mail_from, decision.passthrough, unchanged, passthrough=True)
         items.append(copy)
     return items
-
-
-_LINE_BREAKS = re.compile(rb"\r\n|\r|\n")
 
 
 def chat_item(
