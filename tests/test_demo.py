@@ -90,11 +90,28 @@ def test_the_demo_on_chosen_ports_routes_the_readmes_broken_stage_to_cat(tmp_pat
                 (ROOT / "examples" / "mail" / "stage-broken.eml").read_bytes(),
             )
         wait_until(lambda: any("RCPT TO: <cat@example.com>" in x for x in lines), what="sink")
+        # The README: the same mail again within duplicate-window is not delivered twice.
+        with smtplib.SMTP("127.0.0.1", ports["smtp"]) as client:
+            client.sendmail(
+                "go@example.com",
+                ["mail2alert@example.com"],
+                (ROOT / "examples" / "mail" / "stage-broken.eml").read_bytes(),
+            )
+        wait_until(lambda: any(": duplicate of " in x for x in lines), what="a duplicate")
+        # ...and the backup sample, from GoCD's sender to the admin address, reaches sys@.
+        with smtplib.SMTP("127.0.0.1", ports["smtp"]) as client:
+            client.sendmail(
+                "go@example.com",
+                ["admin@example.com"],
+                (ROOT / "examples" / "mail" / "backup-completed.eml").read_bytes(),
+            )
+        wait_until(lambda: any("RCPT TO: <sys@example.com>" in x for x in lines), what="backup")
     finally:
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(timeout=60) == 0
         reader.join(10)
         demo.stdout.close()
+    assert sum("RCPT TO: <cat@example.com>" in x for x in lines) == 1
     assert any(f"stand-in GoCD on localhost:{ports['gocd']}" in x for x in lines)
     assert (examples / "mail2alert-data" / "outbox.sqlite3").is_file()
     assert not any("Traceback" in x for x in lines)

@@ -614,12 +614,14 @@ class Outbox:
             for qid, at, sender, rcpts, raw in rows
         ]
 
-    def release(self, accepted: Accepted) -> None:
-        """Replace a held message's outcome with a new decision and queue its items."""
+    def release(self, accepted: Accepted) -> str | None:
+        """Replace a held message's outcome with a new decision and queue its items; the
+        queue id of the original when it turned out to be a duplicate."""
         with self.transaction() as db:
             db.execute("DELETE FROM messages WHERE id=? AND outcome='hold'", (accepted.queue_id,))
             original = self._seen_before(db, accepted)
             self._insert_message(db, accepted, duplicate_of=original)
+        return original
 
     def learn(self, notes: Sequence[Note], at: float) -> None:
         """Keep notes learnt from outside, only where nothing is known yet."""

@@ -194,7 +194,7 @@ class Handler:
                 return REPLY_NO_SPACE if isinstance(exc, OutboxFull) else REPLY_NOT_QUEUED
             if duplicate_of is not None:
                 log.info(
-                    "%s: same event as %s, already delivered once: %s",
+                    "%s: duplicate of %s (the same event): %s",
                     queue_id,
                     duplicate_of,
                     loggable(accepted.subject),
