@@ -10,7 +10,9 @@ import asyncio
 import logging
 import quopri
 import ssl
-from collections.abc import Iterator
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +22,10 @@ import trustme
 from mail2alert.gocd.client import GocdClient, GocdError, parse_cctray, parse_groups
 from mail2alert.gocd.manager import corrected_event, parse_subject, read_gocd_alert
 from mail2alert.gocd.model import stage_of
-from mail2alert.gocd.poller import snapshot_path
+from mail2alert.gocd.poller import GroupPoller, keeper, snapshot_path
 from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
 from mail2alert.managers.base import Context
-from mail2alert.managers.memory import Note
+from mail2alert.managers.memory import Feed, Note
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope, Secret
 from mail2alert.outbox import Outbox
@@ -89,6 +91,71 @@ def test_a_subject_folded_by_javamail_is_unfolded_before_parsing() -> None:
     assert alert.event == "FIXED"
 
 
+def _read_gocd_mail(name: str) -> Any:
+    raw = (GOCD_MAILS / name).read_bytes()
+    return read_gocd_alert(RawMessage.parse(raw), Envelope("go@example.com", (GOCD_TO,)), Context())
+
+
+@pytest.mark.parametrize(
+    ("name", "locator", "event"),
+    [
+        ("stage-broken.eml", "my-pipeline/6/my-stage/1", "BREAKS"),
+        ("stage-broken-pre26.eml", "my-pipeline/6/my-stage/1", "BREAKS"),
+        ("stage-cancelled.eml", "my-pipeline/6/my-stage/1", "CANCELLED"),
+        ("stage-failed.eml", "my-pipeline/6/my-stage/1", "FAILS"),
+        ("stage-fixed.eml", "my-pipeline/6/my-stage/1", "FIXED"),
+        ("stage-materials.eml", "my-pipeline/10/my-stage/1", "FIXED"),
+        ("stage-nochanges.eml", "my-pipeline/11/my-stage/1", "PASSES"),
+        ("stage-passed.eml", "my-pipeline/6/my-stage/1", "PASSES"),
+        ("stage-utf8-qp.eml", "my-pipeline/8/my-stage/1", "FAILS"),
+    ],
+)
+def test_each_stage_mail_gocd_sends_is_read_with_its_stage_event_and_details_url(
+    name: str, locator: str, event: str
+) -> None:
+    alert = _read_gocd_mail(name)
+    stage = stage_of(alert)
+    assert stage is not None
+    assert stage.locator == locator
+    assert alert.event == event
+    assert alert.link is not None
+    assert alert.link.endswith(f"/go/pipelines/{locator}")
+    assert "Sent by Go" not in str(alert.facts["changes"])
+
+
+@pytest.mark.parametrize(
+    ("name", "author"),
+    [
+        ("stage-broken.eml", "Jane Doe <jane@example.com>"),
+        ("stage-broken-pre26.eml", "Jane Doe <jane@example.com>"),
+        ("stage-utf8-qp.eml", "J\u00f6rg M\u00fcller <jm@example.com>"),
+        ("stage-materials.eml", "modified by carol"),
+    ],
+)
+def test_the_changes_of_a_gocd_mail_are_read_under_either_heading_and_any_charset(
+    name: str, author: str
+) -> None:
+    assert author in str(_read_gocd_mail(name).facts["changes"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "backup-failed.eml",
+        "backup-ok.eml",
+        "disk-artifacts-low.eml",
+        "disk-artifacts-none.eml",
+        "disk-db-low.eml",
+        "test-mail.eml",
+    ],
+)
+def test_gocds_other_mails_are_no_stage_mails_and_have_no_event(name: str) -> None:
+    alert = _read_gocd_mail(name)
+    assert stage_of(alert) is None
+    assert alert.event is None
+    assert alert.subject
+
+
 def test_details_url_and_changes_are_read_from_a_quoted_printable_body() -> None:
     body = (
         "See details: https://ci.example.com/go/pipelines/my-pipeline/6/my-stage/1\n\n"
@@ -150,6 +217,18 @@ def test_an_empty_or_strange_payload_is_a_gocd_error(payload: Any) -> None:
         parse_groups(payload)
 
 
+def test_cctray_as_gocd_writes_it_with_a_declaration_and_breakers_lists_its_stages() -> None:
+    xml = FakeGoCD(
+        GROUPS, cctray={("My-Pipeline", "my-stage"): "Failure", ("ppp", "build"): "Success"}
+    ).cctray_xml()
+    assert xml.startswith('<?xml version="1.0" encoding="utf-8"?>')
+    assert 'kind="Breakers"' in xml
+    assert parse_cctray(xml.encode()) == {
+        ("My-Pipeline", "my-stage"): "failed",
+        ("ppp", "build"): "passed",
+    }
+
+
 def test_cctray_gives_stage_results_and_skips_jobs_and_unknown_statuses() -> None:
     xml = (
         '<Projects><Project name="my-pipeline :: my-stage" lastBuildStatus="Failure"/>'
@@ -204,13 +283,34 @@ def test_an_old_gocd_falls_back_to_the_legacy_api_and_it_is_remembered() -> None
         ]
 
 
-def test_an_unchanged_answer_is_a_304_thanks_to_the_etag() -> None:
+def test_an_unchanged_answer_is_a_304_thanks_to_the_etag_jetty_marked_gzip() -> None:
     with FakeGoCD(GROUPS) as gocd:
         client = GocdClient(gocd.url)
         first = asyncio.run(client.pipeline_groups())
         second = asyncio.run(client.pipeline_groups())
         assert [s for _, _, s in gocd.requests] == [200, 304]
-        assert second is first
+        assert gocd.if_none_match[1].endswith('--gzip"')
+        assert second.groups == first.groups
+
+
+def test_a_304_refreshes_when_the_groups_were_fetched() -> None:
+    with FakeGoCD(GROUPS) as gocd:
+        client = GocdClient(gocd.url)
+        first = asyncio.run(client.pipeline_groups())
+        second = asyncio.run(client.pipeline_groups())
+        assert [s for _, _, s in gocd.requests] == [200, 304]
+        assert second.fetched_at > first.fetched_at
+
+
+def test_the_etag_of_an_answer_that_was_not_accepted_is_not_sent_again() -> None:
+    """GoCD answers 200 with groups mail2alert cannot use (none): had it kept that ETag, the
+    next poll would get a 304 for the same useless answer, and nothing to use."""
+    with FakeGoCD({}) as gocd:
+        client = GocdClient(gocd.url)
+        for _ in range(2):
+            with pytest.raises(GocdError, match="no pipeline groups"):
+                asyncio.run(client.pipeline_groups())
+        assert [s for _, _, s in gocd.requests] == [200, 200]
 
 
 def test_basic_auth_is_sent_and_wrong_credentials_are_an_error_without_the_password() -> None:
@@ -220,6 +320,17 @@ def test_basic_auth_is_sent_and_wrong_credentials_are_an_error_without_the_passw
             _fetch(GocdClient(gocd.url, user="olle", password=Secret("wrong-secret")))
         assert "401" in str(caught.value)
         assert "wrong-secret" not in str(caught.value)
+
+
+def test_a_401_is_not_retried_on_the_other_endpoints() -> None:
+    """GoCD answers 401 on every path: trying the dashboard and legacy APIs with the same
+    credentials would only be two more failed logins."""
+    with FakeGoCD(GROUPS, user="olle", password="pelle") as gocd:
+        client = GocdClient(gocd.url, user="olle", password=Secret("wrong-secret"))
+        with pytest.raises(GocdError, match="HTTP 401") as caught:
+            _fetch(client)
+        assert caught.value.status == 401
+        assert [(p, s) for p, _, s in gocd.requests] == [("/go/api/admin/pipeline_groups", 401)]
 
 
 def test_a_token_is_sent_as_a_bearer_authorization() -> None:
@@ -235,6 +346,184 @@ def test_an_unreachable_gocd_is_an_error_naming_the_url() -> None:
         GocdError, match=r"127\.0\.0\.1:\d+/go/api/admin/pipeline_groups unreachable"
     ):
         _fetch(GocdClient(gocd.url, timeout=5))
+
+
+def test_the_stage_history_gives_the_latest_run_that_passed_or_failed() -> None:
+    """Cancelled runs and runs still going say nothing of the result: the run before them
+    does. A stage GoCD does not show is left out."""
+    history = {
+        ("my-pipeline", "cancelled"): ["Cancelled", "Passed", "Failed"],
+        ("my-pipeline", "building"): ["Unknown", "Failed"],
+        ("my-pipeline", "passed"): ["Passed", "Failed"],
+        ("my-pipeline", "never-ended"): ["Cancelled"],
+    }
+    with FakeGoCD(GROUPS, history=history) as gocd:
+        results = asyncio.run(GocdClient(gocd.url).latest_results([*history, ("gone", "x")]))
+        assert results == {
+            ("my-pipeline", "cancelled"): "passed",
+            ("my-pipeline", "building"): "failed",
+            ("my-pipeline", "passed"): "passed",
+        }
+        assert {a for p, a, _ in gocd.requests} == {"application/vnd.go.cd.v3+json"}
+
+
+# -- the fake GoCD behaves as GoCD ----------------------------------------------------------
+
+
+def _get(url: str, **headers: str) -> tuple[int, dict[str, str]]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+def test_the_fake_gocd_answers_401_with_www_authenticate_on_every_path() -> None:
+    with FakeGoCD(GROUPS, user="olle", password="pelle") as gocd:
+        for path in (
+            "/api/admin/pipeline_groups",
+            "/api/dashboard",
+            "/api/config/pipeline_groups",
+            "/cctray.xml",
+            "/api/stages/ppp/build/history",
+            "/no/such/page",
+        ):
+            status, headers = _get(gocd.url + path)
+            assert (status, headers.get("WWW-Authenticate")) == (401, 'Basic realm="GoCD"'), path
+
+
+def test_the_fake_gocd_matches_the_accept_header_exactly() -> None:
+    with FakeGoCD(GROUPS) as gocd:
+        url = f"{gocd.url}/api/dashboard"
+        assert _get(url, Accept="application/vnd.go.cd.v4+json")[0] == 200
+        assert _get(url, Accept="application/vnd.go.cd+json")[0] == 200
+        assert _get(url, Accept="application/vnd.go.cd.v4+json; charset=utf-8")[0] == 404
+        assert _get(url, Accept="application/vnd.go.cd.v3+json")[0] == 404
+
+
+def test_a_group_admin_sees_only_the_groups_it_administers_in_the_admin_api() -> None:
+    with FakeGoCD(GROUPS, admin_forbidden=True, group_admin_of=("infra",)) as gocd:
+        client = GocdClient(gocd.url)
+        assert _fetch(client) == {"infra": ("deploy-infra",)}
+    with FakeGoCD(GROUPS, admin_forbidden=True) as gocd:
+        status = _get(
+            f"{gocd.url}/api/admin/pipeline_groups", Accept="application/vnd.go.cd.v1+json"
+        )[0]
+        assert status == 403
+
+
+# -- the poller --------------------------------------------------------------------------------
+
+
+class Fed:
+    """What a poller fed: snapshots and notes."""
+
+    def __init__(self) -> None:
+        self.snapshots: list[object] = []
+        self.notes: list[Note] = []
+
+    def feed(self) -> Feed:
+        return Feed(
+            snapshot=lambda label, snapshot: self.snapshots.append(snapshot),
+            notes=lambda notes: self.notes.extend(notes),
+        )
+
+
+def _poller(gocd: FakeGoCD, tmp_path: Path, fed: Fed, **options: Any) -> GroupPoller:
+    made = keeper(
+        "gocd#0", {"url": gocd.url, "poll-interval": 1.0, **options}, tmp_path, fed.feed()
+    )
+    assert isinstance(made, GroupPoller)
+    return made
+
+
+def _polls(poller: GroupPoller, count: int) -> None:
+    async def polls() -> None:
+        for _ in range(count):
+            await poller.poll_once()
+
+    asyncio.run(polls())
+
+
+def _history(notes: Sequence[Note]) -> dict[object, object]:
+    return {n.key: n.value for n in notes if n.table == "history"}
+
+
+def test_a_401_ends_the_poll_and_the_wait_doubles_up_to_ten_poll_intervals(
+    tmp_path: Path,
+) -> None:
+    with FakeGoCD(GROUPS, user="olle", password="pelle") as gocd:
+        poller = _poller(gocd, tmp_path, Fed(), user="olle", passwd=Secret("wrong"))
+        waits = []
+        for _ in range(5):
+            _polls(poller, 1)
+            waits.append(poller.delay)
+        assert waits == [2.0, 4.0, 8.0, 10.0, 10.0]
+        assert {p for p, _, _ in gocd.requests} == {"/go/api/admin/pipeline_groups"}
+        assert len(gocd.requests) == 5
+        gocd.password = "wrong"
+        _polls(poller, 1)
+        assert poller.delay == 1.0
+
+
+def test_the_history_is_seeded_once_from_the_stage_history_of_each_stage_in_cctray(
+    tmp_path: Path,
+) -> None:
+    """cctray shows a cancelled run as Failure: the stage history says the run before passed."""
+    with FakeGoCD(
+        GROUPS,
+        cctray={("My-Pipeline", "My-Stage"): "Failure"},
+        history={("My-Pipeline", "My-Stage"): ["Cancelled", "Passed"]},
+    ) as gocd:
+        fed = Fed()
+        _polls(_poller(gocd, tmp_path, fed), 2)
+        assert _history(fed.notes) == {("my-pipeline", "my-stage"): "passed"}
+        paths = [p for p, _, _ in gocd.requests]
+        assert paths.count("/go/cctray.xml") == 1
+        assert paths.count("/go/api/stages/My-Pipeline/My-Stage/history") == 1
+
+
+def test_cctray_is_read_again_each_poll_until_it_has_been_read_once(tmp_path: Path) -> None:
+    with FakeGoCD(
+        GROUPS, cctray={("ppp", "build"): "Success"}, endpoints=("admin", "history")
+    ) as gocd:
+        fed = Fed()
+        poller = _poller(gocd, tmp_path, fed)
+        _polls(poller, 1)
+        assert _history(fed.notes) == {}
+        gocd.endpoints = ("admin", "history", "cctray")
+        _polls(poller, 2)
+        assert _history(fed.notes) == {("ppp", "build"): "passed"}
+        assert [p for p, _, _ in gocd.requests].count("/go/cctray.xml") == 2
+
+
+def test_a_401_from_the_stage_history_asks_about_no_further_stage() -> None:
+    history = {("ppp", "build"): ["Passed"], ("ppp", "test"): ["Failed"]}
+    with FakeGoCD(GROUPS, user="olle", password="pelle", history=history) as gocd:
+        client = GocdClient(gocd.url, user="olle", password=Secret("wrong"))
+        with pytest.raises(GocdError, match="HTTP 401") as caught:
+            asyncio.run(client.latest_results(list(history)))
+        assert caught.value.status == 401
+        assert len(gocd.requests) == 1
+
+
+def test_a_dashboard_answering_202_is_gocd_starting_logged_at_info_not_a_failure(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with FakeGoCD(GROUPS, admin_forbidden=True) as gocd:
+        gocd.starting = True
+        fed = Fed()
+        poller = _poller(gocd, tmp_path, fed)
+        with caplog.at_level(logging.INFO, logger="mail2alert.gocd.poller"):
+            _polls(poller, 2)
+            gocd.starting = False
+            _polls(poller, 1)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines if level >= logging.WARNING] == []
+    assert [m for _, m in lines if "GoCD is starting" in m] != []
+    assert len([m for _, m in lines if "202" in m]) == 1
+    assert len(fed.snapshots) == 1
 
 
 # -- end to end ------------------------------------------------------------------------------
@@ -430,13 +719,15 @@ def test_gocd_failures_are_logged_once_per_change_without_credentials(
     gocd = FakeGoCD(GROUPS, user="olle", password="other-password")
     path = _config(tmp_path, upstream, data_dir, _gocd_manager(gocd.url))
     with caplog.at_level(logging.INFO), gocd, running(path):
-        gocd.wait_requests("pipeline_groups", count=12)  # four polls, each trying all three
+        gocd.wait_requests("pipeline_groups", count=2)  # two polls 0.4s apart, the next 0.8s on
         gocd.password = "pelle"
         wait_until(lambda: "recovered" in caplog.text, what="a recovery line")
     failing = [r for r in caplog.records if "GoCD failing" in r.getMessage()]
     assert len(failing) == 1
     assert "401" in failing[0].getMessage()
     assert "pelle" not in caplog.text
+    refused = [p for p, _, status in gocd.requests if status == 401]
+    assert set(refused) == {"/go/api/admin/pipeline_groups"}  # no other endpoint tried
 
 
 def test_the_history_corrects_a_failed_after_a_pass_to_breaks_across_a_restart(
@@ -481,6 +772,62 @@ def test_the_history_is_seeded_from_cctray(
         wait_until(lambda: OutboxView(data_dir).notes("history"), what="seeding")
         _routed(service.port, "Stage [my-pipeline/6/my-stage/1] passed")
         assert upstream.wait_for(1)[0].rcpt_tos == ("cat@example.com",)
+
+
+@pytest.mark.parametrize(
+    ("cctray", "runs", "seed", "subject", "event"),
+    [
+        # A cancelled run after a pass shows as Failure: the next pass is no fix.
+        ("Failure", ["Cancelled", "Passed"], "passed", "passed", "FIXED"),
+        # A run building after a GoCD restart may show Success: the next failure is no break.
+        ("Success", ["Unknown", "Failed"], "failed", "failed", "BREAKS"),
+    ],
+)
+def test_a_seed_from_cctray_never_makes_a_false_fixed_or_breaks(
+    tmp_path: Path,
+    upstream: CaptureServer,
+    data_dir: Path,
+    cctray: str,
+    runs: list[str],
+    seed: str,
+    subject: str,
+    event: str,
+) -> None:
+    server = FakeGoCD(
+        GROUPS,
+        cctray={("my-pipeline", "my-stage"): cctray},
+        history={("my-pipeline", "my-stage"): runs},
+    )
+    manager = _gocd_manager(server.url)
+    manager["rules"] = [
+        {
+            "actions": ["mailto:cat@example.com"],
+            "filter": {"function": "pipelines.any", "events": [event]},
+        }
+    ]
+    path = _config(tmp_path, upstream, data_dir, manager)
+    outbox = OutboxView(data_dir)
+    key = ("my-pipeline", "my-stage")
+    with server, running(path) as service:
+        seeded = wait_until(lambda: service.service.context.recall("history", key), what="a seed")
+        assert seeded == seed
+        queue_id = _routed(service.port, f"Stage [my-pipeline/7/my-stage/1] {subject}")
+        assert wait_until(lambda: outbox.message(queue_id))["outcome"] == "drop"
+    assert upstream.messages == []
+
+
+def test_gocds_own_stage_and_backup_mails_are_routed_by_the_example_rules(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, gocd: FakeGoCD
+) -> None:
+    path = _config(tmp_path, upstream, data_dir, _gocd_manager(gocd.url), *example_managers("mail"))
+    with running(path) as service:
+        _wait_for_groups(data_dir, gocd)
+        raw = (GOCD_MAILS / "stage-broken.eml").read_bytes()
+        send(service.port, raw, rcpt_tos=[GOCD_TO])
+        assert upstream.wait_for(1)[0].rcpt_tos == ("cat@example.com",)
+        raw = (GOCD_MAILS / "backup-failed.eml").read_bytes()
+        send(service.port, raw, mail_from="go@example.com", rcpt_tos=["admin@example.com"])
+        assert upstream.wait_for(2)[1].rcpt_tos == ("sys@example.com", "op@example.com")
 
 
 def test_the_same_gocd_event_sent_to_several_users_is_delivered_once(

@@ -1,4 +1,4 @@
-"""GoCD's API, as far as mail2alert needs it: pipeline groups and cctray.xml.
+"""GoCD's API, as far as mail2alert needs it: pipeline groups, cctray.xml, stage history.
 
 Pipeline groups come from the first endpoint GoCD does not refuse, tried in this order and
 remembered once one works:
@@ -7,8 +7,12 @@ remembered once one works:
 2. ``GET /api/dashboard`` (``application/vnd.go.cd.v4+json``, any user with view permission)
 3. ``GET /api/config/pipeline_groups`` (legacy, GoCD < 20.3)
 
-A refusal is 401, 403 or 404 (GoCD answers 404 for a wrong Accept version and sometimes for
-failed auth). Credentials never appear in errors or logs.
+A refusal is 403 (not an admin) or 404 (GoCD's answer to an Accept version it does not
+serve). A 401 is no refusal: GoCD answers it on every path before routing, so the next
+endpoint would only be one more failed login (three a poll lock some LDAP accounts), and
+every call raises it at once. A stage's latest run comes from
+``GET /api/stages/:pipeline/:stage/history`` (``application/vnd.go.cd.v3+json``, GoCD >=
+20.9). Credentials never appear in errors or logs.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ import json
 import ssl
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from mail2alert.errors import SourceError
 from mail2alert.gocd.model import PipelineGroups
@@ -32,6 +37,15 @@ if TYPE_CHECKING:
 
 class GocdError(SourceError):
     """GoCD could not be read; the message names the URL and status, never credentials."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        """GoCD's HTTP status, when it answered one."""
+
+
+class GocdStarting(GocdError):
+    """GoCD answered that it is still starting (202 from its dashboard): no failure."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +62,15 @@ ENDPOINTS = (
     Endpoint("dashboard", "/api/dashboard", "application/vnd.go.cd.v4+json"),
     Endpoint("legacy", "/api/config/pipeline_groups", "application/json"),
 )
-REFUSED = frozenset({401, 403, 404})
+REFUSED = frozenset({403, 404})
+UNAUTHORIZED = 401
+#: GoCD's dashboard answers 202 until it has computed its first state after a start.
+STARTING = 202
+HISTORY_ACCEPT = "application/vnd.go.cd.v3+json"
+
+#: What a stage run's ``result`` in the stage history says for the history: a cancelled run
+#: (and one still running, ``Unknown``) says nothing.
+_HISTORY_RESULTS = {"passed": "passed", "failed": "failed"}
 
 
 def parse_groups(payload: Any, *, source: str = "") -> PipelineGroups:
@@ -77,14 +99,18 @@ def parse_groups(payload: Any, *, source: str = "") -> PipelineGroups:
     return PipelineGroups(groups, fetched_at=time.time(), source=source)
 
 
-def parse_cctray(text: str) -> dict[tuple[str, str], str]:
-    """Last result per (pipeline, stage), lower case, from cctray.xml: passed or failed.
+def parse_cctray(text: str | bytes) -> dict[tuple[str, str], str]:
+    """Last status per (pipeline, stage), as GoCD spells them, from cctray.xml: passed or
+    failed.
 
     Only two-part ``pipeline :: stage`` entries are stages; unknown statuses are skipped.
+    A ``Failure`` may be a cancelled run and a ``Success`` a run still building after a GoCD
+    restart: these are hints, never results to remember (see :func:`parse_stage_history`).
+    Bytes are what GoCD sends: they may begin with an XML declaration naming the encoding.
     """
     try:
         root = ET.fromstring(text)  # noqa: S314 - GoCD's own feed, fetched with credentials
-    except ET.ParseError as exc:
+    except (ET.ParseError, ValueError) as exc:
         raise GocdError(f"cctray.xml is not valid XML: {exc}") from None
     results: dict[tuple[str, str], str] = {}
     for project in root.iter("Project"):
@@ -93,8 +119,25 @@ def parse_cctray(text: str) -> dict[tuple[str, str], str]:
             project.get("lastBuildStatus", "").lower()
         )
         if len(parts) == 2 and all(parts) and status:
-            results[(parts[0].lower(), parts[1].lower())] = status
+            results[(parts[0], parts[1])] = status
     return results
+
+
+def parse_stage_history(payload: Any, *, source: str = "") -> str | None:
+    """The result of a stage's latest run that passed or failed, from GoCD's stage history
+    (newest run first): ``passed``, ``failed``, or None when the page has neither.
+
+    Cancelled runs are passed over, as a cancel never changes the result mail2alert
+    remembers, and so are runs still going (``Unknown``).
+    """
+    try:
+        for run in payload["stages"]:
+            result = _HISTORY_RESULTS.get(str(run.get("result", "")).lower())
+            if result is not None:
+                return result
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise GocdError(f"{source or 'answer'}: unexpected payload shape ({exc!r})") from None
+    return None
 
 
 def ClientError() -> type[Exception]:
@@ -105,7 +148,7 @@ def ClientError() -> type[Exception]:
 
 
 class GocdClient:
-    """Reads pipeline groups and cctray.xml from one GoCD server."""
+    """Reads pipeline groups, cctray.xml and stage histories from one GoCD server."""
 
     def __init__(
         self,
@@ -145,56 +188,102 @@ class GocdClient:
         )
 
     async def pipeline_groups(self) -> PipelineGroups:
-        """The current pipeline groups (the previous answer again on 304 Not Modified)."""
+        """The current pipeline groups (the previous answer, fetched now, on 304)."""
         order = [self.endpoint] if self.endpoint else []
         order += [e for e in ENDPOINTS if e is not self.endpoint]
         refusals: list[str] = []
         async with self._session() as session:
             for endpoint in order:
-                status, body = await self._get(session, endpoint)
-                if status in REFUSED:
-                    refusals.append(f"{endpoint.path} {status}")
+                answer = await self._get(session, endpoint)
+                target = f"{self.url}{endpoint.path}"
+                if answer.status in REFUSED:
+                    refusals.append(f"{endpoint.path} {answer.status}")
                     continue
-                if status == 304 and self._last is not None and self.endpoint is endpoint:
+                if answer.status == 304 and self._last is not None and self.endpoint is endpoint:
+                    self._last = replace(self._last, fetched_at=time.time())
                     return self._last
-                if status != 200:
-                    raise GocdError(f"{self.url}{endpoint.path} answered HTTP {status}")
-                try:
-                    payload = json.loads(body)
-                except ValueError:
-                    raise GocdError(
-                        f"{self.url}{endpoint.path} answered with invalid JSON"
-                    ) from None
-                groups = parse_groups(payload, source=f"{self.url}{endpoint.path}")
+                if answer.status == STARTING:
+                    raise GocdStarting(
+                        f"{target} answered HTTP {STARTING}: GoCD is starting", status=STARTING
+                    )
+                self._raise_unless_ok(target, answer.status)
+                groups = parse_groups(_json(target, answer.body), source=target)
                 self.endpoint = endpoint
                 self._last = groups
+                # Kept only now: a tag of an answer refused above would make GoCD answer
+                # 304 to it for as long as that answer stays the same.
+                if answer.etag:
+                    self._etags[endpoint.path] = answer.etag
                 return groups
         raise GocdError(f"{self.url} refused every pipeline-groups API: {', '.join(refusals)}")
 
     async def cctray(self) -> Mapping[tuple[str, str], str]:
-        """Last result per stage from ``/cctray.xml``."""
+        """Last status per stage from ``/cctray.xml`` (see :func:`parse_cctray`)."""
         async with self._session() as session:
-            status, body = await self._get(
+            answer = await self._get(
                 session, Endpoint("cctray", "/cctray.xml", "application/xml"), etag=False
             )
+        self._raise_unless_ok(f"{self.url}/cctray.xml", answer.status)
+        return parse_cctray(answer.body)
+
+    async def latest_results(self, stages: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
+        """The result of each stage's latest run that passed or failed, from GoCD's stage
+        history; a stage GoCD does not show (gone, not viewable, GoCD < 20.9) is left out."""
+        results: dict[tuple[str, str], str] = {}
+        async with self._session() as session:
+            for pipeline, stage in stages:
+                path = f"/api/stages/{quote(pipeline, safe='')}/{quote(stage, safe='')}/history"
+                answer = await self._get(
+                    session, Endpoint("stage history", path, HISTORY_ACCEPT), etag=False
+                )
+                if answer.status in REFUSED:
+                    continue
+                target = f"{self.url}{path}"
+                self._raise_unless_ok(target, answer.status)
+                result = parse_stage_history(_json(target, answer.body), source=target)
+                if result is not None:
+                    results[(pipeline, stage)] = result
+        return results
+
+    def _raise_unless_ok(self, target: str, status: int) -> None:
+        if status == UNAUTHORIZED:
+            raise GocdError(
+                f"{target} answered HTTP {status}: GoCD does not accept the configured "
+                "user and password (or token)",
+                status=status,
+            )
         if status != 200:
-            raise GocdError(f"{self.url}/cctray.xml answered HTTP {status}")
-        return parse_cctray(body)
+            raise GocdError(f"{target} answered HTTP {status}", status=status)
 
     async def _get(
         self, session: aiohttp.ClientSession, endpoint: Endpoint, *, etag: bool = True
-    ) -> tuple[int, str]:
+    ) -> Answer:
         headers = {"Accept": endpoint.accept}
         if etag and endpoint.path in self._etags:
             headers["If-None-Match"] = self._etags[endpoint.path]
         target = f"{self.url}{endpoint.path}"
         try:
             async with session.get(target, headers=headers, ssl=self._ssl) as response:
-                body = await response.text() if response.status == 200 else ""
-                if etag and response.status == 200 and response.headers.get("ETag"):
-                    self._etags[endpoint.path] = response.headers["ETag"]
-                return response.status, body
-        except (ClientError(), TimeoutError, UnicodeDecodeError, ssl.SSLError) as exc:
+                body = await response.read() if response.status == 200 else b""
+                return Answer(response.status, body, response.headers.get("ETag"))
+        except (ClientError(), TimeoutError, ssl.SSLError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             detail = getattr(exc, "strerror", None) or ""
             raise GocdError(f"{target} unreachable: {reason} {detail}".rstrip()) from None
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What GoCD answered to one request."""
+
+    status: int
+    body: bytes
+    """Only a 200's body is read."""
+    etag: str | None
+
+
+def _json(target: str, body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise GocdError(f"{target} answered with invalid JSON") from None

@@ -1,8 +1,14 @@
-"""Keep each gocd manager's pipeline groups fresh, in the background.
+"""Keep each gocd manager's pipeline groups fresh, in the background, and seed its history.
 
 Routing never waits on GoCD: it reads the last good snapshot. The snapshot is kept in memory
 and in ``data-dir`` (so a restart while GoCD is down still routes by group). Failures are
 logged once per change of state, with the URL and status; recovery is logged too.
+
+Each poll reads pipeline groups, then, until it has been done once, seeds the history: the
+stages cctray.xml lists, each with the result its stage history gives (cctray's own status
+cannot tell a failed run from a cancelled one). A 401 ends the poll there, and the next
+one waits twice as long, up to ten poll intervals: each poll with wrong credentials is a
+failed login, and enough of them lock an LDAP account.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from mail2alert.gocd.client import GocdClient, GocdError, parse_groups
+from mail2alert.gocd.client import UNAUTHORIZED, GocdClient, GocdError, GocdStarting, parse_groups
 from mail2alert.gocd.memory import HISTORY
 from mail2alert.gocd.model import PipelineGroups
 from mail2alert.gocd.settings import GocdSettings
@@ -71,6 +77,19 @@ def client_from_options(options: Mapping[str, object]) -> GocdClient:
     )
 
 
+#: The longest wait between polls after 401s, in poll intervals.
+BACKOFF_MAX = 10
+
+
+def next_delay(interval: float, delay: float, status: int | None) -> float:
+    """The wait before the next poll after one that failed with ``status`` (None: no HTTP
+    answer) and was itself waited for ``delay``: doubled after a 401, up to
+    ``interval`` x :data:`BACKOFF_MAX`; any other failure waits ``interval``."""
+    if status != UNAUTHORIZED:
+        return interval
+    return min(delay * 2, interval * BACKOFF_MAX)
+
+
 class GroupPoller:
     """Polls one GoCD for pipeline groups every ``interval`` seconds; keeps the last good."""
 
@@ -82,17 +101,21 @@ class GroupPoller:
         interval: float,
         data_dir: Path,
         on_snapshot: Callable[[str, PipelineGroups], None] = lambda label, groups: None,
-        on_cctray: Callable[[Mapping[tuple[str, str], str]], None] | None = None,
+        on_history: Callable[[Mapping[tuple[str, str], str]], None] | None = None,
     ) -> None:
         self.label = label
         self.name = f"GoCD poller of {label}"
         self.client = client
         self.interval = interval
+        self.delay = interval
+        """The wait before the next poll: ``interval``, longer after 401s."""
         self.path = snapshot_path(data_dir, client.url)
         self.on_snapshot = on_snapshot
-        self.on_cctray = on_cctray
+        self.on_history = on_history
+        self.seeded = on_history is None
         self.snapshot: PipelineGroups | None = load_snapshot(self.path)
         self.state = "starting"
+        self._seed_trouble = ""
         if self.snapshot is not None:
             age = time.time() - self.snapshot.fetched_at
             log.info(
@@ -105,20 +128,29 @@ class GroupPoller:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Poll until ``stop`` is set."""
-        if self.on_cctray is not None:
-            await self._seed_history()
         while not stop.is_set():
             await self.poll_once()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.interval)
+                await asyncio.wait_for(stop.wait(), self.delay)
 
     async def poll_once(self) -> None:
-        """Read pipeline groups once; keep them if they are good, log any change of state."""
+        """One poll: pipeline groups, kept if good, then the history's seed until it is done;
+        any failure ends the poll. Each change of state is logged once."""
         try:
             groups = await self.client.pipeline_groups()
-        except GocdError as exc:
-            self._set_state(f"failing: {exc}")
+        except GocdStarting as exc:
+            self.delay = self.interval
+            self._set_state(f"starting: {exc}")
             return
+        except GocdError as exc:
+            self._failed(exc)
+            return
+        self.delay = self.interval
+        await self._keep(groups)
+        if not self.seeded:
+            await self._seed_history()
+
+    async def _keep(self, groups: PipelineGroups) -> None:
         changed = self.snapshot is None or dict(groups.groups) != dict(self.snapshot.groups)
         self.snapshot = groups
         self.on_snapshot(self.label, groups)
@@ -136,14 +168,31 @@ class GroupPoller:
             await asyncio.get_running_loop().run_in_executor(None, save_snapshot, self.path, groups)
 
     async def _seed_history(self) -> None:
-        assert self.on_cctray is not None
+        assert self.on_history is not None
         try:
-            results = await self.client.cctray()
+            stages = await self.client.cctray()
+            results = await self.client.latest_results(sorted(stages))
         except GocdError as exc:
-            log.warning("%s: history not seeded from cctray.xml: %s", self.label, exc)
+            if exc.status == UNAUTHORIZED:
+                self._failed(exc)
+            elif str(exc) != self._seed_trouble:
+                self._seed_trouble = str(exc)
+                log.warning(
+                    "%s: history not seeded yet (tried again each poll): %s", self.label, exc
+                )
             return
-        self.on_cctray(results)
-        log.info("%s: history seeded with %d stages from cctray.xml", self.label, len(results))
+        self.on_history({(p.lower(), s.lower()): result for (p, s), result in results.items()})
+        self.seeded = True
+        log.info(
+            "%s: history seeded with %d of the %d stages in cctray.xml, from their stage history",
+            self.label,
+            len(results),
+            len(stages),
+        )
+
+    def _failed(self, exc: GocdError) -> None:
+        self.delay = next_delay(self.interval, self.delay, exc.status)
+        self._set_state(f"failing: {exc}")
 
     def _set_state(self, state: str) -> None:
         if state == self.state:
@@ -152,15 +201,19 @@ class GroupPoller:
         if state.startswith("failing"):
             kept = "keeping the last snapshot" if self.snapshot else "no snapshot yet"
             log.warning("%s: GoCD %s (%s)", self.label, state, kept)
+        elif state.startswith("starting"):
+            log.info("%s: GoCD %s", self.label, state.removeprefix("starting: "))
         elif previous.startswith("failing"):
             log.info("%s: GoCD recovered, %s", self.label, state)
+        elif previous.startswith("starting: "):
+            log.info("%s: GoCD has started, %s", self.label, state)
 
 
 def keeper(
     label: str, options: Mapping[str, object], data_dir: Path, feed: Feed
 ) -> GroupPoller | None:
     """The poller of a gocd manager with a ``url`` (None without one): it feeds pipeline
-    groups as snapshots, and the stage results of cctray.xml as notes."""
+    groups as snapshots, and the stage results it seeds the history with as notes."""
     settings = GocdSettings.of(options)
     if settings.url is None:
         return None
@@ -174,7 +227,7 @@ def keeper(
         interval=settings.poll_interval,
         data_dir=data_dir,
         on_snapshot=feed.snapshot,
-        on_cctray=learnt,
+        on_history=learnt,
     )
 
 

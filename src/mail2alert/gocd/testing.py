@@ -47,11 +47,19 @@ def gocd_stage_mail(
 class FakeGoCD:
     """A GoCD server on loopback that answers the way GoCD does (see shared gocd.md).
 
-    It serves the three pipeline-group endpoints in GoCD's payload shapes, enforcing the
-    vendor Accept header (404 on a wrong version, as GoCD does) and auth (basic or bearer,
-    401 when wrong), sends ETags and answers If-None-Match with 304, and serves cctray.xml.
+    It serves the three pipeline-group endpoints in GoCD's payload shapes, cctray.xml (with
+    its XML declaration, a row per job and the Breakers of failed rows) and each stage's
+    history. Like GoCD it matches the vendor Accept header exactly (a parameter or a wrong
+    version is a 404), answers 401 with ``WWW-Authenticate`` on every path to wrong
+    credentials (basic or bearer), sends ETags (with Jetty's ``--gzip`` suffix when it
+    gzips) and answers If-None-Match with 304.
     ``endpoints`` limits which endpoints exist (the others answer 404, like an old or a
-    restricted GoCD); ``admin_forbidden`` makes the admin API answer 403, as for a non-admin.
+    restricted GoCD); ``admin_forbidden`` makes the admin API answer 403, as for a non-admin,
+    and ``group_admin_of`` makes the user an admin of those groups only, whom the admin API
+    shows only them. ``history`` gives the results of a stage's runs, newest first (GoCD's
+    ``Passed``, ``Failed``, ``Cancelled``, ``Unknown`` for one still running); a stage
+    without one has a single run, as its cctray row says. :attr:`starting` makes the
+    dashboard answer 202, as GoCD does until it has computed its first state.
     ``stop()`` and ``start()`` again keep the port, to play a GoCD that goes down. With
     ``tls`` (a server SSL context) it speaks HTTPS.
     """
@@ -59,7 +67,9 @@ class FakeGoCD:
     ACCEPT: ClassVar[dict[str, tuple[str, ...]]] = {
         "admin": ("application/vnd.go.cd.v1+json", "application/vnd.go.cd+json"),
         "dashboard": ("application/vnd.go.cd.v4+json", "application/vnd.go.cd+json"),
+        "history": ("application/vnd.go.cd.v3+json", "application/vnd.go.cd+json"),
     }
+    VERSIONS: ClassVar[dict[str, str]] = {"admin": "v1", "dashboard": "v4", "history": "v3"}
 
     def __init__(
         self,
@@ -68,9 +78,11 @@ class FakeGoCD:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
-        endpoints: tuple[str, ...] = ("admin", "dashboard", "legacy", "cctray"),
+        endpoints: tuple[str, ...] = ("admin", "dashboard", "legacy", "cctray", "history"),
         admin_forbidden: bool = False,
+        group_admin_of: tuple[str, ...] | None = None,
         cctray: dict[tuple[str, str], str] | None = None,
+        history: dict[tuple[str, str], list[str]] | None = None,
         port: int = 0,
         tls: ssl.SSLContext | None = None,
     ) -> None:
@@ -80,9 +92,14 @@ class FakeGoCD:
         self.token = token
         self.endpoints = endpoints
         self.admin_forbidden = admin_forbidden
+        self.group_admin_of = group_admin_of
         self.cctray = cctray or {}
+        self.history = history or {}
+        self.starting = False
         self.port = port or free_port()
         self.requests: list[tuple[str, str, int]] = []
+        self.if_none_match: list[str] = []
+        """Each answered request's If-None-Match ("" without one), in :attr:`requests`' order."""
         self.changed = threading.Condition()
         self._http = LoopbackHttp(self.port, "fake-gocd", tls)
 
@@ -96,6 +113,11 @@ class FakeGoCD:
         """The JSON GoCD would send for ``endpoint`` with the current groups."""
         base = f"{self.url}/api"
         if endpoint == "admin":
+            shown = {
+                g: ps
+                for g, ps in self.groups.items()
+                if self.group_admin_of is None or g in self.group_admin_of
+            }
             return {
                 "_links": {"self": {"href": f"{base}/admin/pipeline_groups"}},
                 "_embedded": {
@@ -112,7 +134,7 @@ class FakeGoCD:
                                 for p in ps
                             ],
                         }
-                        for g, ps in self.groups.items()
+                        for g, ps in shown.items()
                     ]
                 },
             }
@@ -150,7 +172,14 @@ class FakeGoCD:
         return True
 
     def _answer(
-        self, endpoint: str, accept: str, auth: str, etag: str
+        self,
+        endpoint: str,
+        accept: str,
+        auth: str,
+        etag: str,
+        *,
+        gzip: bool = False,
+        stage: tuple[str, str] = ("", ""),
     ) -> tuple[int, dict[str, str], str]:
         import hashlib
         import json
@@ -158,37 +187,109 @@ class FakeGoCD:
         if not self._authorized(auth):
             return (
                 401,
-                {"Content-Type": "application/json"},
+                {"Content-Type": "application/json", "WWW-Authenticate": 'Basic realm="GoCD"'},
                 '{"message": "You are not authenticated!"}',
             )
         if endpoint not in self.endpoints:
             return 404, {"Content-Type": "application/json"}, '{"message": "not found"}'
         if endpoint == "cctray":
-            projects = "".join(
-                f'<Project name="{p} :: {s}" activity="Sleeping" lastBuildStatus="{st}" '
-                f'lastBuildLabel="1" lastBuildTime="2024-03-15T16:40:02" webUrl="{self.url}"/>'
-                for (p, s), st in self.cctray.items()
-            )
-            return 200, {"Content-Type": "application/xml"}, f"<Projects>{projects}</Projects>"
+            return 200, {"Content-Type": "application/xml; charset=utf-8"}, self.cctray_xml()
         wanted = self.ACCEPT.get(endpoint)
-        if wanted is not None and accept.split(";")[0].strip() not in wanted:
+        if wanted is not None and accept not in wanted:
             return (
                 404,
                 {"Content-Type": "application/json"},
                 ('{"message": "The url you are trying to reach appears to be incorrect."}'),
             )
-        if endpoint == "admin" and self.admin_forbidden:
+        if endpoint == "admin" and self.admin_forbidden and not self.group_admin_of:
             return 403, {"Content-Type": "application/json"}, '{"message": "forbidden"}'
-        body = json.dumps(self.payload(endpoint))
-        tag = '"' + hashlib.sha256(body.encode()).hexdigest()[:20] + '"'
-        kind = {"admin": "v1", "dashboard": "v4"}.get(endpoint)
+        if endpoint == "dashboard" and self.starting:
+            return (
+                202,
+                {"Content-Type": "application/vnd.go.cd.v4+json; charset=utf-8"},
+                '{"message": "Dashboard is being processed, this may take a few seconds."}',
+            )
+        kind = self.VERSIONS.get(endpoint)
         ctype = f"application/vnd.go.cd.{kind}+json; charset=utf-8" if kind else "application/json"
-        if etag == tag:
-            return 304, {"ETag": tag}, ""
-        return 200, {"Content-Type": ctype, "ETag": tag}, body
+        if endpoint == "history":
+            payload = self.stage_history(*stage)
+            if payload is None:
+                return 404, {"Content-Type": ctype}, '{"message": "Not Found"}'
+            return 200, {"Content-Type": ctype}, json.dumps(payload)
+        body = json.dumps(self.payload(endpoint))
+        tag = hashlib.sha256(body.encode()).hexdigest()[:20]
+        # Jetty's gzip handler marks the tag of what it gzipped, and takes the mark off an
+        # If-None-Match before GoCD compares it.
+        sent = f'"{tag}--gzip"' if gzip else f'"{tag}"'
+        if etag.replace("--gzip", "") == f'"{tag}"':
+            return 304, {"ETag": sent}, ""
+        return 200, {"Content-Type": ctype, "ETag": sent}, body
+
+    def cctray_xml(self) -> str:
+        """cctray.xml as GoCD writes it: a row per stage and one per job, failed rows naming
+        who broke them."""
+        from xml.sax.saxutils import quoteattr
+
+        rows = []
+        for (pipeline, stage), status in self.cctray.items():
+            breakers = (
+                '<messages><message text="Jane Doe" kind="Breakers"/></messages>'
+                if status == "Failure"
+                else ""
+            )
+            for name, url in (
+                (f"{pipeline} :: {stage}", f"{self.url}/pipelines/{pipeline}/1/{stage}/1"),
+                (
+                    f"{pipeline} :: {stage} :: build",
+                    f"{self.url}/tab/build/detail/{pipeline}/1/{stage}/1/build",
+                ),
+            ):
+                rows.append(
+                    f'  <Project name={quoteattr(name)} activity="Sleeping" '
+                    f'lastBuildStatus="{status}" lastBuildLabel="1" '
+                    f'lastBuildTime="2024-03-15T16:40:02" webUrl={quoteattr(url)}>'
+                    f"{breakers}</Project>"
+                )
+        return (
+            '<?xml version="1.0" encoding="utf-8"?>\n<Projects>\n'
+            + "\n".join(rows)
+            + "\n</Projects>"
+        )
+
+    def stage_history(self, pipeline: str, stage: str) -> Any:
+        """GoCD's stage history (v3) of a stage, newest run first; None for a stage GoCD
+        does not know."""
+        key = (pipeline.lower(), stage.lower())
+        known = {(p.lower(), s.lower()): runs for (p, s), runs in self.history.items()}
+        from_cctray = {
+            (p.lower(), s.lower()): ["Passed" if st == "Success" else "Failed"]
+            for (p, s), st in self.cctray.items()
+        }
+        runs = known.get(key, from_cctray.get(key))
+        if runs is None:
+            return None
+        stages = []
+        for age, result in enumerate(runs):
+            run: dict[str, Any] = {
+                "name": stage,
+                "counter": "1",
+                "approval_type": "success",
+                "approved_by": "changes",
+                "result": result,
+                "rerun_of_counter": None,
+                "pipeline_name": pipeline,
+                "pipeline_counter": len(runs) - age,
+                "jobs": [{"name": "build", "result": result, "state": "Completed"}],
+            }
+            if result == "Cancelled":
+                run["cancelled_by"] = "admin"
+            stages.append(run)
+        return {"stages": stages}
 
     def start(self) -> FakeGoCD:
         """Serve (again) on the fake's port."""
+        import re
+
         from aiohttp import web
 
         paths = {
@@ -197,19 +298,30 @@ class FakeGoCD:
             "/go/api/config/pipeline_groups": "legacy",
             "/go/cctray.xml": "cctray",
         }
+        history = re.compile(r"^/go/api/stages/([^/]+)/([^/]+)/history$")
 
         async def handle(request: web.Request) -> web.Response:
             endpoint = paths.get(request.path, "unknown")
+            found = history.match(request.path)
+            if found:
+                endpoint = "history"
+            gzip = "gzip" in request.headers.get("Accept-Encoding", "")
             status, headers, body = self._answer(
                 endpoint,
                 request.headers.get("Accept", ""),
                 request.headers.get("Authorization", ""),
                 request.headers.get("If-None-Match", ""),
+                gzip=gzip,
+                stage=(found[1], found[2]) if found else ("", ""),
             )
             with self.changed:
                 self.requests.append((request.path, request.headers.get("Accept", ""), status))
+                self.if_none_match.append(request.headers.get("If-None-Match", ""))
                 self.changed.notify_all()
-            return web.Response(status=status, headers=headers, text=body or None)
+            response = web.Response(status=status, headers=headers, text=body or None)
+            if gzip and body:
+                response.enable_compression()
+            return response
 
         self._http.start("GET", handle)
         return self
