@@ -301,10 +301,10 @@ def serve_command(config_path: Path) -> list[str]:
     return [sys.executable, "-m", "mail2alert", "serve", "--config", str(config_path)]
 
 
-def listening(port: int) -> bool:
-    """Whether something accepts connections on 127.0.0.1:port."""
+def listening(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts connections on host:port."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
+        with socket.create_connection((host, port), timeout=1):
             return True
     except OSError:
         return False

@@ -637,3 +637,28 @@ def test_the_unit_checks_the_configuration_before_it_starts() -> None:
 )
 def test_the_unit_sets(key: str, value: str) -> None:
     assert (key, value) in unit_directives()
+
+
+# -- the debug console ---------------------------------------------------------------------
+
+DEPLOYMENT_FILES = ("Dockerfile", *SCRIPTS, "docker-config.sh", UNIT)
+
+
+def test_no_deployment_file_starts_the_debug_console() -> None:
+    """``--monitor`` is a Python shell with every secret in reach: a deployment never has one."""
+    for invocation in all_invocations():
+        assert not any(arg.startswith("--monitor") for arg in invocation.args), str(invocation)
+    for name in DEPLOYMENT_FILES:
+        text = (ROOT / name).read_text()
+        assert "--monitor" not in text, name
+        assert not re.search(r"\b5010[1-3]\b", text), f"{name} names a debug console port"
+
+
+def test_run_sh_serves_without_the_debug_console_and_publishes_only_the_smtp_port(
+    run_script: RunScript, config_dir: Path
+) -> None:
+    ran = run_script("run.sh", str(config_dir), BIND="0.0.0.0:25")
+    assert ran.returncode == 0, ran.stderr
+    assert ran.mail2alert_args() == [["check"], ["serve"]]
+    for call in ran.runs():
+        assert all(p.endswith(":1025") for p in option_values(call, "--publish")), call

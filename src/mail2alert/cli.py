@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         const=f"127.0.0.1:{MONITOR_PORT}",
         metavar="HOST:PORT",
-        help=f"start the aiomonitor debug console (default 127.0.0.1:{MONITOR_PORT})",
+        help=(
+            "start the aiomonitor debug console, a Python shell: loopback only"
+            f" (default 127.0.0.1:{MONITOR_PORT}; it takes that port and the next two)"
+        ),
     )
 
     check = commands.add_parser("check", help="validate the configuration and say what it holds")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -72,7 +73,7 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
         if console is not None:
-            console.close()
+            await _close_monitor(console)
 
 
 _tasks: set[asyncio.Task[Any]] = set()
@@ -85,15 +86,78 @@ def _spawn(coro: Coroutine[Any, Any, Any]) -> None:
     task.add_done_callback(_tasks.discard)
 
 
-def _monitor_address(text: str) -> tuple[str, int]:
+#: What aiomonitor listens on at ``--monitor``'s port and the two after it.
+_MONITOR_PORTS = ("the monitor", "the web UI", "the Python console")
+
+
+def monitor_address(text: str) -> tuple[str, int]:
+    """``--monitor HOST:PORT`` as (host, port): a loopback host whose three ports are free.
+
+    Raises StartupError naming the address and what is wrong with it.
+    """
     try:
         address = HostPort.parse(text, default_host="127.0.0.1")
     except ValueError:
         address = None
-    # The console takes the port and the two after it.
-    if address is None or address.port > 65533:
+    if address is None:
         raise StartupError(f"--monitor {text!r}: expected HOST:PORT, e.g. 127.0.0.1:50101")
+    highest = 65536 - len(_MONITOR_PORTS)
+    if address.port > highest:
+        raise StartupError(
+            f"--monitor {address}: the console takes the port and the two after it,"
+            f" so the port is at most {highest}"
+        )
+    hosts = _loopback_addresses(address)
+    # aiomonitor binds in a thread of its own and, when a bind fails there, waits for that
+    # thread forever: a port in use must be found here, or serve would hang instead.
+    for offset, what in enumerate(_MONITOR_PORTS):
+        for host in hosts:
+            _try_bind(address, host, address.port + offset, what)
     return address.host, address.port
+
+
+def _loopback_addresses(address: HostPort) -> list[str]:
+    """The addresses ``address.host`` stands for; StartupError unless all are loopback.
+
+    The console is a Python shell as the service user with every secret in reach, so only
+    this machine may reach it: 127.0.0.0/8, ::1, or ``localhost`` when it resolves to them.
+    """
+    why = (
+        "the debug console is a Python shell with every secret in reach, so it listens only on"
+        " loopback (127.0.0.0/8, ::1 or localhost)"
+    )
+    found = [address.host]
+    if address.host.lower() == "localhost":
+        try:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise StartupError(
+                f"--monitor {address}: cannot resolve localhost ({exc.strerror})"
+            ) from None
+        found = sorted({str(info[4][0]) for info in infos})
+    for host in found:
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = False  # a name other than localhost: whatever it resolves to, not that
+        if not loopback:
+            where = f"localhost resolves to {host}, which" if host != address.host else host
+            raise StartupError(f"--monitor {address}: {where} is not loopback; {why}")
+    return found
+
+
+def _try_bind(address: HostPort, host: str, port: int, what: str) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As asyncio and aiohttp bind: a port whose connections are still closing is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise StartupError(
+                f"--monitor {address}: port {port} ({what}) cannot be used on {host}:"
+                f" {exc.strerror}"
+            ) from None
 
 
 def _start_monitor(address: tuple[str, int], service: Service) -> Any:
@@ -116,6 +180,16 @@ def _start_monitor(address: tuple[str, int], service: Service) -> Any:
         "aiomonitor on %s:%d: `nc %s %d` (web UI on port %d)", host, port, host, port, port + 1
     )
     return console
+
+
+async def _close_monitor(console: Any) -> None:
+    """Stop aiomonitor without blocking this loop.
+
+    Its close() waits for its thread, and that thread closes an open Python console by
+    running a coroutine on this loop: called here directly, the two would wait for each other
+    and the process would never exit.
+    """
+    await asyncio.get_running_loop().run_in_executor(None, console.close)
 
 
 def _run_loop(main: Coroutine[Any, Any, T]) -> T:
@@ -160,7 +234,7 @@ def run(config: Config, *, monitor: str | None = None) -> int:
 
     ``monitor`` (``host:port``) starts the aiomonitor console in the main process.
     """
-    monitor_at = _monitor_address(monitor) if monitor else None
+    monitor_at = monitor_address(monitor) if monitor else None
     # Held back until each process's event loop has its handlers (forked workers inherit the
     # mask): a SIGTERM or SIGHUP that comes early is then handled, not fatal.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
@@ -265,7 +339,7 @@ async def _supervise(
             exit_code = 1
     finally:
         if console is not None:
-            console.close()
+            await _close_monitor(console)
         loop.remove_reader(read_fd)
         os.close(read_fd)
     return exit_code
