@@ -262,8 +262,60 @@ def test_a_yaml_syntax_error_is_reported_with_its_line() -> None:
           - name: "mail
         """
     ) == [
-        "configuration.yml:4: YAML syntax error: found unexpected end of stream",
+        "configuration.yml:3: a quoted value starts on this line and is never closed",
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "remote-smtp: x\nmanagers:\n  - name: gocd\n     url: x\n",
+            "configuration.yml:4: this line is indented more than the key above it expects",
+        ),
+        (
+            "remote-smtp: x\n  managers: []\n",
+            "configuration.yml:2: this line is indented more than the key above it expects",
+        ),
+        (
+            "managers:\n  - name: gocd\n    url: x\n   user: y\n",
+            "configuration.yml:4: this line is indented differently from the lines it belongs"
+            " with: line it up with the key or list item it continues",
+        ),
+        (
+            "managers:\n  - name: a\n    rules:\n      - actions: [x]\n     - actions: [y]\n",
+            "configuration.yml:5: this line is indented differently from the lines it belongs"
+            " with: line it up with the key or list item it continues",
+        ),
+        (
+            "managers:\n\t- name: x\n",
+            "configuration.yml:2: a tab in the indentation: YAML indents with spaces only",
+        ),
+        (
+            "managers: [a, b\nremote-smtp: x\n",
+            "configuration.yml:1: a [ opened on this line is not closed where it should be",
+        ),
+        (
+            "remote-smtp: a: b\n",
+            'configuration.yml:1: a value with ": " in it must be quoted ("like: this")',
+        ),
+    ],
+    ids=[
+        "key-under-a-list-items-key",
+        "key-under-a-value",
+        "less-than-its-siblings",
+        "list-item-off-by-one",
+        "tab",
+        "unclosed-bracket",
+        "colon-in-a-value",
+    ],
+)
+def test_a_yaml_mistake_is_said_in_words_at_the_line_to_fix(text: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(text, "configuration.yml", {})
+    assert [str(p) for p in caught.value.problems] == [expected]
+
+
 
 
 def test_an_unquoted_ipv6_address_is_a_yaml_error_with_a_hint() -> None:
@@ -844,7 +896,38 @@ def test_load_of_a_missing_file_is_one_problem(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         config.load(path)
 
-    assert [str(p) for p in caught.value.problems] == [f"{path}: no such file"]
+    assert [str(p) for p in caught.value.problems] == [
+        f"{path}: no such file: {path} (named by --config)"
+    ]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_missing_default_configuration_says_how_to_name_another(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(config.ENV_CONFIG, raising=False)
+
+    assert cli.main(["check"]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"configuration.yml: no such file: {tmp_path / 'configuration.yml'} (the default;"
+        " name another with --config PATH or $MAIL2ALERT_CONFIGURATION)"
+    )
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_missing_configuration_named_by_the_environment_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "etc" / "mail2alert.yml"
+    monkeypatch.setenv(config.ENV_CONFIG, str(path))
+
+    assert cli.main(["check"]) == 1
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"{path}: no such file: {path} (named by $MAIL2ALERT_CONFIGURATION)"
+    )
+
+
 
 
 # -- mail2alert check ---------------------------------------------------------------------------
@@ -919,7 +1002,7 @@ def test_check_of_a_missing_file_says_so(
 
     assert code == 1
     assert capsys.readouterr().err.splitlines() == [
-        f"{path}: no such file",
+        f"{path}: no such file: {path} (named by --config)",
         f"{path}: invalid, 1 problem",
     ]
 

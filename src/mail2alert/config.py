@@ -24,6 +24,7 @@ from typing import TypeVar, cast, get_args
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from mail2alert import yamlerrors
 from mail2alert.actions import action_id, check_action, is_chat, is_slack_web
 from mail2alert.errors import ConfigError, ConfigProblem, RuleArgumentError
 from mail2alert.managers.base import ManagerType, Option
@@ -168,6 +169,15 @@ def config_path(explicit: str | None) -> Path:
     return Path(explicit or os.environ.get(ENV_CONFIG) or DEFAULT_CONFIG)
 
 
+def _named_by(path: str | Path) -> str:
+    """What named ``path`` as the configuration, for a message saying it is not there."""
+    if str(path) == os.environ.get(ENV_CONFIG):
+        return f"named by ${ENV_CONFIG}"
+    if str(path) == DEFAULT_CONFIG:
+        return f"the default; name another with --config PATH or ${ENV_CONFIG}"
+    return "named by --config"
+
+
 def load(
     path: str | Path, env: Mapping[str, str] | None = None, *, unset_ok: bool = False
 ) -> Config:
@@ -178,7 +188,8 @@ def load(
         st = Path(path).stat()
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError([ConfigProblem(name, 0, "", "no such file")]) from None
+        where = f"no such file: {Path(path).absolute()} ({_named_by(path)})"
+        raise ConfigError([ConfigProblem(name, 0, "", where)]) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise ConfigError([ConfigProblem(name, 0, "", f"cannot read: {reason}")]) from None
@@ -208,15 +219,8 @@ def parse(text: str, filename: str, env: Mapping[str, str], *, unset_ok: bool = 
             )
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 0
-        what = exc.problem or exc.context or "invalid YAML"
-        hint = ""
-        if "[" in (text.splitlines()[line - 1] if 0 < line <= len(text.splitlines()) else ""):
-            hint = ' (quote IPv6 addresses: "[::1]:1025")'
-        raise ConfigError(
-            [ConfigProblem(filename, line, "", f"YAML syntax error: {what}{hint}")]
-        ) from None
+        line, what = yamlerrors.explained(exc, text)
+        raise ConfigError([ConfigProblem(filename, line, "", what)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([ConfigProblem(filename, 0, "", f"YAML error: {exc}")]) from None
     config = walker.config(root)
