@@ -316,8 +316,6 @@ def test_a_yaml_mistake_is_said_in_words_at_the_line_to_fix(text: str, expected:
     assert [str(p) for p in caught.value.problems] == [expected]
 
 
-
-
 def test_an_unquoted_ipv6_address_is_a_yaml_error_with_a_hint() -> None:
     assert problems(
         """\
@@ -926,8 +924,6 @@ def test_a_missing_configuration_named_by_the_environment_says_so(
     assert capsys.readouterr().err.splitlines()[0] == (
         f"{path}: no such file: {path} (named by $MAIL2ALERT_CONFIGURATION)"
     )
-
-
 
 
 # -- mail2alert check ---------------------------------------------------------------------------
