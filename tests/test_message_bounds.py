@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from mail2alert.gocd.testing import gocd_stage_mail
@@ -127,3 +129,31 @@ def test_a_rewritten_big_mail_keeps_its_body_byte_for_byte() -> None:
 
     assert out.endswith(data[message.header_end :])
     assert out.startswith(b"R: x\r\n")
+
+
+# -- bounded work -------------------------------------------------------------------------------
+
+
+def test_a_from_field_of_a_thousand_nested_comments_has_no_address_and_raises_nothing() -> None:
+    """Found by tests/test_fuzz.py: parseaddr recursed once per "(" and raised RecursionError."""
+    assert address_of("(" * 5000) == ""
+
+
+def test_a_from_field_of_200_kb_without_an_at_sign_is_read_in_linear_time() -> None:
+    """Found by tests/test_fuzz.py: the fallback search was quadratic (200 kB took minutes)."""
+    started = time.monotonic()
+
+    assert address_of("x" * 200_000) == ""
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("a@@b@c", "b@c"),
+        ("<<<@@@>>> x@y", "x@y"),
+        ("((( go@example.com", "go@example.com"),
+    ],
+)
+def test_the_fallback_search_finds_the_first_bare_address(text: str, expected: str) -> None:
+    assert address_of(text) == expected

@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from functools import cached_property
 
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
-_ADDRESS = re.compile(r"[^@\s<>]+@[^@\s<>]+")
+# Tried only where a run of address characters starts, and never given back: searched
+# from every position, a 16 kB From: without an @ took 0.6 s, and 200 kB minutes.
+_ADDRESS = re.compile(r"(?<![^@\s<>])[^@\s<>]++@[^@\s<>]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 #: The names :mod:`email` gives ASCII (as an encoded word's charset, lower-cased).
 _ASCII_CHARSETS = frozenset({"us-ascii", "ascii"})
@@ -210,7 +212,10 @@ def address_of(header_text: str) -> str:
     """The bare address in a From:/To:-style value, or '' when there is none."""
     # parseaddr ends a quoted string at a CR: '"victim@example.org\r" <go@example.com>' read
     # as victim@example.org. No line break belongs in a value, so none may end a quote.
-    _, addr = email.utils.parseaddr(_LINE_BREAK_TEXT.sub(" ", header_text))
+    try:
+        _, addr = email.utils.parseaddr(_LINE_BREAK_TEXT.sub(" ", header_text))
+    except RecursionError:  # parseaddr recurses once per nested comment: "((((..." raised
+        addr = ""
     if addr and "@" in addr:
         return valid_text(addr)
     found = _ADDRESS.search(header_text)
