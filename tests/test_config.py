@@ -574,7 +574,7 @@ def test_an_action_with_an_unsupported_scheme_is_reported() -> None:
         """
     ) == [
         "configuration.yml:9: managers[0].rules[0].actions[1]: unsupported action scheme"
-        " 'xmpp:' (use mailto:, slack: or a chat URL)",
+        " 'xmpp:' (use mailto:, slack:, committers: or a chat URL)",
     ]
 
 
@@ -838,7 +838,7 @@ def test_every_problem_is_reported_at_once_in_file_order() -> None:
         "configuration.yml:13: managers[0].rules[0].filter.function: unknown function"
         " 'pipelines.in_grup' for the gocd manager (did you mean 'pipelines.in_group'?)",
         "configuration.yml:20: managers[1].rules[0].actions[0]: unsupported action scheme"
-        " 'sms:' (use mailto:, slack: or a chat URL)",
+        " 'sms:' (use mailto:, slack:, committers: or a chat URL)",
         "configuration.yml:25: delivery.retry-max: expected a positive duration like 30s,"
         " 10m, 1h, 5d or seconds, got 'forever'",
     ]

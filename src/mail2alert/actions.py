@@ -3,6 +3,9 @@
 An action is a URI in a rule's ``actions`` list:
 
 - ``mailto:team@example.com`` adds a recipient to the rewritten mail;
+- ``committers:`` adds the authors of the changes the alert is about, those with an address
+  (``committers:@example.com``: those of one domain), read by the manager type; a rule that
+  finds none of them for an alert sends to the manager's ``fallback`` if it has nothing else;
 - ``slack:#channel`` / ``slack:@user`` (optionally ``:brief`` or ``:full``) posts through
   Slack's Web API with the top-level ``slack-token``, as the original did;
 - any other ``scheme://...`` URL is a notification URL handled by Apprise (``slack://``,
@@ -21,10 +24,16 @@ from functools import lru_cache
 
 from mail2alert.managers.memory import Conversation
 from mail2alert.message import RawMessage, address_of, one_line, rewrite, valid_text
-from mail2alert.model import ChatPost, ChatTemplate, Decision, Envelope, Outgoing
+from mail2alert.model import Alert, ChatPost, ChatTemplate, Decision, Envelope, Outgoing
 from mail2alert.templates import PLAIN, Presentation, render
 
 _MAILBOX = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?$")
+
+
+def is_mailbox(address: str) -> bool:
+    """Whether ``address`` is one plain mail address (nothing that could add a recipient or
+    a header field)."""
+    return bool(_MAILBOX.match(address))
 
 
 def _check_mailto(uri: str) -> str | None:
@@ -82,16 +91,31 @@ def _apprise_schemes() -> frozenset[str]:
     return frozenset(schemes)
 
 
+_COMMITTERS = re.compile(
+    r"^committers:(?:@(?P<domain>[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?))?$", re.IGNORECASE
+)
+
+
+def _check_committers(uri: str) -> str | None:
+    if not _COMMITTERS.match(uri):
+        return (
+            f"{uri!r}: write committers: (every committer with an address) or"
+            " committers:@example.com (only the addresses of that domain)"
+        )
+    return None
+
+
 #: Opaque action schemes mail2alert knows itself, each with its load-time check.
 SCHEMES: Mapping[str, Callable[[str], str | None]] = {
     "mailto": _check_mailto,
     "slack": _check_slack,
+    "committers": _check_committers,
 }
 
 
 def is_chat(uri: str) -> bool:
-    """Whether ``uri`` is a chat action (anything but ``mailto:``)."""
-    return not uri.lower().startswith("mailto:")
+    """Whether ``uri`` is a chat action (anything but ``mailto:`` and ``committers:``)."""
+    return not uri.lower().startswith(("mailto:", "committers:"))
 
 
 def is_slack_web(uri: str) -> bool:
@@ -99,6 +123,45 @@ def is_slack_web(uri: str) -> bool:
     Apprise ``slack://`` webhook."""
     uri = uri.strip()
     return uri.lower().startswith("slack:") and not uri.startswith("slack://")
+
+
+def is_committers(uri: str) -> bool:
+    """Whether ``uri`` is a ``committers:`` action."""
+    return uri.lower().startswith("committers:")
+
+
+def for_committers(actions: tuple[str, ...], alert: Alert) -> tuple[tuple[str, ...], str | None]:
+    """``actions`` with each ``committers:`` action replaced by a ``mailto:`` action for each
+    committer of ``alert`` it keeps, and what they found, for ``route --trace`` (None when
+    there is no ``committers:`` action).
+
+    A committer is kept when the message gave an address (only Git names one in GoCD's mails)
+    in the action's domain, if it names one. Addresses are compared case-insensitively and
+    each is mailed once.
+    """
+    if not any(is_committers(uri) for uri in actions):
+        return actions, None
+    out: list[str] = []
+    found: list[str] = []
+    for uri in actions:
+        matched = _COMMITTERS.match(uri)
+        if matched is None:
+            out.append(uri)
+            continue
+        domain = (matched["domain"] or "").lower()
+        kept = [
+            person.address
+            for person in alert.committers
+            if is_mailbox(person.address)
+            and (not domain or person.address.lower().endswith(f"@{domain}"))
+        ]
+        out.extend(f"mailto:{address}" for address in kept)
+        scope = f"committers at {domain}" if domain else "committers"
+        found.append(f"{scope}: {', '.join(kept) if kept else 'none with an address'}")
+    unique: dict[str, str] = {}
+    for uri in out:
+        unique.setdefault(uri.lower(), uri)
+    return tuple(unique.values()), "; ".join(found)
 
 
 def action_id(uri: str) -> str:

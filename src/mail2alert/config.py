@@ -25,7 +25,7 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from mail2alert import yamlerrors
-from mail2alert.actions import action_id, check_action, is_chat, is_slack_web
+from mail2alert.actions import action_id, check_action, is_chat, is_committers, is_slack_web
 from mail2alert.errors import ConfigError, ConfigProblem, RuleArgumentError
 from mail2alert.managers.base import ManagerType, Option
 from mail2alert.managers.registry import MANAGER_TYPES
@@ -249,6 +249,16 @@ def _nested_too_deep(text: str) -> int | None:
     return None
 
 
+def _no_committers(mtype: ManagerType) -> str | None:
+    """Why a rule of ``mtype`` cannot have ``committers:`` actions, or None when it can."""
+    if mtype.reads_committers:
+        return None
+    able = [t.name for t in MANAGER_TYPES.values() if t.reads_committers]
+    return f"the {mtype.name} manager reads no committers from its mails" + (
+        f" (committers: works with {', '.join(able)})" if able else ""
+    )
+
+
 class _Walker(Checker):
     """Turns YAML nodes into a Config: the schema of the file, on the generic validators."""
 
@@ -261,7 +271,10 @@ class _Walker(Checker):
             return default_workers()
         return self.integer(node, path, minimum=1)
 
-    def actions(self, node: Node, path: str) -> tuple[str, ...]:
+    def actions(
+        self, node: Node, path: str, *, no_committers: str | None = None
+    ) -> tuple[str, ...]:
+        """A list of actions; ``no_committers`` says why ``committers:`` is no action here."""
         items = self.sequence(node, path) or []
         out: list[str] = []
         for i, item in enumerate(items):
@@ -270,6 +283,8 @@ class _Walker(Checker):
             if uri is None or len(self.unset) > unset:
                 continue  # an action whose URL is unset is left out (only with unset_ok)
             problem = check_action(uri.strip())
+            if problem is None and no_committers and is_committers(uri.strip()):
+                problem = no_committers
             if problem:
                 self.problem(item, f"{path}[{i}]", problem)
                 continue
@@ -578,7 +593,16 @@ class _Walker(Checker):
             if ("messages-we-want" in keys)
             else None
         )
-        fallback = self.actions(keys["fallback"], f"{path}.fallback") if "fallback" in keys else ()
+        fallback = (
+            self.actions(
+                keys["fallback"],
+                f"{path}.fallback",
+                no_committers="the fallback is for mail no one else is found for:"
+                " give mailto: or chat actions, not committers:",
+            )
+            if "fallback" in keys
+            else ()
+        )
         if mtype is None:
             return None
         options = self.options(mtype, keys, path)
@@ -643,7 +667,11 @@ class _Walker(Checker):
         )
         if keys is None:
             return None
-        actions = self.actions(keys["actions"], f"{path}.actions") if "actions" in keys else ()
+        actions = (
+            self.actions(keys["actions"], f"{path}.actions", no_committers=_no_committers(mtype))
+            if "actions" in keys
+            else ()
+        )
         template = self.template(keys, path)
         if "filter" not in keys:
             return None

@@ -17,12 +17,26 @@ class Envelope:
 
 
 @dataclass(frozen=True)
+class Person:
+    """Someone an alert names, such as the author of a change: a name, and a mail address
+    where the message gives one ("" where it does not)."""
+
+    name: str
+    address: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.name} <{self.address}>" if self.address else self.name
+
+
+@dataclass(frozen=True)
 class Alert:
     """A received message with the facts its manager read from it.
 
     ``event`` is the event rules see (after any correction by the manager); ``link`` points
     to where the alert is explained; ``facts`` are the manager's own names for templates;
-    ``detail`` is the manager's own record of what the alert is about (opaque to the core).
+    ``detail`` is the manager's own record of what the alert is about (opaque to the core);
+    ``committers`` are the authors of the changes the alert is about, in the order the
+    message names them (``committers:`` actions mail those with an address).
     """
 
     envelope: Envelope
@@ -33,6 +47,7 @@ class Alert:
     link: str | None = None
     facts: Mapping[str, object] = field(default_factory=dict)
     detail: object | None = None
+    committers: tuple[Person, ...] = ()
 
 
 @dataclass(frozen=True)

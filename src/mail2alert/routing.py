@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from mail2alert.actions import for_committers
 from mail2alert.managers.base import Context, ManagerType, Predicate, RuleFunction
 from mail2alert.message import RawMessage
 from mail2alert.model import Alert, ChatTemplate, Decision, Envelope, RuleTrace
@@ -28,8 +29,15 @@ class Rule:
     line: int = 0
     template: ChatTemplate = field(default_factory=ChatTemplate)
 
-    def judge(self, index: int, alert: Alert, context: Context) -> tuple[RuleTrace, bool]:
-        """This rule's verdict on ``alert`` and whether it waits for a snapshot."""
+    def judge(
+        self, index: int, alert: Alert, context: Context, fallback: tuple[str, ...] = ()
+    ) -> tuple[RuleTrace, bool]:
+        """This rule's verdict on ``alert`` and whether it waits for a snapshot.
+
+        A matching rule's ``committers:`` actions become the committers' ``mailto:``
+        actions; when that leaves the rule no one to tell, it uses ``fallback`` (its
+        manager's) instead.
+        """
         if self.events is not None:
             if alert.event is None:
                 return RuleTrace(index, False, "the message has no event"), False
@@ -37,8 +45,13 @@ class Rule:
                 wanted = ", ".join(sorted(self.events))
                 return RuleTrace(index, False, f"event {alert.event} is not one of {wanted}"), False
         verdict = self.predicate(alert, context)
-        actions = self.actions if verdict.matched else ()
-        return RuleTrace(index, verdict.matched, verdict.reason, actions), verdict.waiting
+        if not verdict.matched:
+            return RuleTrace(index, False, verdict.reason), verdict.waiting
+        actions, found = for_committers(self.actions, alert)
+        reason = verdict.reason if found is None else f"{verdict.reason}; {found}"
+        if not actions and fallback:
+            actions, reason = fallback, f"{reason}: fallback actions"
+        return RuleTrace(index, True, reason, actions), verdict.waiting
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,7 @@ def route(
         actions: dict[str, ChatTemplate] = {}
         waiting = False
         for index, rule in enumerate(manager.rules):
-            trace, rule_waits = rule.judge(index, alert, context)
+            trace, rule_waits = rule.judge(index, alert, context, manager.fallback)
             traces.append(trace)
             waiting = waiting or rule_waits
             for action in trace.actions:
@@ -126,8 +139,8 @@ def route(
                 alert=alert,
                 passthrough=rest,
             )
+        matched = sum(t.matched for t in traces)
         if actions:
-            matched = sum(t.matched for t in traces)
             reason = f"{matched} of {len(traces)} rules matched"
             return Decision(
                 "deliver",
@@ -152,7 +165,9 @@ def route(
         return Decision(
             "drop",
             manager.label,
-            "no rule matched",
+            f"{matched} of {len(traces)} rules matched, with no one to send to"
+            if matched
+            else "no rule matched",
             trace=tuple(traces),
             alert=alert,
             passthrough=rest,

@@ -13,7 +13,7 @@ import socket
 import time
 from dataclasses import replace
 
-from mail2alert.actions import chat_item, check_action, is_chat, mask
+from mail2alert.actions import chat_item, check_action, is_chat, is_committers, mask
 from mail2alert.config import Config
 from mail2alert.errors import UsageError
 from mail2alert.managers.registry import MANAGER_TYPES
@@ -33,25 +33,38 @@ LABEL = "[mail2alert test]"
 
 
 def targets(config: Config, target: str) -> tuple[str, ...]:
-    """The action URIs ``target`` names; UsageError when it names nothing valid."""
+    """The action URIs ``target`` names; UsageError when it names nothing valid.
+
+    ``committers:`` actions are left out: their addresses come from each alert.
+    """
     managers = config.routing
     found = _RULE_PATH.match(target)
     if found:
         m, r = int(found[1]), int(found[2])
         if m < len(managers) and r < len(managers[m].rules):
-            return managers[m].rules[r].actions
+            return _testable(target, managers[m].rules[r].actions)
         raise UsageError(f"{target}: no such rule in {config.path}")
     found = _RULE_LABEL.match(target)
     if found:
         label, number = f"{found[1]}#{found[2]}", int(found[3])
         manager = next((x for x in managers if x.label == label), None)
         if manager is not None and 1 <= number <= len(manager.rules):
-            return manager.rules[number - 1].actions
+            return _testable(target, manager.rules[number - 1].actions)
         raise UsageError(f"{target}: no such rule in {config.path}")
     problem = check_action(target)
     if problem:
         raise UsageError(f"{problem} (or name a rule: managers[0].rules[1] or gocd#0:2)")
-    return (target,)
+    return _testable(target, (target,))
+
+
+def _testable(target: str, actions: tuple[str, ...]) -> tuple[str, ...]:
+    kept = tuple(a for a in actions if not is_committers(a))
+    if not kept:
+        raise UsageError(
+            f"{target}: committers: has no address of its own (it mails the authors each"
+            " alert names): nothing to test"
+        )
+    return kept
 
 
 def _richest() -> Presentation:

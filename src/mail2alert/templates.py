@@ -1,7 +1,8 @@
 """Chat messages rendered from an alert's facts with sandboxed Jinja2 templates.
 
 Every template sees ``event`` (as rules see it), ``word`` (how the event reads), ``group``
-(the alert's label), ``subject``, ``details_url`` (the alert's link) and ``sender``, plus the
+(the alert's label), ``subject``, ``details_url`` (the alert's link), ``sender`` and
+``committers`` (each with ``name`` and ``address``, "" where unknown), plus the
 facts of every registered manager type (see each type's :class:`Presentation`, and the README
 for the built-in ones). Facts an alert does not have are empty strings,
 so one template serves every mail.
@@ -100,6 +101,7 @@ def facts(alert: Alert, label: str | None = None, shown: Presentation = PLAIN) -
         "subject": alert.subject,
         "details_url": alert.link or "",
         "sender": alert.envelope.mail_from,
+        "committers": alert.committers,
         **alert.facts,
     }
 

@@ -43,6 +43,8 @@ def stage_facts(alert: Alert, group: str | None, known: bool) -> Facts:
         "event": alert.event,
         "group": group,
         "details_url": alert.link,
+        "committers": [{"name": c.name, "address": c.address} for c in alert.committers],
+        "cancelled_by": alert.facts.get("cancelled_by") or None,
     }
     return Facts(line, data)
 

@@ -1,8 +1,9 @@
 """The ``gocd`` manager: the ``mail`` manager plus GoCD stage facts and the ``pipelines.*`` rules.
 
 It reads ``Stage [<pipeline>/<counter>/<stage>/<counter>] <verb>`` subjects into a
-:class:`~mail2alert.model.Stage` and an event, and asks the pipeline-group snapshot (kept fresh
-by the poller in :mod:`mail2alert.gocd`) which group a pipeline is in.
+:class:`~mail2alert.model.Stage` and an event, the body into the details URL, the changes,
+their committers and who cancelled the stage, and asks the pipeline-group snapshot (kept
+fresh by the poller in :mod:`mail2alert.gocd`) which group a pipeline is in.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
+from mail2alert.actions import is_mailbox
 from mail2alert.errors import RuleArgumentError
 from mail2alert.gocd.explaining import GOCD_EXPLAINING
 from mail2alert.gocd.memory import GOCD_MEMORY, HISTORY
@@ -28,7 +30,7 @@ from mail2alert.managers.base import (
 )
 from mail2alert.managers.mail import MAIL
 from mail2alert.message import RawMessage
-from mail2alert.model import Alert, Envelope
+from mail2alert.model import Alert, Envelope, Person
 
 _NAME = r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*"
 # GoCD's counters are Java ints and longs: 19 digits at most. More is not a GoCD subject (and
@@ -62,6 +64,55 @@ _CHANGES = re.compile(
 )
 
 
+# GoCD writes "revision: <r>, modified by <user> on <date>" for every change; Git's user is
+# "Name <email>", other SCMs' a bare user name. Read with partitions, never a regular
+# expression that could backtrack over a long line of a made-up mail.
+_REVISION = "revision: "
+_MODIFIED_BY = ", modified by "
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}\b")
+#: Longer lines are no GoCD revision line (names, addresses and dates are short).
+_LINE_MAX = 1000
+#: The first line of the body when a user cancelled the stage before any job was assigned.
+_CANCELLED_BY = "The stage was cancelled by "
+
+
+def committers_in(changes: str) -> tuple[Person, ...]:
+    """The authors of the changes in a stage mail's changes section, each once, in order.
+
+    A Git author has the address GoCD shows (``Jane Doe <jane@example.com>``); other SCMs
+    name a user without one. An address that is not one plain mail address is left out.
+    """
+    people: dict[str, Person] = {}
+    for line in changes.splitlines():
+        if not line.startswith(_REVISION) or len(line) > _LINE_MAX:
+            continue
+        who, on, when = line.partition(_MODIFIED_BY)[2].rpartition(" on ")
+        if not on or not who.strip() or not _DATE.match(when):
+            continue
+        person = _person(who.strip())
+        people.setdefault((person.address or person.name).lower(), person)
+    return tuple(people.values())
+
+
+def _person(who: str) -> Person:
+    """``Jane Doe <jane@example.com>`` or ``bob`` as a person."""
+    if not who.endswith(">") or "<" not in who:
+        return Person(who)
+    name, _, address = who[:-1].partition("<")
+    if "<" in address or ">" in address or ">" in name:
+        return Person(who)  # Git allows neither in a name: this is no "Name <address>"
+    address = address.strip()
+    return Person(name.strip() or address, address if is_mailbox(address) else "")
+
+
+def cancelled_by(body: str) -> str:
+    """Who cancelled the stage, as the first line of a stage mail's body says, or ""."""
+    first = body.lstrip("\n").partition("\n")[0].strip()
+    if not first.startswith(_CANCELLED_BY) or len(first) > _LINE_MAX:
+        return ""
+    return first[len(_CANCELLED_BY) :].removesuffix(".").strip()
+
+
 def corrected_event(stage: Stage, last_result: str | None) -> str:
     """The event rules see: GoCD's, corrected by the last result mail2alert knows.
 
@@ -78,23 +129,24 @@ def corrected_event(stage: Stage, last_result: str | None) -> str:
 
 
 def read_gocd_alert(message: RawMessage, envelope: Envelope, context: Context) -> Alert:
-    """The common facts plus, for a stage mail, the stage, its event, details URL and changes."""
+    """The common facts plus, for a stage mail, the stage, its event, details URL, changes,
+    their committers and who cancelled it."""
     alert = read_alert(message, envelope, context)
     stage = parse_subject(alert.subject)
     if stage is None:
         return alert
     body = message.body_text.replace("\r\n", "\n")
     details = _DETAILS.search(body)
-    changes = _CHANGES.search(body)
+    found = _CHANGES.search(body)
+    changes = found.group("changes").strip() if found else ""
     last = context.recall(HISTORY, (stage.pipeline.lower(), stage.stage.lower()))
     return replace(
         alert,
         event=corrected_event(stage, last),
         link=details.group(1) if details else None,
-        facts=stage_facts(
-            stage, VERBS[stage.verb], changes.group("changes").strip() if changes else None
-        ),
+        facts=stage_facts(stage, VERBS[stage.verb], changes, cancelled_by(body)),
         detail=stage,
+        committers=committers_in(changes),
     )
 
 
@@ -204,4 +256,5 @@ GOCD = ManagerType(
     explaining=GOCD_EXPLAINING,
     options=OPTIONS,
     hold_max=hold_max,
+    reads_committers=True,
 )

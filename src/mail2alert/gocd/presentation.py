@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mail2alert.gocd.model import Stage
-from mail2alert.model import Alert, Envelope
+from mail2alert.model import Alert, Envelope, Person
 from mail2alert.templates import Presentation
 
 DEFAULT_TITLE = (
@@ -27,11 +27,14 @@ FACTS = (
     "verb",
     "gocd_event",
     "changes",
+    "cancelled_by",
 )
 
 
-def stage_facts(stage: Stage, gocd_event: str, changes: str | None) -> dict[str, object]:
-    """The names a template sees for a stage mail."""
+def stage_facts(
+    stage: Stage, gocd_event: str, changes: str | None, cancelled_by: str = ""
+) -> dict[str, object]:
+    """The names a template sees for a stage mail (``committers`` comes with every alert)."""
     return {
         "pipeline": stage.pipeline,
         "pipeline_counter": stage.pipeline_counter,
@@ -41,6 +44,7 @@ def stage_facts(stage: Stage, gocd_event: str, changes: str | None) -> dict[str,
         "verb": stage.verb,
         "gocd_event": gocd_event,
         "changes": changes or "",
+        "cancelled_by": cancelled_by,
     }
 
 
@@ -58,6 +62,7 @@ SAMPLE = Alert(
         "Git: https://git.example.com/app.git\nrevision: 1f5557f8, modified by Jane Doe",
     ),
     detail=_SAMPLE_STAGE,
+    committers=(Person("Jane Doe", "jane@example.com"), Person("bob")),
 )
 
 GOCD_PRESENTATION = Presentation(

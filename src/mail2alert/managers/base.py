@@ -141,6 +141,9 @@ class ManagerType:
     """Why held mail went to the fallback actions (or was relayed) after ``hold_max``."""
     hold_max: Callable[[Mapping[str, object]], float] = lambda options: DEFAULT_HOLD_MAX
     """Given a manager's keys, how long (seconds) its mail may be held."""
+    reads_committers: bool = False
+    """Whether its alerts name the authors of changes (:attr:`Alert.committers`), so that
+    its rules may have ``committers:`` actions."""
 
 
 #: How long mail may be held for a manager type that does not say.
