@@ -51,6 +51,8 @@ def setup_logging(option: str | None) -> None:
     # urllib3 (under Apprise's requests) logs every request line at DEBUG, and a webhook's
     # token is in its path: keep it out of the service log too.
     logging.getLogger("urllib3").propagate = False
+    # The debug console's telnet layer logs every option it negotiates at INFO.
+    logging.getLogger("prompt_toolkit").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     if wanted not in LEVELS:
         log.warning(
             "unknown log level %r (use one of %s); logging at INFO", wanted, ", ".join(LEVELS)

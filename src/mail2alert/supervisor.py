@@ -177,7 +177,12 @@ def _start_monitor(address: tuple[str, int], service: Service) -> Any:
     except OSError as exc:
         raise StartupError(f"cannot start the monitor on {host}:{port}: {exc}") from None
     log.info(
-        "aiomonitor on %s:%d: `nc %s %d` (web UI on port %d)", host, port, host, port, port + 1
+        "aiomonitor on %s:%d: `python -m aiomonitor.cli -H %s -p %d` (web UI on port %d)",
+        host,
+        port,
+        host,
+        port,
+        port + 1,
     )
     return console
 
