@@ -848,7 +848,11 @@ def test_the_same_gocd_event_sent_to_several_users_is_delivered_once(
 
 
 def test_a_duplicate_event_still_reaches_the_other_addresses_of_a_users_list(
-    tmp_path: Path, upstream: CaptureServer, data_dir: Path, gocd: FakeGoCD
+    tmp_path: Path,
+    upstream: CaptureServer,
+    data_dir: Path,
+    gocd: FakeGoCD,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A GoCD user's e-mail may be a list: one message to mail2alert@ and bob@. Only the copy
     for mail2alert@ is de-duplicated; bob@ gets the message unchanged."""
@@ -858,12 +862,16 @@ def test_a_duplicate_event_still_reaches_the_other_addresses_of_a_users_list(
         b"To: mail2alert@example.com", b"To: mail2alert@example.com, bob@example.com"
     )
     outbox = OutboxView(data_dir)
-    with running(path) as service:
+    with caplog.at_level(logging.INFO), running(path) as service:
         _wait_for_groups(data_dir, gocd)
-        send(service.port, real, rcpt_tos=[GOCD_TO])
+        first = send(service.port, real, rcpt_tos=[GOCD_TO]).queue_id
         second = send(service.port, listed, rcpt_tos=[GOCD_TO, "bob@example.com"]).queue_id
         got = upstream.wait_for(2)
         assert wait_until(lambda: outbox.message(second))["outcome"] == "duplicate"
+    assert (
+        f"{second}: duplicate of {first} (the same event); relayed unchanged to"
+        " <bob@example.com>: Stage [my-pipeline/6/my-stage/1] is broken"
+    ) in caplog.messages
     assert sorted(m.rcpt_tos for m in got) == [("bob@example.com",), ("cat@example.com",)]
     (bob,) = [m for m in got if m.rcpt_tos == ("bob@example.com",)]
     # Unchanged but for the trace field on top and the CRLFs that SMTP wants of the body

@@ -50,7 +50,7 @@ from mail2alert.managers.memory import Feed, Keeper, Note
 from mail2alert.outbox import Accepted, GroupCommitter, Outbox
 from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager
-from mail2alert.server import Access, Handler, describe, loggable, smtp_factory
+from mail2alert.server import Access, Handler, describe, duplicate, smtp_factory
 from mail2alert.settings import HostPort
 
 log = logging.getLogger(__name__)
@@ -590,13 +590,7 @@ class Holds(Component):
                 continue
             original = self._outbox.release(accepted)
             if original is not None:
-                log.info(
-                    "%s: duplicate of %s (the same event, after holding %.0fs): %s",
-                    queue_id,
-                    original,
-                    now - received,
-                    loggable(accepted.subject),
-                )
+                log.info("%s (after holding %.0fs)", duplicate(accepted, original), now - received)
             else:
                 log.info("%s (after holding %.0fs)", describe(accepted), now - received)
             released += 1

@@ -115,6 +115,17 @@ class EscapeClientText(logging.Filter):
 logging.getLogger("mail.log").addFilter(EscapeClientText())
 
 
+def duplicate(accepted: Accepted, original: str) -> str:
+    """The one log line of a message whose event was delivered before, as ``original``:
+    who still gets it unchanged (recipients its manager did not take), if anyone."""
+    others = loggable(",".join(accepted.decision.passthrough))
+    relayed = f"; relayed unchanged to <{others}>" if others else ""
+    return (
+        f"{accepted.queue_id}: duplicate of {original} (the same event)"
+        f"{relayed}: {loggable(accepted.subject)}"
+    )
+
+
 def describe(accepted: Accepted) -> str:
     """The one log line per message decision."""
     d = accepted.decision
@@ -193,12 +204,7 @@ class Handler:
                 # 452 tells the sender it is our storage, not its message (RFC 3463 4.3.1).
                 return REPLY_NO_SPACE if isinstance(exc, OutboxFull) else REPLY_NOT_QUEUED
             if duplicate_of is not None:
-                log.info(
-                    "%s: duplicate of %s (the same event): %s",
-                    queue_id,
-                    duplicate_of,
-                    loggable(accepted.subject),
-                )
+                log.info("%s", duplicate(accepted, duplicate_of))
             else:
                 log.info("%s", describe(accepted))
             self.on_commit(accepted)
