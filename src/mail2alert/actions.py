@@ -135,9 +135,9 @@ def for_committers(actions: tuple[str, ...], alert: Alert) -> tuple[tuple[str, .
     committer of ``alert`` it keeps, and what they found, for ``route --trace`` (None when
     there is no ``committers:`` action).
 
-    A committer is kept when the message gave an address (only Git names one in GoCD's mails)
-    in the action's domain, if it names one. Addresses are compared case-insensitively and
-    each is mailed once.
+    A committer is kept when the message gave a plain address (not every version control
+    system names one) in the action's domain, if it names one. Addresses are compared
+    case-insensitively and each is mailed once.
     """
     if not any(is_committers(uri) for uri in actions):
         return actions, None

@@ -575,7 +575,8 @@ class Outbox:
         if duplicate_of is not None:
             outcome, reason = "duplicate", f"same event as {duplicate_of}: delivered once"
             # The claim is the deciding manager's: it never covers the copy for recipients
-            # the manager did not take (one GoCD user's address list may name others too).
+            # the manager did not take (a CI server may send one message to a list of
+            # addresses, of which only one is ours).
             items = tuple(item for item in a.items if item.passthrough)
             if items:
                 others = ", ".join(r for item in items for r in item.recipients)
