@@ -214,6 +214,50 @@ def test_route_trace_prints_the_committers_found(
     ) in out
 
 
+@pytest.mark.usefixtures("restore_logging")
+def test_coverage_shows_committers_as_written_and_what_goes_when_none_is_found(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A made-up stage mail names no committer: without this, a rule that sends only to
+    committers would look like no route at all."""
+    manager = {
+        "name": "gocd",
+        "messages-we-want": {"to": GOCD_TO},
+        "fallback": ["mailto:ci-admins@example.com"],
+        "rules": [
+            {
+                "actions": ["committers:@example.com"],
+                "filter": {"function": "pipelines.any", "events": ["BREAKS"]},
+            },
+            {
+                "actions": ["committers:", "mailto:team@example.com"],
+                "filter": {"function": "pipelines.any", "events": ["FIXED"]},
+            },
+        ],
+    }
+    path = write_config(
+        tmp_path / "configuration.yml",
+        remote_port=25,
+        data_dir=tmp_path / "data",
+        managers=[manager],
+    )
+    snapshot = Path(__file__).resolve().parents[1] / "examples" / "gocd-snapshot.json"
+
+    code = cli.main(["coverage", "--config", str(path), "--gocd-snapshot", str(snapshot)])
+
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("    my-pipeline")
+    assert code == 0
+    assert lines[start + 1 : start + 6] == [
+        "      PASSES    mailto:ci-admins@example.com",
+        "      FAILS     mailto:ci-admins@example.com",
+        "      BREAKS    committers:@example.com, mailto:ci-admins@example.com",
+        "      FIXED     committers:, mailto:team@example.com",
+        "      CANCELLED mailto:ci-admins@example.com",
+    ]
+    assert "  pipelines with no route for BREAKS: 0" in lines
+
+
 # -- validation -------------------------------------------------------------------------------
 
 

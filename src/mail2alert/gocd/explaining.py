@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mail2alert.actions import mask
+from mail2alert.actions import is_committers, mask
 from mail2alert.errors import UsageError
 from mail2alert.gocd.client import GocdError, parse_groups
 from mail2alert.gocd.model import EVENTS, VERBS, PipelineGroups, stage_of
 from mail2alert.managers.explaining import Explaining, Facts, Probe, SnapshotFile
-from mail2alert.model import Alert, Envelope
+from mail2alert.model import Alert, Decision, Envelope
 from mail2alert.routing import Manager
 
 #: The event every pipeline should have a route for.
@@ -110,6 +110,23 @@ def _stage_mail(envelope: Envelope, subject: str) -> bytes:
     return synthetic_message(envelope.mail_from, envelope.rcpt_tos[0], subject)
 
 
+def _shown_actions(manager: Manager, decision: Decision) -> tuple[str, ...]:
+    """Where a made-up stage mail goes, with the ``committers:`` actions of the rules that
+    matched it as written: the mail names no committer, so its decision alone shows only
+    what happens when none is found (the rule's other actions, or the fallback)."""
+    if decision.outcome not in ("deliver", "drop"):
+        return ()
+    written = [
+        action
+        for trace in decision.trace
+        if trace.matched
+        for action in manager.rules[trace.index].actions
+        if is_committers(action)
+    ]
+    sent = decision.actions if decision.outcome == "deliver" else ()
+    return tuple(dict.fromkeys((*written, *sent)))
+
+
 def pipeline_coverage(
     managers: Sequence[Manager], snapshots: Mapping[str, object], probe: Probe
 ) -> PipelineCoverage:
@@ -139,7 +156,7 @@ def pipeline_coverage(
                     decision = probe(envelope, _stage_mail(envelope, subject))
                     if decision.manager != manager.label:
                         continue
-                    events[event] = decision.actions if decision.outcome == "deliver" else ()
+                    events[event] = _shown_actions(manager, decision)
                     matched.update(t.index for t in decision.trace if t.matched)
                 by_group.setdefault(group, {})[pipeline] = events
                 if not events.get(ESSENTIAL):
