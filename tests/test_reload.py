@@ -144,6 +144,15 @@ def test_sighup_reloads_a_running_server(
         assert upstream.wait_for(1)[0].rcpt_tos == ("new@example.com",)
         assert OutboxView(data_dir).message(queue_id)["outcome"] == "deliver"
         assert server.terminate() == 0
+        reloads = [line for line in server.log.splitlines() if "configuration reloaded" in line]
+        # One line per process, each process named; the summary once.
+        assert sum("reloaded from" in line for line in reloads) == 1
+        workers_said = sorted(
+            line.split("mail2alert.supervisor: ")[1].split(" (pid")[0]
+            for line in reloads
+            if "reloaded from" not in line
+        )
+        assert workers_said == [f"intake-{n}" for n in range(1, workers + 1)] * (workers > 1)
     finally:
         server.close()
 

@@ -50,12 +50,13 @@ async def serve(
     link: socket.socket | None = None,
     monitor: tuple[str, int] | None = None,
     ready: Callable[[Service], None] = lambda s: None,
+    name: str = "mail2alert",
 ) -> None:
     """Run the service until SIGTERM or SIGINT; raise StartupError if it cannot start.
 
-    ``link`` makes this process an intake worker of the main process at its other end.
+    ``link`` makes this process an intake worker of the main process at its other end;
+    ``name`` is how its log lines name the process.
     """
-    name = "mail2alert" if link is None else f"intake worker {os.getpid()}"
     service = Service(config, role=role, sockets=sockets, wake_fd=wake_fd, name=name)
     if link is not None:
         service.add(ParentLink(link, service))
@@ -226,12 +227,17 @@ def _handle_signals(
     if reloads:
         loop.add_signal_handler(signal.SIGHUP, lambda: _spawn(service.reload()))
     else:
-        loop.add_signal_handler(signal.SIGHUP, _ignored_hup)
+        loop.add_signal_handler(signal.SIGHUP, lambda: _ignored_hup(service.name))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
 
 
-def _ignored_hup() -> None:
-    log.info("intake worker %d: reloads come from the main process (%d)", os.getpid(), os.getppid())
+def _ignored_hup(name: str) -> None:
+    log.info("%s: reloads come from the main process (%d)", name, os.getppid())
+
+
+def worker_name(number: int, pid: int) -> str:
+    """How log lines name intake worker ``number`` (1, 2, ...)."""
+    return f"intake-{number} (pid {pid})"
 
 
 def run(config: Config, *, monitor: str | None = None) -> int:
@@ -250,25 +256,29 @@ def run(config: Config, *, monitor: str | None = None) -> int:
         for sock in sockets:
             sock.close()
         raise StartupError(f"data-dir {str(config.data_dir)!r}: {exc}") from None
-    warn_if_unreachable([sock.getsockname()[:2] for sock in sockets])
+    bound = [sock.getsockname()[:2] for sock in sockets]
+    warn_if_unreachable(bound)
     if config.intake_workers <= 1:
         _run_loop(serve(config, sockets=sockets, monitor=monitor_at))
         return 0
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     links: dict[int, socket.socket] = {}
-    for _ in range(config.intake_workers):
+    names: dict[int, str] = {}
+    for number in range(1, config.intake_workers + 1):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # A worker keeps no end of another's link: each link's end must close with its owner.
         inherited = (read_fd, ours.fileno(), *(s.fileno() for s in links.values()))
-        pid = _fork_intake(config, sockets, inherited, write_fd, theirs)
+        pid = _fork_intake(config, sockets, inherited, write_fd, theirs, number)
         theirs.close()
         ours.setblocking(False)
         links[pid] = ours
+        names[pid] = worker_name(number, pid)
     os.close(write_fd)
     for sock in sockets:
         sock.close()
-    return _run_loop(_supervise(config, links, read_fd, monitor_at))
+    where = ", ".join(str(HostPort(host, port)) for host, port in bound)
+    return _run_loop(_supervise(config, links, names, where, read_fd, monitor_at))
 
 
 def _fork_intake(
@@ -277,29 +287,38 @@ def _fork_intake(
     parent_fds: tuple[int, ...],
     wake_fd: int,
     link: socket.socket,
+    number: int,
 ) -> int:
     pid = os.fork()
     if pid:
         return pid
     code = 1
+    name = worker_name(number, os.getpid())
     try:
         for fd in parent_fds:
             os.close(fd)
-        _run_loop(serve(config, role="intake", sockets=sockets, wake_fd=wake_fd, link=link))
+        _run_loop(
+            serve(config, role="intake", sockets=sockets, wake_fd=wake_fd, link=link, name=name)
+        )
         code = 0
     except BaseException:
         # A forked child must never return into the parent's code: log, then _exit below.
-        log.exception("intake worker %d failed", os.getpid())
+        log.exception("%s failed", name)
     finally:
         os._exit(code)
 
 
 async def _supervise(
-    config: Config, links: dict[int, socket.socket], read_fd: int, monitor: tuple[str, int] | None
+    config: Config,
+    links: dict[int, socket.socket],
+    names: Mapping[int, str],
+    where: str,
+    read_fd: int,
+    monitor: tuple[str, int] | None,
 ) -> int:
     """The parent: deliver, and stop everything when told to or when a worker dies."""
     service = Service(config, role="delivery")
-    service.add(Workers(config, links))
+    service.add(Workers(config, links, names))
     loop = asyncio.get_running_loop()
     alive = set(links)
     exit_code = 0
@@ -312,7 +331,7 @@ async def _supervise(
             alive.discard(pid)
             if not service.stopping:
                 code = os.waitstatus_to_exitcode(status)
-                log.error("intake worker %d exited unexpectedly (%d); stopping", pid, code)
+                log.error("%s exited unexpectedly (%d); stopping", names.get(pid, pid), code)
                 exit_code = 1
                 service.request_stop()
 
@@ -330,7 +349,7 @@ async def _supervise(
         await service.start()
         log.info(
             "mail2alert listening on %s with %d intake workers",
-            config.local_smtp,
+            where,
             len(links),
         )
         await service.stopped()
@@ -359,9 +378,12 @@ _LINK_MESSAGE = 1 << 20
 class Workers(Component):
     """The intake workers, seen from the main process: a reload switches all or none."""
 
-    def __init__(self, config: Config, links: Mapping[int, socket.socket]) -> None:
+    def __init__(
+        self, config: Config, links: Mapping[int, socket.socket], names: Mapping[int, str]
+    ) -> None:
         self.config = config
         self._links = links
+        self._names = names
         self._sockets: list[socket.socket] = []
         self._asked = 0
 
@@ -413,19 +435,19 @@ class Workers(Component):
         fds = [s.fileno() for s in sockets]
         return list(
             await asyncio.gather(
-                *(self._ask(p, link, asked, fds) for p, link in self._links.items())
+                *(self._ask(self._names[p], link, asked, fds) for p, link in self._links.items())
             )
         )
 
     @staticmethod
     async def _ask(
-        pid: int, link: socket.socket, question: Mapping[str, object], fds: list[int]
+        name: str, link: socket.socket, question: Mapping[str, object], fds: list[int]
     ) -> str | None:
-        """None when worker ``pid`` did what it was asked, else why not."""
+        """None when worker ``name`` did what it was asked, else why not."""
         try:
             socket.send_fds(link, [json.dumps(question).encode()], fds)
         except OSError as exc:
-            return f"intake worker {pid} cannot be told: {exc.strerror or exc}"
+            return f"{name} cannot be told: {exc.strerror or exc}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + WORKER_ANSWER
         while (remaining := deadline - loop.time()) > 0:
@@ -434,14 +456,14 @@ class Workers(Component):
             except TimeoutError:
                 break
             except OSError as exc:
-                return f"intake worker {pid}: {exc.strerror or exc}"
+                return f"{name}: {exc.strerror or exc}"
             if not raw:
-                return f"intake worker {pid} is gone"
+                return f"{name} is gone"
             answer = json.loads(raw)
             if answer.get("id") != question["id"]:
                 continue  # a late answer to a question that timed out
-            return None if answer.get("ok") else f"intake worker {pid}: {answer.get('why')}"
-        return f"intake worker {pid} did not answer within {WORKER_ANSWER:.0f}s"
+            return None if answer.get("ok") else f"{name}: {answer.get('why')}"
+        return f"{name} did not answer within {WORKER_ANSWER:.0f}s"
 
 
 def _close(sockets: Sequence[socket.socket]) -> None:
@@ -473,7 +495,7 @@ class ParentLink(Component):
         if not data:
             self._forget()
             if not self._service.stopping:
-                log.warning("intake worker %d: the main process is gone; stopping", os.getpid())
+                log.warning("%s: the main process is gone; stopping", self._service.name)
             self._service.request_stop()
             return
         _spawn(self._answer(json.loads(data), fds))
@@ -484,7 +506,7 @@ class ParentLink(Component):
             why = await self._prepare(question, [socket.socket(fileno=fd) for fd in fds])
         elif question["op"] == "commit":
             await self._service.commit()
-            log.info("intake worker %d: configuration reloaded", os.getpid())
+            log.info("%s: configuration reloaded", self._service.name)
         else:
             await self._service.abort()
         answer = {"id": question["id"], "ok": why is None, "why": why or ""}
