@@ -315,3 +315,19 @@ def test_route_of_a_file_takes_the_envelope_from_the_options_when_given(
     assert code == 0
     assert "envelope: from=<x@example.com> to=<someone@example.com>" in out
     assert "outcome:  relay unchanged" in out
+
+
+def test_route_of_a_file_whose_from_is_a_thousand_nested_comments_routes_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The envelope is read from the file's From: and To:; parseaddr raised RecursionError."""
+    eml = tmp_path / "nested-comments.eml"
+    eml.write_bytes(
+        b"From: " + b"(" * 3000 + b"\r\nTo: mail2alert@example.com\r\n"
+        b"Subject: Stage [my-pipeline/6/my-stage/1] is broken\r\n\r\nbody\r\n"
+    )
+
+    code, out, _ = run(capsys, *ROUTE, str(eml))
+
+    assert code == 0
+    assert "outcome:  deliver to mailto:cat@example.com" in out

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from email.utils import parseaddr
 from pathlib import Path
 
 import yaml
@@ -23,7 +22,7 @@ from mail2alert import __version__, config, explain, online, postqueue, sendtest
 from mail2alert.errors import ConfigError, Mail2AlertError, StartupError, UsageError
 from mail2alert.managers.base import Context, ManagerType
 from mail2alert.managers.registry import MANAGER_TYPES
-from mail2alert.message import RawMessage
+from mail2alert.message import RawMessage, address_of
 from mail2alert.model import Envelope
 from mail2alert.outbox import read_notes_of, unusable
 from mail2alert.settings import HostPort
@@ -293,8 +292,8 @@ def cmd_route(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise UsageError(f"cannot read {args.eml}: {exc.strerror}") from None
         message = RawMessage.parse(data)
-        sender = args.mail_from or parseaddr(message.get("from"))[1]
-        rcpt = args.to or parseaddr(message.get("to"))[1]
+        sender = args.mail_from or address_of(message.get("from"))
+        rcpt = args.to or address_of(message.get("to"))
     else:
         sender, rcpt = args.mail_from, args.to
         data = explain.synthetic_message(sender, rcpt, args.subject)

@@ -23,7 +23,7 @@ from mail2alert.errors import UsageError
 from mail2alert.managers.base import Context
 from mail2alert.managers.explaining import Facts, Inventory
 from mail2alert.managers.registry import MANAGER_TYPES
-from mail2alert.message import RawMessage
+from mail2alert.message import RawMessage, address_of
 from mail2alert.model import ChatPost, Decision, Envelope
 from mail2alert.planning import accept
 from mail2alert.routing import Manager, find_manager
@@ -285,7 +285,7 @@ def load_suite(path: Path) -> list[Case]:
 
 
 def _bare(header: str) -> str:
-    return email.utils.parseaddr(header)[1] or header
+    return address_of(header) or header
 
 
 def run_suite(config: Config, cases: Sequence[Case], context: Context) -> SuiteResult:
