@@ -314,6 +314,7 @@ def subject_of(stage: Stage, space: Callable[[], str] = lambda: " ") -> str:
 @given(st.text(max_size=200))
 @example("Stage [a/" + "9" * 5000 + "/b/1] failed")
 @example("Stage [a/1/b/1] failed\u2028")
+@example("Stage [a/\u0663/b/\uff11] failed")
 def test_any_text_is_no_stage_subject_or_names_a_stage_of_its_own_words(subject: str) -> None:
     stage = parse_subject(subject)
 

@@ -73,6 +73,10 @@ def test_every_gocd_verb_is_read_as_its_event(verb: str, event: str) -> None:
         "Stage [my-pipeline/6/my-stage/1] exploded",
         # No GoCD counter has thousands of digits (and int() of them raises).
         f"Stage [my-pipeline/{'9' * 5000}/my-stage/1] failed",
+        # GoCD writes its counters in ASCII digits; these read as 3 and 1 (found by
+        # tests/test_fuzz.py), so a stranger's subject became a GoCD stage.
+        "Stage [my-pipeline/\u0663/my-stage/1] failed",
+        "Stage [my-pipeline/6/my-stage/\uff11] failed",
         "",
     ],
 )

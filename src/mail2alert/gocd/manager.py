@@ -34,8 +34,9 @@ from mail2alert.model import Alert, Envelope, Person
 
 _NAME = r"[A-Za-z0-9_\-][A-Za-z0-9_\-.]*"
 # GoCD's counters are Java ints and longs: 19 digits at most. More is not a GoCD subject (and
-# int() of thousands of digits raises).
-_COUNTER = r"\d{1,19}"
+# int() of thousands of digits raises). ASCII digits only: \d reads any script's digits, so a
+# subject with an Arabic-Indic or a fullwidth digit became a stage of GoCD's.
+_COUNTER = r"[0-9]{1,19}"
 _SUBJECT = re.compile(
     rf"^Stage \[(?P<pipeline>{_NAME})/(?P<pc>{_COUNTER})/"
     rf"(?P<stage>{_NAME})/(?P<sc>{_COUNTER})\] "
