@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import email.utils
+import os
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -20,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import trustme
 import yaml
 
 from mail2alert import config
@@ -175,6 +179,27 @@ class Reply:
         return self.text.rsplit(" ", 1)[-1]
 
 
+def send_session(
+    port: int,
+    messages: Sequence[bytes],
+    *,
+    mail_from: str = "someone@example.net",
+    rcpt_to: str = "admin@example.com",
+) -> list[Reply]:
+    """Send ``messages`` one after the other in one SMTP session; mail2alert's DATA replies."""
+    replies: list[Reply] = []
+    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=30) as client:
+        for data in messages:
+            client.ehlo_or_helo_if_needed()
+            code, text = client.mail(mail_from)
+            assert code == 250, f"MAIL FROM refused: {code} {text!r}"
+            code, text = client.rcpt(rcpt_to)
+            assert code == 250, f"RCPT TO {rcpt_to} refused: {code} {text!r}"
+            code, text = client.data(data)
+            replies.append(Reply(code, text.decode("utf-8", "replace")))
+    return replies
+
+
 def send(
     port: int,
     data: bytes,
@@ -193,6 +218,32 @@ def send(
             assert code == 250, f"RCPT TO {rcpt} refused: {code} {text!r}"
         code, text = client.data(data)
         return Reply(code, text.decode("utf-8", "replace"))
+
+
+# -- certificates -------------------------------------------------------------------------
+
+
+def server_tls(ca: trustme.CA, *, expired: bool = False) -> ssl.SSLContext:
+    """A server's TLS context with a certificate from ``ca`` for 127.0.0.1 and localhost;
+    with ``expired``, one whose validity ended yesterday."""
+    now = datetime.datetime.now(datetime.UTC)
+    validity = (
+        {
+            "not_before": now - datetime.timedelta(days=30),
+            "not_after": now - datetime.timedelta(days=1),
+        }
+        if expired
+        else {}
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost", **validity).configure_cert(context)
+    return context
+
+
+def ca_file(ca: trustme.CA, path: Path) -> Path:
+    """``ca``'s certificate written to ``path`` (for ``remote-smtp.ca-file``)."""
+    ca.cert_pem.write_to_path(str(path))
+    return path
 
 
 # -- waiting and the outbox ---------------------------------------------------------------
@@ -311,12 +362,19 @@ def listening(port: int, host: str = "127.0.0.1") -> bool:
 
 
 class ServeProcess:
-    """``mail2alert serve`` in a subprocess; stderr goes to a file for later assertions."""
+    """``mail2alert serve`` in a subprocess; stderr goes to a file for later assertions.
 
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+    With ``group`` it leads a process group of its own (its intake workers are in it), so
+    that :meth:`kill_group` can kill all of them and nothing else.
+    """
+
+    def __init__(
+        self, config_path: Path, port: int, log_path: Path, *, group: bool = False
+    ) -> None:
         self.config_path = config_path
         self.port = port
         self.log_path = log_path
+        self.group = group
         self.proc: subprocess.Popen[bytes] | None = None
         #: Options given before ``serve`` (``--log-level DEBUG``).
         self.proc_args: list[str] = []
@@ -332,6 +390,7 @@ class ServeProcess:
                 stdout=log,
                 stderr=log,
                 cwd=self.config_path.parent,
+                start_new_session=self.group,
             )
 
         def up() -> bool:
@@ -351,6 +410,13 @@ class ServeProcess:
     def kill(self) -> int:
         """``kill -9``: no chance to flush or close anything."""
         return self._signal(signal.SIGKILL)
+
+    def kill_group(self) -> int:
+        """``kill -9`` of the process and its intake workers at once; its exit status."""
+        assert self.group, "only a process started with group=True leads its own group"
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        return self.proc.wait(timeout=30)
 
     def terminate(self) -> int:
         """SIGTERM: what a service manager sends to stop it."""
@@ -430,15 +496,18 @@ def relay(
     *,
     data_dir: Path | None = None,
     delivery: dict[str, Any] | None = None,
+    remote: dict[str, Any] | None = None,
     adjust: Callable[[config.Config], config.Config] = lambda c: c,
 ) -> Iterator[Relay]:
-    """mail2alert in a thread with these managers, delivering to ``upstream``."""
+    """mail2alert in a thread with these managers, delivering to ``upstream`` (with the other
+    keys of ``remote-smtp`` from ``remote``)."""
     data = data_dir or tmp_path / "data"
     path = write_config(
         tmp_path / "configuration.yml",
         remote_port=upstream.port,
         data_dir=data,
         managers=managers,
+        remote=remote,
         delivery=delivery,
     )
     with running(path, adjust) as service:

@@ -6,17 +6,14 @@ the first answer releases the whole backlog. A 5xx is an answer about one item, 
 that the destination is down.
 
 mail2alert runs in a thread. Upstreams here are real listeners on 127.0.0.1: the capture
-server, and :class:`Listener`, which counts the TCP connections it accepts and then either
-hangs up at once or never says a word.
+server, and :class:`~mail2alert.testing.TcpListener`, which counts the TCP connections it
+accepts and then either hangs up at once or never says a word.
 """
 
 from __future__ import annotations
 
 import email.utils
-import selectors
 import smtplib
-import socket
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -25,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from mail2alert.testing import CaptureServer, free_port
+from mail2alert.testing import CaptureServer, TcpListener, free_port
 from tests.helpers import OutboxView, Reply, compose, field_value, relay, wait_until
 
 #: Back-offs far longer than any test here: a scheduled probe never happens during one.
@@ -35,111 +32,6 @@ SLOW_RETRY: dict[str, Any] = {
     "give-up-after": "1h",
     "timeout": "5s",
 }
-
-
-class Listener:
-    """A TCP server on 127.0.0.1 in a thread that counts the connections it accepts.
-
-    With ``hang_up`` it closes each connection at once, before any greeting (a server that
-    is going away); else it keeps it open and never answers (a hung server). It records when
-    each connection came and how many were open then, itself included.
-    """
-
-    def __init__(self, *, hang_up: bool, port: int = 0) -> None:
-        self.hang_up = hang_up
-        self.port = port or free_port()
-        self.accepted: list[float] = []
-        """``time.monotonic()`` of each accepted connection."""
-        self.open_then: list[int] = []
-        """For each accepted connection, how many were open once it was (itself included)."""
-        self.changed = threading.Condition()
-        self._open: set[socket.socket] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._server: socket.socket | None = None
-
-    def start(self) -> Listener:
-        """Listen on the port and serve in a thread."""
-        server = socket.socket()
-        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        server.bind(("127.0.0.1", self.port))
-        server.listen(64)
-        server.setblocking(False)
-        self._server = server
-        self._thread = threading.Thread(target=self._run, name=f"listener-{self.port}")
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        assert self._server is not None
-        with selectors.DefaultSelector() as selector:
-            selector.register(self._server, selectors.EVENT_READ)
-            while not self._stop.is_set():
-                for key, _ in selector.select(timeout=0.05):
-                    if key.fileobj is self._server:
-                        self._accept(selector)
-                    else:
-                        self._read(selector, key.fileobj)  # type: ignore[arg-type]
-            for conn in list(self._open):
-                selector.unregister(conn)
-                conn.close()
-            self._open.clear()
-
-    def _accept(self, selector: selectors.BaseSelector) -> None:
-        assert self._server is not None
-        try:
-            conn, _ = self._server.accept()
-        except BlockingIOError:
-            return
-        with self.changed:
-            self.accepted.append(time.monotonic())
-            if self.hang_up:
-                conn.close()
-            else:
-                conn.setblocking(False)
-                self._open.add(conn)
-                selector.register(conn, selectors.EVENT_READ)
-            self.open_then.append(len(self._open) or 1)
-            self.changed.notify_all()
-
-    def _read(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
-        try:
-            data = conn.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:  # the client gave up: the connection is over
-            selector.unregister(conn)
-            conn.close()
-            with self.changed:
-                self._open.discard(conn)
-                self.changed.notify_all()
-
-    @property
-    def count(self) -> int:
-        """How many connections were accepted so far."""
-        with self.changed:
-            return len(self.accepted)
-
-    def wait_count(self, count: int, timeout: float) -> bool:
-        """Wait until ``count`` connections were accepted; whether they were."""
-        with self.changed:
-            return self.changed.wait_for(lambda: len(self.accepted) >= count, timeout)
-
-    def stop(self) -> None:
-        """Close every connection and stop listening."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(10)
-        if self._server is not None:
-            self._server.close()
-
-    def __enter__(self) -> Listener:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def relayed(message_id: str) -> bytes:
@@ -179,14 +71,14 @@ def port() -> int:
 
 
 @pytest.fixture
-def hanging_up(port: int) -> Iterator[Listener]:
+def hanging_up(port: int) -> Iterator[TcpListener]:
     """``remote-smtp`` closing every connection at once."""
-    with Listener(hang_up=True, port=port) as listener:
+    with TcpListener(hang_up=True, port=port) as listener:
         yield listener
 
 
 def test_items_wait_for_a_down_destination_and_its_first_answer_releases_them_all(
-    tmp_path: Path, port: int, hanging_up: Listener
+    tmp_path: Path, port: int, hanging_up: TcpListener
 ) -> None:
     """While ``remote-smtp`` cannot be reached, each new message is tried once at once (one
     connection each), spends no attempt of its own and then waits, with no retry for 60 s;
@@ -235,7 +127,7 @@ def test_a_silent_upstream_gets_one_connection_per_worker_and_then_one_probe_at_
     timeout, retry_initial, workers = 1.0, 1.0, 4
     upstream = CaptureServer(port=port)  # never started: the silent listener plays it
     with (
-        Listener(hang_up=False, port=port) as silent,
+        TcpListener(hang_up=False, port=port) as silent,
         relay(tmp_path, upstream, [], delivery=delivery) as mail2alert,
     ):
         replies = send_many(mail2alert.port, [relayed(new_id()) for _ in range(20)])

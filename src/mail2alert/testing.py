@@ -1,5 +1,6 @@
-"""Helpers for mail2alert's tests and for operators' own: capture servers, a service in a thread,
-fake chat services (a manager type's own fakes live in its package).
+"""Helpers for mail2alert's tests and for operators' own: capture servers (and a TCP listener
+that is no SMTP server), a service in a thread, fake chat services (a manager type's own
+fakes live in its package).
 
 The capture servers and fake services use real sockets on loopback; nothing is mocked.
 For the fast tests under them, :class:`RecordingTransport` and :class:`FakeClock` stand in
@@ -10,13 +11,15 @@ and no sleep.
 from __future__ import annotations
 
 import asyncio
+import selectors
 import socket
 import ssl
 import threading
+import time
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AnyStr
 
 from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -178,6 +181,21 @@ def _show(message: Captured) -> str:
     )
 
 
+class _Session(SMTP):
+    """aiosmtpd's session, except that it holds every reply over TLS while its server is
+    stalled (a smarthost that completes the TLS handshake, then says nothing)."""
+
+    def __init__(self, handler: _CaptureHandler, flowing: asyncio.Event, **options: Any) -> None:
+        super().__init__(handler, **options)
+        self._flowing = flowing
+
+    async def push(self, status: AnyStr) -> None:
+        transport = self.transport
+        if transport is not None and transport.get_extra_info("ssl_object") is not None:
+            await self._flowing.wait()
+        await super().push(status)
+
+
 class CaptureServer:
     """An SMTP server on loopback that keeps what it receives, in its own thread.
 
@@ -189,6 +207,10 @@ class CaptureServer:
     it), or with ``implicit`` speaks TLS from the first byte; with ``users`` (name ->
     password) it offers AUTH on TLS only, and takes mail only from who logged in.
     :attr:`logins` records who did.
+
+    Faults of a smarthost: ``stall()`` completes the TLS handshake of new sessions and then
+    answers nothing over TLS, in any session, until ``resume()``; ``replace_certificate(tls)``
+    restarts it with another certificate, as a renewed or replaced server would.
     """
 
     def __init__(
@@ -212,8 +234,12 @@ class CaptureServer:
         self.logins: list[str] = []
         self.messages: list[Captured] = []
         self.refused = 0
+        self.connections = 0
+        """How many connections it accepted, over all its starts."""
         self.script = _Script()
         self.changed = threading.Condition()
+        self.stalled = False
+        self._flowing: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -231,6 +257,27 @@ class CaptureServer:
         """Accept ``address`` again."""
         self.script.rcpt_replies.pop(address.lower(), None)
 
+    def stall(self) -> None:
+        """From now on, answer nothing once a session is over TLS (until :meth:`resume`)."""
+        self.stalled = True
+        self._set_flowing(False)
+
+    def resume(self) -> None:
+        """Answer again, stalled sessions too."""
+        self.stalled = False
+        self._set_flowing(True)
+
+    def _set_flowing(self, flowing: bool) -> None:
+        loop, event = self._loop, self._flowing
+        if loop is not None and event is not None:
+            loop.call_soon_threadsafe(event.set if flowing else event.clear)
+
+    def replace_certificate(self, tls: ssl.SSLContext) -> CaptureServer:
+        """Restart with the certificate of ``tls`` on the same port; connections are closed."""
+        self.stop()
+        self.tls = tls
+        return self.start()
+
     def start(self) -> CaptureServer:
         """Listen (again) on the server's port."""
         ready = threading.Event()
@@ -238,12 +285,15 @@ class CaptureServer:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
-            self._loop = loop
+            flowing = asyncio.Event()
+            if not self.stalled:
+                flowing.set()
+            self._loop, self._flowing = loop, flowing
             handler = _CaptureHandler(self)
             try:
                 self._server = loop.run_until_complete(
                     loop.create_server(
-                        lambda: self._session(handler),
+                        lambda: self._session(handler, flowing),
                         self.host,
                         self.port,
                         reuse_address=True,
@@ -267,12 +317,15 @@ class CaptureServer:
             raise failure[0]
         return self
 
-    def _session(self, handler: _CaptureHandler) -> SMTP:
+    def _session(self, handler: _CaptureHandler, flowing: asyncio.Event) -> SMTP:
+        with self.changed:
+            self.connections += 1
+            self.changed.notify_all()
         with warnings.catch_warnings():
             # On implicit TLS, AUTH without "auth_require_tls" is right: the whole session is
             # TLS, which aiosmtpd cannot tell and warns about.
             warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
-            return SMTP(handler, **self._session_options())
+            return _Session(handler, flowing, **self._session_options())
 
     def _session_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"enable_SMTPUTF8": True, "decode_data": False}
@@ -328,6 +381,116 @@ class CaptureServer:
                 raise TimeoutError(f"expected {count} refusals, got {self.refused}")
 
     def __enter__(self) -> CaptureServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class TcpListener:
+    """A TCP server on 127.0.0.1 in a thread that counts the connections it accepts: an
+    upstream that is reachable but is no SMTP server.
+
+    With ``hang_up`` it closes each connection at once, before any greeting (a server that
+    is going away); else it keeps it open and never answers (a hung server). It records when
+    each connection came, how many were open then (itself included), and every byte it was
+    sent (:attr:`received`).
+    """
+
+    def __init__(self, *, hang_up: bool, port: int = 0) -> None:
+        self.hang_up = hang_up
+        self.port = port or free_port()
+        self.accepted: list[float] = []
+        """``time.monotonic()`` of each accepted connection."""
+        self.open_then: list[int] = []
+        """For each accepted connection, how many were open once it was (itself included)."""
+        self.received = b""
+        self.changed = threading.Condition()
+        self._open: set[socket.socket] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._server: socket.socket | None = None
+
+    def start(self) -> TcpListener:
+        """Listen on the port and serve in a thread."""
+        server = socket.socket()
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        server.setblocking(False)
+        self._server = server
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name=f"listener-{self.port}")
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        assert self._server is not None
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.05):
+                    if key.fileobj is self._server:
+                        self._accept(selector)
+                    elif isinstance(key.fileobj, socket.socket):
+                        self._read(selector, key.fileobj)
+            for conn in list(self._open):
+                selector.unregister(conn)
+                conn.close()
+            self._open.clear()
+
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        assert self._server is not None
+        try:
+            conn, _ = self._server.accept()
+        except BlockingIOError:
+            return
+        with self.changed:
+            self.accepted.append(time.monotonic())
+            if self.hang_up:
+                conn.close()
+            else:
+                conn.setblocking(False)
+                self._open.add(conn)
+                selector.register(conn, selectors.EVENT_READ)
+            self.open_then.append(len(self._open) or 1)
+            self.changed.notify_all()
+
+    def _read(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
+        try:
+            data = conn.recv(4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        with self.changed:
+            self.received += data
+            if not data:  # the client gave up: the connection is over
+                selector.unregister(conn)
+                conn.close()
+                self._open.discard(conn)
+            self.changed.notify_all()
+
+    @property
+    def count(self) -> int:
+        """How many connections were accepted so far."""
+        with self.changed:
+            return len(self.accepted)
+
+    def wait_count(self, count: int, timeout: float) -> bool:
+        """Wait until ``count`` connections were accepted; whether they were."""
+        with self.changed:
+            return self.changed.wait_for(lambda: len(self.accepted) >= count, timeout)
+
+    def stop(self) -> None:
+        """Close every connection and stop listening."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self._server is not None:
+            self._server.close()
+
+    def __enter__(self) -> TcpListener:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -5,8 +5,10 @@ Everything here uses real sockets on loopback; nothing is mocked.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import threading
+import time
 from typing import Any, ClassVar
 
 from mail2alert.testing import LoopbackHttp, free_port
@@ -62,6 +64,10 @@ class FakeGoCD:
     dashboard answer 202, as GoCD does until it has computed its first state.
     ``stop()`` and ``start()`` again keep the port, to play a GoCD that goes down. With
     ``tls`` (a server SSL context) it speaks HTTPS.
+
+    Faults while it runs: :attr:`delay` seconds before each answer (a slow GoCD; lowering
+    it ends the waits under way), :attr:`failing` a status every request gets instead (503
+    while GoCD restarts); 0 and None by default.
     """
 
     ACCEPT: ClassVar[dict[str, tuple[str, ...]]] = {
@@ -101,6 +107,10 @@ class FakeGoCD:
         self.if_none_match: list[str] = []
         """Each answered request's If-None-Match ("" without one), in :attr:`requests`' order."""
         self.changed = threading.Condition()
+        self.delay = 0.0
+        self.failing: int | None = None
+        self.arrived = 0
+        """Requests that came, answered or not yet (:attr:`requests` are the answered ones)."""
         self._http = LoopbackHttp(self.port, "fake-gocd", tls)
 
     @property
@@ -184,6 +194,8 @@ class FakeGoCD:
         import hashlib
         import json
 
+        if self.failing is not None:
+            return self.failing, {"Content-Type": "text/plain"}, f"HTTP {self.failing}"
         if not self._authorized(auth):
             return (
                 401,
@@ -305,6 +317,10 @@ class FakeGoCD:
             found = history.match(request.path)
             if found:
                 endpoint = "history"
+            with self.changed:
+                self.arrived += 1
+                self.changed.notify_all()
+            await self._slowly()
             gzip = "gzip" in request.headers.get("Accept-Encoding", "")
             status, headers, body = self._answer(
                 endpoint,
@@ -326,9 +342,19 @@ class FakeGoCD:
         self._http.start("GET", handle)
         return self
 
+    async def _slowly(self) -> None:
+        """Wait out :attr:`delay`, read again as time goes by so that lowering it ends the
+        wait."""
+        started = time.monotonic()
+        # Polled, not an asyncio.Event: a test lowers the delay from its own thread.
+        while time.monotonic() - started < self.delay:  # noqa: ASYNC110
+            await asyncio.sleep(min(0.05, self.delay))
+
     def stop(self) -> None:
         """Stop answering; connections are refused until ``start()``."""
+        delay, self.delay = self.delay, 0.0
         self._http.stop()
+        self.delay = delay
 
     def wait_requests(self, path_part: str, count: int = 1, timeout: float = 15.0) -> None:
         """Wait until ``count`` requests whose path contains ``path_part`` were answered."""
@@ -338,6 +364,12 @@ class FakeGoCD:
             )
         if not ok:
             raise TimeoutError(f"expected {count} requests to {path_part}, got {self.requests}")
+
+    def wait_arrived(self, count: int, timeout: float = 15.0) -> None:
+        """Wait until ``count`` requests have come, answered or not."""
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.arrived >= count, timeout):
+                raise TimeoutError(f"expected {count} requests, {self.arrived} came")
 
     def __enter__(self) -> FakeGoCD:
         return self.start()
