@@ -33,9 +33,13 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
-    """cli.main() reconfigures the root logger (basicConfig force=True); undo that afterwards."""
+    """cli.main() reconfigures the root logger (basicConfig force=True); undo that afterwards.
+
+    For every test: a handler left on the root logger writes to the captured stderr of the
+    test that called cli.main(), which is closed once that test ends, and a service thread
+    of a later test logging through it prints "--- Logging error ---" tracebacks."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
