@@ -186,8 +186,7 @@ def test_a_smarthost_that_stalls_after_the_tls_handshake_keeps_the_mail_pending_
     with upstream, relay(tmp_path, upstream, [], delivery=QUICK, remote=remote) as mail2alert:
         waiting, logins = through_fault(mail2alert, upstream, message_id, resume)
     assert (waiting["state"], waiting["attempts"]) == ("pending", 0)
-    assert f"127.0.0.1:{upstream.port}" in waiting["last_error"]
-    assert "timed out" in waiting["last_error"].lower()
+    assert f"timed out talking to 127.0.0.1:{upstream.port}" in waiting["last_error"]
     assert logins == []
     assert arrived(upstream) == {message_id: 1}
     assert destination_changes(caplog) == ["down", "up"]

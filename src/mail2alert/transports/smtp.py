@@ -389,8 +389,10 @@ def _failure(exc: BaseException, address: str) -> Attempt:
             reply = _reply(exc.code, exc.message)
             return Attempt((), f"{address} answered {reply}", unreachable=True)
         return Attempt((), _reply(exc.code, exc.message), permanent=500 <= exc.code < 600)
+    # A TimeoutError is an OSError: without this first, a server that stalls once connected
+    # (after TLS, say) would read "cannot connect".
+    if isinstance(exc, TimeoutError) and not isinstance(exc, aiosmtplib.SMTPConnectError):
+        return Attempt((), f"timed out talking to {address}", unreachable=True)
     if isinstance(exc, aiosmtplib.SMTPConnectError | OSError):
         return Attempt((), f"cannot connect to {address}: {exc}", unreachable=True)
-    if isinstance(exc, aiosmtplib.SMTPTimeoutError | TimeoutError):
-        return Attempt((), f"timed out talking to {address}", unreachable=True)
     return Attempt((), f"{type(exc).__name__} from {address}: {exc}", unreachable=True)
