@@ -1022,3 +1022,15 @@ def test_an_empty_events_list_is_reported_because_the_rule_could_never_match() -
         " event, so the rule could never match; list events, or remove the key to match mail"
         " whatever its event",
     ]
+
+
+def test_a_stray_block_scalar_above_a_password_shows_no_password_in_the_error() -> None:
+    """Found by tests/test_fuzz.py: "managers: |" made every line below it one text value,
+    and the problem about it showed that value, the gocd password in it."""
+    text = EXAMPLE.read_text(encoding="utf-8").replace("managers:", "managers: |", 1)
+
+    shown = "\n".join(problems(text))
+
+    assert "managers: expected" in shown
+    assert "pelle" not in shown
+    assert "passwd: ***" in shown

@@ -209,6 +209,13 @@ def parse(text: str, filename: str, env: Mapping[str, str], *, unset_ok: bool = 
     ``queue``): an unset ``$NAME`` reads as empty and is listed in :attr:`Config.unset`
     instead of being a problem; what then fails to validate is still a problem.
     """
+    try:
+        return _parse(text, filename, env, unset_ok)
+    except ConfigError as exc:
+        raise _without_secrets(exc, text) from None
+
+
+def _parse(text: str, filename: str, env: Mapping[str, str], unset_ok: bool) -> Config:
     walker = _Walker(filename, env)
     walker.unset_ok = unset_ok
     try:
@@ -257,6 +264,27 @@ def _no_committers(mtype: ManagerType) -> str | None:
     return f"the {mtype.name} manager reads no committers from its mails" + (
         f" (committers: works with {', '.join(able)})" if able else ""
     )
+
+
+#: A line that gives a secret's value. A mistake above it (a stray "|" makes every line below
+#: one text value) can put that value in a problem that shows the value it found.
+_SECRET_LINE = re.compile(
+    r"^[ \t-]*(?:passwd|token|slack-token)[ \t]*:[ \t]*(?P<value>[^\s#].*?)[ \t]*$", re.MULTILINE
+)
+
+
+def _without_secrets(error: ConfigError, text: str) -> ConfigError:
+    """``error`` with every secret value written in ``text`` shown as ``***``."""
+    found = {m["value"].strip("'\"") for m in _SECRET_LINE.finditer(text)} - {""}
+    if not found:
+        return error
+    problems = []
+    for problem in error.problems:
+        message = problem.message
+        for secret in sorted(found, key=len, reverse=True):
+            message = message.replace(secret, "***").replace(repr(secret)[1:-1], "***")
+        problems.append(replace(problem, message=message))
+    return ConfigError(problems)
 
 
 class _Walker(Checker):
