@@ -272,6 +272,7 @@ def test_a_mail_of_well_formed_fields_splits_into_exactly_those_fields_and_its_b
 @given(st.lists(encoded_words(), min_size=1, max_size=5), st.sampled_from([b" ", b"\r\n ", b""]))
 @example([b"=?utf-16?B?AADY?="], b" ")
 @example([b"=?punycode?Q?=FF?="], b" ")
+@example([b"=?unicode-escape?B?XCA=?="], b" ")
 def test_encoded_words_in_any_charset_decode_to_valid_text(words: list[bytes], gap: bytes) -> None:
     assert is_valid_text(decode_header_value(gap.join(words)))
 

@@ -179,3 +179,17 @@ def test_a_subject_of_80000_encoded_words_is_decoded_whole_in_linear_time(
 
     assert time.monotonic() - started < 5
     assert subject == (text * 80_000).strip()
+
+
+@pytest.mark.parametrize("codec", ["unicode-escape", "raw_unicode_escape"])
+def test_an_encoded_word_in_a_python_escape_codec_reads_as_of_an_unknown_charset(
+    codec: str,
+) -> None:
+    """Found by tests/test_fuzz.py: decoding "\\ " warned (an error where warnings are)."""
+    assert decode_header_value(f"=?{codec}?Q?a=5C_b?= c".encode()) == "a\\ b c"
+
+
+def test_a_body_in_a_python_escape_codec_reads_as_latin1() -> None:
+    data = b"Content-Type: text/plain; charset=unicode-escape\r\n\r\ncaf\xe9 \\ \\q"
+
+    assert body_text(data) == "caf\xe9 \\ \\q"

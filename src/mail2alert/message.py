@@ -14,6 +14,7 @@ encoded as UTF-8 nor stored in SQLite.
 
 from __future__ import annotations
 
+import codecs
 import email.header
 import email.parser
 import email.policy
@@ -36,6 +37,9 @@ WORDS_AT_ONCE = 200
 #: follows it (whitespace that decoding drops before another encoded word, and keeps before
 #: text, so it stays in the piece before the cut).
 _AFTER_WORD = re.compile(r"(?<=\?=)(?:(?P<dropped>\s*)(?==\?)|\s*(?=[^\s=]))")
+#: Python's codecs of its own backslash escapes: no mail's charset, and they warn about an
+#: escape they do not know ("\\ "), an exception where warnings are errors.
+_ESCAPE_CODECS = frozenset({"unicode-escape", "raw-unicode-escape"})
 #: The names :mod:`email` gives ASCII (as an encoded word's charset, lower-cased).
 _ASCII_CHARSETS = frozenset({"us-ascii", "ascii"})
 _LINE_BREAK_TEXT = re.compile("[\r\n]")
@@ -194,7 +198,8 @@ def _ascii_words_as_utf8(parts: list[tuple[bytes, str | None]]) -> list[tuple[by
     """
     out: list[tuple[bytes, str | None]] = []
     for chunk, charset in parts:
-        charset = "utf-8" if charset in _ASCII_CHARSETS else charset
+        if charset is not None:
+            charset = "utf-8" if charset in _ASCII_CHARSETS else _mail_charset(charset)
         if out and charset is not None and out[-1][1] == charset:
             out[-1] = (out[-1][0] + chunk, charset)
         else:
@@ -223,7 +228,7 @@ def _decode_words_leniently(text: str) -> str:
 def _decode_chunk(chunk: bytes, charset: str) -> str:
     """An encoded word's bytes as text; an unknown charset is read as UTF-8, else Latin-1."""
     try:
-        return chunk.decode(charset, errors="replace")
+        return chunk.decode(_mail_charset(charset), errors="replace")
     except (LookupError, UnicodeError):
         # Unknown, or a codec such as idna or punycode that fails whatever ``errors`` says.
         pass
@@ -231,6 +236,15 @@ def _decode_chunk(chunk: bytes, charset: str) -> str:
         return chunk.decode("utf-8")
     except UnicodeDecodeError:
         return chunk.decode("latin-1")
+
+
+def _mail_charset(charset: str) -> str:
+    """``charset``, or an unknown one for Python's escape codecs (:data:`_ESCAPE_CODECS`)."""
+    try:
+        name = codecs.lookup(charset).name
+    except (LookupError, ValueError):
+        return charset
+    return "x-python-escapes" if name in _ESCAPE_CODECS else charset
 
 
 def address_of(header_text: str) -> str:
@@ -265,7 +279,7 @@ def body_text(data: bytes, limit: int = BODY_TEXT_LIMIT) -> str:
         payload = part.get_payload(decode=True)
         if not isinstance(payload, bytes):
             return ""
-        charset = part.get_content_charset() or "utf-8"
+        charset = _mail_charset(part.get_content_charset() or "utf-8")
         try:
             return valid_text(payload.decode(charset, errors="replace"))
         except LookupError:
