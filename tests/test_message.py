@@ -98,6 +98,13 @@ def test_a_us_ascii_word_after_another_encoded_word_is_joined_without_a_space() 
     assert decode_header_value(raw) == "Stage [0/0/0/0] failed"
 
 
+def test_a_backslash_escape_written_beside_an_encoded_word_in_8bit_text_is_kept() -> None:
+    """decode_header's raw-unicode-escape bytes read it as the character it names: "A"."""
+    raw = "café \\u0041 =?utf-8?Q?x?=".encode()
+
+    assert decode_header_value(raw) == "café \\u0041 x"
+
+
 def test_an_encoded_word_in_an_unknown_charset_reads_as_utf8_when_it_can() -> None:
     assert decode_header_value(b"=?x-unknown?B?w6XDpMO2?= tail") == "åäö tail"
 

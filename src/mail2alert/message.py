@@ -40,6 +40,8 @@ _AFTER_WORD = re.compile(r"(?<=\?=)(?:(?P<dropped>\s*)(?==\?)|\s*(?=[^\s=]))")
 #: Python's codecs of its own backslash escapes: no mail's charset, and they warn about an
 #: escape they do not know ("\\ "), an exception where warnings are errors.
 _ESCAPE_CODECS = frozenset({"unicode-escape", "raw-unicode-escape"})
+#: An encoded word as email.header.decode_header finds one (its ``ecre``).
+_ENCODED_WORD = re.compile(r"=\?([^?]*?)\?([qQbB])\?(.*?)\?=", re.MULTILINE)
 #: The names :mod:`email` gives ASCII (as an encoded word's charset, lower-cased).
 _ASCII_CHARSETS = frozenset({"us-ascii", "ascii"})
 _LINE_BREAK_TEXT = re.compile("[\r\n]")
@@ -211,7 +213,7 @@ def _decode_words_leniently(text: str) -> str:
     """Decode what encoded words we can, one by one, replacing what we cannot."""
     out: list[str] = []
     try:
-        parts = email.header.decode_header(text)
+        parts = email.header.decode_header(_backslashes_escaped(text))
     except (ValueError, email.errors.MessageError):
         return text
     for chunk, charset in parts:
@@ -223,6 +225,22 @@ def _decode_words_leniently(text: str) -> str:
         else:
             out.append(_decode_chunk(chunk, charset))
     return "".join(out)
+
+
+def _backslashes_escaped(text: str) -> str:
+    """``text`` with each backslash outside encoded words written as ``\\u005c``.
+
+    decode_header hands back unencoded text as raw-unicode-escape bytes, which read a
+    backslash escape written in the text as the character it names ("\\u0041" became "A").
+    """
+    pieces = _ENCODED_WORD.split(text)
+    # split() gives: text, then charset, encoding and encoded text of a word, then text...
+    for i in range(0, len(pieces), 4):
+        pieces[i] = pieces[i].replace("\\", "\\u005c")
+    for i in range(1, len(pieces), 4):
+        pieces[i] = f"=?{pieces[i]}?{pieces[i + 1]}?{pieces[i + 2]}?="
+        pieces[i + 1] = pieces[i + 2] = ""
+    return "".join(pieces)
 
 
 def _decode_chunk(chunk: bytes, charset: str) -> str:
