@@ -44,18 +44,10 @@ from mail2alert.planning import THREADS, accept
 from mail2alert.routing import route
 from mail2alert.server import describe
 from tests.helpers import EXAMPLE
+from tests.test_message_bounds import is_valid_unicode
 
 ROOT = Path(__file__).resolve().parent.parent
 SNAPSHOT = ROOT / "examples" / "gocd-snapshot.json"
-
-
-def is_valid_text(text: str) -> bool:
-    """Whether ``text`` can be written as UTF-8 (and so logged and stored in SQLite)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 # -- strategies: hostile pieces of mail ---------------------------------------------------------
@@ -247,9 +239,9 @@ def test_every_field_of_any_mail_reads_as_valid_text(data: bytes) -> None:
 
     for name in {f.name for f in message.fields} | {"subject", "from", "message-id"}:
         text = message.get(name)
-        assert is_valid_text(text)
-        assert is_valid_text(address_of(text))
-    assert is_valid_text(message.body_text)
+        assert is_valid_unicode(text)
+        assert is_valid_unicode(address_of(text))
+    assert is_valid_unicode(message.body_text)
 
 
 @given(
@@ -274,7 +266,7 @@ def test_a_mail_of_well_formed_fields_splits_into_exactly_those_fields_and_its_b
 @example([b"=?punycode?Q?=FF?="], b" ")
 @example([b"=?unicode-escape?B?XCA=?="], b" ")
 def test_encoded_words_in_any_charset_decode_to_valid_text(words: list[bytes], gap: bytes) -> None:
-    assert is_valid_text(decode_header_value(gap.join(words)))
+    assert is_valid_unicode(decode_header_value(gap.join(words)))
 
 
 #: Charsets a mailer encodes an ASCII subject in; each keeps ASCII as it is.
@@ -713,7 +705,7 @@ def routed_and_planned(
     assert decision.outcome in ("deliver", "drop", "relay", "hold")
     assert "routing failed" not in decision.reason
     assert "\n" not in describe(accepted)
-    assert is_valid_text(accepted.subject)
+    assert is_valid_unicode(accepted.subject)
     mails = [item for item in accepted.items if item.kind == "smtp"]
     if decision.outcome == "deliver" and decision.recipients:
         routed, *unchanged = mails
