@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from mail2alert.actions import outgoing_for
 from mail2alert.managers.base import Context
-from mail2alert.managers.memory import Claim, Conversation, Note
+from mail2alert.managers.memory import RECOVERED_HEADER, Claim, Conversation, Note
 from mail2alert.message import RawMessage, received_header
 from mail2alert.model import Decision, Envelope, Outgoing
 from mail2alert.outbox import Accepted
@@ -137,6 +137,11 @@ def accept(
     if decision.outcome == "hold" and stop_holding:
         decision = _stop_holding(queue_id, decision, managers)
     decision = _not_to_ourselves(queue_id, decision, managers)
+    made_from = message.get(RECOVERED_HEADER)
+    if made_from:
+        # The reason is what the log line, ``queue show`` and ``route`` print.
+        why = f"recovered: made by mail2alert from {made_from}, the sender's own mail never came"
+        decision = replace(decision, reason=f"{decision.reason}; {why}")
     single = envelope.rcpt_tos[0] if len(envelope.rcpt_tos) == 1 else None
     received = received_header(
         helo=helo,

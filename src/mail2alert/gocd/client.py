@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import ssl
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from mail2alert.errors import SourceError
-from mail2alert.gocd.model import PipelineGroups
+from mail2alert.gocd.model import PipelineGroups, StageRun
 from mail2alert.model import Secret
 
 if TYPE_CHECKING:
@@ -67,6 +69,8 @@ UNAUTHORIZED = 401
 #: GoCD's dashboard answers 202 until it has computed its first state after a start.
 STARTING = 202
 HISTORY_ACCEPT = "application/vnd.go.cd.v3+json"
+#: GoCD's pipeline instance API (``GET /api/pipelines/:name/:counter``): a run's changes.
+INSTANCE_ACCEPT = "application/vnd.go.cd.v1+json"
 
 #: What a stage run's ``result`` in the stage history says for the history: a cancelled run
 #: (and one still running, ``Unknown``) says nothing.
@@ -99,6 +103,20 @@ def parse_groups(payload: Any, *, source: str = "") -> PipelineGroups:
     return PipelineGroups(groups, fetched_at=time.time(), source=source)
 
 
+_CCTRAY_STATUS = {"success": "passed", "failure": "failed"}
+#: A pipeline or stage name as GoCD allows it.
+_GOCD_NAME = re.compile(r"^[A-Za-z0-9_\-][A-Za-z0-9_\-.]*\Z")
+
+
+def _cctray_projects(text: str | bytes) -> list[ET.Element]:
+    """The ``Project`` rows of cctray.xml."""
+    try:
+        root = ET.fromstring(text)  # noqa: S314 - GoCD's own feed, fetched with credentials
+    except (ET.ParseError, ValueError) as exc:
+        raise GocdError(f"cctray.xml is not valid XML: {exc}") from None
+    return list(root.iter("Project"))
+
+
 def parse_cctray(text: str | bytes) -> dict[tuple[str, str], str]:
     """Last status per (pipeline, stage), as GoCD spells them, from cctray.xml: passed or
     failed.
@@ -108,19 +126,121 @@ def parse_cctray(text: str | bytes) -> dict[tuple[str, str], str]:
     restart: these are hints, never results to remember (see :func:`parse_stage_history`).
     Bytes are what GoCD sends: they may begin with an XML declaration naming the encoding.
     """
-    try:
-        root = ET.fromstring(text)  # noqa: S314 - GoCD's own feed, fetched with credentials
-    except (ET.ParseError, ValueError) as exc:
-        raise GocdError(f"cctray.xml is not valid XML: {exc}") from None
     results: dict[tuple[str, str], str] = {}
-    for project in root.iter("Project"):
+    for project in _cctray_projects(text):
         parts = [p.strip() for p in project.get("name", "").split("::")]
-        status = {"success": "passed", "failure": "failed"}.get(
-            project.get("lastBuildStatus", "").lower()
-        )
+        status = _CCTRAY_STATUS.get(project.get("lastBuildStatus", "").lower())
         if len(parts) == 2 and all(parts) and status:
             results[(parts[0], parts[1])] = status
     return results
+
+
+def parse_cctray_runs(text: str | bytes) -> list[StageRun]:
+    """The latest completed run of each stage in cctray.xml: its locator from ``webUrl``
+    (``.../pipelines/<pipeline>/<counter>/<stage>/<counter>``) and when it completed
+    (``lastBuildTime``).
+
+    A stage that is building is left out: its row keeps the previous run's time and status
+    while ``webUrl`` already names the run under way. GoCD writes the time in UTC with a
+    ``Z``; older versions wrote it without a zone, which is read as UTC too.
+    """
+    runs: list[StageRun] = []
+    for project in _cctray_projects(text):
+        parts = [p.strip() for p in project.get("name", "").split("::")]
+        if len(parts) != 2 or project.get("activity", "") != "Sleeping":
+            continue
+        url = project.get("webUrl", "")
+        locator = url.rpartition("/pipelines/")[2].split("/")
+        completed = _cctray_time(project.get("lastBuildTime", ""))
+        if len(locator) != 4 or completed is None:
+            continue
+        pipeline, pc, stage, sc = locator
+        if not (pc.isascii() and pc.isdigit() and sc.isascii() and sc.isdigit()):
+            continue
+        # Names as GoCD allows them, and a URL without white space: they go into the subject
+        # and a body line of the mail made from them.
+        if not (_GOCD_NAME.match(parts[0]) and _GOCD_NAME.match(parts[1])) or url.split() != [url]:
+            continue
+        if (pipeline.lower(), stage.lower()) != (parts[0].lower(), parts[1].lower()):
+            continue
+        status = _CCTRAY_STATUS.get(project.get("lastBuildStatus", "").lower(), "")
+        runs.append(StageRun(parts[0], int(pc), parts[1], int(sc), completed, url, status))
+    return runs
+
+
+def _cctray_time(text: str) -> float | None:
+    """Seconds since the epoch of a cctray ``lastBuildTime``; a time without a zone is UTC."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What GoCD's stage history says of one run: ``passed``, ``failed`` or ``cancelled``
+    (None: still going, or not on the history's first page), and who cancelled it."""
+
+    result: str | None
+    cancelled_by: str = ""
+
+
+def parse_run_result(
+    payload: Any, pipeline_counter: int, stage_counter: int, *, source: str = ""
+) -> RunResult:
+    """The result of one run in GoCD's stage history (v3)."""
+    try:
+        for run in payload["stages"]:
+            if int(run["pipeline_counter"]) != pipeline_counter:
+                continue
+            if int(run["counter"]) != stage_counter:
+                continue
+            result = str(run.get("result", "")).lower()
+            if result not in ("passed", "failed", "cancelled"):
+                return RunResult(None)
+            who = " ".join(str(run.get("cancelled_by") or "").split())  # one line of the body
+            return RunResult(result, who)
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        raise GocdError(f"{source or 'answer'}: unexpected payload shape ({exc!r})") from None
+    return RunResult(None)
+
+
+def parse_changes(payload: Any, *, source: str = "") -> str:
+    """The changes of a pipeline run, from GoCD's pipeline instance API, as GoCD's stage mail
+    writes them under ``-- CHANGES --`` (so that they read, and name their committers, the
+    same): a block per changed material, a ``revision:`` line per modification."""
+    blocks: list[str] = []
+    try:
+        for revision in payload["build_cause"]["material_revisions"]:
+            if revision.get("changed") is False:
+                continue
+            material = revision["material"]
+            kind = str(material.get("type") or "Material")
+            dependency = kind.lower() in ("pipeline", "dependency")
+            what = str(material.get("description") or material.get("name") or "")
+            lines = [f"{'Dependency' if dependency else kind}: {what}"]
+            for change in revision.get("modifications") or []:
+                when = _date(change.get("modified_time"))
+                if dependency:
+                    lines.append(f"revision: {change['revision']}, completed on {when}")
+                    continue
+                who = str(change.get("user_name") or "")
+                lines.append(f"revision: {change['revision']}, modified by {who} on {when}")
+                lines += str(change.get("comment") or "").splitlines()
+            blocks.append("\n".join(lines))
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise GocdError(f"{source or 'answer'}: unexpected payload shape ({exc!r})") from None
+    return "\n\n".join(blocks)
+
+
+def _date(millis: object) -> str:
+    """A modification's time (milliseconds since the epoch) as GoCD's mail writes it (UTC)."""
+    if not isinstance(millis, int | float):
+        return "?"
+    return datetime.fromtimestamp(millis / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def parse_stage_history(payload: Any, *, source: str = "") -> str | None:
@@ -219,12 +339,50 @@ class GocdClient:
 
     async def cctray(self) -> Mapping[tuple[str, str], str]:
         """Last status per stage from ``/cctray.xml`` (see :func:`parse_cctray`)."""
+        return parse_cctray(await self._cctray_xml())
+
+    async def cctray_runs(self) -> list[StageRun]:
+        """The latest completed run of each stage in ``/cctray.xml`` (see
+        :func:`parse_cctray_runs`)."""
+        return parse_cctray_runs(await self._cctray_xml())
+
+    async def _cctray_xml(self) -> bytes:
         async with self._session() as session:
             answer = await self._get(
                 session, Endpoint("cctray", "/cctray.xml", "application/xml"), etag=False
             )
         self._raise_unless_ok(f"{self.url}/cctray.xml", answer.status)
-        return parse_cctray(answer.body)
+        return answer.body
+
+    async def run_result(self, run: StageRun) -> RunResult | None:
+        """What the stage history says of ``run``; None where GoCD shows no stage history
+        (before GoCD 20.9, or a stage gone)."""
+        path = _history_path(run.pipeline, run.stage)
+        async with self._session() as session:
+            answer = await self._get(
+                session, Endpoint("stage history", path, HISTORY_ACCEPT), etag=False
+            )
+        if answer.status in REFUSED:
+            return None
+        target = f"{self.url}{path}"
+        self._raise_unless_ok(target, answer.status)
+        return parse_run_result(
+            _json(target, answer.body), run.pipeline_counter, run.stage_counter, source=target
+        )
+
+    async def changes(self, pipeline: str, counter: int) -> str:
+        """The changes of a pipeline run (see :func:`parse_changes`); "" where GoCD does not
+        show them (before GoCD 20.x, or a run gone)."""
+        path = f"/api/pipelines/{quote(pipeline, safe='')}/{counter}"
+        async with self._session() as session:
+            answer = await self._get(
+                session, Endpoint("pipeline instance", path, INSTANCE_ACCEPT), etag=False
+            )
+        if answer.status in REFUSED:
+            return ""
+        target = f"{self.url}{path}"
+        self._raise_unless_ok(target, answer.status)
+        return parse_changes(_json(target, answer.body), source=target)
 
     async def latest_results(self, stages: Iterable[tuple[str, str]]) -> dict[tuple[str, str], str]:
         """The result of each stage's latest run that passed or failed, from GoCD's stage
@@ -232,7 +390,7 @@ class GocdClient:
         results: dict[tuple[str, str], str] = {}
         async with self._session() as session:
             for pipeline, stage in stages:
-                path = f"/api/stages/{quote(pipeline, safe='')}/{quote(stage, safe='')}/history"
+                path = _history_path(pipeline, stage)
                 answer = await self._get(
                     session, Endpoint("stage history", path, HISTORY_ACCEPT), etag=False
                 )
@@ -280,6 +438,10 @@ class Answer:
     body: bytes
     """Only a 200's body is read."""
     etag: str | None
+
+
+def _history_path(pipeline: str, stage: str) -> str:
+    return f"/api/stages/{quote(pipeline, safe='')}/{quote(stage, safe='')}/history"
 
 
 def _json(target: str, body: bytes) -> Any:

@@ -5,8 +5,14 @@
 - The last result of every stage is kept (the ``history`` table), so that the next mail's
   event is corrected: a failure after a known pass is a breakage, a pass after a known
   failure a fix (see :func:`~mail2alert.gocd.manager.corrected_event`).
-- The same stage event (pipeline run, stage run, verb) within ``duplicate-window`` is
-  delivered once: GoCD sends one mail per user it notifies.
+- The last run of every stage a mail came for is kept (the ``gocd_runs`` table), so that
+  reconciliation (:mod:`mail2alert.gocd.reconcile`) knows which completed runs had none.
+- The same stage event (pipeline run, stage run, result) within ``duplicate-window`` is
+  delivered once: GoCD sends one mail per user it notifies. The result, not GoCD's verb:
+  an alert mail2alert made for a run whose mail never came may name it otherwise (``is
+  broken`` where GoCD, comparing with a cancelled run, says ``failed``), and the real mail
+  arriving late is the same event. With reconciliation on, the window is at least
+  ``reconcile-window``, as long as a late mail may still follow its made-up twin.
 - A stage mail's label is its pipeline's group in the manager's snapshot.
 """
 
@@ -21,6 +27,9 @@ from mail2alert.model import Alert
 
 #: Where the last result of each stage is kept.
 HISTORY = "history"
+#: Where the last run of each stage that a mail came for is kept: ``pipeline counter/stage
+#: counter``.
+RUNS = "gocd_runs"
 
 #: What each of GoCD's verbs says of the run's result (a cancel says nothing).
 _RESULTS = {"passed": "passed", "is fixed": "passed", "failed": "failed", "is broken": "failed"}
@@ -44,17 +53,23 @@ class GocdMemory:
         stage = stage_of(alert)
         if stage is None:
             return ()
+        key = (stage.pipeline.lower(), stage.stage.lower())
+        run = Note(RUNS, key, f"{stage.pipeline_counter}/{stage.stage_counter}")
         result = stage_result(alert)
         if result is None:
-            return ()
-        return (Note(HISTORY, (stage.pipeline.lower(), stage.stage.lower()), result),)
+            return (run,)
+        return (Note(HISTORY, key, result), run)
 
     def claim(self, alert: Alert, label: str, options: Mapping[str, object]) -> Claim | None:
         stage = stage_of(alert)
-        window = GocdSettings.of(options).duplicate_window
+        settings = GocdSettings.of(options)
+        window = settings.duplicate_window
         if stage is None or window <= 0:
             return None
-        return Claim(f"{label}:{stage.locator.lower()}:{stage.verb}", window)
+        if settings.reconcile:
+            window = max(window, settings.reconcile_window)
+        result = stage_result(alert) or "cancelled"
+        return Claim(f"{label}:{stage.locator.lower()}:{result}", window)
 
     def label(self, alert: Alert, snapshot: object | None) -> str | None:
         stage = stage_of(alert)

@@ -38,6 +38,27 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class StageRun:
+    """A completed stage run as GoCD's cctray.xml shows it."""
+
+    pipeline: str
+    pipeline_counter: int
+    stage: str
+    stage_counter: int
+    completed_at: float
+    """Seconds since the epoch, by GoCD's clock."""
+    url: str
+    """Its page in GoCD (the details URL of its mail)."""
+    status: str = ""
+    """cctray's ``passed`` or ``failed`` (a cancelled run shows as failed), "" if neither."""
+
+    @property
+    def locator(self) -> str:
+        """GoCD's stage locator, ``pipeline/counter/stage/counter``."""
+        return f"{self.pipeline}/{self.pipeline_counter}/{self.stage}/{self.stage_counter}"
+
+
+@dataclass(frozen=True)
 class PipelineGroups:
     """Which pipelines are in which pipeline group: an immutable snapshot of GoCD's config.
 

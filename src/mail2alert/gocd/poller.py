@@ -6,9 +6,11 @@ logged once per change of state, with the URL and status; recovery is logged too
 
 Each poll reads pipeline groups, then, until it has been done once, seeds the history: the
 stages cctray.xml lists, each with the result its stage history gives (cctray's own status
-cannot tell a failed run from a cancelled one). A 401 ends the poll there, and the next
-one waits twice as long, up to ten poll intervals: each poll with wrong credentials is a
-failed login, and enough of them lock an LDAP account.
+cannot tell a failed run from a cancelled one). Then, with ``reconcile`` on, it reads the
+latest completed run of each stage from cctray.xml and makes the alert of each run GoCD
+sent no mail for (see :mod:`mail2alert.gocd.reconcile`). A 401 ends the poll there, and
+the next one waits twice as long, up to ten poll intervals: each poll with wrong
+credentials is a failed login, and enough of them lock an LDAP account.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from mail2alert.errors import Mail2AlertError
 from mail2alert.gocd.client import UNAUTHORIZED, GocdClient, GocdError, GocdStarting, parse_groups
 from mail2alert.gocd.memory import HISTORY
-from mail2alert.gocd.model import PipelineGroups
+from mail2alert.gocd.model import PipelineGroups, StageRun
+from mail2alert.gocd.reconcile import BASELINE, Recall, due, mailed, recovered_mail
 from mail2alert.gocd.settings import GocdSettings
-from mail2alert.managers.memory import Background, Feed, Note
+from mail2alert.managers.memory import Background, Feed, Note, Recovered
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +95,20 @@ def next_delay(interval: float, delay: float, status: int | None) -> float:
     return min(delay * 2, interval * BACKOFF_MAX)
 
 
+@dataclass(frozen=True)
+class Reconciling:
+    """What reconciliation needs from the core and the manager's keys."""
+
+    after: float
+    window: float
+    recall: Recall
+    """The notes routing sees (the runs mails came for, the history, the baseline)."""
+    learn: Callable[[Sequence[Note]], None]
+    """Keep the baseline (only where none is kept yet)."""
+    recover: Callable[[bytes], Awaitable[str]]
+    """Route and commit a made-up mail as one that arrived; its queue id."""
+
+
 class GroupPoller:
     """Polls one GoCD for pipeline groups every ``interval`` seconds; keeps the last good."""
 
@@ -102,6 +121,8 @@ class GroupPoller:
         data_dir: Path,
         on_snapshot: Callable[[str, PipelineGroups], None] = lambda label, groups: None,
         on_history: Callable[[Mapping[tuple[str, str], str]], None] | None = None,
+        reconciling: Reconciling | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.label = label
         self.name = f"GoCD poller of {label}"
@@ -116,6 +137,12 @@ class GroupPoller:
         self.snapshot: PipelineGroups | None = load_snapshot(self.path)
         self.state = "starting"
         self._seed_trouble = ""
+        self.reconciling = reconciling
+        self.clock = clock
+        self._reconcile_trouble = ""
+        self._made: set[str] = set()
+        """Locators of the runs whose alert this poller made (before its note is seen)."""
+        self._too_old: set[str] = set()
         if self.snapshot is not None:
             age = time.time() - self.snapshot.fetched_at
             log.info(
@@ -149,6 +176,8 @@ class GroupPoller:
         await self._keep(groups)
         if not self.seeded:
             await self._seed_history()
+        if self.reconciling is not None and not self.state.startswith("failing"):
+            await self._reconcile(self.reconciling)
 
     async def _keep(self, groups: PipelineGroups) -> None:
         changed = self.snapshot is None or dict(groups.groups) != dict(self.snapshot.groups)
@@ -190,6 +219,110 @@ class GroupPoller:
             len(stages),
         )
 
+    async def _reconcile(self, r: Reconciling) -> None:
+        """Make the alert of each completed run GoCD sent no mail for (see
+        :mod:`mail2alert.gocd.reconcile`)."""
+        now = self.clock()
+        try:
+            runs = await self.client.cctray_runs()
+        except GocdError as exc:
+            self._reconcile_failed(exc)
+            return
+        kept = r.recall(BASELINE, (self.client.url,))
+        if kept is None:
+            # The first read of this GoCD: what completed before it is no one's to make up.
+            r.learn([Note(BASELINE, (self.client.url,), str(int(now)))])
+            log.info(
+                "%s: reconciliation starts: a stage run that completes from now on and whose"
+                " mail does not come within %.0fs is made from GoCD's API",
+                self.label,
+                r.after,
+            )
+            return
+        try:
+            baseline = float(kept)
+        except ValueError:
+            baseline = now  # a note no mail2alert wrote: make up nothing from before now
+        # Only the latest run of each stage is looked at: what is remembered of the others
+        # can go.
+        shown = {run.locator for run in runs}
+        self._made &= shown
+        self._too_old &= shown
+        self._log_too_old(runs, r, baseline, now)
+        for run in due(runs, r.recall, baseline=baseline, now=now, after=r.after, window=r.window):
+            if run.locator not in self._made and not await self._make(run, r, now):
+                return
+        self._reconcile_trouble = ""
+
+    async def _make(self, run: StageRun, r: Reconciling, now: float) -> bool:
+        """Make and hand over the alert of ``run``; False when the poll is to end."""
+        try:
+            found = await self.client.run_result(run)
+        except GocdError as exc:
+            self._reconcile_failed(exc)
+            return False
+        # GoCD before 20.9 has no stage history: cctray's status is all there is.
+        result = found.result if found is not None else run.status
+        if not result:
+            return True  # not on the history's first page: nothing sure to say
+        try:
+            changes = await self.client.changes(run.pipeline, run.pipeline_counter)
+        except GocdError as exc:
+            if exc.status == UNAUTHORIZED:
+                self._failed(exc)
+                return False
+            changes = ""  # the alert matters more than its changes: GoCD's page has them
+        data = recovered_mail(
+            run,
+            result,
+            r.recall,
+            now=now,
+            cancelled_by=found.cancelled_by if found else "",
+            changes=changes,
+        )
+        try:
+            await r.recover(data)
+        except Mail2AlertError as exc:
+            why = f"the alert of {run.locator} could not be kept (tried again each poll): {exc}"
+            if why != self._reconcile_trouble:
+                self._reconcile_trouble = why
+                log.error("%s: %s", self.label, why)
+            return False
+        self._made.add(run.locator)
+        return True
+
+    def _log_too_old(
+        self, runs: Sequence[StageRun], r: Reconciling, baseline: float, now: float
+    ) -> None:
+        """Say once which runs with no mail completed too long ago to be made."""
+        old = [
+            run
+            for run in runs
+            if run.completed_at >= baseline
+            and now - run.completed_at > r.window
+            and run.locator not in self._too_old
+            and not mailed(run, r.recall)
+        ]
+        if not old:
+            return
+        self._too_old.update(run.locator for run in old)
+        shown = ", ".join(run.locator for run in old[:5]) + (", ..." if len(old) > 5 else "")
+        log.warning(
+            "%s: no mail came for %d stage runs that completed more than reconcile-window"
+            " (%.0fs) ago; their alerts are not made: %s",
+            self.label,
+            len(old),
+            r.window,
+            shown,
+        )
+
+    def _reconcile_failed(self, exc: GocdError) -> None:
+        if exc.status == UNAUTHORIZED:
+            self._failed(exc)
+        elif str(exc) != self._reconcile_trouble:
+            self._reconcile_trouble = str(exc)
+            log.warning("%s: reconciliation not done (tried again each poll): %s", self.label, exc)
+
     def _failed(self, exc: GocdError) -> None:
         self.delay = next_delay(self.interval, self.delay, exc.status)
         self._set_state(f"failing: {exc}")
@@ -213,7 +346,8 @@ def keeper(
     label: str, options: Mapping[str, object], data_dir: Path, feed: Feed
 ) -> GroupPoller | None:
     """The poller of a gocd manager with a ``url`` (None without one): it feeds pipeline
-    groups as snapshots, and the stage results it seeds the history with as notes."""
+    groups as snapshots, the stage results it seeds the history with as notes, and, with
+    ``reconcile`` on, the alerts of stage runs GoCD sent no mail for as recovered messages."""
     settings = GocdSettings.of(options)
     if settings.url is None:
         return None
@@ -221,6 +355,21 @@ def keeper(
     def learnt(results: Mapping[tuple[str, str], str]) -> None:
         feed.notes([Note(HISTORY, key, result) for key, result in results.items()])
 
+    reconciling = None
+    take = feed.recover
+    if settings.reconcile and take is not None:
+
+        async def recover(data: bytes) -> str:
+            assert take is not None
+            return await take(Recovered(label, data))
+
+        reconciling = Reconciling(
+            after=settings.reconcile_after,
+            window=settings.reconcile_window,
+            recall=feed.recall,
+            learn=feed.notes,
+            recover=recover,
+        )
     return GroupPoller(
         label,
         client_from_options(options),
@@ -228,6 +377,7 @@ def keeper(
         data_dir=data_dir,
         on_snapshot=feed.snapshot,
         on_history=learnt,
+        reconciling=reconciling,
     )
 
 

@@ -23,6 +23,19 @@ OPTIONS: Mapping[str, Option] = {
         600.0,
         zero_means_off=True,
     ),
+    "reconcile": Option(
+        "bool",
+        "make the alert of a stage run GoCD sent no mail for, from GoCD's API",
+        True,
+    ),
+    "reconcile-after": Option(
+        "seconds", "how long a completed stage run waits for its mail before it is made", 300.0
+    ),
+    "reconcile-window": Option(
+        "seconds",
+        "only runs that completed this recently are made (after downtime: no flood)",
+        7200.0,
+    ),
 }
 
 
@@ -57,11 +70,16 @@ class GocdSettings:
     hold_max: float
     duplicate_window: float
     """0: no de-duplication."""
+    reconcile: bool
+    """Whether a stage run with no mail has its alert made from GoCD's API."""
+    reconcile_after: float
+    reconcile_window: float
 
     @classmethod
     def of(cls, options: Mapping[str, object]) -> GocdSettings:
         """The settings in a manager's options (as :mod:`mail2alert.config` validated them)."""
         verify = options.get("verify", OPTIONS["verify"].default)
+        reconcile = options.get("reconcile", OPTIONS["reconcile"].default)
         return cls(
             url=_text(options, "url"),
             user=_text(options, "user"),
@@ -72,6 +90,9 @@ class GocdSettings:
             verify=bool(verify),
             hold_max=_seconds(options, "hold-max"),
             duplicate_window=_seconds(options, "duplicate-window"),
+            reconcile=bool(reconcile),
+            reconcile_after=_seconds(options, "reconcile-after"),
+            reconcile_window=_seconds(options, "reconcile-window"),
         )
 
 

@@ -9,6 +9,7 @@ import asyncio
 import ssl
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from mail2alert.testing import LoopbackHttp, free_port
@@ -46,6 +47,40 @@ def gocd_stage_mail(
     return ("\r\n".join(headers) + "\r\n\r\n" + text.replace("\n", "\r\n")).encode("ascii")
 
 
+@dataclass(frozen=True)
+class FakeMailServer:
+    """GoCD's email server settings (``tls``: "Use SMTPS")."""
+
+    hostname: str
+    port: int
+    tls: bool = False
+    sender_email: str = "go@example.com"
+    admin_email: str = "admin@example.com"
+
+
+#: The one notification filter that sends every stage event of every pipeline.
+EVERY_EVENT = {
+    "pipeline": "[Any Pipeline]",
+    "stage": "[Any Stage]",
+    "event": "All",
+    "match_commits": False,
+}
+
+
+@dataclass
+class FakeAccount:
+    """What the fake GoCD says of the user it is asked as and of its mail server: by
+    default, a user set up as README "Setting up GoCD" says, and no mail server set up.
+    ``security`` off makes GoCD answer 403 for the current user, as it does to everyone
+    then."""
+
+    email: str = "mail2alert@example.com"
+    email_me: bool = True
+    filters: list[dict[str, Any]] = field(default_factory=lambda: [dict(EVERY_EVENT)])
+    mail_server: FakeMailServer | None = None
+    security: bool = True
+
+
 class FakeGoCD:
     """A GoCD server on loopback that answers the way GoCD does (see shared gocd.md).
 
@@ -60,10 +95,16 @@ class FakeGoCD:
     and ``group_admin_of`` makes the user an admin of those groups only, whom the admin API
     shows only them. ``history`` gives the results of a stage's runs, newest first (GoCD's
     ``Passed``, ``Failed``, ``Cancelled``, ``Unknown`` for one still running); a stage
-    without one has a single run, as its cctray row says. :attr:`starting` makes the
+    without one has a single run, as its cctray row says; :meth:`complete` runs one more.
+    :attr:`material_revisions` are the changes the pipeline instance API shows of a
+    pipeline run. :attr:`starting` makes the
     dashboard answer 202, as GoCD does until it has computed its first state.
     ``stop()`` and ``start()`` again keep the port, to play a GoCD that goes down. With
     ``tls`` (a server SSL context) it speaks HTTPS.
+
+    The user it is asked as, its notification filters and GoCD's mail server are
+    :attr:`account` (a :class:`FakeAccount`); the mail server API, like GoCD's, answers 403
+    to anyone but a system admin (``admin_forbidden``, ``group_admin_of``).
 
     Faults while it runs: :attr:`delay` seconds before each answer (a slow GoCD; lowering
     it ends the waits under way), :attr:`failing` a status every request gets instead (503
@@ -74,8 +115,20 @@ class FakeGoCD:
         "admin": ("application/vnd.go.cd.v1+json", "application/vnd.go.cd+json"),
         "dashboard": ("application/vnd.go.cd.v4+json", "application/vnd.go.cd+json"),
         "history": ("application/vnd.go.cd.v3+json", "application/vnd.go.cd+json"),
+        "instance": ("application/vnd.go.cd.v1+json", "application/vnd.go.cd+json"),
+        "current_user": ("application/vnd.go.cd.v1+json", "application/vnd.go.cd+json"),
+        "filters": ("application/vnd.go.cd.v2+json", "application/vnd.go.cd+json"),
+        "mailserver": ("application/vnd.go.cd.v1+json", "application/vnd.go.cd+json"),
     }
-    VERSIONS: ClassVar[dict[str, str]] = {"admin": "v1", "dashboard": "v4", "history": "v3"}
+    VERSIONS: ClassVar[dict[str, str]] = {
+        "admin": "v1",
+        "dashboard": "v4",
+        "history": "v3",
+        "instance": "v1",
+        "current_user": "v1",
+        "filters": "v2",
+        "mailserver": "v1",
+    }
 
     def __init__(
         self,
@@ -84,7 +137,17 @@ class FakeGoCD:
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
-        endpoints: tuple[str, ...] = ("admin", "dashboard", "legacy", "cctray", "history"),
+        endpoints: tuple[str, ...] = (
+            "admin",
+            "dashboard",
+            "legacy",
+            "cctray",
+            "history",
+            "instance",
+            "current_user",
+            "filters",
+            "mailserver",
+        ),
         admin_forbidden: bool = False,
         group_admin_of: tuple[str, ...] | None = None,
         cctray: dict[tuple[str, str], str] | None = None,
@@ -101,7 +164,13 @@ class FakeGoCD:
         self.group_admin_of = group_admin_of
         self.cctray = cctray or {}
         self.history = history or {}
+        self.completed: dict[tuple[str, str], float] = {}
+        """When each stage's latest run completed (cctray's lastBuildTime); 2024 without."""
+        self.material_revisions: dict[tuple[str, int], list[Any]] = {}
+        """The pipeline instance API's ``build_cause.material_revisions`` of a pipeline run;
+        a run without them is unknown (404)."""
         self.starting = False
+        self.account = FakeAccount()
         self.port = port or free_port()
         self.requests: list[tuple[str, str, int]] = []
         self.if_none_match: list[str] = []
@@ -223,6 +292,16 @@ class FakeGoCD:
             )
         kind = self.VERSIONS.get(endpoint)
         ctype = f"application/vnd.go.cd.{kind}+json; charset=utf-8" if kind else "application/json"
+        if endpoint in ("current_user", "filters", "mailserver"):
+            status, payload = self._account_answer(endpoint)
+            return status, {"Content-Type": ctype}, json.dumps(payload)
+        if endpoint == "instance":
+            revisions = self.material_revisions.get((stage[0], int(stage[1])))
+            if revisions is None:
+                return 404, {"Content-Type": ctype}, '{"message": "Not Found"}'
+            build_cause = {"trigger_forced": False, "material_revisions": revisions}
+            payload = {"name": stage[0], "counter": int(stage[1]), "build_cause": build_cause}
+            return 200, {"Content-Type": ctype}, json.dumps(payload)
         if endpoint == "history":
             payload = self.stage_history(*stage)
             if payload is None:
@@ -237,6 +316,75 @@ class FakeGoCD:
             return 304, {"ETag": sent}, ""
         return 200, {"Content-Type": ctype, "ETag": sent}, body
 
+    def complete(
+        self,
+        pipeline: str,
+        stage: str,
+        result: str,
+        *,
+        at: float | None = None,
+        changes: list[Any] | None = None,
+    ) -> str:
+        """A new run of the stage completes with ``result`` (``Passed``, ``Failed``,
+        ``Cancelled``) at ``at`` (now): cctray.xml and the stage history show it, as GoCD
+        does once it has (or has not) sent its mail; ``changes`` are the pipeline run's
+        material revisions. Its locator, as in a mail's subject."""
+        key = (pipeline, stage)
+        earlier = self.history.get(key)
+        if earlier is None:
+            earlier = [] if key not in self.cctray else [self._from_cctray(self.cctray[key])]
+        self.history[key] = [result, *earlier]
+        self.cctray[key] = "Success" if result == "Passed" else "Failure"
+        self.completed[key] = time.time() if at is None else at
+        if changes is not None:
+            self.material_revisions[(pipeline, len(self.history[key]))] = changes
+        return f"{pipeline}/{len(self.history[key])}/{stage}/1"
+
+    @staticmethod
+    def _from_cctray(status: str) -> str:
+        return "Passed" if status == "Success" else "Failed"
+
+    def _account_answer(self, endpoint: str) -> tuple[int, Any]:
+        """The current user, its notification filters (v2 embeds them) or the mail server."""
+        account, base = self.account, f"{self.url}/api"
+        if endpoint == "current_user" and not account.security:
+            # Security off: everyone is anonymous, and GoCD has no current user to show.
+            return 403, {"message": "You are not authorized to perform this action."}
+        if endpoint == "current_user":
+            login = self.user or "mail2alert"
+            return 200, {
+                "_links": {"self": {"href": f"{base}/users/{login}"}},
+                "login_name": login,
+                "display_name": login,
+                "enabled": True,
+                "email": account.email or None,
+                "email_me": account.email_me,
+                "checkin_aliases": [],
+            }
+        if endpoint == "filters":
+            filters = [
+                {"_links": {"self": {"href": f"{base}/notification_filters/{i}"}}, "id": i, **f}
+                for i, f in enumerate(account.filters, start=1)
+            ]
+            return 200, {
+                "_links": {"self": {"href": f"{base}/notification_filters"}},
+                "_embedded": {"filters": filters},
+            }
+        if self.admin_forbidden or self.group_admin_of is not None:
+            return 403, {"message": "You are not authorized to perform this action."}
+        server = account.mail_server
+        if server is None:
+            return 404, {"message": "SMTP config was not found!"}
+        return 200, {
+            "_links": {"self": {"href": f"{base}/config/mailserver"}},
+            "hostname": server.hostname,
+            "port": server.port,
+            "username": None,
+            "tls": server.tls,
+            "sender_email": server.sender_email,
+            "admin_email": server.admin_email,
+        }
+
     def cctray_xml(self) -> str:
         """cctray.xml as GoCD writes it: a row per stage and one per job, failed rows naming
         who broke them."""
@@ -249,17 +397,24 @@ class FakeGoCD:
                 if status == "Failure"
                 else ""
             )
+            # The run's counter is its place in the stage history (see stage_history).
+            counter = len(self.history.get((pipeline, stage), ())) or 1
+            completed = self.completed.get((pipeline, stage), 1710520802.0)
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(completed))
             for name, url in (
-                (f"{pipeline} :: {stage}", f"{self.url}/pipelines/{pipeline}/1/{stage}/1"),
+                (
+                    f"{pipeline} :: {stage}",
+                    f"{self.url}/pipelines/{pipeline}/{counter}/{stage}/1",
+                ),
                 (
                     f"{pipeline} :: {stage} :: build",
-                    f"{self.url}/tab/build/detail/{pipeline}/1/{stage}/1/build",
+                    f"{self.url}/tab/build/detail/{pipeline}/{counter}/{stage}/1/build",
                 ),
             ):
                 rows.append(
                     f'  <Project name={quoteattr(name)} activity="Sleeping" '
-                    f'lastBuildStatus="{status}" lastBuildLabel="1" '
-                    f'lastBuildTime="2024-03-15T16:40:02" webUrl={quoteattr(url)}>'
+                    f'lastBuildStatus="{status}" lastBuildLabel="{counter}" '
+                    f'lastBuildTime="{when}" webUrl={quoteattr(url)}>'
                     f"{breakers}</Project>"
                 )
         return (
@@ -274,8 +429,7 @@ class FakeGoCD:
         key = (pipeline.lower(), stage.lower())
         known = {(p.lower(), s.lower()): runs for (p, s), runs in self.history.items()}
         from_cctray = {
-            (p.lower(), s.lower()): ["Passed" if st == "Success" else "Failed"]
-            for (p, s), st in self.cctray.items()
+            (p.lower(), s.lower()): [self._from_cctray(st)] for (p, s), st in self.cctray.items()
         }
         runs = known.get(key, from_cctray.get(key))
         if runs is None:
@@ -309,14 +463,20 @@ class FakeGoCD:
             "/go/api/dashboard": "dashboard",
             "/go/api/config/pipeline_groups": "legacy",
             "/go/cctray.xml": "cctray",
+            "/go/api/current_user": "current_user",
+            "/go/api/notification_filters": "filters",
+            "/go/api/config/mailserver": "mailserver",
         }
         history = re.compile(r"^/go/api/stages/([^/]+)/([^/]+)/history$")
+        instance = re.compile(r"^/go/api/pipelines/([^/]+)/(\d+)$")
 
         async def handle(request: web.Request) -> web.Response:
             endpoint = paths.get(request.path, "unknown")
             found = history.match(request.path)
             if found:
                 endpoint = "history"
+            elif found := instance.match(request.path):
+                endpoint = "instance"
             with self.changed:
                 self.arrived += 1
                 self.changed.notify_all()

@@ -17,7 +17,10 @@ The words the core does know:
   the second is recorded, and delivered not at all;
 - a **label** names, for display and for templates, where the alert belongs (a group);
 - a **snapshot** is the outside data a manager's rules read (say, which team owns which job),
-  kept fresh in the background by the manager type's :class:`Background` keeper.
+  kept fresh in the background by the manager type's :class:`Background` keeper;
+- a **recovered** message is one a keeper made from its source's own state because the
+  sender's mail never came (a CI server that does not retry a failed send): the core routes
+  it exactly like a message that arrived, and it carries :data:`RECOVERED_HEADER`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,10 @@ from mail2alert.model import Alert
 
 #: A conversation's or a note's key: its parts, lower case.
 Key = tuple[str, ...]
+
+#: The header of a message mail2alert made itself (see :class:`Recovered`); its value names
+#: where the facts came from (``gocd-api``).
+RECOVERED_HEADER = "X-Mail2alert-Recovered"
 
 
 @dataclass(frozen=True)
@@ -103,13 +110,34 @@ NO_MEMORY: Memory = _Forgetful()
 
 
 @dataclass(frozen=True)
+class Recovered:
+    """A message a manager's keeper made because the sender's own never came.
+
+    ``data`` is the message (with :data:`RECOVERED_HEADER`) as the sender would have written
+    it, so that the manager reads, routes, threads and de-duplicates it as any other, but
+    without ``From:`` and ``To:``: ``label`` names the manager whose keeper made it, and the
+    core addresses it from and to that manager's own addresses (its ``messages-we-want``).
+    """
+
+    label: str
+    data: bytes
+
+
+@dataclass(frozen=True)
 class Feed:
-    """What a keeper hands the core: a new snapshot, and notes learnt from outside."""
+    """What a keeper hands the core: a new snapshot, notes learnt from outside, recovered
+    messages; and what the core remembers, to read."""
 
     snapshot: Callable[[str, object], None]
     """``(manager label, snapshot)``: routing uses it from now on."""
     notes: Callable[[Sequence[Note]], None]
     """Notes to keep only where nothing is known yet (what mail2alert saw itself wins)."""
+    recall: Callable[[str, Key], str | None] = lambda table, key: None
+    """The note kept in a table for a key (what routing sees), or None."""
+    recover: Callable[[Recovered], Awaitable[str]] | None = None
+    """Route and commit a recovered message as one that arrived; its queue id once it is
+    durable. Raises :class:`~mail2alert.errors.Mail2AlertError` when it cannot be kept.
+    None: this core takes none (a keeper then makes none)."""
 
 
 class Keeper(Protocol):
