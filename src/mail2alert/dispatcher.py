@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mail2alert.background import RestartPolicy, is_storage_error
+from mail2alert.logs import about
 from mail2alert.model import ChatSettings
 from mail2alert.outbox import Item, Outbox, Result
 from mail2alert.settings import Delivery, HostPort, Upstream
@@ -162,24 +163,29 @@ def judge(
     done = [_shown(item, r.rcpt) for r in attempt.recipients if r.state == "done"]
     dead = [r for r in attempt.recipients if r.state == "dead"]
     retry = [r for r in attempt.recipients if r.state == "pending"]
+    qid = item.message_id
     if done:
-        log.info("%s: delivered to %s via %s", item.message_id, ", ".join(done), via)
+        sent = about(qid, "delivery", result="sent")
+        log.info("%s: delivered to %s via %s", qid, ", ".join(done), via, extra=sent)
     for r in dead:
-        log.error("%s: %s refused by %s: %s", item.message_id, r.rcpt, via, r.reason)
+        refused = about(qid, "delivery", result="dead")
+        log.error("%s: %s refused by %s: %s", qid, r.rcpt, via, r.reason, extra=refused)
     if not attempt.recipients and attempt.permanent:
-        log.error("%s: refused by %s, giving up: %s", item.message_id, via, attempt.error)
+        refused = about(qid, "delivery", result="dead")
+        log.error("%s: refused by %s, giving up: %s", qid, via, attempt.error, extra=refused)
         return Result(item, (), None, attempt.error)
     if not attempt.recipients or retry:
         error = attempt.error or "; ".join(f"{r.rcpt}: {r.reason}" for r in retry)
         age = now - item.created
         if age >= delivery.give_up_after:
             reason = f"gave up after {_age(age)}: {error}"
-            log.error("%s: %s", item.message_id, reason)
+            log.error("%s: %s", qid, reason, extra=about(qid, "delivery", result="dead"))
             return Result(item, attempt.recipients, None, reason)
         if waiting is not None:
             return Result(item, attempt.recipients, waiting.next_probe, error, waiting.name)
         delay = attempt.retry_after or backoff(item.attempts + 1, delivery)
-        log.warning("%s: deferred (%s), next try in %s", item.message_id, error, _age(delay))
+        later = about(qid, "delivery", result="retry")
+        log.warning("%s: deferred (%s), next try in %s", qid, error, _age(delay), extra=later)
         return Result(item, attempt.recipients, now + delay, error)
     return Result(item, attempt.recipients, 0.0, "; ".join(f"{r.rcpt}: {r.reason}" for r in dead))
 

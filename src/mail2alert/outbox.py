@@ -19,6 +19,9 @@ Tables::
                 in the ``mail_threads`` space
     seen_events the claims of messages accepted lately, to deliver each event only once
     chat_threads per conversation and chat action the Slack thread its first post started
+    counters    running totals for ``/metrics`` (:meth:`Outbox.counters`), by name and labels:
+                kept in the transaction that decides or records what they count, so every
+                process's counts add up, survive restarts and are never purged
 
 Keys are stored as JSON arrays of their parts. ``PRAGMA user_version`` is the schema's
 version: an outbox of an older one is brought up to date when it is opened.
@@ -89,6 +92,8 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_due ON items (state, next_try);
 CREATE INDEX IF NOT EXISTS items_message ON items (message_id);
+-- Held messages are few among many: counted and listed without reading every message.
+CREATE INDEX IF NOT EXISTS messages_held ON messages (outcome) WHERE outcome='hold';
 CREATE TABLE IF NOT EXISTS recipients (
     item_id INTEGER NOT NULL,
     rcpt TEXT NOT NULL,
@@ -113,7 +118,36 @@ CREATE TABLE IF NOT EXISTS seen_events (
     queue_id TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS counters (
+    name TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (name, labels)
+);
 """
+
+
+#: Upper bounds (seconds) of the ``delivery_seconds`` counters: acceptance to delivery.
+DELIVERY_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
+
+
+def _count(db: sqlite3.Connection, name: str, by: float = 1.0, **labels: str) -> None:
+    """Add ``by`` to the counter ``name`` with these labels (bounded values only: never an
+    address or a subject)."""
+    db.execute(
+        "INSERT INTO counters VALUES (?,?,?)"
+        " ON CONFLICT (name, labels) DO UPDATE SET value=value+excluded.value",
+        (name, json.dumps(labels, sort_keys=True), by),
+    )
+
+
+def channel_of(kind: str, data: bytes) -> str:
+    """The channel an item goes out by: ``smtp``, or its chat action's scheme (``slack``,
+    an Apprise scheme)."""
+    if kind != "chat":
+        return kind
+    action = _chat_action(data)[0]
+    return action.split(":", 1)[0].lower() if ":" in action else "chat"
 
 
 def new_queue_id() -> str:
@@ -412,6 +446,37 @@ class Change:
 QUEUED = ("pending", "dead")
 
 
+def _count_delivery_time(db: sqlite3.Connection, seconds: float) -> None:
+    seconds = max(0.0, seconds)
+    bound = next((b for b in DELIVERY_BUCKETS if seconds <= b), None)
+    _count(db, "delivery_seconds_bucket", le="+Inf" if bound is None else repr(bound))
+    _count(db, "delivery_seconds_sum", by=seconds)
+
+
+#: A counter to add to: its name, its labels, and how much.
+Counted = tuple[str, tuple[tuple[str, str], ...], int]
+
+
+@dataclass(frozen=True)
+class Counter:
+    """One row of the ``counters`` table."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    value: float
+
+
+@dataclass(frozen=True)
+class Gauges:
+    """What the outbox holds now, for ``/metrics``."""
+
+    pending: int
+    dead: int
+    held: int
+    oldest_pending: float | None
+    """When the oldest pending item was accepted (epoch seconds), or None."""
+
+
 def _message_of(row: Sequence[Any]) -> StoredMessage:
     qid, received, sender, rcpt_tos, subject, manager, outcome, reason, raw = row
     return StoredMessage(
@@ -599,8 +664,13 @@ class Outbox:
         )
         for item in items:
             self._insert_item(db, a.queue_id, a.received, item)
+        manager = d.manager or ""
+        _count(db, "messages", manager=manager, outcome=outcome)
         if duplicate_of is not None:
             return
+        for rule in d.trace:
+            if rule.matched:
+                _count(db, "rule_matches", manager=manager, rule=str(rule.index))
         for note in a.notes:
             _keep(db, note, a.received)
 
@@ -785,6 +855,11 @@ class Outbox:
         rows = db.execute("SELECT state FROM recipients WHERE item_id=?", (item.id,))
         states = {s for (s,) in rows}
         counted = 0 if result.waiting else 1
+        channel = channel_of(item.kind, item.data)
+        outcome = "retry" if "pending" in states else "dead" if "dead" in states else "sent"
+        _count(db, "deliveries", channel=channel, result=outcome)
+        if outcome == "sent":
+            _count_delivery_time(db, time.time() - item.created)
         if "pending" in states:
             db.execute(
                 "UPDATE items SET attempts=attempts+?, next_try=?, last_error=?, waiting=?"
@@ -888,6 +963,58 @@ class Outbox:
     def claims(self) -> int:
         """How many de-duplication claims are remembered (:meth:`purge` forgets old ones)."""
         return int(self.db.execute("SELECT COUNT(*) FROM seen_events").fetchone()[0])
+
+    def add(self, counts: Sequence[Counted]) -> None:
+        """Add to these counters (what intake refused, say), in one transaction."""
+        with self.transaction("count in the outbox") as db:
+            for name, labels, by in counts:
+                _count(db, name, by, **dict(labels))
+
+    def counters(self) -> list[Counter]:
+        """Every running total, in one read."""
+        try:
+            rows = self.db.execute(
+                "SELECT name, labels, value FROM counters ORDER BY name, labels"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, "read the counters") from exc
+        return [
+            Counter(name, tuple(sorted(json.loads(labels).items())), float(value))
+            for name, labels, value in rows
+        ]
+
+    def gauges(self) -> Gauges:
+        """Pending, dead and held counts and the oldest pending item, in one read."""
+        try:
+            return self._gauges()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, "count the outbox's items") from exc
+
+    def _gauges(self) -> Gauges:
+        with self.reading():
+            states = dict(
+                self.db.execute(
+                    "SELECT state, COUNT(*) FROM items WHERE state IN ('pending','dead')"
+                    " GROUP BY state"
+                ).fetchall()
+            )
+            held = self.db.execute("SELECT COUNT(*) FROM messages WHERE outcome='hold'").fetchone()[
+                0
+            ]
+            oldest = self.db.execute(
+                "SELECT MIN(created) FROM items WHERE state='pending'"
+            ).fetchone()[0]
+        return Gauges(
+            int(states.get("pending", 0)),
+            int(states.get("dead", 0)),
+            int(held),
+            None if oldest is None else float(oldest),
+        )
+
+    def check_writable(self) -> None:
+        """Write and commit one row, as intake would: raises OutboxError when it cannot."""
+        with self.transaction("write to the outbox (readiness check)") as db:
+            db.execute("INSERT OR REPLACE INTO counters VALUES ('probe', '{}', ?)", (time.time(),))
 
     def integrity(self) -> str:
         """SQLite's own check of the file: ``ok``, or what is wrong."""
@@ -1014,6 +1141,14 @@ class Outbox:
 BATCH_MAX = 512
 
 
+class _Counts:
+    """Queued to the writer thread when counters wait to be written."""
+
+
+_COUNTS = _Counts()
+_Job = tuple[Accepted, asyncio.Future[str | None]] | None | _Counts
+
+
 class GroupCommitter:
     """Commits accepted messages from a writer thread, many per fsync.
 
@@ -1026,9 +1161,9 @@ class GroupCommitter:
     ) -> None:
         """``on_death`` is called, from the writer thread, if that thread ends by an error."""
         self._outbox = Outbox(data_dir, durable=True)
-        self._queue: queue.SimpleQueue[tuple[Accepted, asyncio.Future[str | None]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._counts: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
+        self._counts_lock = threading.Lock()
         self._on_death = on_death
         self._thread = threading.Thread(target=self._guarded, name="outbox-writer", daemon=True)
         self._thread.start()
@@ -1056,6 +1191,26 @@ class GroupCommitter:
         self._queue.put((accepted, future))
         return await future
 
+    def count(self, name: str, **labels: str) -> None:
+        """Add one to a counter (never blocks): written with the next commit, or on its own
+        as soon as the writer is free. Lost only if that write fails (a full disk)."""
+        key = (name, tuple(sorted(labels.items())))
+        with self._counts_lock:
+            self._counts[key] = self._counts.get(key, 0) + 1
+        self._queue.put(_COUNTS)
+
+    def _add_counts(self) -> None:
+        """Write the counts waiting (refusals are rare: a transaction of their own, whose
+        failure is no message's: logged, and those counts are lost)."""
+        with self._counts_lock:
+            counts, self._counts = self._counts, {}
+        if not counts:
+            return
+        try:
+            self._outbox.add([(name, labels, by) for (name, labels), by in counts.items()])
+        except OutboxError as exc:
+            log.warning("%d counts for /metrics not kept: %s", sum(counts.values()), exc)
+
     def close(self) -> None:
         """Finish what was queued, then stop the writer thread."""
         self._queue.put(None)
@@ -1072,7 +1227,8 @@ class GroupCommitter:
                 return True
             if more is None:
                 return False
-            batch.append(more)
+            if not isinstance(more, _Counts):
+                batch.append(more)
         return True
 
     def _run(self) -> None:
@@ -1081,7 +1237,7 @@ class GroupCommitter:
             first = self._queue.get()
             if first is None:
                 break
-            batch = [first]
+            batch = [] if isinstance(first, _Counts) else [first]
             error: OutboxError | None = None
             committed = Committed()
             try:
@@ -1091,7 +1247,9 @@ class GroupCommitter:
                 # one or two messages, however long the wait.
                 with self._outbox.write_lock():
                     stopping = not self._drain(batch)
-                    committed = self._outbox.put([a for a, _ in batch])
+                    if batch:
+                        committed = self._outbox.put([a for a, _ in batch])
+                    self._add_counts()
             except OSError as exc:
                 error = storage_error(exc, "lock the outbox")
             except OutboxError as exc:
@@ -1107,7 +1265,8 @@ class GroupCommitter:
                 )
                 for a, f in batch
             ]
-            batch[0][1].get_loop().call_soon_threadsafe(_settle, settled)
+            if settled:
+                batch[0][1].get_loop().call_soon_threadsafe(_settle, settled)
             # Let go of the messages before waiting for the next: a big one would stay in
             # memory for as long as the wait lasts.
             del first, batch, settled

@@ -28,6 +28,7 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.actions import mask
 from mail2alert.errors import OutboxError, OutboxFull
+from mail2alert.logs import about
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
@@ -126,6 +127,12 @@ def duplicate(accepted: Accepted, original: str) -> str:
     )
 
 
+def decided(accepted: Accepted, original: str | None = None) -> dict[str, str]:
+    """The JSON log fields of a decision's line (see :mod:`mail2alert.logs`)."""
+    outcome = "duplicate" if original is not None else accepted.decision.outcome
+    return about(accepted.queue_id, "decision", outcome=outcome)
+
+
 def describe(accepted: Accepted) -> str:
     """The one log line per message decision."""
     d = accepted.decision
@@ -160,6 +167,10 @@ class Handler:
         self.hostname = socket.gethostname()
         self.in_flight = 0
 
+    def rejected(self) -> None:
+        """A message was refused for good (5xx): counted for /metrics."""
+        self.committer.count("messages", manager="", outcome="rejected")
+
     async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
         """Route, commit, then answer: 250 with the queue id, or 451 (452 when the disk is
         full) so the sender retries."""
@@ -179,7 +190,9 @@ class Handler:
                     MAX_HOPS,
                     loggable(_reverse_path(envelope.mail_from)),
                     loggable(",".join(envelope.rcpt_tos)),
+                    extra=about(queue_id, "decision", outcome="rejected"),
                 )
+                self.rejected()
                 return REPLY_LOOP
             accepted = accept(
                 queue_id,
@@ -204,9 +217,11 @@ class Handler:
                 # 452 tells the sender it is our storage, not its message (RFC 3463 4.3.1).
                 return REPLY_NO_SPACE if isinstance(exc, OutboxFull) else REPLY_NOT_QUEUED
             if duplicate_of is not None:
-                log.info("%s", duplicate(accepted, duplicate_of))
+                log.info(
+                    "%s", duplicate(accepted, duplicate_of), extra=decided(accepted, duplicate_of)
+                )
             else:
-                log.info("%s", describe(accepted))
+                log.info("%s", describe(accepted), extra=decided(accepted))
             self.on_commit(accepted)
             return REPLY_QUEUED.format(queue_id)
         finally:
@@ -607,6 +622,8 @@ class LeanSMTP(SMTP):
             if decoder.error is not None:
                 log.error("DATA not kept, sender told to retry: %s", decoder.error)
             reply = _DATA_REPLIES[decoder.state]
+            if decoder.state in (DataState.TOO_MUCH, DataState.TOO_LONG):
+                self._rejected()
             await self.push(self.too_big_reply if decoder.state is DataState.TOO_MUCH else reply)
             self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
             return
@@ -680,6 +697,7 @@ class LeanSMTP(SMTP):
         if self.access is not None and arg is not None:
             declared = _SIZE_PARAM.search(arg)
             if declared and self.data_size_limit and int(declared.group(1)) > self.data_size_limit:
+                self._rejected()
                 await self.push(REPLY_TOO_BIG)
                 return
             if not arg.isascii() and "SMTPUTF8" not in arg.upper().split(">")[-1]:
@@ -697,6 +715,11 @@ class LeanSMTP(SMTP):
     def _peer(self) -> str:
         peer = self.session.peer if self.session is not None else None
         return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+    def _rejected(self) -> None:
+        """A message was refused for good: counted, when mail2alert's handler serves."""
+        if isinstance(self.event_handler, Handler):
+            self.event_handler.rejected()
 
     def _refusal(self) -> str | None:
         """Why MAIL may not start a transaction here (a reply), or None when it may."""

@@ -32,6 +32,7 @@ from mail2alert.gocd.memory import HISTORY
 from mail2alert.gocd.model import PipelineGroups, StageRun
 from mail2alert.gocd.reconcile import BASELINE, Recall, due, mailed, recovered_mail
 from mail2alert.gocd.settings import GocdSettings
+from mail2alert.managers.health import KeeperHealth
 from mail2alert.managers.memory import Background, Feed, Note, Recovered
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,8 @@ class GroupPoller:
         self.seeded = on_history is None
         self.snapshot: PipelineGroups | None = load_snapshot(self.path)
         self.state = "starting"
+        #: Polls of pipeline groups since start, by result (ok, starting, failed): /metrics.
+        self.polls = {"ok": 0, "starting": 0, "failed": 0}
         self._seed_trouble = ""
         self.reconciling = reconciling
         self.clock = clock
@@ -166,18 +169,31 @@ class GroupPoller:
         try:
             groups = await self.client.pipeline_groups()
         except GocdStarting as exc:
+            self.polls["starting"] += 1
             self.delay = self.interval
             self._set_state(f"starting: {exc}")
             return
         except GocdError as exc:
+            self.polls["failed"] += 1
             self._failed(exc)
             return
+        self.polls["ok"] += 1
         self.delay = self.interval
         await self._keep(groups)
         if not self.seeded:
             await self._seed_history()
         if self.reconciling is not None and not self.state.startswith("failing"):
             await self._reconcile(self.reconciling)
+
+    def health(self) -> KeeperHealth:
+        """How polling fares, for /metrics and /readyz (the core's words: polls, age)."""
+        age = None if self.snapshot is None else max(0.0, time.time() - self.snapshot.fetched_at)
+        return KeeperHealth(
+            ok=self.state.startswith("ok"),
+            state=self.state,
+            polls=dict(self.polls),
+            snapshot_age=age,
+        )
 
     async def _keep(self, groups: PipelineGroups) -> None:
         changed = self.snapshot is None or dict(groups.groups) != dict(self.snapshot.groups)

@@ -1,0 +1,46 @@
+"""Log lines as JSON (``--log-format json`` or ``LOG_FORMAT=json``), for log collectors.
+
+One JSON object per line: ``time`` (ISO 8601, UTC), ``level``, ``logger``, ``message`` (the
+same text as the human-readable format) and, where the line is about one message, its
+``queue_id`` and what it tells: ``event`` ``decision`` (routing decided, or a loop was
+refused; ``outcome``) or
+``delivery`` (one delivery attempt; ``result`` sent, retry or dead). Code adds those fields
+with :func:`about`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from typing import Any
+
+FORMATS = ("text", "json")
+#: The fields :func:`about` may add to a line.
+FIELDS = ("queue_id", "event", "outcome", "result")
+
+
+def about(queue_id: str, event: str, **fields: str) -> dict[str, Any]:
+    """``extra=`` for a log call about one message: its queue id and what happened."""
+    return {"queue_id": queue_id, "event": event, **fields}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for name in FIELDS:
+            value = record.__dict__.get(name)
+            if value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
