@@ -21,7 +21,7 @@ from mail2alert.actions import mask
 from mail2alert.config import Config
 from mail2alert.errors import UsageError
 from mail2alert.managers.base import Context
-from mail2alert.managers.explaining import Facts, Inventory
+from mail2alert.managers.explaining import Facts, Inventory, SetupReport
 from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.message import RawMessage, address_of
 from mail2alert.model import ChatPost, Decision, Envelope
@@ -305,21 +305,28 @@ def run_suite(config: Config, cases: Sequence[Case], context: Context) -> SuiteR
 
 @dataclass(frozen=True)
 class CoverageReport:
-    """Every manager type's inventory: what each subject it knows of would be routed to."""
+    """Every manager type's inventory: what each subject it knows of would be routed to;
+    and what asking each manager's source about its setup found."""
 
     parts: tuple[Inventory, ...]
+    setup: tuple[SetupReport, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``--format yaml|json``; secrets masked."""
         merged: dict[str, Any] = {}
         for part in self.parts:
             merged.update(part.as_dict())
+        if self.setup:
+            merged["setup"] = {report.label: report.as_dict() for report in self.setup}
         return merged
 
 
-def coverage(config: Config, context: Context) -> CoverageReport:
+def coverage(
+    config: Config, context: Context, setup: tuple[SetupReport, ...] = ()
+) -> CoverageReport:
     """Ask every manager type that has an inventory to route all it knows of, as ``serve``
-    would (each probe through :func:`explain`, without the notes of earlier decisions)."""
+    would (each probe through :func:`explain`, without the notes of earlier decisions);
+    ``setup`` is what :func:`setup_reports` found, shown after it."""
     bare = Context(snapshot=context.snapshot, snapshots=context.snapshots)
 
     def probe(envelope: Envelope, data: bytes) -> Decision:
@@ -331,12 +338,42 @@ def coverage(config: Config, context: Context) -> CoverageReport:
         if inventory is not None:
             managers = [m for m in config.routing if m.type.name == kind.name]
             parts.append(inventory(managers, context.snapshots, probe))
-    return CoverageReport(tuple(parts))
+    return CoverageReport(tuple(parts), setup)
 
 
 def render_coverage(report: CoverageReport) -> str:
     """The text ``mail2alert coverage`` prints."""
-    return "\n".join(line for part in report.parts for line in part.lines())
+    lines = [line for part in report.parts for line in part.lines()]
+    for setup in report.setup:
+        notes = "; ".join(setup.checked)
+        if not setup.findings:
+            lines.append(f"setup of {setup.label}: OK" + (f" ({notes})" if notes else ""))
+            continue
+        count = len(setup.findings)
+        lines.append(f"setup of {setup.label}: {count} finding{'s' * (count != 1)}")
+        lines.extend(f"  {f.wrong}: {f.change}" for f in setup.findings)
+        if notes:
+            lines.append(f"  also checked: {notes}")
+    return "\n".join(lines)
+
+
+async def setup_reports(
+    config: Config, kinds: Sequence[str], *, blocked: set[int] | frozenset[int] = frozenset()
+) -> tuple[SetupReport, ...]:
+    """Ask the source of each manager of these types whether it is set up for this
+    mail2alert (``check --<type>``); the managers in ``blocked`` (by index: their keys name
+    unset variables) are not asked."""
+    reports = []
+    for index, manager in enumerate(config.routing):
+        check = manager.type.explaining.setup
+        if check is None or manager.type.name not in kinds:
+            continue
+        if index in blocked:
+            note = "not asked: its keys name unset variables"
+            reports.append(SetupReport(manager.label, checked=(note,)))
+            continue
+        reports.append(await check.run(manager, config.listener))
+    return tuple(reports)
 
 
 def snapshots_from_files(files: Mapping[str, Path], config: Config) -> dict[str, object]:

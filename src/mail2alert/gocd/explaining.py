@@ -1,5 +1,5 @@
 """What the gocd manager shows operators: a stage's facts in ``route``, the ``coverage`` of
-every pipeline by group and event, and ``--gocd-snapshot FILE``."""
+every pipeline by group and event, ``--gocd-snapshot FILE`` and ``check --gocd``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from mail2alert.actions import is_committers, mask
 from mail2alert.errors import UsageError
 from mail2alert.gocd.client import GocdError, parse_groups
 from mail2alert.gocd.model import EVENTS, VERBS, PipelineGroups, stage_of
+from mail2alert.gocd.setup_check import GOCD_SETUP
 from mail2alert.managers.explaining import Explaining, Facts, Probe, SnapshotFile
 from mail2alert.model import Alert, Decision, Envelope
 from mail2alert.routing import Manager
@@ -193,4 +194,5 @@ GOCD_EXPLAINING = Explaining(
         help="pipeline groups from this file (any of GoCD's three payloads) instead of GoCD",
         read=groups_from_file,
     ),
+    setup=GOCD_SETUP,
 )

@@ -1,5 +1,6 @@
 """What a manager type shows operators, in its own words: ``route``'s facts line, what held
-mail waits for, the ``coverage`` inventory and a snapshot read from a file.
+mail waits for, the ``coverage`` inventory, a snapshot read from a file, and whether its
+outside source is set up to send this mail2alert its mail (``check --<type>``).
 
 The commands in :mod:`mail2alert.explain` and :mod:`mail2alert.cli` call these hooks without
 knowing what a manager's facts are; a type without them shows the subject alone.
@@ -7,12 +8,13 @@ knowing what a manager's facts are; a type without them shows the subject alone.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from mail2alert.model import Alert, Decision, Envelope
+from mail2alert.settings import Listener
 
 if TYPE_CHECKING:
     from mail2alert.routing import Manager
@@ -57,6 +59,60 @@ class SnapshotFile:
 
 
 @dataclass(frozen=True)
+class SetupFinding:
+    """One thing set up wrong at a manager's source: what is wrong, and what to change there."""
+
+    wrong: str
+    change: str
+
+
+@dataclass(frozen=True)
+class SetupReport:
+    """What asking one manager's source about its setup found.
+
+    ``findings`` are what must change for the source to send this mail2alert every mail it
+    should; ``checked`` says what was found right, and what was not asked and why (which is
+    no finding: say, a setting the user may not read).
+    """
+
+    label: str
+    findings: tuple[SetupFinding, ...] = ()
+    checked: tuple[str, ...] = ()
+
+    def finding_lines(self) -> list[str]:
+        """One line per finding: ``label: what is wrong: what to change``."""
+        return [f"{self.label}: {f.wrong}: {f.change}" for f in self.findings]
+
+    def summary(self) -> str | None:
+        """``label: OK (...)`` without findings, else what was checked (None if nothing)."""
+        notes = "; ".join(self.checked)
+        if not self.findings:
+            return f"{self.label}: OK ({notes})" if notes else f"{self.label}: OK"
+        return f"{self.label}: also checked: {notes}" if notes else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for ``coverage --format json|yaml``."""
+        return {
+            "findings": [{"wrong": f.wrong, "change": f.change} for f in self.findings],
+            "checked": list(self.checked),
+        }
+
+
+@dataclass(frozen=True)
+class SetupCheck:
+    """``check FLAG``: asks a manager's source whether it is set up for this mail2alert.
+
+    ``run`` gets the manager and where this mail2alert listens (``local-smtp``), and never
+    raises for what the source answers: a refusal, wrong credentials or no answer at all are
+    findings or notes in its report.
+    """
+
+    flag: str
+    help: str
+    run: Callable[[Manager, Listener], Awaitable[SetupReport]]
+
+
+@dataclass(frozen=True)
 class Explaining:
     """The hooks; ``facts(alert, label, known)`` gets the manager's label for the alert (its
     group, say) and whether the manager had a snapshot."""
@@ -67,6 +123,8 @@ class Explaining:
     coverage: Callable[[Sequence[Manager], Mapping[str, object], Probe], Inventory] | None = None
     """Routes every subject the type knows of (for its managers, by their snapshots)."""
     snapshot_file: SnapshotFile | None = None
+    setup: SetupCheck | None = None
+    """``check --<type>`` and the setup section of ``coverage``."""
 
 
 def subject_only(alert: Alert, label: str | None, known: bool) -> Facts:
