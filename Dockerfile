@@ -51,10 +51,12 @@ USER 10001:10001
 
 EXPOSE 1025
 
-# Healthy means the SMTP listener answers: a 220 greeting (smtplib raises otherwise), then
-# 250 to NOOP. Only the Python already in the image is needed.
+# Healthy means /readyz answers 200: intake listens, the outbox takes a write, the
+# configuration is loaded (urlopen raises on a 503 or no answer). It asks the http listener on
+# its default address inside the container; a configuration that moves it (http.address) or
+# turns it off (http: null) needs this line changed too. Only the image's Python is needed.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import smtplib, sys; s = smtplib.SMTP('127.0.0.1', 1025, timeout=8); code = s.noop()[0]; s.quit(); sys.exit(0 if code == 250 else 1)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9025/readyz', timeout=8)"]
 
 # mail2alert stops cleanly on SIGTERM and reloads its configuration on SIGHUP
 # (docker kill --signal=HUP mail2alert-app), keeping the old one if the new one is invalid.

@@ -3,10 +3,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-# make run's ports: mail2alert's SMTP, the capture sink, the stand-in GoCD.
+# make run's ports: mail2alert's SMTP, the capture sink, the stand-in GoCD, mail2alert's http.
 SMTP_PORT ?= 1025
 SINK_PORT ?= 8025
 GOCD_PORT ?= 8080
+HTTP_PORT ?= 9025
 
 .PHONY: run test lint typecheck pytest bench clean
 
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml $(VENV)/.made
 
 ## run: start mail2alert on examples/configuration.yml (localhost:1025) with a capture sink on localhost:8025
 run: $(STAMP)
-	$(BIN)/python examples/run_demo.py --smtp-port $(SMTP_PORT) --sink-port $(SINK_PORT) --gocd-port $(GOCD_PORT)
+	$(BIN)/python examples/run_demo.py --smtp-port $(SMTP_PORT) --sink-port $(SINK_PORT) --gocd-port $(GOCD_PORT) --http-port $(HTTP_PORT)
 
 ## test: ruff, mypy --strict, and the whole pytest suite with branch coverage
 test: $(STAMP) lint typecheck pytest

@@ -415,7 +415,7 @@ class Mail2Alert:
         workers = f"intake-workers: {intake_workers}\n"
         self.config.write_text(
             f"local-smtp: {HOST}:{self.port}\nremote-smtp: {HOST}:{remote_port}\n"
-            f"data-dir: {data}\n{workers}{managers}"
+            f"data-dir: {data}\nhttp: null\n{workers}{managers}"
         )
         cmd = [args.python, "-m", "mail2alert", "--log-level", args.log_level]
         cmd += ["serve", "--config", str(self.config)]

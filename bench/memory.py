@@ -51,6 +51,7 @@ CONFIG = """\
 local-smtp: {host}:{port}
 remote-smtp: {host}:{upstream}
 data-dir: {data}
+http: null
 intake-workers: {workers}
 managers:
   - name: gocd

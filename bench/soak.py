@@ -81,6 +81,7 @@ remote-smtp:
   user: alerts
   passwd: $SOAK_SMTP_PASSWD
 data-dir: {data}
+http: {host}:0
 delivery:
   retry-initial: 5s
   retry-max: 30s

@@ -4,9 +4,9 @@
   configuration's ``remote-smtp``);
 - a stand-in GoCD on localhost:8080 serving the pipeline groups of examples/gocd-snapshot.json
   (the configuration's ``url``, user olle, password pelle), so GoCD stage mails route by group;
-- mail2alert itself on localhost:1025.
+- mail2alert itself on localhost:1025, with /metrics and its health checks on localhost:9025.
 
-Each port can be chosen (``make run SMTP_PORT=2025 SINK_PORT=9025 GOCD_PORT=9080``, or
+Each port can be chosen (``make run SMTP_PORT=2025 SINK_PORT=9026 GOCD_PORT=9080``, or
 ``--smtp-port`` and friends here); the configuration is then a copy of the example with those
 ports. A busy port is said in one line before anything starts.
 
@@ -37,6 +37,7 @@ PORTS = {
     "smtp": (1025, "mail2alert's SMTP (local-smtp)", "SMTP_PORT"),
     "sink": (8025, "the capture sink (remote-smtp)", "SINK_PORT"),
     "gocd": (8080, "the stand-in GoCD (url)", "GOCD_PORT"),
+    "http": (9025, "mail2alert's /metrics and health checks (http)", "HTTP_PORT"),
 }
 
 
@@ -59,6 +60,7 @@ def configuration(ports: dict[str, int], workdir: Path) -> Path:
     for name, old in (("smtp", "localhost:1025"), ("sink", "localhost:8025")):
         text = text.replace(old, f"localhost:{ports[name]}")
     text = text.replace("http://localhost:8080/go", f"http://localhost:{ports['gocd']}/go")
+    text += f"http: localhost:{ports['http']}\n"
     # The copy lives in a temporary directory: keep the outbox where the example's is.
     text += f"data-dir: {json.dumps(str(HERE / 'mail2alert-data'))}\n"
     path = workdir / "configuration.yml"

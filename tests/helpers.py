@@ -62,9 +62,11 @@ def write_config(
     local: str | dict[str, Any] = "127.0.0.1:0",
     remote: dict[str, Any] | None = None,
     delivery: dict[str, Any] | None = None,
+    http: str | dict[str, Any] | None = "127.0.0.1:0",
 ) -> Path:
     """Write a configuration file listening on ``local``, delivering to 127.0.0.1:remote_port
-    (with the other keys of ``remote-smtp`` from ``remote``)."""
+    (with the other keys of ``remote-smtp`` from ``remote``); ``/metrics`` and the health
+    checks on ``http`` (any free port: tests run side by side, never on the default 9025)."""
     document = {
         "local-smtp": local,
         "remote-smtp": {"address": f"127.0.0.1:{remote_port}", **remote}
@@ -73,6 +75,7 @@ def write_config(
         "data-dir": str(data_dir),
         "delivery": FAST_DELIVERY if delivery is None else delivery,
         "managers": list(managers),
+        "http": http,
     }
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path

@@ -106,6 +106,7 @@ def write(
         "remote-smtp": f"127.0.0.1:{upstream.port}",
         "data-dir": str(tmp_path / "data"),
         "delivery": CHAT_DELIVERY,
+        "http": "127.0.0.1:0",
     }
     if slack is not None:
         document.update({"slack-token": token, "slack-api-url": slack.api_url})

@@ -10,7 +10,7 @@ import yaml
 
 from mail2alert import cli
 from mail2alert.actions import mask
-from mail2alert.gocd.testing import FakeGoCD
+from mail2alert.gocd.testing import FakeGoCD, FakeMailServer
 from mail2alert.testing import CaptureServer, FakeSlack, HookReceiver, free_port
 
 #: An Apprise URL of a hosted service: only a post would tell whether it works.
@@ -61,6 +61,8 @@ def test_check_online_asks_everything_and_says_ok_line_by_line_with_nothing_sent
         FakeSlack() as slack,
         HookReceiver() as hook,
     ):
+        # GoCD set up as the README says, its mail server pointed at this local-smtp.
+        gocd.account.mail_server = FakeMailServer("localhost", 1025)
         path = _config(tmp_path, smtp_port=upstream.port, gocd=gocd, slack=slack, hook_url=hook.url)
         code = cli.main(["check", "--online", "--config", str(path)])
         posted = [call.path for call in slack.calls]
@@ -68,7 +70,9 @@ def test_check_online_asks_everything_and_says_ok_line_by_line_with_nothing_sent
     out, err = capsys.readouterr()
     assert (code, err) == (0, "")
     lines = out.splitlines()
-    assert lines[1:] == [
+    # Last, GoCD's own setup for this mail2alert, as check --gocd says it.
+    assert lines[-1].startswith('gocd#0: OK (user olle, "email me" on')
+    assert lines[1:-1] == [
         f"remote-smtp 127.0.0.1:{upstream.port}: OK (may)",
         f"gocd#0: OK (GoCD {gocd.url} answered: 1 pipeline groups)",
         f"Slack Web API {slack.api_url}: OK (slack-token works for team {FakeSlack.TEAM})",
@@ -97,6 +101,9 @@ def test_check_online_names_each_failure_on_stderr_and_exits_1_without_a_secret(
     out, err = capsys.readouterr()
     assert code == 1
     failed = err.splitlines()
+    # Last, GoCD's own setup, which it cannot be asked about with the wrong password.
+    assert failed[-1].startswith("gocd#0: ")
+    assert "401" in failed.pop()
     assert [line.split(": FAILED: ")[0] for line in failed] == [
         f"remote-smtp 127.0.0.1:{path.read_text().split('127.0.0.1:')[1].split()[0]}",
         "gocd#0",

@@ -68,7 +68,7 @@ def test_capture_on_a_busy_port_says_so_in_one_line_without_a_traceback() -> Non
 def test_the_demo_on_chosen_ports_routes_the_readmes_broken_stage_to_cat(tmp_path: Path) -> None:
     # A copy of examples/, so that the demo's outbox (beside its configuration) is made here.
     examples = shutil.copytree(ROOT / "examples", tmp_path / "examples")
-    ports = {name: free_port() for name in ("smtp", "sink", "gocd")}
+    ports = {name: free_port() for name in ("smtp", "sink", "gocd", "http")}
     demo = subprocess.Popen(
         [sys.executable, str(examples / "run_demo.py")]
         + [f"--{n}-port={p}" for n, p in ports.items()],

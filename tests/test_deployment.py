@@ -5,11 +5,12 @@ examples/mail2alert.service would run is read out of them and handed to the real
 parser, so a renamed command or option breaks here and not on a server. The scripts also run
 for real against a fake ``docker`` on PATH that records what it is asked to do: that is how
 the argument checks, the check-before-replace order and the passed environment are verified.
-The healthcheck's Python is run against a real SMTP server on loopback.
+The healthcheck's Python is run against a real mail2alert's /readyz on loopback.
 """
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
 import os
@@ -18,6 +19,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import pytest
 
 from mail2alert.cli import build_parser
 from mail2alert.testing import CaptureServer, free_port
+from tests.helpers import relay
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("build.sh", "run.sh", "selftest.sh")
@@ -387,23 +390,46 @@ def test_the_image_exposes_the_smtp_port_and_runs_mail2alert_serve() -> None:
     assert instruction_args(last("CMD") or "") == ["serve"]
 
 
-def test_the_healthcheck_is_a_python_one_liner_on_the_smtp_port() -> None:
+def test_the_healthcheck_is_a_python_one_liner_on_readyz_at_the_default_http_address() -> None:
     command = healthcheck_command()
     assert command[:2] == ["python", "-c"]
-    assert "127.0.0.1" in command[2]
-    assert command[2].count("1025") == 1
+    assert "http://127.0.0.1:9025/readyz" in command[2]
+    assert command[2].count("9025") == 1
 
 
 def healthcheck_on(port: int) -> subprocess.CompletedProcess[str]:
-    code = healthcheck_command()[2].replace("1025", str(port))
+    code = healthcheck_command()[2].replace("9025", str(port))
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
     )
 
 
-def test_the_healthcheck_passes_when_an_smtp_server_answers(upstream: CaptureServer) -> None:
-    done = healthcheck_on(upstream.port)
+def test_the_healthcheck_passes_when_mail2alert_is_ready(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    with relay(tmp_path, upstream, []) as mail2alert:
+        port = int(mail2alert.service.http_url.rsplit(":", 1)[1])
+        done = healthcheck_on(port)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_healthcheck_fails_when_readyz_answers_503() -> None:
+    class NotReady(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(503)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotReady) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            done = healthcheck_on(server.server_address[1])
+        finally:
+            server.shutdown()
+    assert done.returncode != 0
+    assert "503" in done.stderr
 
 
 def test_the_healthcheck_fails_when_nothing_listens() -> None:

@@ -8,7 +8,8 @@ running without its listener.
 A process's role is which components (:mod:`mail2alert.components`, where the thread and
 connection map is) it runs:
 
-* ``all``: notes watch, delivery, holds, keepers, configuration watch, intake;
+* ``all``: notes watch, delivery, holds, keepers, configuration watch, the http listener
+  (:mod:`mail2alert.web`), intake;
 * ``delivery`` (the main process beside intake workers): the same without intake (the
   supervisor adds its link to the workers);
 * ``intake`` (a worker): notes watch, snapshot watch, intake (the supervisor adds its link
@@ -51,7 +52,9 @@ from mail2alert.config import load as load_config
 from mail2alert.dispatcher import Dispatcher
 from mail2alert.errors import ConfigError, StartupError
 from mail2alert.managers.base import Context
+from mail2alert.metrics import Status, config_hash
 from mail2alert.routing import Manager
+from mail2alert.web import Check, Monitoring
 
 __all__ = ["ReloadStatus", "Role", "Service", "bind", "warn_if_unreachable"]
 
@@ -104,21 +107,30 @@ class Service:
         sockets: list[socket.socket] | None = None,
         wake_fd: int | None = None,
         name: str = "mail2alert",
+        http_sockets: list[socket.socket] | None = None,
     ) -> None:
         self.config = config
         self.name = name
         self.crew = Crew(self.fail)
         self.knowledge = Knowledge(config.routing)
+        # Only the main process serves http (an intake worker has nothing of its own to say).
+        monitoring = None
+        if role != "intake":
+            monitoring = Monitoring(
+                config, checks=self.readiness, status=self.status, sockets=http_sockets
+            )
         self.components: list[Component] = _components(
-            role, config, self.crew, self.knowledge, self.reload, sockets, wake_fd
+            role, config, self.crew, self.knowledge, self.reload, sockets, wake_fd, monitoring
         )
         self._started: list[Component] = []
         self._pending: Change | None = None
         self._reloading = asyncio.Lock()
         #: Why the service stopped itself, when a part of it failed for good.
         self.failure: str | None = None
-        #: How the last reload went, for operators and for the metrics to come.
+        #: How the last reload went, for operators and /readyz.
         self.reload_status = ReloadStatus(ok=True, at=time.time(), message="loaded at start")
+        #: Reloads since start, by result (``ok``, ``failed``), for /metrics.
+        self.reloads = {"ok": 0, "failed": 0}
 
     def add(self, component: Component) -> None:
         """Run ``component`` too (before :meth:`start`); it is started last, stopped first."""
@@ -149,6 +161,33 @@ class Service:
         """The dispatcher, in the roles that deliver."""
         delivery = self.component(Delivery)
         return delivery.dispatcher if delivery is not None else None
+
+    def status(self) -> Status:
+        """What /metrics tells of this process beyond the outbox."""
+        keepers = self.component(Keepers)
+        return Status(
+            config_hash(self.config.source),
+            reloads=dict(self.reloads),
+            keepers=keepers.health() if keepers is not None else {},
+        )
+
+    def readiness(self) -> dict[str, Check]:
+        """The checks of /readyz that the service itself answers (the listener adds the
+        outbox's): intake listens, the configuration is loaded."""
+        intake = self.component(Intake)
+        if self.stopping:
+            listening = Check(False, "stopping")
+        elif intake is None:
+            listening = Check(True, f"intake workers listen on {self.config.local_smtp}")
+        elif why := intake.unready():
+            listening = Check(False, why)
+        else:
+            listening = Check(True, f"listening on {shown(intake.addresses)}")
+        last = self.reload_status
+        loaded = f"{self.config.path} ({config_hash(self.config.source)}): {self.config.summary()}"
+        if not last.ok:
+            loaded += f"; the last reload failed, the running configuration stays: {last.message}"
+        return {"listening": listening, "config": Check(True, loaded)}
 
     def release_held(self) -> int:
         """Route held mail again now (see :meth:`Holds.release`); how many were released."""
@@ -264,10 +303,12 @@ class Service:
         for component in self.components:
             await component.switch(change)
         self.reload_status = ReloadStatus(True, time.time(), f"reloaded: {change.config.summary()}")
+        self.reloads["ok"] += 1
 
     def _refused(self, why: str) -> bool:
         log.error("configuration reload failed, keeping the running configuration: %s", why)
         self.reload_status = ReloadStatus(False, time.time(), why)
+        self.reloads["failed"] += 1
         return False
 
     async def stop(self) -> None:
@@ -287,6 +328,7 @@ def _components(
     reload: Callable[[], Awaitable[object]],
     sockets: list[socket.socket] | None,
     wake_fd: int | None,
+    monitoring: Component | None,
 ) -> list[Component]:
     """The components of a process by its role; intake comes last, so nothing listens before
     everything else has started."""
@@ -303,9 +345,11 @@ def _components(
         notes,
         delivery,
         holds,
-        Keepers(knowledge, config, crew, learn=holds.learn),
+        Keepers(knowledge, config, crew, learn=holds.learn, recover=holds.recover),
         ConfigWatch(config, crew, reload=reload),
     ]
+    if monitoring is not None:
+        parts.append(monitoring)
     if role == "all":
         parts.append(Intake(knowledge, config, crew, wake=delivery.wake, sockets=sockets))
     return parts

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from mail2alert import __version__, config, explain, online, postqueue, sendtest
+from mail2alert import __version__, config, explain, logs, online, postqueue, sendtest
 from mail2alert.errors import ConfigError, Mail2AlertError, StartupError, UsageError
 from mail2alert.managers.base import Context, ManagerType
 from mail2alert.managers.registry import MANAGER_TYPES
@@ -35,13 +35,18 @@ LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MONITOR_PORT = 50101
 
 
-def setup_logging(option: str | None) -> None:
-    """Log to stderr at ``--log-level``, else ``$LOGLEVEL``, else INFO."""
+def setup_logging(option: str | None, log_format: str | None = None) -> None:
+    """Log to stderr at ``--log-level``, else ``$LOGLEVEL``, else INFO; as text, or JSON lines
+    with ``--log-format json`` (else ``$LOG_FORMAT``)."""
     wanted = (option or os.environ.get("LOGLEVEL") or "INFO").strip().upper()
     level = wanted if wanted in LEVELS else "INFO"
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
+    form = (log_format or os.environ.get("LOG_FORMAT") or "text").strip().lower()
+    if form == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logs.JsonFormatter())
     # aiosmtpd logs every SMTP command at INFO; our one line per message says what matters.
     logging.getLogger("mail.log").setLevel(max(logging.WARNING, logging.getLevelName(level)))
     # Apprise logs each send and may name parts of a chat URL; its words reach operators
@@ -56,6 +61,8 @@ def setup_logging(option: str | None) -> None:
         log.warning(
             "unknown log level %r (use one of %s); logging at INFO", wanted, ", ".join(LEVELS)
         )
+    if form not in logs.FORMATS:
+        log.warning("unknown $LOG_FORMAT %r (use text or json); logging as text", form)
 
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mail2alert {__version__}")
     parser.add_argument("--log-level", metavar="LEVEL", help=LOG_LEVEL_HELP)
+    parser.add_argument("--log-format", choices=logs.FORMATS, help=LOG_FORMAT_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the SMTP relay")
@@ -102,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also ask everything the service needs: remote-smtp as --smtp does, each manager's"
         " source (GoCD), each chat destination as far as it can be asked without posting",
     )
+    for kind in MANAGER_TYPES.values():
+        setup = kind.explaining.setup
+        if setup is not None:
+            check.add_argument(
+                setup.flag, action="store_true", dest=_setup_dest(kind), help=setup.help
+            )
 
     route = commands.add_parser(
         "route", help="show where one message would go, without sending anything"
@@ -183,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
             each.add_argument(
                 "--log-level", metavar="LEVEL", default=argparse.SUPPRESS, help=LOG_LEVEL_HELP
             )
+            each.add_argument(
+                "--log-format",
+                choices=logs.FORMATS,
+                default=argparse.SUPPRESS,
+                help=LOG_FORMAT_HELP,
+            )
     return parser
 
 
@@ -200,6 +220,7 @@ EXAMPLES = {
     "queue": "mail2alert queue list --config /etc/mail2alert/configuration.yml",
 }
 LOG_LEVEL_HELP = "DEBUG, INFO, WARNING or ERROR (default $LOGLEVEL, else INFO)"
+LOG_FORMAT_HELP = "text, or json: one JSON object per line (default $LOG_FORMAT, else text)"
 
 
 def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
@@ -226,6 +247,19 @@ def _dest(kind: ManagerType) -> str:
     return f"snapshot_of_{kind.name}"
 
 
+def _setup_dest(kind: ManagerType) -> str:
+    return f"setup_of_{kind.name}"
+
+
+def _snapshot_files(args: argparse.Namespace) -> dict[str, Path]:
+    """The snapshot files given on the command line, by manager type."""
+    return {
+        kind.name: path
+        for kind in MANAGER_TYPES.values()
+        if (path := getattr(args, _dest(kind), None)) is not None
+    }
+
+
 def _load(args: argparse.Namespace, *, unset_ok: bool = True) -> config.Config:
     """The configuration, or ConfigError after printing every problem. ``unset_ok`` for the
     commands that send nothing: unset variables are then notes on stderr, not problems."""
@@ -243,11 +277,7 @@ def _load(args: argparse.Namespace, *, unset_ok: bool = True) -> config.Config:
 
 def _context(args: argparse.Namespace, loaded: config.Config) -> Context:
     """What routing may know: each manager's snapshot (file, live, or kept) and the notes."""
-    files = {
-        kind.name: path
-        for kind in MANAGER_TYPES.values()
-        if (path := getattr(args, _dest(kind), None)) is not None
-    }
+    files = _snapshot_files(args)
     snapshots = asyncio.run(_fetch_snapshots(loaded, skip=set(files)))
     snapshots.update(explain.snapshots_from_files(files, loaded))
     return Context(snapshots=snapshots, state=read_notes_of(loaded.data_dir))
@@ -337,7 +367,11 @@ def cmd_test(args: argparse.Namespace) -> int:
 def cmd_coverage(args: argparse.Namespace) -> int:
     """``mail2alert coverage``: the routes of all the managers know, orphans, dead rules."""
     loaded = _load(args)
-    report = explain.coverage(loaded, _context(args, loaded))
+    context = _context(args, loaded)
+    # A type whose snapshot comes from a file is not asked anything: the file is the answer.
+    asked = [k.name for k in MANAGER_TYPES.values() if k.name not in _snapshot_files(args)]
+    setup = asyncio.run(explain.setup_reports(loaded, asked, blocked=loaded.live_blocked()))
+    report = explain.coverage(loaded, context, setup)
     if args.format == "json":
         print(json.dumps(report.as_dict(), indent=2))
     elif args.format == "yaml":
@@ -381,15 +415,27 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{path}: data-dir {loaded.data_dir} {unfit}", file=sys.stderr)
         return 1
     print(f"{path}: OK, {loaded.summary()}")
+    findings = []
     if args.online:
         findings = asyncio.run(online.everything(loaded))
     elif args.smtp:
         findings = [asyncio.run(online.smtp(loaded))]
-    else:
-        return 0
     for finding in findings:
         print(finding.line(), file=sys.stdout if finding.ok else sys.stderr)
-    return 0 if all(f.ok for f in findings) else 1
+    # --online asks everything the service needs, its sources' own setup (check --gocd) too.
+    kinds = [
+        k.name
+        for k in MANAGER_TYPES.values()
+        if k.explaining.setup is not None and (args.online or getattr(args, _setup_dest(k), False))
+    ]
+    reports = asyncio.run(explain.setup_reports(loaded, kinds)) if kinds else ()
+    for report in reports:
+        for line in report.finding_lines():
+            print(line, file=sys.stderr)
+        summary = report.summary()
+        if summary is not None:
+            print(summary)
+    return 0 if all(f.ok for f in findings) and not any(r.findings for r in reports) else 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -445,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     handlers = {
         "serve": cmd_serve,
         "check": cmd_check,

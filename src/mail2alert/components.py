@@ -46,11 +46,13 @@ from mail2alert.config import Config
 from mail2alert.dispatcher import Dispatcher
 from mail2alert.errors import Mail2AlertError, StartupError
 from mail2alert.managers.base import Context
-from mail2alert.managers.memory import Feed, Keeper, Note
-from mail2alert.outbox import Accepted, GroupCommitter, Outbox
+from mail2alert.managers.health import KeeperHealth, Reporting
+from mail2alert.managers.memory import Feed, Keeper, Key, Note, Recovered
+from mail2alert.model import Envelope
+from mail2alert.outbox import Accepted, GroupCommitter, Outbox, new_queue_id
 from mail2alert.planning import accept, remember
-from mail2alert.routing import Manager
-from mail2alert.server import Access, Handler, describe, duplicate, smtp_factory
+from mail2alert.routing import Manager, find_manager
+from mail2alert.server import Access, Handler, decided, describe, duplicate, smtp_factory
 from mail2alert.settings import HostPort
 
 log = logging.getLogger(__name__)
@@ -169,6 +171,10 @@ class Component:
 
     def describe(self) -> str | None:
         """What it does, for the line a process logs when it is up."""
+        return None
+
+    def unready(self) -> str | None:
+        """Why it cannot do its work now, for /readyz; None when it can."""
         return None
 
 
@@ -321,6 +327,11 @@ class Intake(Component):
 
     def describe(self) -> str:
         return f"listening on {shown(self.addresses)}"
+
+    def unready(self) -> str | None:
+        if any(server.is_serving() for server in self._servers):
+            return None
+        return "not listening"
 
     def _writer_died(self, exc: BaseException) -> None:
         """From the writer thread: intake cannot commit any more, so the process must end."""
@@ -545,6 +556,40 @@ class Holds(Component):
         written.add_done_callback(_log_learn_failure)
         self._knowledge.learn(notes)
 
+    async def recover(self, recovered: Recovered) -> str:
+        """On the event loop (a keeper's): route a message a keeper made, because the
+        sender's own never came, as one that arrived, and commit it; its queue id once it
+        is durable. Raises OutboxError when it cannot be kept."""
+        loop = asyncio.get_running_loop()
+        managers, context = self._knowledge.managers, self._knowledge.context
+        accepted = await loop.run_in_executor(
+            self._executor, self._put_recovered, recovered, managers, context
+        )
+        self._knowledge.remember(accepted.notes)
+        self._released()
+        return accepted.queue_id
+
+    def _put_recovered(
+        self, recovered: Recovered, managers: Sequence[Manager], context: Context
+    ) -> Accepted:
+        assert self._outbox is not None
+        manager = find_manager(managers, recovered.label)
+        if manager is None:
+            raise Mail2AlertError(f"{recovered.label} is no longer configured")
+        envelope = own_envelope(manager)
+        data = (
+            f"From: {envelope.mail_from}\r\nTo: {envelope.rcpt_tos[0]}\r\n".encode()
+            + recovered.data
+        )
+        accepted = accept(new_queue_id(), envelope, data, managers, context, sender=self._sender)
+        committed = self._outbox.put([accepted])
+        if accepted.queue_id in committed.failed:
+            raise committed.failed[accepted.queue_id]
+        original = committed.duplicates.get(accepted.queue_id)
+        line = duplicate(accepted, original) if original else describe(accepted)
+        log.info("%s", line, extra=decided(accepted, original))
+        return accepted if original is None else replace(accepted, notes=())
+
     async def _release_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         news = self._knowledge.news
@@ -589,10 +634,9 @@ class Holds(Component):
             if accepted.decision.outcome == "hold":
                 continue
             original = self._outbox.release(accepted)
-            if original is not None:
-                log.info("%s (after holding %.0fs)", duplicate(accepted, original), now - received)
-            else:
-                log.info("%s (after holding %.0fs)", describe(accepted), now - received)
+            line = duplicate(accepted, original) if original is not None else describe(accepted)
+            held = now - received
+            log.info("%s (after holding %.0fs)", line, held, extra=decided(accepted, original))
             released += 1
         return released
 
@@ -603,6 +647,15 @@ class Holds(Component):
         if self._outbox is not None:
             self._outbox.close()
             self._outbox = None
+
+
+def own_envelope(manager: Manager) -> Envelope:
+    """The envelope of a message a manager's keeper made: from the sender the manager wants
+    (else its own address) to its own address (else that sender)."""
+    ours = manager.wants_to[0] if manager.wants_to else None
+    sender = manager.wants_from[0] if manager.wants_from else ours
+    assert sender is not None, "a manager wants mail to or from someone"
+    return Envelope(sender, (ours or sender,))
 
 
 def _log_learn_failure(written: asyncio.Future[None]) -> None:
@@ -625,17 +678,35 @@ class Keepers(Component):
         crew: Crew,
         *,
         learn: Callable[[Sequence[Note]], None],
+        recover: Callable[[Recovered], Awaitable[str]],
     ) -> None:
         self._knowledge = knowledge
         self.config = config
         self._crew = crew
         self._learn = learn
+        self._recover = recover
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        #: The keepers running, by manager label, with their manager type's name.
+        self.keepers: dict[str, tuple[str, Keeper]] = {}
+
+    def health(self) -> dict[str, tuple[str, KeeperHealth]]:
+        """How each keeper that reports it fares, by manager label (with its type's name)."""
+        return {
+            label: (kind, keeper.health())
+            for label, (kind, keeper) in self.keepers.items()
+            if isinstance(keeper, Reporting)
+        }
 
     async def start(self) -> None:
         self._stop = asyncio.Event()
-        feed = Feed(snapshot=self._knowledge.snapshot, notes=self._learn)
+        self.keepers = {}
+        feed = Feed(
+            snapshot=self._knowledge.snapshot,
+            notes=self._learn,
+            recall=self._recall,
+            recover=self._recover,
+        )
         keepers: list[Keeper] = []
         for manager in self.config.routing:
             background = manager.type.background
@@ -645,10 +716,15 @@ class Keepers(Component):
             if keeper is None:
                 continue
             keepers.append(keeper)
+            self.keepers[manager.label] = (manager.type.name, keeper)
             if keeper.snapshot is not None:
                 self._knowledge.snapshot(manager.label, keeper.snapshot)
         stop = self._stop
         self._tasks = [self._crew.keep(k.name, partial(k.run, stop), stop) for k in keepers]
+
+    def _recall(self, table: str, key: Key) -> str | None:
+        # Read each time: the context is replaced as snapshots and notes arrive.
+        return self._knowledge.context.recall(table, key)
 
     async def switch(self, change: Change) -> None:
         old, self.config = self.config, change.config

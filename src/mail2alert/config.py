@@ -18,6 +18,7 @@ import re
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import TypeVar, cast, get_args
 
@@ -34,6 +35,7 @@ from mail2alert.routing import Manager, Rule
 from mail2alert.settings import (
     Delivery,
     HostPort,
+    Http,
     InboundAuth,
     InboundTls,
     InboundTlsMode,
@@ -43,7 +45,7 @@ from mail2alert.settings import (
 )
 from mail2alert.templates import check as check_template
 from mail2alert.users import parse_users
-from mail2alert.validation import STR, Checker, did_you_mean, kind_of, line_of
+from mail2alert.validation import NULL, STR, Checker, did_you_mean, kind_of, line_of
 
 ENV_CONFIG = "MAIL2ALERT_CONFIGURATION"
 DEFAULT_SLACK_API = "https://slack.com/api"
@@ -96,6 +98,8 @@ class Config:
     """The text it was read from: intake workers reload from exactly what was validated."""
     unset: tuple[Unset, ...] = ()
     """The environment variables it names that were not set (loaded with ``unset_ok``)."""
+    http: Http | None = field(default_factory=Http)
+    """``http``: the monitoring listener, or None (``http: null``) for none."""
 
     def unset_notes(self) -> list[str]:
         """What each unset variable (:attr:`unset`) leaves out of a command that sends
@@ -341,6 +345,7 @@ class _Walker(Checker):
                 "intake-workers",
                 "slack-token",
                 "slack-api-url",
+                "http",
             ),
             required=("remote-smtp", "managers"),
         )
@@ -350,6 +355,7 @@ class _Walker(Checker):
         upstream = self._optional(top, "remote-smtp", self.upstream)
         data_dir = self._optional(top, "data-dir", self.text)
         workers = self._optional(top, "intake-workers", self.workers)
+        http = self.http(top["http"], "http") if "http" in top else Http()
         delivery = self._optional(top, "delivery", self.delivery)
         slack_token = self._optional(top, "slack-token", self.text)
         slack_api = self._optional(
@@ -381,6 +387,7 @@ class _Walker(Checker):
             intake_workers=workers or default_workers(),
             slack_token=Secret(slack_token) if slack_token else None,
             slack_api_url=str(slack_api or DEFAULT_SLACK_API),
+            http=http,
         )
 
     def _optional(
@@ -440,6 +447,33 @@ class _Walker(Checker):
             max_sessions=sessions or default.max_sessions,
             timeout=timeout or default.timeout,
         )
+
+    def http(self, node: Node, path: str) -> Http | None:
+        """``http``: ``host:port``, ``null`` (no listener), or a mapping with the address."""
+        if isinstance(node, ScalarNode) and node.tag == NULL:
+            return None
+        if not isinstance(node, MappingNode):
+            address = self.host_port(node, path, allow_zero=True)
+            return Http() if address is None else Http(address)
+        keys = self.mapping(node, path, known=("address", "admin", "users-file"))
+        if keys is None:
+            return Http()
+        address = self._optional_in(keys, path, "address", partial(self.host_port, allow_zero=True))
+        admin = self._optional_in(keys, path, "admin", self.boolean)
+        users = self._optional_in(keys, path, "users-file", self.readable_file)
+        if users is not None:
+            try:
+                _, problems = parse_users(users.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError) as exc:
+                self.problem(keys["users-file"], f"{path}.users-file", f"cannot read: {exc}")
+                problems = []
+            for problem in problems:
+                self.problem(
+                    keys["users-file"],
+                    f"{path}.users-file",
+                    f"{users}:{problem.line}: {problem.message}",
+                )
+        return Http(address or Http().address, admin=bool(admin), users_file=users)
 
     def _positive(self, node: Node, path: str) -> int | None:
         return self.integer(node, path, minimum=1)

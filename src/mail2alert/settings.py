@@ -132,3 +132,14 @@ class Upstream:
     helo: str | None = None
     sender: str | None = None
     """The envelope sender of everything sent upstream, and the From: of routed mail."""
+
+
+@dataclass(frozen=True)
+class Http:
+    """``http``: where ``/metrics``, ``/healthz`` and ``/readyz`` are served (main process only)."""
+
+    address: HostPort = HostPort("localhost", 9025)
+    admin: bool = False
+    """For the web console (coming): whether it may retry and delete queued mail."""
+    users_file: Path | None = None
+    """For the web console (coming): basic auth users (``name:hash`` lines, as SMTP AUTH)."""

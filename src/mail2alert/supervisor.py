@@ -51,13 +51,16 @@ async def serve(
     monitor: tuple[str, int] | None = None,
     ready: Callable[[Service], None] = lambda s: None,
     name: str = "mail2alert",
+    http_sockets: list[socket.socket] | None = None,
 ) -> None:
     """Run the service until SIGTERM or SIGINT; raise StartupError if it cannot start.
 
     ``link`` makes this process an intake worker of the main process at its other end;
     ``name`` is how its log lines name the process.
     """
-    service = Service(config, role=role, sockets=sockets, wake_fd=wake_fd, name=name)
+    service = Service(
+        config, role=role, sockets=sockets, wake_fd=wake_fd, name=name, http_sockets=http_sockets
+    )
     if link is not None:
         service.add(ParentLink(link, service))
     loop = asyncio.get_running_loop()
@@ -250,16 +253,25 @@ def run(config: Config, *, monitor: str | None = None) -> int:
     # mask): a SIGTERM or SIGHUP that comes early is then handled, not fatal.
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
     sockets = bind(config.local_smtp)
+    http: list[socket.socket] = []
     try:
+        # Bound before forking, like local-smtp: a busy port ends serve before anything runs.
+        if config.http is not None:
+            try:
+                http = bind(config.http.address)
+            except StartupError as exc:
+                raise StartupError(f"http: {exc}") from None
         Outbox(config.data_dir).close()  # fail now, before forking, if data-dir is unusable
     except Mail2AlertError as exc:
-        for sock in sockets:
-            sock.close()
+        _close(sockets + http)
+        if isinstance(exc, StartupError):
+            raise
         raise StartupError(f"data-dir {str(config.data_dir)!r}: {exc}") from None
+    http_sockets = http if config.http is not None else None
     bound = [sock.getsockname()[:2] for sock in sockets]
     warn_if_unreachable(bound)
     if config.intake_workers <= 1:
-        _run_loop(serve(config, sockets=sockets, monitor=monitor_at))
+        _run_loop(serve(config, sockets=sockets, monitor=monitor_at, http_sockets=http_sockets))
         return 0
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
@@ -267,8 +279,14 @@ def run(config: Config, *, monitor: str | None = None) -> int:
     names: dict[int, str] = {}
     for number in range(1, config.intake_workers + 1):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        # A worker keeps no end of another's link: each link's end must close with its owner.
-        inherited = (read_fd, ours.fileno(), *(s.fileno() for s in links.values()))
+        # A worker keeps no end of another's link: each link's end must close with its owner;
+        # nor the http listener, which is the main process's alone.
+        inherited = (
+            read_fd,
+            ours.fileno(),
+            *(s.fileno() for s in links.values()),
+            *(s.fileno() for s in http),
+        )
         pid = _fork_intake(config, sockets, inherited, write_fd, theirs, number)
         theirs.close()
         ours.setblocking(False)
@@ -278,7 +296,9 @@ def run(config: Config, *, monitor: str | None = None) -> int:
     for sock in sockets:
         sock.close()
     where = ", ".join(str(HostPort(host, port)) for host, port in bound)
-    return _run_loop(_supervise(config, links, names, where, read_fd, monitor_at))
+    return _run_loop(
+        _supervise(config, links, names, where, read_fd, monitor_at, http_sockets=http_sockets)
+    )
 
 
 def _fork_intake(
@@ -315,9 +335,11 @@ async def _supervise(
     where: str,
     read_fd: int,
     monitor: tuple[str, int] | None,
+    *,
+    http_sockets: list[socket.socket] | None = None,
 ) -> int:
     """The parent: deliver, and stop everything when told to or when a worker dies."""
-    service = Service(config, role="delivery")
+    service = Service(config, role="delivery", http_sockets=http_sockets)
     service.add(Workers(config, links, names))
     loop = asyncio.get_running_loop()
     alive = set(links)

@@ -526,6 +526,17 @@ class ServiceThread:
         """The port mail2alert listens on."""
         return int(self.service.addresses[0][1])
 
+    @property
+    def http_url(self) -> str:
+        """``http://host:port`` of its /metrics and health checks (``http`` must be set)."""
+        from mail2alert.web import Monitoring
+
+        monitoring = self.service.component(Monitoring)
+        if monitoring is None or not monitoring.addresses:
+            raise RuntimeError("mail2alert has no http listener (http: null)")
+        host, port = monitoring.addresses[0]
+        return f"http://{host}:{port}"
+
     def start(self) -> ServiceThread:
         """Start the service; raise what start-up raised."""
         from mail2alert.app import Service
