@@ -515,3 +515,21 @@ def relay(
     )
     with running(path, adjust) as service:
         yield Relay(service, upstream, OutboxView(data))
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``mount_point`` (made here) with ``options``, unmounted (lazily)
+    afterwards. The tests run as root: only a real file system can be full or read-only for
+    root, whom mode bits do not stop."""
+    mount_point.mkdir()
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount_point)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False, timeout=30)

@@ -3,13 +3,13 @@ saying in one line when it cannot hold an outbox."""
 
 from __future__ import annotations
 
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from mail2alert import cli, config
+from tests.helpers import tmpfs
 
 MINIMAL = "remote-smtp: localhost:8025\nmanagers: []\n"
 
@@ -108,18 +108,8 @@ def test_check_says_when_data_dir_cannot_be_made_under_a_file(
 def read_only(tmp_path: Path) -> Iterator[Path]:
     """A read-only tmpfs at ``tmp_path/ro`` (the tests run as root, for whom a mode bit is no
     obstacle: only a read-only file system is)."""
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(mount_point)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, timeout=30)
+    with tmpfs(tmp_path / "ro", "ro,size=64k") as disk:
+        yield disk
 
 
 @pytest.mark.usefixtures("elsewhere", "restore_logging")

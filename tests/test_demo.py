@@ -65,6 +65,12 @@ def test_capture_on_a_busy_port_says_so_in_one_line_without_a_traceback() -> Non
     )
 
 
+def _send(port: int, sample: str, to: str) -> None:
+    """What the README's one-liner does: a sample of examples/mail from GoCD's sender."""
+    with smtplib.SMTP("127.0.0.1", port) as client:
+        client.sendmail("go@example.com", [to], (ROOT / "examples" / "mail" / sample).read_bytes())
+
+
 def test_the_demo_on_chosen_ports_routes_the_readmes_broken_stage_to_cat(tmp_path: Path) -> None:
     # A copy of examples/, so that the demo's outbox (beside its configuration) is made here.
     examples = shutil.copytree(ROOT / "examples", tmp_path / "examples")
@@ -83,28 +89,13 @@ def test_the_demo_on_chosen_ports_routes_the_readmes_broken_stage_to_cat(tmp_pat
     reader.start()
     try:
         wait_until(lambda: listening(ports["smtp"]) and listening(ports["sink"]), what="demo")
-        with smtplib.SMTP("127.0.0.1", ports["smtp"]) as client:
-            client.sendmail(
-                "go@example.com",
-                ["mail2alert@example.com"],
-                (ROOT / "examples" / "mail" / "stage-broken.eml").read_bytes(),
-            )
+        _send(ports["smtp"], "stage-broken.eml", "mail2alert@example.com")
         wait_until(lambda: any("RCPT TO: <cat@example.com>" in x for x in lines), what="sink")
         # The README: the same mail again within duplicate-window is not delivered twice.
-        with smtplib.SMTP("127.0.0.1", ports["smtp"]) as client:
-            client.sendmail(
-                "go@example.com",
-                ["mail2alert@example.com"],
-                (ROOT / "examples" / "mail" / "stage-broken.eml").read_bytes(),
-            )
+        _send(ports["smtp"], "stage-broken.eml", "mail2alert@example.com")
         wait_until(lambda: any(": duplicate of " in x for x in lines), what="a duplicate")
         # ...and the backup sample, from GoCD's sender to the admin address, reaches sys@.
-        with smtplib.SMTP("127.0.0.1", ports["smtp"]) as client:
-            client.sendmail(
-                "go@example.com",
-                ["admin@example.com"],
-                (ROOT / "examples" / "mail" / "backup-completed.eml").read_bytes(),
-            )
+        _send(ports["smtp"], "backup-completed.eml", "admin@example.com")
         wait_until(lambda: any("RCPT TO: <sys@example.com>" in x for x in lines), what="backup")
     finally:
         demo.send_signal(signal.SIGTERM)

@@ -23,7 +23,6 @@ import email.utils
 import errno
 import logging
 import os
-import subprocess
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ import pytest
 
 from mail2alert.components import Intake
 from mail2alert.testing import CaptureServer
-from tests.helpers import Relay, compose, field_value, relay, wait_until
+from tests.helpers import Relay, compose, field_value, relay, tmpfs, wait_until
 
 #: The size of the data-dir's file system.
 DISK_SIZE = 4 * 1024 * 1024
@@ -62,18 +61,8 @@ def message_ids(upstream: CaptureServer) -> Counter[str]:
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs mounted at ``tmp_path/data``, unmounted (lazily) afterwards."""
-    mount_point = tmp_path / "data"
-    mount_point.mkdir()
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE},mode=0700", "tmpfs", str(mount_point)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=False, timeout=30)
+    with tmpfs(tmp_path / "data", f"size={DISK_SIZE},mode=0700") as disk:
+        yield disk
 
 
 def fill(disk: Path) -> Path:
