@@ -98,15 +98,20 @@ def test_serve_with_a_monitor_listens_on_its_three_ports_on_that_host_only_and_s
             # it by connecting to that port on its own host: the banner is the proof.
             conn.sendall(b"console\r")
             read_until(conn, b"copyright")
-        for offset in range(3):
-            assert not listening(monitor + offset, "127.0.0.1"), f"port+{offset} on 127.0.0.1"
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0
+            for offset in range(3):
+                assert not listening(monitor + offset, "127.0.0.1"), f"port+{offset} on 127.0.0.1"
+            # Stopped while the console session is still open.
+            before = len(log.read_text())
+            proc.terminate()
+            assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     assert f"aiomonitor on {ELSEWHERE}:{monitor}" in log.read_text()
+    # ...and stops without a traceback (issue 12, point 8). (A connection closed before its
+    # telnet handshake does make prompt_toolkit print one, as the readiness probes above do.)
+    assert "Traceback" not in log.read_text()[before:], log.read_text()[before:]
 
 
 def test_serve_refuses_a_monitor_on_every_interface_with_exit_code_1_and_the_reason(
