@@ -26,11 +26,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
 from mail2alert.errors import SourceError
 from mail2alert.gocd.model import PipelineGroups, StageRun
+from mail2alert.gocd.settings import GocdSettings
 from mail2alert.model import Secret
 
 if TYPE_CHECKING:
@@ -297,6 +298,19 @@ class GocdClient:
         self._etags: dict[str, str] = {}
         self._last: PipelineGroups | None = None
         self.endpoint: Endpoint | None = None
+
+    @classmethod
+    def of(cls, settings: GocdSettings) -> Self:
+        """A client for a gocd manager's settings (which have a url)."""
+        assert settings.url is not None, "only a manager with a url has a client"
+        return cls(
+            settings.url,
+            user=settings.user,
+            password=settings.passwd,
+            token=settings.token,
+            verify=settings.verify,
+            ca_file=settings.ca_file,
+        )
 
     def _session(self) -> aiohttp.ClientSession:
         # Imported here: intake processes never talk HTTP and need not carry aiohttp.

@@ -71,16 +71,7 @@ def load_snapshot(path: Path) -> PipelineGroups | None:
 
 def client_from_options(options: Mapping[str, object]) -> GocdClient:
     """A GoCD client from a gocd manager's configured options."""
-    settings = GocdSettings.of(options)
-    assert settings.url is not None, "only a manager with a url has a client"
-    return GocdClient(
-        settings.url,
-        user=settings.user,
-        password=settings.passwd,
-        token=settings.token,
-        verify=settings.verify,
-        ca_file=settings.ca_file,
-    )
+    return GocdClient.of(GocdSettings.of(options))
 
 
 #: The longest wait between polls after 401s, in poll intervals.

@@ -325,18 +325,6 @@ class SetupClient(GocdClient):
     """A GoCD client that hands back every answer as it is, with its body: the check tells a
     missing mail server from an old GoCD by the message of a 404."""
 
-    @classmethod
-    def of(cls, settings: GocdSettings) -> SetupClient:
-        assert settings.url is not None, "only a manager with a url is asked"
-        return cls(
-            settings.url,
-            user=settings.user,
-            password=settings.passwd,
-            token=settings.token,
-            verify=settings.verify,
-            ca_file=settings.ca_file,
-        )
-
     async def read(self, path: str, accept: str) -> Answer:
         """One GET of ``path`` with this exact Accept; GocdError when GoCD does not answer."""
         target = f"{self.url}{path}"
