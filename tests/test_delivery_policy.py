@@ -113,7 +113,13 @@ def test_an_unreached_destination_leaves_the_item_waiting_for_it_until_the_next_
         via="up",
         waiting=down,
     )
-    assert result == Result(item(attempts=3), (), NOW + 60, "cannot connect", "smtp")
+    assert result == Result(item(attempts=3), (), NOW + 60, "cannot connect", "smtp", at=NOW)
+
+
+def test_a_result_keeps_when_the_attempt_was_made_and_the_answer_to_it() -> None:
+    sent = Attempt((RecipientResult("a@example.com", "done"),), reply="250 2.0.0 Ok: queued")
+    result = judge(item(), sent, now=NOW, delivery=DELIVERY, via="up")
+    assert (result.at, result.answer) == (NOW, "250 2.0.0 Ok: queued")
 
 
 def test_waiting_for_the_destination_still_ends_at_give_up_after() -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from mail2alert import cli, supervisor
 from mail2alert.errors import StartupError
-from mail2alert.testing import CaptureServer, free_port
+from mail2alert.testing import CaptureServer, free_port, free_ports
 from tests.helpers import example_managers, listening, serve_command, wait_until, write_config
 
 #: Loopback, but not the 127.0.0.1 everything else listens on: a port found open here and
@@ -72,7 +72,7 @@ def test_the_monitor_listens_on_loopback_port_50101_unless_told_otherwise() -> N
 def test_serve_with_a_monitor_listens_on_its_three_ports_on_that_host_only_and_stops_cleanly(
     tmp_path: Path, upstream: CaptureServer
 ) -> None:
-    port, monitor = free_port(), free_port(ELSEWHERE)
+    port, monitor = free_port(), free_ports(3, ELSEWHERE)
     log = tmp_path / "serve.log"
     with log.open("ab") as out:
         proc = subprocess.Popen(
@@ -126,7 +126,7 @@ def test_serve_refuses_a_monitor_on_every_interface_with_exit_code_1_and_the_rea
 def test_serve_with_a_monitor_port_taken_exits_with_the_reason_instead_of_hanging(
     tmp_path: Path,
 ) -> None:
-    monitor = free_port(ELSEWHERE)
+    monitor = free_ports(3, ELSEWHERE)
     with socket.create_server((ELSEWHERE, monitor + 1)):  # the web UI's port
         done = serve_refused(tmp_path, f"{ELSEWHERE}:{monitor}")
     assert done.returncode == 1
@@ -153,7 +153,7 @@ def test_an_address_that_is_not_loopback_is_refused_naming_it(address: str) -> N
 
 @pytest.mark.parametrize("host", ["127.0.0.1", ELSEWHERE, "::1", "localhost"])
 def test_any_loopback_host_is_accepted(host: str) -> None:
-    port = free_port("127.0.0.1" if host == "localhost" else host)
+    port = free_ports(3, *(("127.0.0.1", "::1") if host == "localhost" else (host,)))
     text = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     assert supervisor.monitor_address(text) == (host, port)
 

@@ -227,6 +227,7 @@ def outgoing_for(
     conversation: Conversation | None = None,
     shown: Presentation = PLAIN,
     sender: str | None = None,
+    queue_id: str = "",
 ) -> list[Outgoing]:
     """The items to send for a decision; ``received`` is the trace field to prepend.
 
@@ -236,8 +237,10 @@ def outgoing_for(
     refuse other senders than their login), ``From:`` is ``sender`` and the original From:
     becomes ``Reply-To:`` when the message has none. All ``mailto:`` recipients share one
     mail; each chat action is an item of its own (``label`` and ``conversation`` reach its
-    template and its thread). A relayed mail, and the copy for recipients no manager took,
-    is the original unchanged.
+    template and its thread). A routed mail names its queue id and the rules that sent it
+    (``X-Mail2alert-Id``, ``X-Mail2alert-Rule``: where to look it up in the history). A
+    relayed mail, and the copy for recipients no manager took, is the original unchanged
+    (its queue id is in the ``Received:`` field).
     """
     items: list[Outgoing] = []
     if decision.outcome == "relay":
@@ -247,8 +250,13 @@ def outgoing_for(
         author = sender or envelope.mail_from
         keep_from = not author or address_of(message.get("from")).lower() == author.lower()
         added: tuple[bytes, ...] = ()
-        if in_reply_to:
+        if queue_id:
             added = (
+                f"X-Mail2alert-Id: {queue_id}".encode(),
+                f"X-Mail2alert-Rule: {rules_of(decision)}".encode(),
+            )
+        if in_reply_to:
+            added += (
                 f"In-Reply-To: {in_reply_to}".encode(),
                 f"References: {in_reply_to}".encode(),
             )
@@ -273,6 +281,15 @@ def outgoing_for(
         copy = Outgoing(envelope.mail_from, decision.passthrough, unchanged, passthrough=True)
         items.append(copy)
     return items
+
+
+def rules_of(decision: Decision) -> str:
+    """The manager and the rules that matched: ``gocd#0 rules 1, 3``; ``gocd#0 fallback``
+    when none did (held mail that waited too long)."""
+    matched = [str(t.index + 1) for t in decision.trace if t.matched]
+    if not matched:
+        return f"{decision.manager} fallback"
+    return f"{decision.manager} rule{'s' if len(matched) > 1 else ''} {', '.join(matched)}"
 
 
 def chat_item(

@@ -448,7 +448,7 @@ class Intake(Component):
 
 
 def _delivery_settings(config: Config) -> tuple[object, ...]:
-    return (config.upstream, config.delivery, config.chat_settings())
+    return (config.upstream, config.delivery, config.chat_settings(), config.history)
 
 
 class Delivery(Component):
@@ -469,6 +469,7 @@ class Delivery(Component):
             cfg.delivery,
             chat=cfg.chat_settings(),
             upstream=cfg.upstream,
+            history=cfg.history,
         )
 
     async def start(self) -> None:

@@ -34,6 +34,7 @@ from mail2alert.model import ChatSettings, ChatTemplate, Secret
 from mail2alert.routing import Manager, Rule
 from mail2alert.settings import (
     Delivery,
+    History,
     HostPort,
     Http,
     InboundAuth,
@@ -100,6 +101,8 @@ class Config:
     """The environment variables it names that were not set (loaded with ``unset_ok``)."""
     http: Http | None = field(default_factory=Http)
     """``http``: the monitoring listener, or None (``http: null``) for none."""
+    history: History = field(default_factory=History)
+    """``history``: how long the decision history keeps messages."""
 
     def unset_notes(self) -> list[str]:
         """What each unset variable (:attr:`unset`) leaves out of a command that sends
@@ -346,6 +349,7 @@ class _Walker(Checker):
                 "slack-token",
                 "slack-api-url",
                 "http",
+                "history",
             ),
             required=("remote-smtp", "managers"),
         )
@@ -356,6 +360,7 @@ class _Walker(Checker):
         data_dir = self._optional(top, "data-dir", self.text)
         workers = self._optional(top, "intake-workers", self.workers)
         http = self.http(top["http"], "http") if "http" in top else Http()
+        history = self._optional(top, "history", self.history)
         delivery = self._optional(top, "delivery", self.delivery)
         slack_token = self._optional(top, "slack-token", self.text)
         slack_api = self._optional(
@@ -388,6 +393,7 @@ class _Walker(Checker):
             slack_token=Secret(slack_token) if slack_token else None,
             slack_api_url=str(slack_api or DEFAULT_SLACK_API),
             http=http,
+            history=history or History(),
         )
 
     def _optional(
@@ -447,6 +453,16 @@ class _Walker(Checker):
             max_sessions=sessions or default.max_sessions,
             timeout=timeout or default.timeout,
         )
+
+    def history(self, node: Node, path: str) -> History | None:
+        """``history``: ``keep`` (a duration) and ``max-messages``."""
+        keys = self.mapping(node, path, known=("keep", "max-messages"))
+        if keys is None:
+            return None
+        keep = self._optional_in(keys, path, "keep", self.seconds)
+        most = self._optional_in(keys, path, "max-messages", self._positive)
+        default = History()
+        return History(keep=keep or default.keep, max_messages=most or default.max_messages)
 
     def http(self, node: Node, path: str) -> Http | None:
         """``http``: ``host:port``, ``null`` (no listener), or a mapping with the address."""

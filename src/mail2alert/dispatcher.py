@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -43,8 +43,8 @@ from typing import TypeVar
 from mail2alert.background import RestartPolicy, is_storage_error
 from mail2alert.logs import about
 from mail2alert.model import ChatSettings
-from mail2alert.outbox import Item, Outbox, Result
-from mail2alert.settings import Delivery, HostPort, Upstream
+from mail2alert.outbox import PURGE_BATCH, Item, Outbox, Result
+from mail2alert.settings import Delivery, History, HostPort, Upstream
 from mail2alert.transports import Attempt, Transport
 from mail2alert.transports.chat import ChatSender, ThreadStore
 from mail2alert.transports.smtp import SmtpConnection
@@ -58,7 +58,9 @@ IDLE_CLOSE = 5.0
 #: The longest the dispatcher sleeps before looking at the outbox again.
 POLL = 0.25
 #: How often delivered items and old records are purged from the outbox (they are kept a week).
-PURGE_EVERY = 3600.0
+PURGE_EVERY = 300.0
+#: The most purge transactions in one go (PURGE_BATCH messages each): the rest goes next time.
+PURGE_ROUNDS = 1000
 #: How the dispatcher waits for storage to come back: from half a second up to 30 s.
 STORAGE_RETRY = RestartPolicy(initial=0.5, maximum=30.0)
 
@@ -156,6 +158,24 @@ def judge(
 ) -> Result:
     """What one attempt comes to: done, dead, retry at a time, or wait for the destination.
 
+    The result keeps when the attempt was made and the other side's answer to it, for the
+    history. See :func:`_judge` for the rest.
+    """
+    judged = _judge(item, attempt, now=now, delivery=delivery, via=via, waiting=waiting)
+    return replace(judged, at=now, answer=attempt.reply)
+
+
+def _judge(
+    item: Item,
+    attempt: Attempt,
+    *,
+    now: float,
+    delivery: Delivery,
+    via: str,
+    waiting: Destination | None = None,
+) -> Result:
+    """What one attempt comes to: done, dead, retry at a time, or wait for the destination.
+
     ``waiting`` (a destination that is down) says the attempt did not reach it: the item then
     waits for it without spending an attempt of its own, unless it is past
     ``give-up-after``. Logs what it decides.
@@ -217,8 +237,10 @@ class Dispatcher:
         chat_transport: Transport | None = None,
         clock: Clock = time.time,
         upstream: Upstream | None = None,
+        history: History | None = None,
     ) -> None:
         self.remote = remote
+        self.history = history or History()
         self.upstream = upstream
         self.delivery = delivery
         self._clock = clock
@@ -390,9 +412,20 @@ class Dispatcher:
             log.warning("the outbox can be used again; delivery goes on")
 
     async def _purge(self, now: float) -> None:
-        """Forget delivered items and old records (pending, dead and held ones stay)."""
+        """Forget finished messages past ``history.keep`` or ``history.max-messages``, a
+        batch per transaction so that intake waits a few milliseconds at most (pending, dead
+        and held ones stay)."""
+        purge = partial(
+            self._outbox.purge,
+            now,
+            keep=self.history.keep,
+            max_messages=self.history.max_messages,
+            batch=PURGE_BATCH,
+        )
         try:
-            await self._db(partial(self._outbox.purge, now))
+            for _ in range(PURGE_ROUNDS):
+                if await self._db(purge) < PURGE_BATCH:
+                    break
         except Exception as exc:
             if not is_storage_error(exc):
                 raise

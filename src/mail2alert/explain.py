@@ -66,6 +66,8 @@ class Explanation:
     """What the deciding manager's type reads the alert as (None: no manager wanted it)."""
     held: str = ""
     """What held mail waits for, in the deciding manager type's words."""
+    trace: tuple[str, ...] = ()
+    """Each rule's verdict in one line, as the decision history keeps it."""
 
     @property
     def outcome(self) -> tuple[str, ...]:
@@ -118,8 +120,7 @@ def explain(
     manager = find_manager(config.routing, d.manager)
     facts = None
     if manager is not None and d.alert is not None:
-        known = context.snapshots.get(manager.label, context.snapshot) is not None
-        facts = manager.type.explaining.facts(d.alert, accepted.label, known)
+        facts = Facts(accepted.facts, accepted.facts_data)
     lines = tuple(r.line for r in manager.rules) if manager else ()
     texts = tuple(rule_text(manager, i) for i in range(len(manager.rules))) if manager else ()
     # As stored, and so as the chat transport will read it.
@@ -136,6 +137,7 @@ def explain(
         chat,
         facts,
         manager.type.explaining.held if manager is not None else "",
+        accepted.trace,
     )
 
 
@@ -174,14 +176,9 @@ def render(ex: Explanation, *, trace: bool) -> str:
     if ex.facts is not None:
         out.append(f"facts:    {ex.facts.line}")
     out.append(f"manager:  {d.manager or 'none wants it'}")
-    if trace and d.trace:
+    if trace and ex.trace:
         out.append("rules:")
-        for t in d.trace:
-            mark = "✓" if t.matched else "✗"
-            line = f" (line {ex.rule_lines[t.index]})" if t.index < len(ex.rule_lines) else ""
-            text = ex.rule_texts[t.index] if t.index < len(ex.rule_texts) else ""
-            then = f" -> {', '.join(mask(a) for a in t.actions)}" if t.actions else ""
-            out.append(f"  {mark} rule {t.index + 1}{line}: {text}: {t.reason}{then}")
+        out.extend(f"  {line}" for line in ex.trace)
     if d.outcome == "deliver":
         out.append(f"outcome:  deliver to {', '.join(mask(a) for a in d.actions)} ({d.reason})")
     elif d.outcome == "relay":

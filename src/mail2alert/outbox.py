@@ -7,11 +7,15 @@ the next transaction: one fsync serves many SMTP sessions.
 
 Tables::
 
-    messages    one row per accepted message: envelope, subject, routing outcome and reason;
-                ``raw`` is kept only while the message is held (its manager waits for data)
+    messages    one row per accepted message: envelope, subject, routing outcome and reason,
+                and for the decision history its facts, each rule's verdict and its header
+                section; ``raw`` is kept only while the message is held (its manager waits
+                for data)
     items       one row per thing to deliver: bytes, state (pending/done/dead), attempts,
                 next try, last error; ``waiting`` names the destination it waits for when
                 that destination could not be reached (the item's own attempts do not count)
+    attempts    per item, every delivery attempt: when, its result (sent, retry, dead,
+                waiting) and what the other side answered
     recipients  per item and recipient: pending/done/dead and the server's last answer
     notes       what managers keep between messages (:class:`~mail2alert.managers.memory.Note`):
                 per space (a manager type's name for a kind of note) and key, a value;
@@ -22,6 +26,9 @@ Tables::
     counters    running totals for ``/metrics`` (:meth:`Outbox.counters`), by name and labels:
                 kept in the transaction that decides or records what they count, so every
                 process's counts add up, survive restarts and are never purged
+
+Finished messages (nothing pending, dead or held) are kept for ``history.keep`` and at most
+``history.max-messages`` of them (:meth:`Outbox.purge`); pending, dead and held ones stay.
 
 Keys are stored as JSON arrays of their parts. ``PRAGMA user_version`` is the schema's
 version: an outbox of an older one is brought up to date when it is opened.
@@ -46,12 +53,13 @@ import json
 import logging
 import os
 import queue
+import re
 import secrets
 import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,7 +83,11 @@ CREATE TABLE IF NOT EXISTS messages (
     manager TEXT,
     outcome TEXT NOT NULL,
     reason TEXT NOT NULL,
-    raw BLOB
+    raw BLOB,
+    facts TEXT NOT NULL DEFAULT '',
+    facts_data TEXT,
+    trace TEXT NOT NULL DEFAULT '[]',
+    headers BLOB
 );
 CREATE TABLE IF NOT EXISTS items (
     id INTEGER PRIMARY KEY,
@@ -92,8 +104,17 @@ CREATE TABLE IF NOT EXISTS items (
 );
 CREATE INDEX IF NOT EXISTS items_due ON items (state, next_try);
 CREATE INDEX IF NOT EXISTS items_message ON items (message_id);
+-- The history lists messages newest first, and purges them oldest first.
+CREATE INDEX IF NOT EXISTS messages_received ON messages (received);
 -- Held messages are few among many: counted and listed without reading every message.
 CREATE INDEX IF NOT EXISTS messages_held ON messages (outcome) WHERE outcome='hold';
+CREATE TABLE IF NOT EXISTS attempts (
+    item_id INTEGER NOT NULL,
+    at REAL NOT NULL,
+    result TEXT NOT NULL,
+    answer TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS attempts_item ON attempts (item_id);
 CREATE TABLE IF NOT EXISTS recipients (
     item_id INTEGER NOT NULL,
     rcpt TEXT NOT NULL,
@@ -188,6 +209,21 @@ def _insert(
     return rowid
 
 
+def _json_of(data: Mapping[str, object]) -> str:
+    """Facts as the history stores them: JSON, anything not plain written as its text."""
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"), default=str)
+
+
+def _answer_of(result: Result) -> str:
+    """What the other side said to one attempt, in one line: its answer to the whole, each
+    recipient's answer, or why the attempt failed."""
+    parts = [result.answer] if result.answer else []
+    parts += [f"{r.rcpt}: {r.reason}" for r in result.recipients if r.reason]
+    if result.error and not any(result.error in part for part in parts):
+        parts.append(result.error)
+    return "; ".join(parts)
+
+
 def _marks(values: Sequence[object]) -> str:
     """One ``?`` placeholder per value, comma-separated, for ``IN (...)``."""
     return ",".join("?" * len(values))
@@ -227,6 +263,22 @@ WAL_AUTOCHECKPOINT = 4 * 1024 * 1024
 #: it once it is checkpointed; below it the file is kept and written over, which needs no
 #: change of its size, so an fsync of the WAL flushes no file-system metadata.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+
+#: Columns added to a table after it was first made, with their definitions: an outbox made
+#: before gets them when it is opened (items waiting for a destination; the decision history).
+_ADDED_COLUMNS = {
+    "items": (("waiting", "TEXT NOT NULL DEFAULT ''"),),
+    "messages": (
+        ("facts", "TEXT NOT NULL DEFAULT ''"),
+        ("facts_data", "TEXT"),
+        ("trace", "TEXT NOT NULL DEFAULT '[]'"),
+        ("headers", "BLOB"),
+    ),
+}
+
+#: The most messages :meth:`Outbox.purge` forgets in one transaction: a few milliseconds of
+#: the writers' lock, which intake waits on.
+PURGE_BATCH = 500
 
 #: The version of the schema above (``PRAGMA user_version``); see :func:`_migrate`.
 SCHEMA_VERSION = 1
@@ -309,6 +361,18 @@ class Accepted:
     """A second message with this claim's key within its window is a duplicate."""
     label: str | None = None
     """Where the message belongs by its manager's snapshot, as routing knew it (display)."""
+    facts: str = ""
+    """What the deciding manager's type read the alert as: ``route``'s facts line."""
+    facts_data: Mapping[str, object] | None = None
+    """The same facts as data (the history filters and charts by its plain values)."""
+    trace: tuple[str, ...] = ()
+    """Each rule's verdict, as ``route --trace`` prints it."""
+    headers: bytes = b""
+    """The header section as received (at most :data:`HEADERS_KEPT` bytes of it)."""
+
+
+#: How much of a message's header section the history keeps.
+HEADERS_KEPT = 32 * 1024
 
 
 @dataclass
@@ -361,6 +425,10 @@ class Result:
     next_try: float | None
     error: str
     waiting: str = ""
+    answer: str = ""
+    """The other side's answer to the whole attempt, when it gave one (``250 2.0.0 Ok``)."""
+    at: float = 0.0
+    """When the attempt was made (0: when it is recorded)."""
 
 
 # -- what the outbox holds, as commands and tests read it ----------------------------------
@@ -492,6 +560,88 @@ def _message_of(row: Sequence[Any]) -> StoredMessage:
     )
 
 
+#: What the history says of a message now: ``held``; ``pending`` while an item is; ``dead``
+#: when an item is; ``done`` when every item was delivered; ``none`` with nothing to deliver.
+STATES = ("pending", "dead", "held", "done", "none")
+
+#: A fact the history may be filtered by: a plain name (it goes into a JSON path).
+_FACT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+_HISTORY = (
+    "SELECT m.id, m.received, m.mail_from, m.rcpt_tos, m.subject, m.manager, m.outcome,"
+    " m.reason, m.facts_data, CASE WHEN m.outcome='hold' THEN 'held'"
+    " WHEN EXISTS (SELECT 1 FROM items i WHERE i.message_id=m.id AND i.state='pending')"
+    " THEN 'pending'"
+    " WHEN EXISTS (SELECT 1 FROM items i WHERE i.message_id=m.id AND i.state='dead') THEN 'dead'"
+    " WHEN EXISTS (SELECT 1 FROM items i WHERE i.message_id=m.id) THEN 'done'"
+    " ELSE 'none' END AS state FROM messages m"
+)
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One line of the history: a message, how it was decided, and its state now."""
+
+    queue_id: str
+    received: float
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    subject: str
+    manager: str | None
+    outcome: str
+    reason: str
+    facts: Mapping[str, object]
+    state: str
+
+
+@dataclass(frozen=True)
+class Decided:
+    """One message as the history keeps it: the stored message and how it was decided."""
+
+    message: StoredMessage
+    facts: str
+    """The facts line, as ``route`` prints it (empty when no manager's type read any)."""
+    facts_data: Mapping[str, object]
+    trace: tuple[str, ...]
+    """Each rule's verdict, as ``route --trace`` prints it."""
+    headers: bytes
+    """The header section as received (the first :data:`HEADERS_KEPT` bytes)."""
+
+
+@dataclass(frozen=True)
+class StoredAttempt:
+    """An ``attempts`` row: one delivery attempt of an item and the answer to it."""
+
+    item_id: int
+    at: float
+    result: str
+    """``sent``, ``retry``, ``dead``, or ``waiting`` (its destination did not answer)."""
+    answer: str
+
+
+def _facts_of(text: str | None) -> Mapping[str, object]:
+    if not text:
+        return {}
+    data = json.loads(text)
+    return data if isinstance(data, dict) else {}
+
+
+def _history_row(row: Sequence[Any]) -> HistoryRow:
+    qid, received, sender, rcpt_tos, subject, manager, outcome, reason, facts, state = row
+    return HistoryRow(
+        str(qid),
+        float(received),
+        loaded(sender),
+        tuple(loaded(r) for r in json.loads(rcpt_tos)),
+        loaded(subject),
+        manager,
+        str(outcome),
+        str(reason),
+        _facts_of(facts),
+        str(state),
+    )
+
+
 def _chat_action(data: bytes) -> tuple[str, ...]:
     """A chat item's destination as operators see it: the masked action, never its id."""
     try:
@@ -525,14 +675,24 @@ class Outbox:
             self.db.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT // page}")
             self.db.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
             self.db.executescript(_SCHEMA)
-            columns = {row[1] for row in self.db.execute("PRAGMA table_info(items)")}
-            if "waiting" not in columns:  # an outbox made before destinations could be down
-                self.db.execute("ALTER TABLE items ADD COLUMN waiting TEXT NOT NULL DEFAULT ''")
+            if self._missing_columns():
+                with self.transaction("bring the outbox up to date") as db:
+                    for table, column, kind in self._missing_columns():
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             if self.db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
                 with self.transaction("bring the outbox up to date") as db:
                     _migrate(db)
         except (OSError, sqlite3.Error) as exc:
             raise OutboxError(f"cannot open the outbox in {data_dir}: {exc}") from None
+
+    def _missing_columns(self) -> list[tuple[str, str, str]]:
+        """Columns added to tables after their first version that this file lacks (checked
+        again under the writers' lock: another process may be adding them)."""
+        missing = []
+        for table, added in _ADDED_COLUMNS.items():
+            have = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+            missing += [(table, name, kind) for name, kind in added if name not in have]
+        return missing
 
     def close(self) -> None:
         """Close the connection (a WAL checkpoint happens when the last one closes)."""
@@ -648,7 +808,9 @@ class Outbox:
                 reason = f"{reason}; relayed unchanged to {others}"
         _insert(
             db,
-            "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,{blob})",
+            "INSERT INTO messages (id, received, mail_from, rcpt_tos, subject, manager, outcome,"
+            " reason, facts, facts_data, trace, headers, raw)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,{blob})",
             (
                 a.queue_id,
                 a.received,
@@ -658,6 +820,10 @@ class Outbox:
                 d.manager,
                 outcome,
                 reason,
+                a.facts,
+                None if a.facts_data is None else _json_of(a.facts_data),
+                json.dumps(a.trace, ensure_ascii=False),
+                a.headers[:HEADERS_KEPT] or None,
                 a.raw,
             ),
             ("messages", "raw"),
@@ -721,22 +887,45 @@ class Outbox:
         with self.transaction() as db:
             db.execute("DELETE FROM chat_threads WHERE key=?", (stored_key(key),))
 
-    def purge(self, now: float, *, keep: float = 7 * 86400) -> None:
-        """Forget delivered items and old records; pending, dead and held ones stay."""
-        with self.transaction() as db:
+    def purge(
+        self,
+        now: float,
+        *,
+        keep: float = 7 * 86400,
+        max_messages: int = 100_000,
+        batch: int = PURGE_BATCH,
+    ) -> int:
+        """Forget finished messages (nothing pending, dead or held) received more than
+        ``keep`` seconds ago, and the oldest finished ones beyond the newest
+        ``max_messages``, with their items, recipients and attempts; and claims older than a
+        day. At most ``batch`` messages go in one call, which holds the writers' lock briefly:
+        call it again while it returns ``batch``. Returns how many messages went."""
+        with self.transaction("purge old messages from the outbox") as db:
             db.execute("DELETE FROM seen_events WHERE at < ?", (now - 86400,))
-            old = now - keep
-            db.execute(
-                "DELETE FROM recipients WHERE item_id IN"
-                " (SELECT id FROM items WHERE state='done' AND created < ?)",
-                (old,),
-            )
-            db.execute("DELETE FROM items WHERE state='done' AND created < ?", (old,))
-            db.execute(
-                "DELETE FROM messages WHERE received < ? AND outcome != 'hold'"
-                " AND id NOT IN (SELECT message_id FROM items)",
-                (old,),
-            )
+            row = db.execute(
+                "SELECT received FROM messages ORDER BY received DESC LIMIT 1 OFFSET ?",
+                (max_messages,),
+            ).fetchone()
+            beyond = -1.0 if row is None else float(row[0])
+            ids = [
+                qid
+                for (qid,) in db.execute(
+                    "SELECT id FROM messages m WHERE (received < ? OR received <= ?)"
+                    " AND outcome != 'hold' AND NOT EXISTS (SELECT 1 FROM items i"
+                    " WHERE i.message_id=m.id AND i.state IN ('pending','dead'))"
+                    " ORDER BY received LIMIT ?",
+                    (now - keep, beyond, batch),
+                )
+            ]
+            if not ids:
+                return 0
+            marks = _marks(ids)
+            items = f"SELECT id FROM items WHERE message_id IN ({marks})"  # noqa: S608 - only placeholders
+            db.execute(f"DELETE FROM attempts WHERE item_id IN ({items})", ids)  # noqa: S608
+            db.execute(f"DELETE FROM recipients WHERE item_id IN ({items})", ids)  # noqa: S608
+            db.execute(f"DELETE FROM items WHERE message_id IN ({marks})", ids)  # noqa: S608
+            db.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)  # noqa: S608
+        return len(ids)
 
     @staticmethod
     def _insert_item(db: sqlite3.Connection, queue_id: str, now: float, item: Outgoing) -> None:
@@ -857,6 +1046,15 @@ class Outbox:
         counted = 0 if result.waiting else 1
         channel = channel_of(item.kind, item.data)
         outcome = "retry" if "pending" in states else "dead" if "dead" in states else "sent"
+        db.execute(
+            "INSERT INTO attempts VALUES (?,?,?,?)",
+            (
+                item.id,
+                result.at or time.time(),
+                "waiting" if result.waiting else outcome,
+                _answer_of(result),
+            ),
+        )
         _count(db, "deliveries", channel=channel, result=outcome)
         if outcome == "sent":
             _count_delivery_time(db, time.time() - item.created)
@@ -1111,15 +1309,98 @@ class Outbox:
                     " AND item_id IN (SELECT id FROM items WHERE message_id=?)",
                     (qid,),
                 ).fetchone()[0]
-                db.execute(
-                    "DELETE FROM recipients WHERE item_id IN"
-                    " (SELECT id FROM items WHERE message_id=?)",
-                    (qid,),
-                )
+                for table in ("recipients", "attempts"):
+                    db.execute(
+                        f"DELETE FROM {table} WHERE item_id IN"  # noqa: S608 - a fixed name
+                        " (SELECT id FROM items WHERE message_id=?)",
+                        (qid,),
+                    )
                 db.execute("DELETE FROM items WHERE message_id=?", (qid,))
                 db.execute("DELETE FROM messages WHERE id=?", (qid,))
                 changes.append(Change(qid, recipients=removed, held=held, **counts))
         return changes
+
+    # -- the decision history (the web console) ------------------------------------------
+
+    def history(
+        self,
+        *,
+        manager: str | None = None,
+        state: str | None = None,
+        facts: Mapping[str, str] | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> list[HistoryRow]:
+        """Messages newest first, with their state now; only those of ``manager``, in
+        ``state`` (one of :data:`STATES`) and whose facts have these plain values (a name
+        of letters, digits, ``_`` and ``-`` each)."""
+        where, params = [], []
+        if manager is not None:
+            where.append("manager IS ?" if manager else "manager IS NULL")
+            if manager:
+                params.append(manager)
+        for name, value in (facts or {}).items():
+            if not _FACT_NAME.fullmatch(name):
+                raise OutboxError(f"no such fact {name!r}: a fact's name is letters and digits")
+            where.append("json_extract(facts_data, ?) = ?")
+            params += [f'$."{name}"', value]
+        if state is not None:
+            if state not in STATES:
+                raise OutboxError(f"no such state {state!r}: one of {', '.join(STATES)}")
+            where.append("state = ?")
+            params.append(state)
+        sql = (
+            f"SELECT * FROM ({_HISTORY}) "  # noqa: S608 - fixed text and placeholders only
+            + (f"WHERE {' AND '.join(where)} " if where else "")
+            + "ORDER BY received DESC, id DESC LIMIT ? OFFSET ?"
+        )
+        try:
+            rows = self.db.execute(sql, (*params, limit, offset)).fetchall()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, "read the history") from exc
+        return [_history_row(row) for row in rows]
+
+    def decision(self, queue_id: str) -> Decided | None:
+        """One message as the history keeps it, or None."""
+        row = self.db.execute(
+            f"{self._MESSAGE_FULL} WHERE id=?",
+            (queue_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        facts, facts_data, trace, headers = row[9:]
+        return Decided(
+            _message_of(row[:9]),
+            str(facts),
+            _facts_of(facts_data),
+            tuple(str(line) for line in json.loads(trace or "[]")),
+            b"" if headers is None else bytes(headers),
+        )
+
+    def attempts_of(self, queue_id: str) -> list[StoredAttempt]:
+        """Every delivery attempt of the items of one message, in the order they were made."""
+        rows = self.db.execute(
+            "SELECT a.item_id, a.at, a.result, a.answer FROM attempts a"
+            " JOIN items i ON i.id=a.item_id WHERE i.message_id=? ORDER BY a.rowid",
+            (queue_id,),
+        ).fetchall()
+        return [StoredAttempt(int(i), float(at), str(r), str(a)) for i, at, r, a in rows]
+
+    def hourly(self, since: float) -> list[tuple[float, str, int]]:
+        """Messages received since ``since`` per hour and kind: (the hour's start, the
+        alert's ``event`` fact or else the outcome, how many), oldest hour first."""
+        rows = self.db.execute(
+            "SELECT CAST(received / 3600 AS INTEGER) * 3600 AS hour,"
+            " COALESCE(json_extract(facts_data, '$.event'), outcome) AS kind, COUNT(*)"
+            " FROM messages WHERE received >= ? GROUP BY hour, kind ORDER BY hour, kind",
+            (since,),
+        ).fetchall()
+        return [(float(hour), str(kind), int(n)) for hour, kind, n in rows]
+
+    _MESSAGE_FULL = (
+        "SELECT id, received, mail_from, rcpt_tos, subject, manager, outcome, reason, raw,"
+        " facts, facts_data, trace, headers FROM messages"
+    )
 
     _MESSAGE = (
         "SELECT id, received, mail_from, rcpt_tos, subject, manager, outcome, reason, raw"

@@ -20,11 +20,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from mail2alert.actions import outgoing_for
+from mail2alert.actions import mask, outgoing_for
 from mail2alert.managers.base import Context
 from mail2alert.managers.memory import RECOVERED_HEADER, Claim, Conversation, Note
 from mail2alert.message import RawMessage, received_header
-from mail2alert.model import Decision, Envelope, Outgoing
+from mail2alert.model import Decision, Envelope, Outgoing, RuleTrace
 from mail2alert.outbox import Accepted
 from mail2alert.routing import Manager, find_manager, route
 
@@ -54,13 +54,21 @@ def plan(
     *,
     received: bytes,
     sender: str | None = None,
+    queue_id: str = "",
 ) -> Plan:
-    """Plan ``decision`` for the message; ``received`` is the trace field to prepend, and
-    ``sender``, when set, the From: of routed mail."""
+    """Plan ``decision`` for the message; ``received`` is the trace field to prepend,
+    ``sender``, when set, the From: of routed mail, and ``queue_id`` the id routed mail
+    names."""
     manager = find_manager(managers, decision.manager)
     alert = decision.alert
     if manager is None or alert is None:
-        return Plan(tuple(outgoing_for(decision, envelope, message, received, sender=sender)))
+        return Plan(
+            tuple(
+                outgoing_for(
+                    decision, envelope, message, received, sender=sender, queue_id=queue_id
+                )
+            )
+        )
     memory = manager.type.memory
     label = memory.label(alert, context.snapshots.get(manager.label, context.snapshot))
     conversation = memory.conversation(alert)
@@ -75,6 +83,7 @@ def plan(
         conversation=conversation,
         shown=manager.type.presentation,
         sender=sender,
+        queue_id=queue_id,
     )
     if decision.outcome == "hold":
         return Plan(tuple(items), label=label)
@@ -151,8 +160,22 @@ def accept(
         recipient=single,
         newline=message.newline,
     )
-    planned = plan(decision, envelope, message, managers, context, received=received, sender=sender)
+    planned = plan(
+        decision,
+        envelope,
+        message,
+        managers,
+        context,
+        received=received,
+        sender=sender,
+        queue_id=queue_id,
+    )
     alert = decision.alert
+    manager = find_manager(managers, decision.manager)
+    facts = None
+    if manager is not None and alert is not None:
+        known = context.snapshots.get(manager.label, context.snapshot) is not None
+        facts = manager.type.explaining.facts(alert, planned.label, known)
     return Accepted(
         queue_id,
         now,
@@ -164,7 +187,25 @@ def accept(
         notes=planned.notes,
         claim=planned.claim,
         label=planned.label,
+        facts=facts.line if facts else "",
+        facts_data=facts.data if facts else None,
+        trace=trace_lines(manager, decision.trace) if manager else (),
+        headers=message.data[: message.header_end],
     )
+
+
+def trace_lines(manager: Manager, trace: Sequence[RuleTrace]) -> tuple[str, ...]:
+    """Each rule's verdict in one line, as ``route --trace`` prints it and the history keeps
+    it: ``✓ rule 1 (line 12): ci.in_group('a') events BREAKS: matched -> mailto:a@b``."""
+    lines = []
+    for t in trace:
+        mark = "✓" if t.matched else "✗"
+        rule = manager.rules[t.index] if t.index < len(manager.rules) else None
+        where = f" (line {rule.line})" if rule is not None else ""
+        text = manager.rule_text(t.index) if rule is not None else ""
+        then = f" -> {', '.join(mask(a) for a in t.actions)}" if t.actions else ""
+        lines.append(f"{mark} rule {t.index + 1}{where}: {text}: {t.reason}{then}")
+    return tuple(lines)
 
 
 def _not_to_ourselves(queue_id: str, decision: Decision, managers: Sequence[Manager]) -> Decision:

@@ -143,3 +143,13 @@ class Http:
     """For the web console (coming): whether it may retry and delete queued mail."""
     users_file: Path | None = None
     """For the web console (coming): basic auth users (``name:hash`` lines, as SMTP AUTH)."""
+
+
+@dataclass(frozen=True)
+class History:
+    """``history``: how long the decision history keeps a finished message, and how many."""
+
+    keep: float = 7 * 86400.0
+    """Seconds a finished message (nothing pending, dead or held) is kept after it came."""
+    max_messages: int = 100_000
+    """At most this many messages; the oldest finished ones go first."""

@@ -11,6 +11,7 @@ and no sleep.
 from __future__ import annotations
 
 import asyncio
+import random
 import selectors
 import socket
 import ssl
@@ -119,6 +120,28 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(count: int, *hosts: str) -> int:
+    """The first of ``count`` consecutive TCP ports free a moment ago on every one of
+    ``hosts`` (default 127.0.0.1), for a service that listens on a port and the ones after it.
+
+    They are picked below Linux's ephemeral range (32768 and up), where outgoing connections
+    take their ports: the port after one the kernel chose as free may be any connection's.
+    """
+    rng = random.Random()  # noqa: S311 - test ports, not secrets
+    for _ in range(200):
+        first = rng.randrange(20000, 32768 - count)
+        try:
+            for port in range(first, first + count):
+                for host in hosts or ("127.0.0.1",):
+                    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                    with socket.socket(family) as s:
+                        s.bind((host, port))
+        except OSError:
+            continue
+        return first
+    raise OSError(f"no {count} consecutive free ports found on {', '.join(hosts)}")
 
 
 @dataclass(frozen=True)

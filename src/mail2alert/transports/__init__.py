@@ -26,6 +26,9 @@ class Attempt:
     permanent: bool = False
     retry_after: float | None = None
     unreachable: bool = False
+    reply: str = ""
+    """The other side's answer to the whole attempt when it took it (``250 2.0.0 Ok:
+    queued as ...``): the history shows it."""
 
 
 class Transport(Protocol):

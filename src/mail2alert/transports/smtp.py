@@ -215,9 +215,9 @@ class SmtpConnection:
         data = fold_bare_cr(item.data)
         try:
             if len(data) <= DATA_BLOCK:
-                await smtp.data(data)
+                taken = await smtp.data(data)
             else:
-                await self._data_in_blocks(smtp, data)
+                taken = await self._data_in_blocks(smtp, data)
         except aiosmtplib.SMTPDataError as exc:
             if exc.code == 421:
                 raise _DestinationDown(_reply(exc.code, exc.message)) from None
@@ -227,9 +227,10 @@ class SmtpConnection:
         self._last_used = time.monotonic()
         for rcpt in accepted:
             results[rcpt] = RecipientResult(rcpt, "done")
-        return Attempt(tuple(results[r] for r in item.recipients))
+        reply = _reply(taken.code, taken.message)
+        return Attempt(tuple(results[r] for r in item.recipients), reply=reply)
 
-    async def _data_in_blocks(self, smtp: aiosmtplib.SMTP, data: bytes) -> None:
+    async def _data_in_blocks(self, smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
         """DATA as ``smtp.data()`` sends it, with one block at a time in memory and in flight."""
         start = await smtp.execute_command(b"DATA")
         if start.code != 354:
@@ -247,6 +248,7 @@ class SmtpConnection:
         end = await smtp.execute_command(b".")
         if end.code != 250:
             raise aiosmtplib.SMTPDataError(end.code, end.message)
+        return end
 
     async def _reset(self, smtp: aiosmtplib.SMTP, code: int) -> None:
         """End a transaction the server refused, so that the connection can be reused."""
