@@ -13,9 +13,10 @@ Tables::
                 for data)
     items       one row per thing to deliver: bytes, state (pending/done/dead), attempts,
                 next try, last error; ``waiting`` names the destination it waits for when
-                that destination could not be reached (the item's own attempts do not count)
-    attempts    per item, every delivery attempt: when, its result (sent, retry, dead,
-                waiting) and what the other side answered
+                that destination could not be reached (the item's own attempts do not count);
+                ``log`` has a JSON line per attempt for the history (when, its result: sent,
+                retry, dead or waiting, and what the other side answered), in the row the
+                attempt updates anyway: a table of its own cost two more pages per commit
     recipients  per item and recipient: pending/done/dead and the server's last answer
     notes       what managers keep between messages (:class:`~mail2alert.managers.memory.Note`):
                 per space (a manager type's name for a kind of note) and key, a value;
@@ -100,21 +101,13 @@ CREATE TABLE IF NOT EXISTS items (
     created REAL NOT NULL,
     next_try REAL NOT NULL,
     last_error TEXT NOT NULL DEFAULT '',
-    waiting TEXT NOT NULL DEFAULT ''
+    waiting TEXT NOT NULL DEFAULT '',
+    log TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS items_due ON items (state, next_try);
 CREATE INDEX IF NOT EXISTS items_message ON items (message_id);
--- The history lists messages newest first, and purges them oldest first.
-CREATE INDEX IF NOT EXISTS messages_received ON messages (received);
 -- Held messages are few among many: counted and listed without reading every message.
 CREATE INDEX IF NOT EXISTS messages_held ON messages (outcome) WHERE outcome='hold';
-CREATE TABLE IF NOT EXISTS attempts (
-    item_id INTEGER NOT NULL,
-    at REAL NOT NULL,
-    result TEXT NOT NULL,
-    answer TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS attempts_item ON attempts (item_id);
 CREATE TABLE IF NOT EXISTS recipients (
     item_id INTEGER NOT NULL,
     rcpt TEXT NOT NULL,
@@ -267,7 +260,7 @@ JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 #: Columns added to a table after it was first made, with their definitions: an outbox made
 #: before gets them when it is opened (items waiting for a destination; the decision history).
 _ADDED_COLUMNS = {
-    "items": (("waiting", "TEXT NOT NULL DEFAULT ''"),),
+    "items": (("waiting", "TEXT NOT NULL DEFAULT ''"), ("log", "TEXT NOT NULL DEFAULT ''")),
     "messages": (
         ("facts", "TEXT NOT NULL DEFAULT ''"),
         ("facts_data", "TEXT"),
@@ -574,7 +567,7 @@ _HISTORY = (
     " THEN 'pending'"
     " WHEN EXISTS (SELECT 1 FROM items i WHERE i.message_id=m.id AND i.state='dead') THEN 'dead'"
     " WHEN EXISTS (SELECT 1 FROM items i WHERE i.message_id=m.id) THEN 'done'"
-    " ELSE 'none' END AS state FROM messages m"
+    " ELSE 'none' END AS state, m.rowid AS seq FROM messages m"
 )
 
 
@@ -610,7 +603,7 @@ class Decided:
 
 @dataclass(frozen=True)
 class StoredAttempt:
-    """An ``attempts`` row: one delivery attempt of an item and the answer to it."""
+    """One delivery attempt of an item (a line of its ``log``) and the answer to it."""
 
     item_id: int
     at: float
@@ -627,7 +620,7 @@ def _facts_of(text: str | None) -> Mapping[str, object]:
 
 
 def _history_row(row: Sequence[Any]) -> HistoryRow:
-    qid, received, sender, rcpt_tos, subject, manager, outcome, reason, facts, state = row
+    qid, received, sender, rcpt_tos, subject, manager, outcome, reason, facts, state, _ = row
     return HistoryRow(
         str(qid),
         float(received),
@@ -902,18 +895,20 @@ class Outbox:
         call it again while it returns ``batch``. Returns how many messages went."""
         with self.transaction("purge old messages from the outbox") as db:
             db.execute("DELETE FROM seen_events WHERE at < ?", (now - 86400,))
+            # Rows are in the order messages were decided (the rowid): no index on the time
+            # of arrival, which would cost every commit one more page written.
             row = db.execute(
-                "SELECT received FROM messages ORDER BY received DESC LIMIT 1 OFFSET ?",
+                "SELECT rowid FROM messages ORDER BY rowid DESC LIMIT 1 OFFSET ?",
                 (max_messages,),
             ).fetchone()
-            beyond = -1.0 if row is None else float(row[0])
+            beyond = 0 if row is None else int(row[0])
             ids = [
                 qid
                 for (qid,) in db.execute(
-                    "SELECT id FROM messages m WHERE (received < ? OR received <= ?)"
+                    "SELECT id FROM messages m WHERE (received < ? OR rowid <= ?)"
                     " AND outcome != 'hold' AND NOT EXISTS (SELECT 1 FROM items i"
                     " WHERE i.message_id=m.id AND i.state IN ('pending','dead'))"
-                    " ORDER BY received LIMIT ?",
+                    " ORDER BY rowid LIMIT ?",
                     (now - keep, beyond, batch),
                 )
             ]
@@ -921,7 +916,6 @@ class Outbox:
                 return 0
             marks = _marks(ids)
             items = f"SELECT id FROM items WHERE message_id IN ({marks})"  # noqa: S608 - only placeholders
-            db.execute(f"DELETE FROM attempts WHERE item_id IN ({items})", ids)  # noqa: S608
             db.execute(f"DELETE FROM recipients WHERE item_id IN ({items})", ids)  # noqa: S608
             db.execute(f"DELETE FROM items WHERE message_id IN ({marks})", ids)  # noqa: S608
             db.execute(f"DELETE FROM messages WHERE id IN ({marks})", ids)  # noqa: S608
@@ -1046,31 +1040,28 @@ class Outbox:
         counted = 0 if result.waiting else 1
         channel = channel_of(item.kind, item.data)
         outcome = "retry" if "pending" in states else "dead" if "dead" in states else "sent"
-        db.execute(
-            "INSERT INTO attempts VALUES (?,?,?,?)",
-            (
-                item.id,
-                result.at or time.time(),
-                "waiting" if result.waiting else outcome,
-                _answer_of(result),
-            ),
-        )
+        attempt = {
+            "at": result.at or time.time(),
+            "result": "waiting" if result.waiting else outcome,
+            "answer": _answer_of(result),
+        }
+        logged = json.dumps(attempt, ensure_ascii=False) + "\n"
         _count(db, "deliveries", channel=channel, result=outcome)
         if outcome == "sent":
             _count_delivery_time(db, time.time() - item.created)
         if "pending" in states:
             db.execute(
-                "UPDATE items SET attempts=attempts+?, next_try=?, last_error=?, waiting=?"
-                " WHERE id=?",
-                (counted, result.next_try, error, result.waiting, item.id),
+                "UPDATE items SET attempts=attempts+?, next_try=?, last_error=?, waiting=?,"
+                " log=log||? WHERE id=?",
+                (counted, result.next_try, error, result.waiting, logged, item.id),
             )
             return
         final = "dead" if "dead" in states else "done"
         # A delivered item's bytes are not needed any more; its row stays as a record.
         db.execute(
             "UPDATE items SET state=?, attempts=attempts+?, last_error=?, waiting='',"
-            " data=CASE WHEN ?='done' THEN x'' ELSE data END WHERE id=?",
-            (final, counted, error, final, item.id),
+            " log=log||?, data=CASE WHEN ?='done' THEN x'' ELSE data END WHERE id=?",
+            (final, counted, error, logged, final, item.id),
         )
 
     def expire_waiting(self, destination: str, before: float, reason: str) -> list[str]:
@@ -1309,12 +1300,11 @@ class Outbox:
                     " AND item_id IN (SELECT id FROM items WHERE message_id=?)",
                     (qid,),
                 ).fetchone()[0]
-                for table in ("recipients", "attempts"):
-                    db.execute(
-                        f"DELETE FROM {table} WHERE item_id IN"  # noqa: S608 - a fixed name
-                        " (SELECT id FROM items WHERE message_id=?)",
-                        (qid,),
-                    )
+                db.execute(
+                    "DELETE FROM recipients WHERE item_id IN"
+                    " (SELECT id FROM items WHERE message_id=?)",
+                    (qid,),
+                )
                 db.execute("DELETE FROM items WHERE message_id=?", (qid,))
                 db.execute("DELETE FROM messages WHERE id=?", (qid,))
                 changes.append(Change(qid, recipients=removed, held=held, **counts))
@@ -1331,7 +1321,7 @@ class Outbox:
         limit: int = 50,
         offset: int = 0,
     ) -> list[HistoryRow]:
-        """Messages newest first, with their state now; only those of ``manager``, in
+        """Messages, the last decided first, with their state now; only those of ``manager``, in
         ``state`` (one of :data:`STATES`) and whose facts have these plain values (a name
         of letters, digits, ``_`` and ``-`` each)."""
         where, params = [], []
@@ -1352,7 +1342,7 @@ class Outbox:
         sql = (
             f"SELECT * FROM ({_HISTORY}) "  # noqa: S608 - fixed text and placeholders only
             + (f"WHERE {' AND '.join(where)} " if where else "")
-            + "ORDER BY received DESC, id DESC LIMIT ? OFFSET ?"
+            + "ORDER BY seq DESC LIMIT ? OFFSET ?"
         )
         try:
             rows = self.db.execute(sql, (*params, limit, offset)).fetchall()
@@ -1380,11 +1370,21 @@ class Outbox:
     def attempts_of(self, queue_id: str) -> list[StoredAttempt]:
         """Every delivery attempt of the items of one message, in the order they were made."""
         rows = self.db.execute(
-            "SELECT a.item_id, a.at, a.result, a.answer FROM attempts a"
-            " JOIN items i ON i.id=a.item_id WHERE i.message_id=? ORDER BY a.rowid",
-            (queue_id,),
+            "SELECT id, log FROM items WHERE message_id=? ORDER BY id", (queue_id,)
         ).fetchall()
-        return [StoredAttempt(int(i), float(at), str(r), str(a)) for i, at, r, a in rows]
+        found = []
+        for item_id, log in rows:
+            for line in str(log).splitlines():
+                attempt = json.loads(line)
+                found.append(
+                    StoredAttempt(
+                        int(item_id),
+                        float(attempt["at"]),
+                        str(attempt["result"]),
+                        str(attempt["answer"]),
+                    )
+                )
+        return sorted(found, key=lambda a: a.at)
 
     def hourly(self, since: float) -> list[tuple[float, str, int]]:
         """Messages received since ``since`` per hour and kind: (the hour's start, the
