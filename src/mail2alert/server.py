@@ -570,6 +570,29 @@ class LeanSMTP(SMTP):
             self.sessions.active -= 1
         if not self._turned_away:
             super().connection_lost(error)
+        task = self._handler_coroutine
+        if task is None:
+            self._let_go()
+        else:  # cancelled by aiosmtpd above; its last steps may still use the writer
+            task.add_done_callback(self._let_go)
+
+    def _let_go(self, _: object = None) -> None:
+        """Break the reference cycles of an ended session, so that reference counting frees
+        it at once.
+
+        An aiosmtpd session refers to itself: its tables of bound ``smtp_*`` and ``auth_*``
+        methods, its client-connected callback, its stream writer (whose protocol it is) and
+        its finished handler task (whose CancelledError's traceback holds the frames that hold
+        the session). Left so, every ended session waited for a full collection of the
+        cyclic garbage collector, and with it, after STARTTLS, asyncio's 256 KiB buffer and
+        OpenSSL's state: ~300 KB a session, tens of sessions per intake worker, and its RSS
+        rose by the heap's high-water mark (bench/README.md, "Soak").
+        """
+        self._smtp_methods = {}
+        self._auth_methods = {}
+        self._client_connected_cb = None
+        self._writer = None  # type: ignore[assignment]  # set by aiosmtpd, typed not None
+        self._handler_coroutine = None
 
     def _timeout_cb(self) -> None:
         # aiosmtpd closes an idle session without a word; say why first (RFC 5321 4.5.3.2).
@@ -580,7 +603,9 @@ class LeanSMTP(SMTP):
         super()._timeout_cb()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
 
     def eof_received(self) -> bool | None:
-        return False if self._turned_away else super().eof_received()
+        if self._turned_away or self._handler_coroutine is None:  # None: the session is over
+            return False
+        return super().eof_received()
 
     def data_received(self, data: bytes) -> None:
         if not self._turned_away:
