@@ -11,6 +11,10 @@ HTTP_PORT ?= 9025
 
 .PHONY: run test lint typecheck pytest bench clean
 
+# The console's browser test drives Debian's Chromium through Playwright (never its own
+# browser download): installed here when missing, so that no test skips (root, as in CI).
+CHROMIUM := /usr/bin/chromium
+
 # The venv counts as made only once `venv` has succeeded ($(VENV)/.made): a failed or
 # interrupted attempt (Debian without python3-venv, Ctrl-C) is removed and made again next time.
 $(VENV)/.made:
@@ -40,7 +44,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src
 
-pytest: $(STAMP)
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "make: $(CHROMIUM) is missing: install Debian's chromium package" >&2; exit 1; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+
+pytest: $(STAMP) $(CHROMIUM)
 	$(BIN)/coverage erase
 	COVERAGE_PROCESS_START=$(CURDIR)/pyproject.toml $(BIN)/python -m pytest --cov --cov-branch --cov-report=term $(PYTEST_ARGS)
 

@@ -49,6 +49,7 @@ from mail2alert.components import (
 )
 from mail2alert.config import Config
 from mail2alert.config import load as load_config
+from mail2alert.console import Running
 from mail2alert.dispatcher import Dispatcher
 from mail2alert.errors import ConfigError, StartupError
 from mail2alert.managers.base import Context
@@ -117,7 +118,11 @@ class Service:
         monitoring = None
         if role != "intake":
             monitoring = Monitoring(
-                config, checks=self.readiness, status=self.status, sockets=http_sockets
+                config,
+                checks=self.readiness,
+                status=self.status,
+                sockets=http_sockets,
+                running=self.running,
             )
         self.components: list[Component] = _components(
             role, config, self.crew, self.knowledge, self.reload, sockets, wake_fd, monitoring
@@ -169,6 +174,16 @@ class Service:
             config_hash(self.config.source),
             reloads=dict(self.reloads),
             keepers=keepers.health() if keepers is not None else {},
+        )
+
+    def running(self) -> Running:
+        """What the web console shows of this process beyond the outbox."""
+        keepers = self.component(Keepers)
+        return Running(
+            self.config,
+            self.reload_status,
+            keepers.health() if keepers is not None else {},
+            self.knowledge.context,
         )
 
     def readiness(self) -> dict[str, Check]:

@@ -1,4 +1,5 @@
-"""The HTTP listener of the main process (``http:``): ``/metrics``, ``/healthz``, ``/readyz``.
+"""The HTTP listener of the main process (``http:``): ``/metrics``, ``/healthz``, ``/readyz``,
+and the web console (:mod:`mail2alert.console`) on every other path.
 
 It runs in the main process only (intake workers have none): the counts it serves are in the
 outbox, which every process writes (see :mod:`mail2alert.metrics`). Its SQLite connection is
@@ -9,6 +10,9 @@ used by its own ``http`` thread only; aiohttp runs on the event loop.
   listens (in this process or its intake workers), the outbox takes a write, the
   configuration is loaded. How each manager's keeper fares (its source unreachable, say) is
   in the body, never failing. Both answer JSON.
+
+These three stay open for monitoring; the console's pages need a login when
+``http.users-file`` is set.
 
 A reload that moves ``http.address`` binds the new address before anything switches (all or
 nothing, as ``local-smtp``); ``http: null`` closes the listener, an address opens it.
@@ -31,7 +35,8 @@ from aiohttp import web
 from mail2alert import metrics
 from mail2alert.components import Change, Component, ReloadRefused, bind, shown
 from mail2alert.config import Config
-from mail2alert.errors import Mail2AlertError, StartupError
+from mail2alert.console import Console, Running
+from mail2alert.errors import Mail2AlertError, OutboxError, StartupError
 from mail2alert.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -61,10 +66,12 @@ class Monitoring(Component):
         checks: Readiness,
         status: Callable[[], metrics.Status],
         sockets: Sequence[socket.socket] | None = None,
+        running: Callable[[], Running] | None = None,
     ) -> None:
         self.config = config
         self._checks = checks
         self._status = status
+        self._running = running
         self._sockets = sockets
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="http")
         self._outbox: Outbox | None = None
@@ -86,6 +93,8 @@ class Monitoring(Component):
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        if self._running is not None:
+            Console(self._read, self._running).add_routes(app)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         http = self.config.http
@@ -101,7 +110,8 @@ class Monitoring(Component):
     def describe(self) -> str | None:
         if not self.addresses:
             return None
-        return f"metrics and health on http://{shown(self.addresses)}"
+        console = "console, " if self._running is not None else ""
+        return f"{console}metrics and health on http://{shown(self.addresses)}"
 
     async def _serve(self, sockets: Sequence[socket.socket]) -> None:
         assert self._runner is not None
@@ -165,6 +175,13 @@ class Monitoring(Component):
 
     async def _in_thread(self, work: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, work)
+
+    async def _read(self, work: Callable[[Outbox], T]) -> T:
+        """``work`` with this listener's outbox, on its thread (the console's reads)."""
+        outbox = self._outbox
+        if outbox is None:
+            raise OutboxError("the outbox is not open")
+        return await self._in_thread(lambda: work(outbox))
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return _json(200, {"status": "ok"})

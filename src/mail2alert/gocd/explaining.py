@@ -1,9 +1,11 @@
 """What the gocd manager shows operators: a stage's facts in ``route``, the ``coverage`` of
-every pipeline by group and event, ``--gocd-snapshot FILE`` and ``check --gocd``."""
+every pipeline by group and event, ``--gocd-snapshot FILE``, ``check --gocd``, and its page
+of the web console (pipeline groups and the stage history)."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,9 +14,18 @@ from typing import Any
 from mail2alert.actions import is_committers, mask
 from mail2alert.errors import UsageError
 from mail2alert.gocd.client import GocdError, parse_groups
+from mail2alert.gocd.memory import HISTORY, RUNS
 from mail2alert.gocd.model import EVENTS, VERBS, PipelineGroups, stage_of
 from mail2alert.gocd.setup_check import GOCD_SETUP
-from mail2alert.managers.explaining import Explaining, Facts, Probe, SnapshotFile
+from mail2alert.managers.explaining import (
+    ConsolePage,
+    Explaining,
+    Facts,
+    Kept,
+    Probe,
+    SnapshotFile,
+    Table,
+)
 from mail2alert.model import Alert, Decision, Envelope
 from mail2alert.routing import Manager
 
@@ -184,6 +195,51 @@ def groups_from_file(path: Path) -> PipelineGroups:
         raise UsageError(f"--gocd-snapshot {exc}") from None
 
 
+#: The most stages the console's stage history shows of one manager.
+STAGES_SHOWN = 1000
+
+
+def console_tables(kept: Kept) -> list[Table]:
+    """The console's page of one gocd manager: its pipeline groups, and the stage history
+    (each stage's last run a mail came for, and its last result) of its pipelines."""
+    groups = kept.snapshot if isinstance(kept.snapshot, PipelineGroups) else None
+    if groups is None:
+        snapshot = Table("Pipeline groups: none from GoCD yet", ("group", "pipelines"), ())
+    else:
+        fetched = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(groups.fetched_at))
+        count = sum(len(p) for p in groups.groups.values())
+        snapshot = Table(
+            f"Pipeline groups: {len(groups.groups)} groups, {count} pipelines,"
+            f" as GoCD gave them at {fetched}",
+            ("group", "pipelines"),
+            tuple((g, ", ".join(sorted(p))) for g, p in sorted(groups.groups.items())),
+        )
+    return [snapshot, _stage_history(kept, groups)]
+
+
+def _stage_history(kept: Kept, groups: PipelineGroups | None) -> Table:
+    results = kept.notes.get(HISTORY, {})
+    runs = kept.notes.get(RUNS, {})
+    # The notes are every gocd manager's: with a snapshot, this manager's pipelines only.
+    spelt = {p.lower(): p for ps in groups.groups.values() for p in ps} if groups else {}
+    rows = []
+    for key in sorted({*results, *runs}):
+        if len(key) != 2 or (groups is not None and key[0] not in spelt):
+            continue
+        pipeline, stage = key
+        group = (groups.group_of(pipeline) if groups else None) or ""
+        rows.append(
+            (spelt.get(pipeline, pipeline), stage, group, runs.get(key, ""), results.get(key, ""))
+        )
+    rows.sort(key=lambda row: (row[2].lower(), row[0].lower(), row[1]))
+    return Table(
+        "Stage history: each stage's last run a mail came for, and its last result",
+        ("pipeline", "stage", "group", "last run", "last result"),
+        tuple(rows[:STAGES_SHOWN]),
+        left_out=max(0, len(rows) - STAGES_SHOWN),
+    )
+
+
 GOCD_EXPLAINING = Explaining(
     facts=stage_facts,
     held="GoCD's pipeline groups are known",
@@ -195,4 +251,7 @@ GOCD_EXPLAINING = Explaining(
         read=groups_from_file,
     ),
     setup=GOCD_SETUP,
+    console=ConsolePage(
+        title="GoCD", show=console_tables, filters=("pipeline", "stage", "group", "event")
+    ),
 )

@@ -137,6 +137,10 @@ class GroupPoller:
         self._made: set[str] = set()
         """Locators of the runs whose alert this poller made (before its note is seen)."""
         self._too_old: set[str] = set()
+        #: When the last poll ended, and the last trouble with GoCD and when (the console).
+        self.last_poll: float | None = None
+        self.last_error = ""
+        self.last_error_at: float | None = None
         if self.snapshot is not None:
             age = time.time() - self.snapshot.fetched_at
             log.info(
@@ -157,6 +161,12 @@ class GroupPoller:
     async def poll_once(self) -> None:
         """One poll: pipeline groups, kept if good, then the history's seed until it is done;
         any failure ends the poll. Each change of state is logged once."""
+        try:
+            await self._poll()
+        finally:
+            self.last_poll = self.clock()
+
+    async def _poll(self) -> None:
         try:
             groups = await self.client.pipeline_groups()
         except GocdStarting as exc:
@@ -184,7 +194,13 @@ class GroupPoller:
             state=self.state,
             polls=dict(self.polls),
             snapshot_age=age,
+            last_poll=self.last_poll,
+            last_error=self.last_error,
+            last_error_at=self.last_error_at,
         )
+
+    def _trouble(self, what: str) -> None:
+        self.last_error, self.last_error_at = what, self.clock()
 
     async def _keep(self, groups: PipelineGroups) -> None:
         changed = self.snapshot is None or dict(groups.groups) != dict(self.snapshot.groups)
@@ -212,6 +228,7 @@ class GroupPoller:
             if exc.status == UNAUTHORIZED:
                 self._failed(exc)
             elif str(exc) != self._seed_trouble:
+                self._trouble(f"history not seeded: {exc}")
                 self._seed_trouble = str(exc)
                 log.warning(
                     "%s: history not seeded yet (tried again each poll): %s", self.label, exc
@@ -292,6 +309,7 @@ class GroupPoller:
         except Mail2AlertError as exc:
             why = f"the alert of {run.locator} could not be kept (tried again each poll): {exc}"
             if why != self._reconcile_trouble:
+                self._trouble(why)
                 self._reconcile_trouble = why
                 log.error("%s: %s", self.label, why)
             return False
@@ -327,10 +345,12 @@ class GroupPoller:
         if exc.status == UNAUTHORIZED:
             self._failed(exc)
         elif str(exc) != self._reconcile_trouble:
+            self._trouble(f"reconciliation not done: {exc}")
             self._reconcile_trouble = str(exc)
             log.warning("%s: reconciliation not done (tried again each poll): %s", self.label, exc)
 
     def _failed(self, exc: GocdError) -> None:
+        self._trouble(str(exc))
         self.delay = next_delay(self.interval, self.delay, exc.status)
         self._set_state(f"failing: {exc}")
 

@@ -1,9 +1,11 @@
 """What a manager type shows operators, in its own words: ``route``'s facts line, what held
-mail waits for, the ``coverage`` inventory, a snapshot read from a file, and whether its
-outside source is set up to send this mail2alert its mail (``check --<type>``).
+mail waits for, the ``coverage`` inventory, a snapshot read from a file, whether its
+outside source is set up to send this mail2alert its mail (``check --<type>``), and its page
+of the web console (what the running service keeps of each of its managers).
 
-The commands in :mod:`mail2alert.explain` and :mod:`mail2alert.cli` call these hooks without
-knowing what a manager's facts are; a type without them shows the subject alone.
+The commands in :mod:`mail2alert.explain` and :mod:`mail2alert.cli` and the console
+(:mod:`mail2alert.console`) call these hooks without knowing what a manager's facts are; a
+type without them shows the subject alone, and has no console page.
 """
 
 from __future__ import annotations
@@ -113,6 +115,41 @@ class SetupCheck:
 
 
 @dataclass(frozen=True)
+class Table:
+    """Plain text in rows for the web console (which escapes it): a caption, the column
+    names, the rows, and how many rows were left out."""
+
+    caption: str
+    columns: tuple[str, ...]
+    rows: tuple[tuple[str, ...], ...]
+    left_out: int = 0
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What the running service keeps of one manager: its snapshot of the outside data
+    (None before the first) and the notes decisions and keepers kept (by table and key, for
+    every manager: a type's tables are its own)."""
+
+    manager: Manager
+    snapshot: object | None
+    notes: Mapping[str, Mapping[tuple[str, ...], str]]
+
+
+@dataclass(frozen=True)
+class ConsolePage:
+    """A page of the web console for the managers of one type: ``title`` names it in the
+    menu, and ``show`` makes one manager's tables (pure and quick: it runs on the event
+    loop). Its keeper's health (last poll, last error) is shown beside them by the core."""
+
+    title: str
+    show: Callable[[Kept], Sequence[Table]]
+    filters: tuple[str, ...] = ()
+    """Keys of its facts (as in :attr:`Facts.data`) the console's message list offers to
+    filter by."""
+
+
+@dataclass(frozen=True)
 class Explaining:
     """The hooks; ``facts(alert, label, known)`` gets the manager's label for the alert (its
     group, say) and whether the manager had a snapshot."""
@@ -125,6 +162,8 @@ class Explaining:
     snapshot_file: SnapshotFile | None = None
     setup: SetupCheck | None = None
     """``check --<type>`` and the setup section of ``coverage``."""
+    console: ConsolePage | None = None
+    """Its page of the web console (None: it has none)."""
 
 
 def subject_only(alert: Alert, label: str | None, known: bool) -> Facts:

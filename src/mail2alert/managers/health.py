@@ -3,9 +3,10 @@
 A keeper (:class:`~mail2alert.managers.memory.Keeper`) that also has ``health()`` is
 :class:`Reporting`: the core then serves its polls and its snapshot's age as
 ``mail2alert_<type>_polls_total{manager,result}`` and
-``mail2alert_<type>_snapshot_age_seconds{manager}``, and its state in ``/readyz``'s body
-(never a failing check: routing goes on with the last snapshot kept). The core reads only
-this record; the words in it are the keeper's.
+``mail2alert_<type>_snapshot_age_seconds{manager}``, its state in ``/readyz``'s body
+(never a failing check: routing goes on with the last snapshot kept), and its last poll and
+last error on the web console. The core reads only this record; the words in it are the
+keeper's.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ class KeeperHealth:
     """Polls since the process started, by result (a few fixed words, e.g. ok, failed)."""
     snapshot_age: float | None = None
     """Seconds since its snapshot was last confirmed by the source; None without one."""
+    last_poll: float | None = None
+    """When its last poll ended (epoch seconds); None before the first."""
+    last_error: str = ""
+    """The last trouble it had with its source, even when it has recovered since ("" for
+    none since the process started; never a credential)."""
+    last_error_at: float | None = None
+    """When it had it (epoch seconds)."""
 
 
 @runtime_checkable

@@ -1,0 +1,486 @@
+"""The web console: every page over real HTTP after real SMTP traffic, Retry and Delete only
+with ``admin: true`` and a valid token, basic auth with ``users-file`` (the monitoring
+endpoints staying open), no secret on any page; and the pure parts (chart, tokens, logins,
+the configuration shown, GoCD's tables) on their own."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mail2alert import config
+from mail2alert.console.access import REMEMBERED, TOKEN_LIFE, Csrf, Logins, credentials
+from mail2alert.console.views import HOURS, counts_by_hour, hour_of, hourly_chart, url_shown
+from mail2alert.gocd.explaining import console_tables
+from mail2alert.gocd.memory import HISTORY, RUNS
+from mail2alert.gocd.model import PipelineGroups
+from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
+from mail2alert.managers.explaining import Kept
+from mail2alert.metrics import config_hash
+from mail2alert.settings import HostPort, Http
+from mail2alert.testing import CaptureServer, FakeClock
+from mail2alert.users import hash_password
+from tests.helpers import (
+    Relay,
+    compose,
+    example_managers,
+    relay,
+    running,
+    send,
+    wait_until,
+    write_config,
+)
+
+PAGES = ("/", "/outbox", "/managers/gocd", "/config", "/chart")
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: Mapping[str, str]
+    body: str
+
+
+class _Stay(urllib.request.HTTPRedirectHandler):
+    """Redirects are answers to look at, not to follow."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_Stay)
+
+
+def fetch(
+    url: str, *, form: Mapping[str, str] | None = None, auth: tuple[str, str] | None = None
+) -> Answer:
+    """GET ``url`` (POST ``form``), with basic auth if given; every status is an answer."""
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    request = urllib.request.Request(url, data=data)
+    if auth is not None:
+        pair = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {pair}")
+    try:
+        with _OPENER.open(request, timeout=15) as answer:
+            return Answer(answer.status, dict(answer.headers), answer.read().decode())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return Answer(exc.code, dict(exc.headers), exc.read().decode())
+
+
+def token_in(page: str) -> str:
+    """The CSRF token of the first form of a page."""
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found, "no form with a token on the page"
+    return found.group(1)
+
+
+def with_http(**keys: Any) -> Any:
+    """A relay ``adjust`` that sets ``http`` (on any free port) with these keys."""
+    return lambda c: dataclasses.replace(c, http=Http(HostPort("127.0.0.1", 0), **keys))
+
+
+@pytest.fixture
+def dead(tmp_path: Path, upstream: CaptureServer) -> Iterator[tuple[Relay, str]]:
+    """mail2alert with ``admin: true`` and one message whose only item is dead (the upstream
+    refused it with 550 once; it takes mail again afterwards)."""
+    upstream.refuse_data("550 5.7.1 not now")
+    managers = example_managers("mail", "gocd")
+    with relay(tmp_path, upstream, managers, adjust=with_http(admin=True)) as mail2alert:
+        queue_id = mail2alert.send(compose()).queue_id
+        mail2alert.outbox.wait_state(queue_id, "dead")
+        yield mail2alert, queue_id
+
+
+# -- every page after real traffic ----------------------------------------------------------
+
+
+def test_every_page_answers_after_real_smtp_traffic(dead: tuple[Relay, str]) -> None:
+    mail2alert, queue_id = dead
+    mail2alert.send(gocd_stage_mail())
+    mail2alert.sentinel()
+    url = mail2alert.service.http_url
+    answers = {path: fetch(url + path) for path in (*PAGES, f"/messages/{queue_id}")}
+    for path, answer in answers.items():
+        assert answer.status == 200, (path, answer.body)
+        assert answer.headers["Content-Type"] == "text/html; charset=utf-8"
+        assert 'name="viewport"' in answer.body
+        assert answer.headers["X-Frame-Options"] == "DENY"
+    listed = answers["/"].body
+    assert f'href="/messages/{queue_id}"' in listed
+    assert "Server Backup Completed Successfully" in listed
+    assert "Stage [my-pipeline/6/my-stage/1] is broken" in listed
+    assert "sentinel" in listed
+    shown = answers[f"/messages/{queue_id}"].body
+    assert "550 5.7.1 not now" in shown
+    assert "sys@example.com" in shown
+    assert "mail#1" in shown
+    outbox = answers["/outbox"].body
+    assert 'class="entry-dead"' in outbox
+    assert "Retry" in outbox
+    assert "<svg" in answers["/chart"].body
+    assert "gocd#0" in answers["/managers/gocd"].body
+
+
+def test_the_message_list_filters_by_manager_and_state(dead: tuple[Relay, str]) -> None:
+    mail2alert, queue_id = dead
+    mail2alert.sentinel()
+    url = mail2alert.service.http_url
+    by_manager = fetch(url + "/?manager=mail%231").body
+    relayed = fetch(url + "/?state=sent").body
+    dead_ones = fetch(url + "/?state=dead").body
+    assert f"/messages/{queue_id}" in by_manager
+    assert "sentinel" not in by_manager
+    assert "sentinel" in relayed
+    assert f"/messages/{queue_id}" not in relayed
+    assert f"/messages/{queue_id}" in dead_ones
+
+
+def test_a_message_that_is_not_there_is_404(dead: tuple[Relay, str]) -> None:
+    mail2alert, _ = dead
+    answer = fetch(mail2alert.service.http_url + "/messages/NOSUCHID")
+    assert answer.status == 404
+    assert "No message NOSUCHID" in answer.body
+
+
+def test_text_from_the_mail_is_escaped(tmp_path: Path, upstream: CaptureServer) -> None:
+    with relay(tmp_path, upstream, example_managers("mail")) as mail2alert:
+        subject = "Server backup <script>alert(1)</script>"
+        queue_id = mail2alert.send(compose(subject=subject)).queue_id
+        mail2alert.outbox.wait_state(queue_id, "done")
+        url = mail2alert.service.http_url
+        pages = [fetch(url + "/").body, fetch(f"{url}/messages/{queue_id}").body]
+    for page in pages:
+        assert "<script>" not in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+# -- Retry and Delete ----------------------------------------------------------------------
+
+
+def test_retry_with_a_valid_token_delivers_a_dead_item(dead: tuple[Relay, str]) -> None:
+    mail2alert, queue_id = dead
+    url = mail2alert.service.http_url
+    token = token_in(fetch(url + "/outbox").body)
+    answer = fetch(url + "/outbox/retry", form={"csrf": token, "queue_id": queue_id})
+    assert answer.status == 303
+    assert answer.headers["Location"].startswith("/outbox?done=")
+    mail2alert.outbox.wait_state(queue_id, "done")
+    assert mail2alert.upstream.wait_for(1)[0].rcpt_tos == ("sys@example.com", "op@example.com")
+    after = fetch(url + answer.headers["Location"]).body
+    assert f"{queue_id}: requeued 1 item (1 dead), due now" in after
+
+
+def test_delete_with_a_valid_token_removes_the_message(dead: tuple[Relay, str]) -> None:
+    mail2alert, queue_id = dead
+    url = mail2alert.service.http_url
+    token = token_in(fetch(f"{url}/messages/{queue_id}").body)
+    form = {"csrf": token, "queue_id": queue_id, "next": "/"}
+    answer = fetch(url + "/outbox/delete", form=form)
+    assert answer.status == 303
+    assert answer.headers["Location"].startswith("/?done=")
+    assert mail2alert.outbox.message(queue_id) is None
+
+
+@pytest.mark.parametrize("token", [None, "", "123.abc", "stale"])
+@pytest.mark.parametrize("action", ["retry", "delete"])
+def test_a_post_without_a_valid_token_is_403_and_changes_nothing(
+    dead: tuple[Relay, str], action: str, token: str | None
+) -> None:
+    mail2alert, queue_id = dead
+    form = {"queue_id": queue_id}
+    if token == "stale":
+        issued = int(token_in(fetch(mail2alert.service.http_url + "/outbox").body).split(".")[0])
+        token = f"{issued - int(TOKEN_LIFE) - 10}.{'0' * 64}"
+    if token is not None:
+        form["csrf"] = token
+    answer = fetch(f"{mail2alert.service.http_url}/outbox/{action}", form=form)
+    assert answer.status == 403
+    assert mail2alert.outbox.item(queue_id)["state"] == "dead"
+
+
+def test_with_admin_false_a_post_is_403_even_with_a_valid_token(
+    dead: tuple[Relay, str],
+) -> None:
+    mail2alert, queue_id = dead
+    url = mail2alert.service.http_url
+    token = token_in(fetch(url + "/outbox").body)
+    # The file says http: 127.0.0.1:0, so admin is false once it is loaded again.
+    assert mail2alert.service.call(mail2alert.service.service.reload()) is True
+    answers = [
+        fetch(f"{url}/outbox/{a}", form={"csrf": token, "queue_id": queue_id})
+        for a in ("retry", "delete")
+    ]
+    page = fetch(url + "/outbox").body
+    assert [a.status for a in answers] == [403, 403]
+    assert mail2alert.outbox.item(queue_id)["state"] == "dead"
+    assert 'name="csrf"' not in page
+    assert "Read-only" in page
+
+
+# -- basic auth ----------------------------------------------------------------------------
+
+
+def users_file(tmp_path: Path) -> Path:
+    path = tmp_path / "users"
+    path.write_text(f"# console users\nalice:{hash_password('wonderland')}\n", encoding="utf-8")
+    return path
+
+
+def test_with_a_users_file_every_console_page_needs_a_login_and_monitoring_stays_open(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    users = users_file(tmp_path)
+    with relay(
+        tmp_path,
+        upstream,
+        example_managers("mail", "gocd"),
+        adjust=with_http(admin=True, users_file=users),
+    ) as mail2alert:
+        queue_id = mail2alert.send(compose()).queue_id
+        url = mail2alert.service.http_url
+        paths = (*PAGES, f"/messages/{queue_id}")
+        anonymous = {p: fetch(url + p) for p in paths}
+        wrong = {p: fetch(url + p, auth=("alice", "looking-glass")) for p in paths}
+        nobody = fetch(url + "/", auth=("mallory", "wonderland"))
+        right = {p: fetch(url + p, auth=("alice", "wonderland")) for p in paths}
+        post = fetch(url + "/outbox/retry", form={"queue_id": queue_id})
+        monitoring = {p: fetch(url + p).status for p in ("/healthz", "/readyz", "/metrics")}
+    for answers in (anonymous, wrong):
+        for path, answer in answers.items():
+            assert answer.status == 401, path
+            assert answer.headers["WWW-Authenticate"].startswith('Basic realm="mail2alert"')
+    assert nobody.status == 401
+    assert {p: a.status for p, a in right.items()} == dict.fromkeys(paths, 200)
+    assert "alice" in right["/"].body
+    assert post.status == 401
+    assert monitoring == {"/healthz": 200, "/readyz": 200, "/metrics": 200}
+
+
+def test_a_login_is_checked_off_the_event_loop_and_remembered_briefly(tmp_path: Path) -> None:
+    users = users_file(tmp_path)
+    clock = FakeClock()
+    logins = Logins(clock=clock)
+    good = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+    bad = "Basic " + base64.b64encode(b"alice:looking-glass").decode()
+
+    async def check(header: str | None) -> str | None:
+        return await logins.check(users, header)
+
+    assert asyncio.run(check(good)) == "alice"
+    assert asyncio.run(check(bad)) is None
+    assert asyncio.run(check(None)) is None
+    # Remembered: the hash is not checked again (a users file without alice would say no).
+    users.write_text(f"bob:{hash_password('builder')}\n", encoding="utf-8")
+    assert asyncio.run(check(good)) is None  # the file changed: checked against it again
+    users.write_text(f"alice:{hash_password('wonderland')}\n", encoding="utf-8")
+    assert asyncio.run(check(good)) == "alice"
+    clock.advance(REMEMBERED + 1)
+    assert asyncio.run(check(good)) == "alice"
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("Bearer abc", None),
+        ("Basic !!!", None),
+        ("Basic " + base64.b64encode(b"no-colon").decode(), None),
+        ("Basic " + base64.b64encode(b"a:b:c").decode(), ("a", "b:c")),
+        ("basic " + base64.b64encode("jörg:pä".encode()).decode(), ("jörg", "pä")),
+    ],
+)
+def test_basic_credentials_are_read_from_the_authorization_header(
+    header: str | None, expected: tuple[str, str] | None
+) -> None:
+    assert credentials(header) == expected
+
+
+def test_a_token_is_valid_for_its_user_until_it_is_stale() -> None:
+    clock = FakeClock()
+    csrf = Csrf(clock=clock)
+    token = csrf.token("alice")
+    assert csrf.valid(token, "alice")
+    assert not csrf.valid(token, "bob")
+    assert not csrf.valid(token + "0", "alice")
+    assert not Csrf(clock=clock).valid(token, "alice")  # another process's key
+    clock.advance(TOKEN_LIFE + 1)
+    assert not csrf.valid(token, "alice")
+
+
+# -- secrets -------------------------------------------------------------------------------
+
+SECRETS = {
+    "gocd-passwd": "gocd-passwd-s3cret",
+    "gocd-token": "gocd-token-s3cret",
+    "url-password": "url-pa55word",
+    "smtp-passwd": "smtp-passwd-s3cret",
+    "slack-token": "xoxb-slack-token-s3cret",
+    "apprise-token": "tgramBotTokenS3cret",
+    "webhook-path": "webhook-path-s3cret",
+    "webhook-password": "webhookpa55",
+    "discord-token": "discordTokenS3cret",
+}
+
+
+def secret_config(tmp_path: Path, upstream: CaptureServer, gocd_port: int) -> Path:
+    """A configuration with every kind of secret mail2alert knows."""
+    s = SECRETS
+    gocd = {**example_managers("gocd")[0], "poll-interval": 0.2}
+    by_password = {**gocd, "passwd": s["gocd-passwd"]}
+    by_password["url"] = f"http://olle:{s['url-password']}@127.0.0.1:{gocd_port}/go"
+    by_token = {k: v for k, v in gocd.items() if k not in ("user", "passwd")}
+    by_token["token"] = s["gocd-token"]
+    by_token["url"] = f"http://127.0.0.1:{gocd_port}/go"
+    by_token["rules"] = [
+        {
+            "actions": [
+                f"tgram://123456789:{s['apprise-token']}/987654",
+                f"json://bot:{s['webhook-password']}@127.0.0.1:9/{s['webhook-path']}",
+            ],
+            "filter": {"function": "pipelines.any", "args": []},
+        }
+    ]
+    by_token["fallback"] = [f"discord://112233/{s['discord-token']}"]
+    path = write_config(
+        tmp_path / "configuration.yml",
+        remote_port=upstream.port,
+        data_dir=tmp_path / "data",
+        managers=[by_password, by_token],
+        remote={"tls": "starttls", "user": "relay", "passwd": s["smtp-passwd"]},
+    )
+    document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    document["slack-token"] = s["slack-token"]
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_no_page_shows_a_secret(tmp_path: Path, upstream: CaptureServer) -> None:
+    """Passwords, tokens, a URL's password and chat URLs are masked on every page, also in
+    the GoCD page's errors (a GoCD that refuses with 401 answers every poll)."""
+    with FakeGoCD({"my-group": ["my-pipeline"]}, user="olle", password="pelle") as gocd:
+        path = secret_config(tmp_path, upstream, gocd.port)
+        with running(path) as mail2alert:
+            send(mail2alert.port, gocd_stage_mail(), rcpt_tos=["mail2alert@example.com"])
+            gocd.wait_requests("pipeline_groups", 4)
+            url = mail2alert.http_url
+            pages = {p: fetch(url + p) for p in PAGES}
+    assert {p: a.status for p, a in pages.items()} == dict.fromkeys(PAGES, 200)
+    shown = "\n".join(a.body for a in pages.values())
+    for name, secret in SECRETS.items():
+        assert secret not in shown, name
+    config_page = pages["/config"].body
+    assert config_page.count("***") >= 5
+    assert "tgram://" in config_page
+    assert f"http://olle:***@127.0.0.1:{gocd.port}/go" in config_page
+
+
+def test_a_url_is_shown_without_its_password() -> None:
+    assert url_shown("https://u:p4ss@host/x") == "https://u:***@host/x"
+    assert url_shown("https://host/x") == "https://host/x"
+    assert url_shown("http://[::1") == "***"
+
+
+# -- configuration, reload, GoCD -----------------------------------------------------------
+
+
+def test_the_config_page_shows_the_hash_and_the_last_reload(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    with relay(tmp_path, upstream, example_managers("mail")) as mail2alert:
+        source = Path(mail2alert.service.config.path).read_text(encoding="utf-8")
+        before = fetch(mail2alert.service.http_url + "/config").body
+        Path(mail2alert.service.config.path).write_text(source + "managers: [\n")
+        assert mail2alert.service.call(mail2alert.service.service.reload()) is False
+        after = fetch(mail2alert.service.http_url + "/config").body
+    assert config_hash(source) in before
+    assert "loaded at start" in before
+    assert "failed" in after
+    assert "is invalid" in after
+    assert config_hash(source) in after  # the running configuration is still the old one
+
+
+def test_the_gocd_page_shows_groups_polls_and_the_stage_history(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    manager = {**example_managers("gocd")[0], "poll-interval": 0.2}
+    with FakeGoCD({"my-group": ["my-pipeline", "other"]}, user="olle", password="pelle") as gocd:
+        manager["url"] = gocd.url
+        path = write_config(
+            tmp_path / "configuration.yml",
+            remote_port=upstream.port,
+            data_dir=tmp_path / "data",
+            managers=[manager],
+        )
+        with running(path) as mail2alert:
+            url = mail2alert.http_url
+            wait_until(lambda: "my-group" in fetch(url + "/managers/gocd").body, what="groups")
+            to_gocd = ["mail2alert@example.com"]
+            assert send(mail2alert.port, gocd_stage_mail(), rcpt_tos=to_gocd).code == 250
+            page = wait_until(
+                lambda: (b := fetch(url + "/managers/gocd").body) and "6/1" in b and b,
+                what="the stage in the history",
+            )
+            missing = fetch(url + "/managers/nothing")
+    assert "my-pipeline, other" in page
+    assert "last poll" in page
+    assert re.search(r"<td[^>]*>my-stage</td>", page)
+    assert re.search(r"<td[^>]*>failed</td>", page)
+    assert missing.status == 404
+
+
+def kept(snapshot: object | None, notes: Mapping[str, Mapping[tuple[str, ...], str]]) -> Kept:
+    text = yaml.safe_dump({"remote-smtp": "localhost:25", "managers": example_managers("gocd")})
+    manager = config.parse(text, "c.yml", {}).routing[0]
+    return Kept(manager, snapshot, notes)
+
+
+def test_gocd_tables_list_the_groups_and_this_managers_stages() -> None:
+    groups = PipelineGroups({"g": ("Build", "deploy")}, fetched_at=0.0)
+    notes = {
+        HISTORY: {("build", "test"): "failed", ("elsewhere", "x"): "passed"},
+        RUNS: {("build", "test"): "7/2"},
+    }
+    snapshot, history = console_tables(kept(groups, notes))
+    assert snapshot.rows == (("g", "Build, deploy"),)
+    assert "1970-01-01 00:00:00 UTC" in snapshot.caption
+    assert history.rows == (("Build", "test", "g", "7/2", "failed"),)
+
+
+def test_without_a_snapshot_gocd_tables_show_every_stage_known() -> None:
+    snapshot, history = console_tables(kept(None, {HISTORY: {("a", "b"): "passed"}}))
+    assert snapshot.rows == ()
+    assert "none from GoCD yet" in snapshot.caption
+    assert history.rows == (("a", "b", "", "", "passed"),)
+
+
+# -- the chart -----------------------------------------------------------------------------
+
+
+def test_the_chart_stacks_the_last_24_hours_by_kind() -> None:
+    now = 1_000_000 * 3600 + 1800.0
+    rows = [(now, "BREAKS"), (now - 60, "BREAKS"), (now - 3600, "FIXED"), (now - 25 * 3600, "X")]
+    chart = hourly_chart(counts_by_hour(rows), now)
+    assert chart.total == 3
+    assert [(kind, count) for kind, _, count in chart.legend] == [("BREAKS", 2), ("FIXED", 1)]
+    assert chart.svg.count("<rect") == 2
+    assert "X:" not in chart.svg
+    assert hour_of(now) == now - 1800
+    assert HOURS == 24
+
+
+def test_the_chart_escapes_its_kinds() -> None:
+    chart = hourly_chart({(hour_of(0.0), "<b>"): 1}, 0.0)
+    assert "<b>" not in chart.svg
+    assert "&lt;b&gt;" in chart.svg
