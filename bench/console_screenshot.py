@@ -136,7 +136,7 @@ def main() -> int:
                 browser = playwright.chromium.launch(
                     executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
                 )
-                page = browser.new_page(viewport={"width": 1000, "height": 600})
+                page = browser.new_page(viewport={"width": 1100, "height": 820})
                 page.goto(mail2alert.http_url + "/")
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(args.out))

@@ -21,7 +21,7 @@ import yaml
 
 from mail2alert import config
 from mail2alert.console.access import REMEMBERED, TOKEN_LIFE, Csrf, Logins, credentials
-from mail2alert.console.views import HOURS, counts_by_hour, hour_of, hourly_chart, url_shown
+from mail2alert.console.views import HOURS, hour_of, hourly_chart, url_shown
 from mail2alert.gocd.explaining import console_tables
 from mail2alert.gocd.memory import HISTORY, RUNS
 from mail2alert.gocd.model import PipelineGroups
@@ -138,13 +138,65 @@ def test_the_message_list_filters_by_manager_and_state(dead: tuple[Relay, str]) 
     mail2alert.sentinel()
     url = mail2alert.service.http_url
     by_manager = fetch(url + "/?manager=mail%231").body
-    relayed = fetch(url + "/?state=sent").body
+    relayed = fetch(url + "/?state=done").body
     dead_ones = fetch(url + "/?state=dead").body
     assert f"/messages/{queue_id}" in by_manager
     assert "sentinel" not in by_manager
     assert "sentinel" in relayed
     assert f"/messages/{queue_id}" not in relayed
     assert f"/messages/{queue_id}" in dead_ones
+
+
+def test_the_message_page_shows_facts_rules_every_attempt_and_the_headers_received(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    upstream.refuse_data("451 4.3.0 try later")
+    with relay(tmp_path, upstream, example_managers("mail")) as mail2alert:
+        queue_id = mail2alert.send(compose(headers=["X-Build: 1234"])).queue_id
+        mail2alert.outbox.wait_state(queue_id, "done")
+        page = fetch(f"{mail2alert.service.http_url}/messages/{queue_id}").body
+    assert "none beyond the subject" in page  # the facts line of the mail manager's type
+    assert re.search(r"✓ rule 1 \(line \d+\): mail.in_subject\(&#39;server&#39;", page)
+    attempts = re.findall(r"<tr><td[^>]*>[^<]*UTC</td>.*?</tr>", page)
+    assert len(attempts) == 2
+    assert "state-retry" in attempts[0]
+    assert "451 4.3.0 try later" in attempts[0]
+    assert "state-sent" in attempts[1]
+    assert "250 2.0.0 OK captured" in attempts[1]
+    assert "X-Build: 1234" in page
+
+
+def test_the_message_list_filters_by_facts_and_links_them(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    to_gocd = {"rcpt_tos": ["mail2alert@example.com"]}
+    with relay(tmp_path, upstream, example_managers("gocd", "mail")) as mail2alert:
+        broken = mail2alert.send(gocd_stage_mail(), **to_gocd).queue_id
+        fixed = mail2alert.send(
+            gocd_stage_mail("Stage [other-pipeline/7/my-stage/1] is fixed"), **to_gocd
+        ).queue_id
+        other = mail2alert.send(compose()).queue_id
+        url = mail2alert.service.http_url
+        everything = fetch(url + "/").body
+        breaks = fetch(url + "/?event=BREAKS").body
+        pipeline = fetch(url + "/?pipeline=other-pipeline&manager=gocd%230").body
+        both = fetch(url + "/?pipeline=other-pipeline&event=BREAKS").body
+        page = fetch(f"{url}/messages/{broken}").body
+        chart = fetch(url + "/chart").body
+    assert all(f"/messages/{q}" in everything for q in (broken, fixed, other))
+    assert '<a class="fact" href="/?event=BREAKS">event=BREAKS</a>' in everything
+    assert f"/messages/{broken}" in breaks
+    assert f"/messages/{fixed}" not in breaks
+    assert f"/messages/{other}" not in breaks
+    assert f"/messages/{fixed}" in pipeline
+    assert f"/messages/{broken}" not in pipeline
+    assert "No message matches these filters" in both
+    assert 'value="other-pipeline"' in pipeline  # the filter stays filled in
+    assert "pipeline my-pipeline #6, stage my-stage #1, event BREAKS" in page
+    assert "Jane Doe jane@example.com" in page
+    assert re.search(r"BREAKS 1</li>", chart)
+    assert re.search(r"FIXED 1</li>", chart)
+    assert re.search(r"deliver 1</li>", chart)  # the mail manager's, which has no event
 
 
 def test_a_message_that_is_not_there_is_404(dead: tuple[Relay, str]) -> None:
@@ -470,8 +522,9 @@ def test_without_a_snapshot_gocd_tables_show_every_stage_known() -> None:
 
 def test_the_chart_stacks_the_last_24_hours_by_kind() -> None:
     now = 1_000_000 * 3600 + 1800.0
-    rows = [(now, "BREAKS"), (now - 60, "BREAKS"), (now - 3600, "FIXED"), (now - 25 * 3600, "X")]
-    chart = hourly_chart(counts_by_hour(rows), now)
+    hour = hour_of(now)
+    counts = {(hour, "BREAKS"): 2, (hour - 3600, "FIXED"): 1, (hour - 25 * 3600, "X"): 4}
+    chart = hourly_chart(counts, now)
     assert chart.total == 3
     assert [(kind, count) for kind, _, count in chart.legend] == [("BREAKS", 2), ("FIXED", 1)]
     assert chart.svg.count("<rect") == 2

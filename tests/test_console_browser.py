@@ -103,7 +103,7 @@ def test_a_dead_item_is_retried_from_the_browser_and_delivered(
 
     upstream.wait_for(3)  # the retried mail arrived upstream
     page.goto(f"{console}/messages/{refused}")
-    page.locator("h1 .state-sent").wait_for()
+    page.locator("h1 .state-done").wait_for()
     screenshot = tmp_path / "console.png"
     page.screenshot(path=str(screenshot), full_page=True)
     assert screenshot.stat().st_size > 10_000

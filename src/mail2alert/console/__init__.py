@@ -6,7 +6,8 @@ Pages (every one behind HTTP basic auth when ``http.users-file`` is set; ``/heal
 
 - ``/``: recent messages, filtered by manager, state and the facts keys manager types offer
   (``?pipeline=...&event=...``), a page at a time; each links to
-- ``/messages/<queue id>``: envelope, subject, routing, each outgoing item and its answers;
+- ``/messages/<queue id>``: envelope, subject, the facts, each rule's verdict (as ``route
+  --trace``), each outgoing item with every attempt and its answer, the headers received;
 - ``/outbox``: pending, dead and held, with Retry and Delete buttons when ``http.admin`` is
   true: forms that POST to ``/outbox/retry`` or ``/outbox/delete`` with a token
   (:class:`~mail2alert.console.access.Csrf`); any other POST gets 403 and changes nothing;
@@ -14,7 +15,8 @@ Pages (every one behind HTTP basic auth when ``http.users-file`` is set; ``/heal
   :class:`~mail2alert.managers.explaining.ConsolePage` hook), each manager's keeper health
   and the type's own tables;
 - ``/config``: the running configuration with its secrets masked, its hash, the last reload;
-- ``/chart``: alerts per hour over the last 24 hours, an SVG drawn here.
+- ``/chart``: alerts per hour over the last 24 hours by event (else outcome), an SVG drawn
+  here.
 
 The outbox is read through the listener's own connection, on its one ``http`` thread (the
 ``read`` given to :class:`Console`); what only the running service knows (the configuration,
@@ -23,6 +25,7 @@ the last reload, keepers, snapshots and notes) comes from ``running`` on the eve
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -37,9 +40,9 @@ from mail2alert import postqueue
 from mail2alert.config import Config
 from mail2alert.console.access import Csrf, Logins, UsersUnreadable
 from mail2alert.console.views import (
+    HOURS,
     ago,
     config_sections,
-    counts_by_hour,
     hourly_chart,
     managers_shown,
     when,
@@ -49,7 +52,16 @@ from mail2alert.managers.base import Context
 from mail2alert.managers.explaining import Kept
 from mail2alert.managers.health import KeeperHealth
 from mail2alert.metrics import config_hash
-from mail2alert.outbox import Entry, Outbox, StoredMessage
+from mail2alert.outbox import (
+    STATES,
+    Decided,
+    Entry,
+    HistoryRow,
+    Outbox,
+    StoredAttempt,
+    StoredItem,
+    StoredRecipient,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +69,8 @@ T = TypeVar("T")
 
 #: Messages per page of the message list.
 PAGE_SIZE = 50
-#: The states a message is listed in (its items' together, or held).
-STATES = ("pending", "dead", "held", "sent", "none")
+#: How many header lines the message page shows of the headers received.
+HEADER_LINES = 500
 
 #: Sent with every console page: no framing (the admin buttons cannot be clicked through
 #: another site's page), no script, no other origin, nothing cached.
@@ -105,27 +117,33 @@ class Reader(Protocol):
 
 
 @dataclass(frozen=True)
-class Row:
-    """One message in the list."""
-
-    queue_id: str
-    received: float
-    sender: str
-    recipients: str
-    subject: str
-    manager: str
-    outcome: str
-    reason: str
-    state: str
-    facts: Mapping[str, str]
-
-
-@dataclass(frozen=True)
 class Listing:
     """One page of the message list."""
 
-    rows: tuple[Row, ...]
+    rows: tuple[HistoryRow, ...]
     more: bool
+
+
+@dataclass(frozen=True)
+class ItemShown:
+    """An outgoing item on the message page: its recipients, every attempt, what was sent."""
+
+    item: StoredItem
+    recipients: tuple[StoredRecipient, ...]
+    attempts: tuple[StoredAttempt, ...]
+    sent: tuple[str, ...]
+    """A mail's header lines, or a chat post's JSON lines."""
+
+
+@dataclass(frozen=True)
+class MessageShown:
+    """Everything the message page shows of one message."""
+
+    decided: Decided
+    state: str
+    items: tuple[ItemShown, ...]
+    headers: tuple[str, ...]
+    """The header lines as received."""
 
 
 Handler = Callable[[web.Request, str], Awaitable[web.StreamResponse]]
@@ -223,6 +241,7 @@ class Console:
         query = request.query
         manager = query.get("manager", "")
         state = query.get("state", "")
+        state = state if state in STATES else ""
         offered = _facts_filters(running.config)
         facts = {k: query[k] for k in offered if query.get(k)}
         try:
@@ -230,11 +249,18 @@ class Console:
         except ValueError:
             page = 1
         try:
-            listing = await self._read(
-                lambda outbox: _listing(outbox, manager, state, facts, page, running)
+            rows = await self._read(
+                lambda outbox: outbox.history(
+                    manager=manager or None,
+                    state=state or None,
+                    facts=facts,
+                    limit=PAGE_SIZE + 1,
+                    offset=(page - 1) * PAGE_SIZE,
+                )
             )
         except Mail2AlertError as exc:
             return self._trouble(request, user, exc)
+        listing = Listing(tuple(rows[:PAGE_SIZE]), more=len(rows) > PAGE_SIZE)
         kept = {"manager": manager, "state": state, **facts}
 
         def link(to: int) -> str:
@@ -253,25 +279,27 @@ class Console:
             page=page,
             previous=link(page - 1) if page > 1 else None,
             next=link(page + 1) if listing.more else None,
+            plain=_plain,
         )
 
     async def _message(self, request: web.Request, user: str) -> web.StreamResponse:
         queue_id = request.match_info["queue_id"]
         try:
-            found = await self._read(lambda outbox: postqueue.detail(outbox, queue_id))
-        except OutboxError as exc:
-            if "no message" in str(exc):
-                return self._page(request, user, "missing.html", status=404, queue_id=queue_id)
+            found = await self._read(lambda outbox: _message_shown(outbox, queue_id))
+        except Mail2AlertError as exc:
             return self._trouble(request, user, exc)
-        state = _state_of(found.outcome, [i.state for i in found.items])
+        if found is None:
+            return self._page(request, user, "missing.html", status=404, queue_id=queue_id)
         return self._page(
             request,
             user,
             "message.html",
-            message=found,
-            state=state,
-            changeable=state in ("pending", "dead", "held"),
+            shown=found,
+            message=found.decided.message,
+            retryable=found.state in ("pending", "dead"),
+            deletable=found.state in ("pending", "dead", "held"),
             token=self._csrf.token(user),
+            plain=_plain,
         )
 
     async def _outbox(self, request: web.Request, user: str) -> web.StreamResponse:
@@ -356,13 +384,12 @@ class Console:
 
     async def _chart(self, request: web.Request, user: str) -> web.StreamResponse:
         now = time.time()
-        since = now - 24 * 3600
         try:
-            rows = await self._read(lambda outbox: _outcomes_since(outbox, since))
+            rows = await self._read(lambda outbox: outbox.hourly(now - HOURS * 3600))
         except Mail2AlertError as exc:
             return self._trouble(request, user, exc)
-        chart = hourly_chart(counts_by_hour(rows), now)
-        return self._page(request, user, "chart.html", chart=chart, by="outcome")
+        chart = hourly_chart({(int(hour), kind): n for hour, kind, n in rows}, now)
+        return self._page(request, user, "chart.html", chart=chart)
 
 
 # -- reading the outbox (on the http thread) ------------------------------------------------
@@ -377,60 +404,51 @@ def _facts_filters(config: Config) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def _state_of(outcome: str, item_states: Sequence[str]) -> str:
-    """A message's state in the list: held, dead, pending, sent, or none (nothing to send)."""
-    if outcome == "hold":
-        return "held"
-    for state in ("dead", "pending"):
-        if state in item_states:
-            return state
-    return "sent" if item_states else "none"
+def _plain(value: object) -> str:
+    """A fact's value as text: plain values as they are, a list's items joined by commas, a
+    mapping's values by spaces (a committer's name and address), anything else as JSON."""
+    if value is None:
+        return ""
+    if isinstance(value, str | int | float | bool):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return ", ".join(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return " ".join(_plain(v) for v in value.values() if v not in (None, ""))
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def _listing(
-    outbox: Outbox,
-    manager: str,
-    state: str,
-    facts: Mapping[str, str],
-    page: int,
-    running: Running,
-) -> Listing:
-    """One page of messages, newest first, as the filters want them."""
-    rows: list[Row] = []
-    skip = (page - 1) * PAGE_SIZE
+def _message_shown(outbox: Outbox, queue_id: str) -> MessageShown | None:
+    """The message page's records of one message, read at once; None if there is none."""
     with outbox.reading():
-        for message in reversed(outbox.messages()):
-            if manager and message.manager != manager:
-                continue
-            if facts:
-                continue  # the facts of a message are not kept yet
-            row = _row(message, [i.state for i in outbox.items_of(message.id)])
-            if state and row.state != state:
-                continue
-            if skip:
-                skip -= 1
-                continue
-            if len(rows) == PAGE_SIZE:
-                return Listing(tuple(rows), more=True)
-            rows.append(row)
-    return Listing(tuple(rows), more=False)
-
-
-def _row(message: StoredMessage, item_states: Sequence[str]) -> Row:
-    return Row(
-        message.id,
-        message.received,
-        message.mail_from,
-        ", ".join(message.rcpt_tos),
-        message.subject,
-        message.manager or "",
-        message.outcome,
-        message.reason,
-        _state_of(message.outcome, item_states),
-        {},
+        decided = outbox.decision(queue_id)
+        if decided is None:
+            return None
+        items = outbox.items_of(queue_id)
+        recipients = outbox.recipients_of(queue_id)
+        attempts = outbox.attempts_of(queue_id)
+    shown = tuple(
+        ItemShown(
+            item,
+            tuple(r for r in recipients if r.item_id == item.id),
+            tuple(a for a in attempts if a.item_id == item.id),
+            postqueue.data_lines(item.kind, item.data),
+        )
+        for item in items
+    )
+    return MessageShown(
+        decided,
+        _state_of(decided.message.outcome, [i.state for i in items]),
+        shown,
+        postqueue.header_lines(decided.headers or decided.message.raw or b"", HEADER_LINES),
     )
 
 
-def _outcomes_since(outbox: Outbox, since: float) -> list[tuple[float, str]]:
-    """(received, outcome) of every message received since ``since``."""
-    return [(m.received, m.outcome) for m in outbox.messages() if m.received >= since]
+def _state_of(outcome: str, item_states: Sequence[str]) -> str:
+    """A message's state as the history says it (:data:`~mail2alert.outbox.STATES`)."""
+    if outcome == "hold":
+        return "held"
+    for state in ("pending", "dead"):
+        if state in item_states:
+            return state
+    return "done" if item_states else "none"

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -263,12 +263,3 @@ def _nice(value: int) -> int:
         if value <= step * magnitude:
             return step * magnitude
     return 10 * magnitude
-
-
-def counts_by_hour(rows: Sequence[tuple[float, str]]) -> dict[tuple[int, str], int]:
-    """Counts by (start of the hour, kind) of (time, kind) pairs."""
-    counts: dict[tuple[int, str], int] = {}
-    for at, kind in rows:
-        key = (hour_of(at), kind)
-        counts[key] = counts.get(key, 0) + 1
-    return counts
