@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import fnmatch
 import re
+import tomllib
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -138,11 +140,14 @@ def test_the_message_list_filters_by_manager_and_state(dead: tuple[Relay, str]) 
     mail2alert.sentinel()
     url = mail2alert.service.http_url
     by_manager = fetch(url + "/?manager=mail%231").body
+    by_none = fetch(url + "/?manager=-").body
     relayed = fetch(url + "/?state=done").body
     dead_ones = fetch(url + "/?state=dead").body
     assert f"/messages/{queue_id}" in by_manager
     assert "sentinel" not in by_manager
     assert "sentinel" in relayed
+    assert "sentinel" in by_none
+    assert f"/messages/{queue_id}" not in by_none
     assert f"/messages/{queue_id}" not in relayed
     assert f"/messages/{queue_id}" in dead_ones
 
@@ -537,3 +542,16 @@ def test_the_chart_escapes_its_kinds() -> None:
     chart = hourly_chart({(hour_of(0.0), "<b>"): 1}, 0.0)
     assert "<b>" not in chart.svg
     assert "&lt;b&gt;" in chart.svg
+
+
+def test_every_template_is_package_data() -> None:
+    """A wheel (the Docker image's) carries what ``pip install .`` takes: the package data."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["mail2alert"]
+    package = root / "src" / "mail2alert"
+    templates = sorted((package / "console" / "templates").iterdir())
+    assert templates
+    for template in templates:
+        shown = template.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(shown, p) for p in patterns), shown

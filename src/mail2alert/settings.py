@@ -136,13 +136,15 @@ class Upstream:
 
 @dataclass(frozen=True)
 class Http:
-    """``http``: where ``/metrics``, ``/healthz`` and ``/readyz`` are served (main process only)."""
+    """``http``: where the web console, ``/metrics``, ``/healthz`` and ``/readyz`` are served
+    (main process only)."""
 
     address: HostPort = HostPort("localhost", 9025)
     admin: bool = False
-    """For the web console (coming): whether it may retry and delete queued mail."""
+    """Whether the web console may retry and delete queued mail."""
     users_file: Path | None = None
-    """For the web console (coming): basic auth users (``name:hash`` lines, as SMTP AUTH)."""
+    """Basic auth users of the web console (``name:hash`` lines, as SMTP AUTH); None: no
+    login."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Users files: ``name:hash`` lines, the hash bcrypt (``$2b$...``) or argon2 (``$argon2id$...``).
 
-One format serves SMTP AUTH on the listener (and the web console's basic auth later).
+One format serves SMTP AUTH on the listener and the web console's basic auth.
 ``mail2alert passwd NAME`` writes a line. Blank lines and lines starting with ``#`` are
 ignored. A password is only ever compared with a hash, and in the same time whether the
 user exists or not.

@@ -57,7 +57,8 @@ Readiness = Callable[[], Mapping[str, Check]]
 
 
 class Monitoring(Component):
-    """Serves ``/metrics``, ``/healthz`` and ``/readyz`` on ``http.address``."""
+    """Serves ``/metrics``, ``/healthz``, ``/readyz`` and, given ``running``, the web console
+    on ``http.address``."""
 
     def __init__(
         self,

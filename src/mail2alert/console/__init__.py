@@ -69,6 +69,8 @@ T = TypeVar("T")
 
 #: Messages per page of the message list.
 PAGE_SIZE = 50
+#: The message list's manager filter for mail no manager decided.
+NO_MANAGER = "-"
 #: How many header lines the message page shows of the headers received.
 HEADER_LINES = 500
 
@@ -251,7 +253,8 @@ class Console:
         try:
             rows = await self._read(
                 lambda outbox: outbox.history(
-                    manager=manager or None,
+                    # "-": mail no manager decided (relayed, refused).
+                    manager=None if not manager else "" if manager == NO_MANAGER else manager,
                     state=state or None,
                     facts=facts,
                     limit=PAGE_SIZE + 1,
