@@ -309,7 +309,8 @@ def test_with_a_users_file_every_console_page_needs_a_login_and_monitoring_stays
         url = mail2alert.service.http_url
         paths = (*PAGES, f"/messages/{queue_id}")
         anonymous = {p: fetch(url + p) for p in paths}
-        wrong = {p: fetch(url + p, auth=("alice", "looking-glass")) for p in paths}
+        # Each failure from an address waits longer (1 s, 2 s...): one of each kind.
+        wrong = {"/config": fetch(url + "/config", auth=("alice", "looking-glass"))}
         nobody = fetch(url + "/", auth=("mallory", "wonderland"))
         right = {p: fetch(url + p, auth=("alice", "wonderland")) for p in paths}
         post = fetch(url + "/outbox/retry", form={"queue_id": queue_id})
@@ -328,12 +329,16 @@ def test_with_a_users_file_every_console_page_needs_a_login_and_monitoring_stays
 def test_a_login_is_checked_off_the_event_loop_and_remembered_briefly(tmp_path: Path) -> None:
     users = users_file(tmp_path)
     clock = FakeClock()
-    logins = Logins(clock=clock)
+
+    async def sleep(seconds: float) -> None:
+        pass
+
+    logins = Logins(clock=clock, sleep=sleep)
     good = "Basic " + base64.b64encode(b"alice:wonderland").decode()
     bad = "Basic " + base64.b64encode(b"alice:looking-glass").decode()
 
     async def check(header: str | None) -> str | None:
-        return await logins.check(users, header)
+        return await logins.check(users, header, "192.0.2.1")
 
     assert asyncio.run(check(good)) == "alice"
     assert asyncio.run(check(bad)) is None
@@ -345,6 +350,31 @@ def test_a_login_is_checked_off_the_event_loop_and_remembered_briefly(tmp_path: 
     assert asyncio.run(check(good)) == "alice"
     clock.advance(REMEMBERED + 1)
     assert asyncio.run(check(good)) == "alice"
+
+
+def test_each_wrong_password_from_an_address_is_answered_later_than_the_last(
+    tmp_path: Path,
+) -> None:
+    users = users_file(tmp_path)
+    waited: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waited.append(seconds)
+
+    logins = Logins(clock=FakeClock(), sleep=sleep)
+    bad = "Basic " + base64.b64encode(b"alice:looking-glass").decode()
+    good = "Basic " + base64.b64encode(b"alice:wonderland").decode()
+
+    async def check(header: str | None, peer: str = "192.0.2.1") -> str | None:
+        return await logins.check(users, header, peer)
+
+    for _ in range(3):
+        assert asyncio.run(check(bad)) is None
+    assert asyncio.run(check(bad, "192.0.2.2")) is None
+    assert asyncio.run(check(None)) is None  # no password given: nothing failed
+    assert asyncio.run(check(good)) == "alice"
+    assert asyncio.run(check(bad)) is None  # a login forgives the address's failures
+    assert waited == [1.0, 2.0, 4.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize(

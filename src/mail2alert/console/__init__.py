@@ -190,7 +190,9 @@ class Console:
             if users_file is None:
                 return await handler(request, "")
             try:
-                user = await self._logins.check(users_file, request.headers.get("Authorization"))
+                user = await self._logins.check(
+                    users_file, request.headers.get("Authorization"), request.remote or ""
+                )
             except UsersUnreadable as exc:
                 if self._unreadable != str(exc):
                     self._unreadable = str(exc)

@@ -4,7 +4,9 @@
   users file, :mod:`mail2alert.users`). Checking a bcrypt or argon2 hash is slow by design,
   so it runs in the event loop's default executor, never on the loop; a successful check is
   remembered for :data:`REMEMBERED` seconds, so a page and its next few clicks cost one.
-  The file is read again whenever it changes (a user added or removed counts at once).
+  The file is read again whenever it changes (a user added or removed counts at once). A
+  wrong password is answered after a delay that doubles per failure from the same address,
+  as SMTP AUTH's (:class:`~mail2alert.server.AuthThrottle`).
 - :class:`Csrf`: the token every form that changes something carries. It is an HMAC, under a
   key made when the process starts, of the user and when it was issued: a page of another
   site cannot read it (the browser's same-origin rule), so it cannot make a form that posts
@@ -21,9 +23,10 @@ import hmac
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
+from mail2alert.server import AuthThrottle
 from mail2alert.users import read_users, verify
 
 log = logging.getLogger(__name__)
@@ -58,15 +61,23 @@ def credentials(header: str | None) -> tuple[str, str] | None:
 class Logins:
     """Basic-auth checks against a users file, off the event loop, good ones remembered."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._clock = clock
+        self._sleep = sleep
+        self._throttle = AuthThrottle()
         self._key = secrets.token_bytes(32)
         self._users: tuple[Path, _Stamp, Mapping[str, str]] | None = None
         #: (file, its stamp, name, HMAC of the password) -> until when it counts.
         self._good: dict[tuple[Path, _Stamp, str, bytes], float] = {}
 
-    async def check(self, users_file: Path, header: str | None) -> str | None:
-        """The user the ``Authorization`` header names if its password is theirs, else None.
+    async def check(self, users_file: Path, header: str | None, peer: str) -> str | None:
+        """The user the ``Authorization`` header names if its password is theirs, else None
+        (after the delay the failures from ``peer``, the client's address, have earned).
 
         Raises :class:`UsersUnreadable` when the file cannot be read.
         """
@@ -82,7 +93,9 @@ class Logins:
         if self._good.get(key, 0.0) > now:
             return name
         if not await loop.run_in_executor(None, verify, users, name, password):
+            await self._sleep(self._throttle.delay(peer, now))
             return None
+        self._throttle.succeeded(peer)
         self._good = {k: until for k, until in self._good.items() if until > now}
         self._good[key] = now + REMEMBERED
         return name
