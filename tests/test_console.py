@@ -326,6 +326,50 @@ def test_with_a_users_file_every_console_page_needs_a_login_and_monitoring_stays
     assert monitoring == {"/healthz": 200, "/readyz": 200, "/metrics": 200}
 
 
+def test_nobody_is_let_in_while_the_users_file_cannot_be_read(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    users = users_file(tmp_path)
+    adjust = with_http(users_file=users)
+    with relay(tmp_path, upstream, example_managers("mail"), adjust=adjust) as mail2alert:
+        url = mail2alert.service.http_url
+        users.unlink()
+        gone = fetch(url + "/", auth=("alice", "wonderland"))
+        health = fetch(url + "/healthz")
+    assert gone.status == 503
+    assert "users file" in gone.body
+    assert health.status == 200
+
+
+def test_a_post_naming_no_message_or_one_that_is_not_there_changes_nothing(
+    dead: tuple[Relay, str],
+) -> None:
+    mail2alert, queue_id = dead
+    url = mail2alert.service.http_url
+    token = token_in(fetch(url + "/outbox").body)
+    unnamed = fetch(url + "/outbox/retry", form={"csrf": token})
+    unknown = fetch(url + "/outbox/delete", form={"csrf": token, "queue_id": "NOSUCHID"})
+    assert unnamed.status == 400
+    assert unknown.status == 404
+    assert mail2alert.outbox.item(queue_id)["state"] == "dead"
+
+
+def test_the_message_list_pages_fifty_at_a_time(tmp_path: Path, upstream: CaptureServer) -> None:
+    with relay(tmp_path, upstream, []) as mail2alert:
+        for n in range(51):
+            mail2alert.send(compose(subject=f"number {n:02}"))
+        url = mail2alert.service.http_url
+        first = fetch(url + "/?page=nonsense").body
+        second = fetch(url + "/?page=2").body
+    assert first.count('<a href="/messages/') == 50
+    assert "number 50" in first
+    assert "number 00" not in first
+    assert 'href="/?page=2"' in first
+    assert second.count('<a href="/messages/') == 1
+    assert "number 00" in second
+    assert 'href="/?page=1"' in second
+
+
 def test_a_login_is_checked_off_the_event_loop_and_remembered_briefly(tmp_path: Path) -> None:
     users = users_file(tmp_path)
     clock = FakeClock()
