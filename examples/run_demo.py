@@ -4,7 +4,8 @@
   configuration's ``remote-smtp``);
 - a stand-in GoCD on localhost:8080 serving the pipeline groups of examples/gocd-snapshot.json
   (the configuration's ``url``, user olle, password pelle), so GoCD stage mails route by group;
-- mail2alert itself on localhost:1025, with /metrics and its health checks on localhost:9025.
+- mail2alert itself on localhost:1025, with its web console, /metrics and its health checks
+  on http://localhost:9025.
 
 Each port can be chosen (``make run SMTP_PORT=2025 SINK_PORT=9026 GOCD_PORT=9080``, or
 ``--smtp-port`` and friends here); the configuration is then a copy of the example with those
@@ -37,7 +38,7 @@ PORTS = {
     "smtp": (1025, "mail2alert's SMTP (local-smtp)", "SMTP_PORT"),
     "sink": (8025, "the capture sink (remote-smtp)", "SINK_PORT"),
     "gocd": (8080, "the stand-in GoCD (url)", "GOCD_PORT"),
-    "http": (9025, "mail2alert's /metrics and health checks (http)", "HTTP_PORT"),
+    "http": (9025, "mail2alert's web console, /metrics and health checks (http)", "HTTP_PORT"),
 }
 
 
