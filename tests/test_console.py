@@ -27,9 +27,11 @@ from mail2alert.console.views import HOURS, hour_of, hourly_chart, url_shown
 from mail2alert.gocd.explaining import console_tables
 from mail2alert.gocd.memory import HISTORY, RUNS
 from mail2alert.gocd.model import PipelineGroups
+from mail2alert.gocd.poller import GroupPoller, client_from_options
 from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
 from mail2alert.managers.explaining import Kept
 from mail2alert.metrics import config_hash
+from mail2alert.model import Secret
 from mail2alert.settings import HostPort, Http
 from mail2alert.testing import CaptureServer, FakeClock
 from mail2alert.users import hash_password
@@ -565,10 +567,35 @@ def test_the_gocd_page_shows_groups_polls_and_the_stage_history(
             )
             missing = fetch(url + "/managers/nothing")
     assert "my-pipeline, other" in page
+    assert 'href="/?manager=gocd%230">its messages</a>' in page
     assert "last poll" in page
     assert re.search(r"<td[^>]*>my-stage</td>", page)
     assert re.search(r"<td[^>]*>failed</td>", page)
     assert missing.status == 404
+
+
+def test_the_gocd_poller_keeps_its_last_poll_and_its_last_error_after_recovering(
+    tmp_path: Path,
+) -> None:
+    clock = FakeClock()
+    with FakeGoCD({"g": ["p"]}, user="olle", password="pelle") as gocd:
+        options = {"url": gocd.url, "user": "olle", "passwd": Secret("pelle")}
+        poller = GroupPoller(
+            "gocd#0", client_from_options(options), interval=1, data_dir=tmp_path, clock=clock
+        )
+        before = poller.health()
+        gocd.failing = 503
+        asyncio.run(poller.poll_once())
+        failed_at = clock()
+        clock.advance(60)
+        gocd.failing = None
+        asyncio.run(poller.poll_once())
+    after = poller.health()
+    assert (before.last_poll, before.last_error, before.last_error_at) == (None, "", None)
+    assert after.ok
+    assert after.last_poll == clock()
+    assert "503" in after.last_error
+    assert after.last_error_at == failed_at
 
 
 def kept(snapshot: object | None, notes: Mapping[str, Mapping[tuple[str, ...], str]]) -> Kept:
