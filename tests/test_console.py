@@ -538,6 +538,7 @@ def test_the_config_page_shows_the_hash_and_the_last_reload(
         assert mail2alert.service.call(mail2alert.service.service.reload()) is False
         after = fetch(mail2alert.service.http_url + "/config").body
     assert config_hash(source) in before
+    assert re.search(r"<th>keep</th><td[^>]*>7d</td>", before)  # history.keep's default
     assert "loaded at start" in before
     assert "failed" in after
     assert "is invalid" in after

@@ -137,6 +137,13 @@ def config_sections(config: Config) -> list[Section]:
             ),
         ),
         Section("http", tuple(web)),
+        Section(
+            "history",
+            (
+                ("keep", duration(config.history.keep)),
+                ("max-messages", str(config.history.max_messages)),
+            ),
+        ),
         Section("chat", tuple(chat)),
     ]
 
