@@ -252,6 +252,19 @@ def test_delete_with_a_valid_token_removes_the_message(dead: tuple[Relay, str]) 
     assert mail2alert.outbox.message(queue_id) is None
 
 
+@pytest.mark.parametrize("back", ["//evil.example/x", "/\\evil.example", "https://evil.example/"])
+def test_after_a_change_the_browser_goes_back_only_to_a_page_of_the_console(
+    dead: tuple[Relay, str], back: str
+) -> None:
+    mail2alert, queue_id = dead
+    url = mail2alert.service.http_url
+    token = token_in(fetch(url + "/outbox").body)
+    form = {"csrf": token, "queue_id": queue_id, "next": back}
+    answer = fetch(url + "/outbox/retry", form=form)
+    assert answer.status == 303
+    assert answer.headers["Location"].startswith("/outbox?done=")
+
+
 @pytest.mark.parametrize("token", [None, "", "123.abc", "stale"])
 @pytest.mark.parametrize("action", ["retry", "delete"])
 def test_a_post_without_a_valid_token_is_403_and_changes_nothing(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,6 +70,9 @@ T = TypeVar("T")
 
 #: Messages per page of the message list.
 PAGE_SIZE = 50
+#: Where a form may send the browser back to: a path of this console, never another site
+#: (``//host`` or ``/\host`` is one to a browser) and without a query of its own.
+_LOCAL_PATH = re.compile(r"/(?:[A-Za-z0-9_.~-]+(?:/[A-Za-z0-9_.~-]+)*)?")
 #: The message list's manager filter for mail no manager decided.
 NO_MANAGER = "-"
 #: How many header lines the message page shows of the headers received.
@@ -350,10 +354,8 @@ class Console:
         done = "; ".join(postqueue.change_line(c, verb) for c in changes)
         log.info("console: %s by %s: %s", action, user or "the console", done)
         back = form.get("next")
-        if not isinstance(back, str) or not back.startswith("/") or back.startswith("//"):
-            back = "/outbox"
-        sep = "&" if "?" in back else "?"
-        raise web.HTTPSeeOther(f"{back}{sep}{urlencode({'done': done})}", headers=HEADERS)
+        back = back if isinstance(back, str) and _LOCAL_PATH.fullmatch(back) else "/outbox"
+        raise web.HTTPSeeOther(f"{back}?{urlencode({'done': done})}", headers=HEADERS)
 
     async def _managers(self, request: web.Request, user: str) -> web.StreamResponse:
         kind = request.match_info["kind"]
