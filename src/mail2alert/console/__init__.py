@@ -10,7 +10,8 @@ Pages (every one behind HTTP basic auth when ``http.users-file`` is set; ``/heal
   --trace``), each outgoing item with every attempt and its answer, the headers received;
 - ``/outbox``: pending, dead and held, with Retry and Delete buttons when ``http.admin`` is
   true: forms that POST to ``/outbox/retry`` or ``/outbox/delete`` with a token
-  (:class:`~mail2alert.console.access.Csrf`); any other POST gets 403 and changes nothing;
+  (:class:`~mail2alert.console.access.Csrf`); a POST without a valid token, or with
+  ``admin: false``, gets 403 and changes nothing;
 - ``/managers/<type>``: for a manager type with a console page (its
   :class:`~mail2alert.managers.explaining.ConsolePage` hook), each manager's keeper health
   and the type's own tables;
