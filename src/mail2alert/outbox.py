@@ -1339,6 +1339,13 @@ class Outbox:
                 raise OutboxError(f"no such state {state!r}: one of {', '.join(STATES)}")
             where.append("state = ?")
             params.append(state)
+            # Narrowed first by the index on items' state (or on held messages): without
+            # it, every message's state is worked out to find the few pending or dead.
+            if state in ("pending", "dead"):
+                where.append("id IN (SELECT message_id FROM items WHERE state = ?)")
+                params.append(state)
+            elif state == "held":
+                where.append("outcome = 'hold'")
         sql = (
             f"SELECT * FROM ({_HISTORY}) "  # noqa: S608 - fixed text and placeholders only
             + (f"WHERE {' AND '.join(where)} " if where else "")
