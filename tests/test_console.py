@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import fnmatch
 import re
+import threading
 import tomllib
 import urllib.error
 import urllib.parse
@@ -21,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mail2alert import config
+from mail2alert import components, config
 from mail2alert.console.access import REMEMBERED, TOKEN_LIFE, Csrf, Logins, credentials
 from mail2alert.console.views import HOURS, hour_of, hourly_chart, url_shown
 from mail2alert.gocd.explaining import console_tables
@@ -239,6 +240,25 @@ def test_retry_with_a_valid_token_delivers_a_dead_item(dead: tuple[Relay, str]) 
     assert mail2alert.upstream.wait_for(1)[0].rcpt_tos == ("sys@example.com", "op@example.com")
     after = fetch(url + answer.headers["Location"]).body
     assert f"{queue_id}: requeued 1 item (1 dead), due now" in after
+
+
+def test_a_retry_wakes_delivery_at_once_rather_than_at_its_next_look(
+    dead: tuple[Relay, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mail2alert, queue_id = dead
+    woken = threading.Event()
+    wake = components.Delivery.wake
+
+    def recorded(self: components.Delivery) -> None:
+        woken.set()
+        wake(self)
+
+    monkeypatch.setattr(components.Delivery, "wake", recorded)
+    url = mail2alert.service.http_url
+    token = token_in(fetch(url + "/outbox").body)
+    answer = fetch(url + "/outbox/retry", form={"csrf": token, "queue_id": queue_id})
+    assert answer.status == 303
+    assert woken.is_set()
 
 
 def test_delete_with_a_valid_token_removes_the_message(dead: tuple[Relay, str]) -> None:

@@ -16,6 +16,7 @@ from mail2alert.app import Service
 from mail2alert.components import Change, Component, ReloadRefused
 from mail2alert.config import load
 from mail2alert.gocd.testing import gocd_stage_mail
+from mail2alert.settings import History
 from mail2alert.testing import CaptureServer, free_port
 from tests.helpers import (
     OutboxView,
@@ -260,3 +261,21 @@ def test_when_one_component_refuses_none_switches_and_what_others_acquired_is_re
     assert actions == ("mailto:old@a.org",)
     assert new_port_free
     assert refusing.aborted == 0  # it refused: it had acquired nothing to give back
+
+
+def test_a_changed_history_is_taken_by_the_running_dispatcher_without_stopping_delivery(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = configure(tmp_path / "c.yml", upstream, data_dir, "127.0.0.1:0", "a@example.com")
+    with running(path) as service:
+        (delivery,) = [c for c in service.service.components if isinstance(c, components.Delivery)]
+        dispatcher = delivery.dispatcher
+        assert dispatcher is not None
+        path.write_text(path.read_text() + "history:\n  keep: 1d\n  max-messages: 10\n")
+        with caplog.at_level(logging.INFO):
+            assert service.call(service.service.reload()) is True
+        send(service.port, BACKUP)
+        upstream.wait_for(1)
+    assert delivery.dispatcher is dispatcher
+    assert dispatcher.history == History(86400.0, 10)
+    assert "now delivering" not in caplog.text

@@ -179,11 +179,13 @@ class Service:
     def running(self) -> Running:
         """What the web console shows of this process beyond the outbox."""
         keepers = self.component(Keepers)
+        delivery = self.component(Delivery)
         return Running(
             self.config,
             self.reload_status,
             keepers.health() if keepers is not None else {},
             self.knowledge.context,
+            wake=delivery.wake if delivery is not None else lambda: None,
         )
 
     def readiness(self) -> dict[str, Check]:

@@ -448,7 +448,7 @@ class Intake(Component):
 
 
 def _delivery_settings(config: Config) -> tuple[object, ...]:
-    return (config.upstream, config.delivery, config.chat_settings(), config.history)
+    return (config.upstream, config.delivery, config.chat_settings())
 
 
 class Delivery(Component):
@@ -501,6 +501,9 @@ class Delivery(Component):
     async def switch(self, change: Change) -> None:
         old, self.config = self.config, change.config
         if _delivery_settings(old) == _delivery_settings(change.config):
+            if self.dispatcher is not None:
+                # Read at its next purge: no need to stop deliveries in flight for it.
+                self.dispatcher.history = change.config.history
             return
         await self._finish()
         self._stop = asyncio.Event()

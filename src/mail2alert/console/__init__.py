@@ -114,6 +114,8 @@ class Running:
     """How each reporting keeper fares, by manager label, with its manager type's name."""
     context: Context
     """The snapshots and notes routing uses now."""
+    wake: Callable[[], None] = lambda: None
+    """Tells delivery that items are due now (after a Retry), without waiting for its poll."""
 
 
 class Reader(Protocol):
@@ -351,6 +353,8 @@ class Console:
             if "no message" in str(exc):
                 return self._page(request, user, "missing.html", status=404, queue_id=queue_id)
             return self._trouble(request, user, exc)
+        if action == "retry":
+            self._running().wake()
         verb = "requeued" if action == "retry" else "deleted"
         done = "; ".join(postqueue.change_line(c, verb) for c in changes)
         log.info("console: %s by %s: %s", action, user or "the console", done)
