@@ -23,19 +23,9 @@ from playwright.sync_api import sync_playwright
 from mail2alert import config
 from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
 from mail2alert.outbox import Outbox
-from mail2alert.testing import CaptureServer, ServiceThread
+from mail2alert.testing import CHROMIUM, CHROMIUM_ARGS, CaptureServer, ServiceThread
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 STAGES = [
     "Stage [api-server/41/build/1] passed",
@@ -133,9 +123,7 @@ def main() -> int:
             traffic(mail2alert.port)
             _wait_settled(Path(tmp) / "data")
             with sync_playwright() as playwright:
-                browser = playwright.chromium.launch(
-                    executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-                )
+                browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
                 page = browser.new_page(viewport={"width": 1100, "height": 820})
                 page.goto(mail2alert.http_url + "/")
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
-from mail2alert.testing import CaptureServer, free_port
+from mail2alert.testing import CHROMIUM, CHROMIUM_ARGS, CaptureServer, free_port
 from tests.helpers import (
     OutboxView,
     ServeProcess,
@@ -20,19 +20,6 @@ from tests.helpers import (
     send,
     write_config,
 )
-
-CHROMIUM = "/usr/bin/chromium"
-#: Headless, and nothing that would reach beyond loopback (updates, sync, QUIC probes).
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture

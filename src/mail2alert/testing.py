@@ -122,6 +122,21 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+#: Debian's Chromium, which the console's browser test and its screenshot script drive.
+CHROMIUM = "/usr/bin/chromium"
+#: Headless, and nothing that would reach beyond loopback (updates, sync, QUIC probes).
+CHROMIUM_ARGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+
 def free_ports(count: int, *hosts: str) -> int:
     """The first of ``count`` consecutive TCP ports free a moment ago on every one of
     ``hosts`` (default 127.0.0.1), for a service that listens on a port and the ones after it.
