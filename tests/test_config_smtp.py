@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trustme
 
+from mail2alert import cli
 from mail2alert.settings import PRIVATE_NETWORKS, HostPort, Listener, Upstream
 from mail2alert.users import hash_password
 from tests.test_config import parse, problems
@@ -235,3 +236,31 @@ def test_a_password_is_never_configured_for_clear_text() -> None:
         "configuration.yml:5: remote-smtp.passwd: a password is never sent in clear text:"
         " use tls: starttls or implicit",
     ]
+
+
+@pytest.mark.parametrize(
+    ("tls", "warned"),
+    [
+        ("", "tls: may (the default) does not check"),
+        ("  tls: may\n", "tls: may (the default) does not check"),
+        ("  tls: starttls\n  verify: false\n", "verify: false"),
+        ("  tls: starttls\n", None),
+    ],
+)
+def test_check_warns_of_a_password_sent_where_the_certificate_is_not_checked(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tls: str, warned: str | None
+) -> None:
+    path = tmp_path / "configuration.yml"
+    remote = "remote-smtp:\n  address: smtp.example.com:587\n  user: alerts\n  passwd: s3cret\n"
+    path.write_text(remote + tls + textwrap.dedent(MANAGERS), encoding="utf-8")
+
+    code = cli.main(["check", "--config", str(path)])
+
+    _, err = capsys.readouterr()
+    assert code == 0  # a warning, not a problem: the file is valid
+    assert "s3cret" not in err
+    if warned is None:
+        assert "warning" not in err
+    else:
+        assert f"{path}: warning: remote-smtp: the password of alerts goes to whoever" in err
+        assert warned in err

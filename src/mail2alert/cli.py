@@ -415,6 +415,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{path}: data-dir {loaded.data_dir} {unfit}", file=sys.stderr)
         return 1
     print(f"{path}: OK, {loaded.summary()}")
+    for risk in loaded.upstream.risks():
+        print(f"{path}: warning: {risk}", file=sys.stderr)
     findings = []
     if args.online:
         findings = asyncio.run(online.everything(loaded))
@@ -449,6 +451,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for problem in exc.problems:
             log.error("%s", problem)
         raise Mail2AlertError(f"not starting: {path} is invalid") from None
+    for risk in loaded.upstream.risks():
+        log.warning("%s: %s", path, risk)
     return supervisor.run(loaded, monitor=args.monitor)
 
 

@@ -133,6 +133,23 @@ class Upstream:
     sender: str | None = None
     """The envelope sender of everything sent upstream, and the From: of routed mail."""
 
+    def risks(self) -> list[str]:
+        """What this setting risks that is valid but an operator should know: a password
+        sent over TLS whose certificate is not checked (anyone in the path can take it)."""
+        if self.user is None or self.passwd is None:
+            return []
+        if self.tls == "may":
+            why = "tls: may (the default) does not check the smarthost's certificate"
+        elif not self.verify:
+            why = "verify: false"
+        else:
+            return []
+        return [
+            f"remote-smtp: the password of {self.user} goes to whoever answers at"
+            f" {self.address}: {why}; set tls: starttls (or implicit) and, for a private"
+            " CA, ca-file"
+        ]
+
 
 @dataclass(frozen=True)
 class Http:
