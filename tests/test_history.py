@@ -95,15 +95,15 @@ def test_the_history_lists_messages_newest_first_with_their_state_now(outbox: Ou
 
     rows = outbox.history()
 
-    assert [(r.queue_id, r.state) for r in rows] == [
+    assert [(r.message.id, r.state) for r in rows] == [
         ("DROPPED", "none"),
         ("HELD", "held"),
         ("PENDING", "pending"),
         ("DEAD", "dead"),
         ("DONE", "done"),
     ]
-    assert rows[-1].subject == "subject of DONE"
-    assert rows[-1].rcpt_tos == ("ops@example.com",)
+    assert rows[-1].message.subject == "subject of DONE"
+    assert rows[-1].message.rcpt_tos == ("ops@example.com",)
 
 
 def test_the_history_is_filtered_by_manager_state_and_facts_and_paged(outbox: Outbox) -> None:
@@ -118,7 +118,7 @@ def test_the_history_is_filtered_by_manager_state_and_facts_and_paged(outbox: Ou
     deliver(outbox, "A")
 
     def ids(**how: object) -> list[str]:
-        return [r.queue_id for r in outbox.history(**how)]  # type: ignore[arg-type]
+        return [r.message.id for r in outbox.history(**how)]  # type: ignore[arg-type]
 
     assert ids(facts={"pipeline": "build"}) == ["B", "A"]
     assert ids(facts={"pipeline": "build", "event": "BREAKS"}) == ["A"]
@@ -207,7 +207,7 @@ def test_finished_messages_go_after_keep_and_pending_dead_and_held_ones_stay(
     gone = outbox.purge(8 * DAY, keep=7 * DAY)
 
     assert gone == 2
-    assert {r.queue_id for r in outbox.history()} == {
+    assert {r.message.id for r in outbox.history()} == {
         "OLD-DEAD",
         "OLD-PENDING",
         "OLD-HELD",
@@ -229,7 +229,7 @@ def test_beyond_max_messages_the_oldest_finished_ones_go_in_batches(outbox: Outb
 
     assert (first, second, third) == (3, 2, 0)
     # M01 is still pending: it stays, and the newest four stay.
-    assert sorted(r.queue_id for r in outbox.history()) == ["M01", "M06", "M07", "M08", "M09"]
+    assert sorted(r.message.id for r in outbox.history()) == ["M01", "M06", "M07", "M08", "M09"]
 
 
 def test_an_outbox_made_before_the_history_gets_its_columns_and_keeps_its_mail(
@@ -251,7 +251,7 @@ def test_an_outbox_made_before_the_history_gets_its_columns_and_keeps_its_mail(
     outbox = Outbox(tmp_path)
     try:
         outbox.put([message("NEW", 2.0, facts={"event": "BREAKS"})])
-        rows = [(r.queue_id, r.state) for r in outbox.history()]
+        rows = [(r.message.id, r.state) for r in outbox.history()]
         old = outbox.decision("OLD")
     finally:
         outbox.close()
@@ -364,4 +364,4 @@ def test_a_routed_mail_arrives_with_its_queue_id_and_the_history_has_every_attem
     assert decided is not None
     assert decided.trace[0].startswith("✓ rule 1")
     assert b"Subject: Server Backup Failed" in decided.headers
-    assert (row.queue_id, row.state, row.outcome) == (reply.queue_id, "done", "deliver")
+    assert (row.message.id, row.state, row.message.outcome) == (reply.queue_id, "done", "deliver")

@@ -562,7 +562,7 @@ _FACT_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 _HISTORY = (
     "SELECT m.id, m.received, m.mail_from, m.rcpt_tos, m.subject, m.manager, m.outcome,"
-    " m.reason, m.facts_data, CASE WHEN m.outcome='hold' THEN 'held'"
+    " m.reason, NULL AS raw, m.facts_data, CASE WHEN m.outcome='hold' THEN 'held'"
     " WHEN EXISTS (SELECT 1 FROM items i WHERE i.message_id=m.id AND i.state='pending')"
     " THEN 'pending'"
     " WHEN EXISTS (SELECT 1 FROM items i WHERE i.message_id=m.id AND i.state='dead') THEN 'dead'"
@@ -573,16 +573,10 @@ _HISTORY = (
 
 @dataclass(frozen=True)
 class HistoryRow:
-    """One line of the history: a message, how it was decided, and its state now."""
+    """One line of the history: a message (without its bytes), its facts as data, and its
+    state now."""
 
-    queue_id: str
-    received: float
-    mail_from: str
-    rcpt_tos: tuple[str, ...]
-    subject: str
-    manager: str | None
-    outcome: str
-    reason: str
+    message: StoredMessage
     facts: Mapping[str, object]
     state: str
 
@@ -620,19 +614,8 @@ def _facts_of(text: str | None) -> Mapping[str, object]:
 
 
 def _history_row(row: Sequence[Any]) -> HistoryRow:
-    qid, received, sender, rcpt_tos, subject, manager, outcome, reason, facts, state, _ = row
-    return HistoryRow(
-        str(qid),
-        float(received),
-        loaded(sender),
-        tuple(loaded(r) for r in json.loads(rcpt_tos)),
-        loaded(subject),
-        manager,
-        str(outcome),
-        str(reason),
-        _facts_of(facts),
-        str(state),
-    )
+    facts, state, _ = row[9:]
+    return HistoryRow(_message_of(row[:9]), _facts_of(facts), str(state))
 
 
 def _chat_action(data: bytes) -> tuple[str, ...]:
