@@ -35,7 +35,7 @@ import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TypeVar
@@ -158,28 +158,15 @@ def judge(
 ) -> Result:
     """What one attempt comes to: done, dead, retry at a time, or wait for the destination.
 
-    The result keeps when the attempt was made and the other side's answer to it, for the
-    history. See :func:`_judge` for the rest.
-    """
-    judged = _judge(item, attempt, now=now, delivery=delivery, via=via, waiting=waiting)
-    return replace(judged, at=now, answer=attempt.reply)
-
-
-def _judge(
-    item: Item,
-    attempt: Attempt,
-    *,
-    now: float,
-    delivery: Delivery,
-    via: str,
-    waiting: Destination | None = None,
-) -> Result:
-    """What one attempt comes to: done, dead, retry at a time, or wait for the destination.
-
     ``waiting`` (a destination that is down) says the attempt did not reach it: the item then
     waits for it without spending an attempt of its own, unless it is past
-    ``give-up-after``. Logs what it decides.
+    ``give-up-after``. The result keeps when the attempt was made and the other side's
+    answer to it, for the history. Logs what it decides.
     """
+
+    def result(next_try: float | None, error: str, waiting_for: str = "") -> Result:
+        return Result(item, attempt.recipients, next_try, error, waiting_for, attempt.reply, at=now)
+
     done = [_shown(item, r.rcpt) for r in attempt.recipients if r.state == "done"]
     dead = [r for r in attempt.recipients if r.state == "dead"]
     retry = [r for r in attempt.recipients if r.state == "pending"]
@@ -193,21 +180,21 @@ def _judge(
     if not attempt.recipients and attempt.permanent:
         refused = about(qid, "delivery", result="dead")
         log.error("%s: refused by %s, giving up: %s", qid, via, attempt.error, extra=refused)
-        return Result(item, (), None, attempt.error)
+        return result(None, attempt.error)
     if not attempt.recipients or retry:
         error = attempt.error or "; ".join(f"{r.rcpt}: {r.reason}" for r in retry)
         age = now - item.created
         if age >= delivery.give_up_after:
             reason = f"gave up after {_age(age)}: {error}"
             log.error("%s: %s", qid, reason, extra=about(qid, "delivery", result="dead"))
-            return Result(item, attempt.recipients, None, reason)
+            return result(None, reason)
         if waiting is not None:
-            return Result(item, attempt.recipients, waiting.next_probe, error, waiting.name)
+            return result(waiting.next_probe, error, waiting.name)
         delay = attempt.retry_after or backoff(item.attempts + 1, delivery)
         later = about(qid, "delivery", result="retry")
         log.warning("%s: deferred (%s), next try in %s", qid, error, _age(delay), extra=later)
-        return Result(item, attempt.recipients, now + delay, error)
-    return Result(item, attempt.recipients, 0.0, "; ".join(f"{r.rcpt}: {r.reason}" for r in dead))
+        return result(now + delay, error)
+    return result(0.0, "; ".join(f"{r.rcpt}: {r.reason}" for r in dead))
 
 
 #: What the dispatcher reads the time from (``time.time``; a fake one in fast tests).
