@@ -3,7 +3,7 @@
 :func:`accept` parses a received message, routes it (:func:`mail2alert.routing.route`) and
 plans it: the outgoing items (the rewritten mail, one chat post per chat action, the
 unchanged copy for recipients no manager took), the notes the deciding manager keeps, its
-de-duplication claim and its label. ``serve`` calls it for every message and for held mail
+de-duplication claim and its label, and its facts and rule trace for the history. ``serve`` calls it for every message and for held mail
 it releases, and so do ``route``, ``test`` and ``coverage``: what an operator tests is what
 runs. It does no I/O: everything it may know comes in the
 :class:`~mail2alert.managers.base.Context`.
@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 
 from mail2alert.actions import mask, outgoing_for
 from mail2alert.managers.base import Context
+from mail2alert.managers.explaining import Facts
 from mail2alert.managers.memory import RECOVERED_HEADER, Claim, Conversation, Note
 from mail2alert.message import RawMessage, received_header
 from mail2alert.model import Decision, Envelope, Outgoing, RuleTrace
@@ -43,6 +44,10 @@ class Plan:
     """Facts to keep once committed; a note with an empty value forgets its key."""
     claim: Claim | None = None
     label: str | None = None
+    facts: Facts | None = None
+    """What the deciding manager's type reads the alert as, for the history and ``route``."""
+    trace: tuple[str, ...] = ()
+    """Each rule's verdict as ``route --trace`` prints it (:func:`trace_lines`)."""
 
 
 def plan(
@@ -62,15 +67,16 @@ def plan(
     manager = find_manager(managers, decision.manager)
     alert = decision.alert
     if manager is None or alert is None:
-        return Plan(
-            tuple(
-                outgoing_for(
-                    decision, envelope, message, received, sender=sender, queue_id=queue_id
-                )
-            )
+        items = outgoing_for(
+            decision, envelope, message, received, sender=sender, queue_id=queue_id
         )
+        trace = trace_lines(manager, decision.trace) if manager else ()
+        return Plan(tuple(items), trace=trace)
     memory = manager.type.memory
-    label = memory.label(alert, context.snapshots.get(manager.label, context.snapshot))
+    snapshot = context.snapshots.get(manager.label, context.snapshot)
+    label = memory.label(alert, snapshot)
+    facts = manager.type.explaining.facts(alert, label, snapshot is not None)
+    trace = trace_lines(manager, decision.trace)
     conversation = memory.conversation(alert)
     answers = _answered(conversation, context)
     items = outgoing_for(
@@ -86,14 +92,14 @@ def plan(
         queue_id=queue_id,
     )
     if decision.outcome == "hold":
-        return Plan(tuple(items), label=label)
+        return Plan(tuple(items), label=label, facts=facts, trace=trace)
     notes = list(memory.notes(alert))
     if conversation is not None and conversation.role == "start" and alert.message_id:
         notes.append(Note(THREADS, conversation.key, alert.message_id))
     elif conversation is not None and answers:
         notes.append(Note(THREADS, conversation.key, ""))
     claim = memory.claim(alert, manager.label, manager.options)
-    return Plan(tuple(items), tuple(notes), claim, label)
+    return Plan(tuple(items), tuple(notes), claim, label, facts, trace)
 
 
 def remember(state: dict[str, dict[tuple[str, ...], str]], notes: Sequence[Note]) -> None:
@@ -171,11 +177,7 @@ def accept(
         queue_id=queue_id,
     )
     alert = decision.alert
-    manager = find_manager(managers, decision.manager)
-    facts = None
-    if manager is not None and alert is not None:
-        known = context.snapshots.get(manager.label, context.snapshot) is not None
-        facts = manager.type.explaining.facts(alert, planned.label, known)
+    facts = planned.facts
     return Accepted(
         queue_id,
         now,
@@ -189,7 +191,7 @@ def accept(
         label=planned.label,
         facts=facts.line if facts else "",
         facts_data=facts.data if facts else None,
-        trace=trace_lines(manager, decision.trace) if manager else (),
+        trace=planned.trace,
         headers=message.data[: message.header_end],
     )
 
