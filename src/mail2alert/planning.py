@@ -3,10 +3,10 @@
 :func:`accept` parses a received message, routes it (:func:`mail2alert.routing.route`) and
 plans it: the outgoing items (the rewritten mail, one chat post per chat action, the
 unchanged copy for recipients no manager took), the notes the deciding manager keeps, its
-de-duplication claim and its label, and its facts and rule trace for the history. ``serve`` calls it for every message and for held mail
-it releases, and so do ``route``, ``test`` and ``coverage``: what an operator tests is what
-runs. It does no I/O: everything it may know comes in the
-:class:`~mail2alert.managers.base.Context`.
+de-duplication claim and its label, and its facts and rule trace for the history. ``serve``
+calls it for every message and for held mail it releases, and so do ``route``, ``test`` and
+``coverage``: what an operator tests is what runs. It does no I/O: everything it may know
+comes in the :class:`~mail2alert.managers.base.Context`.
 
 Conversations are the planner's own policy, in any manager's words: the mail that starts
 one is remembered (its Message-ID, in the ``mail_threads`` notes), and the mail that answers
