@@ -9,8 +9,11 @@ from __future__ import annotations
 import email
 import email.policy
 import email.utils
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mail2alert.actions import outgoing_for
 from mail2alert.message import RawMessage, address_of, fold_bare_cr, received_header, rewrite
@@ -165,6 +168,32 @@ def test_a_bare_cr_that_ends_the_header_section_stays_where_mail2alert_saw_the_b
 
     assert fold_bare_cr(data) is data
     assert RawMessage.parse(data).header_end == len(b"Subject: hi\r\n")
+
+
+_VALUES = st.lists(st.sampled_from([b"a", b" ", b"\t", b"\r", b"\n"]), max_size=6)
+_FIELDS = st.lists(_VALUES.map(lambda parts: b"S: " + b"".join(parts) + b"\r\n"), max_size=6)
+
+
+@settings(max_examples=400)
+@given(
+    _FIELDS.map(b"".join),
+    st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b"", b"x\r\n"]),
+    _VALUES.map(b"".join),
+)
+def test_folding_agrees_with_folding_the_parsed_header_section(
+    fields: bytes, blank: bytes, body: bytes
+) -> None:
+    """The quick look for a bare CR (up to the first empty line) never lets through one that
+    the parsed header section holds, nor changes anything beyond it."""
+    data = fields + blank + body
+    end = RawMessage.parse(data).header_end
+    folded = re.sub(
+        rb"\r(?!\n)",
+        lambda m: b"\r\n" if m.string[m.end() : m.end() + 1] in (b" ", b"\t") else b"\r\n ",
+        data[:end],
+    )
+
+    assert fold_bare_cr(data) == folded + data[end:]
 
 
 # -- hops -------------------------------------------------------------------------------------

@@ -412,6 +412,11 @@ def fold_bare_cr(data: bytes) -> bytes:
     ``Subject: hi<CR>Bcc: x`` would gain a Bcc. Folded, the field stays the one field it was.
     Returns ``data`` itself when there is nothing to fold (the body is never touched).
     """
+    # Every item is folded on its way out: most have no bare CR up to their first empty line
+    # (where the header section ends at the latest), which one search tells without parsing.
+    blank = [i for i in (data.find(b"\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    if _BARE_CR.search(data, 0, min(blank) + 3 if blank else len(data)) is None:
+        return data
     end = RawMessage.parse(data).header_end
     if _BARE_CR.search(data, 0, end) is None:
         return data
