@@ -239,14 +239,17 @@ def storage_error(exc: BaseException, doing: str) -> OutboxError:
 
 #: The page size of a new outbox. Every transaction writes each page it changed whole to the
 #: WAL (and a checkpoint writes it again to the database), and a commit of a few messages
-#: changes about ten pages: their rows, the last leaves of the indexes, page 1. With 4 KiB
-#: pages that came to 35 KB written per 2 KB message at two messages per commit; with 2 KiB
-#: pages to 21 KB (bench/README.md). A message bigger than a page goes to overflow pages. 1 KiB
-#: pages write less still (15 KB), but then a small commit can fit in the unused end of the
-#: WAL's last file-system block: on a full disk one commit succeeds where the next fails, and
-#: delivery would take the disk for usable again. A commit of two 2 KiB pages or more always
-#: needs a block of its own.
-PAGE_SIZE = 2048
+#: changes about ten pages: their rows, the last leaves of the indexes. With 4 KiB pages that
+#: came to 35 KB written per 2 KB message at two messages per commit, with 2 KiB pages to
+#: 21 KB and with 1 KiB pages to 15 KB (bench/README.md). A message bigger than a page goes to
+#: overflow pages; the history's scans of many messages read more pages (bench/scrape.py).
+#: 512-byte pages write less still, but then most rows of the history overflow.
+PAGE_SIZE = 1024
+
+#: The least room in data-dir that readiness calls writable. A commit of a page or two can
+#: fit in the unused end of a file's last block on a full disk, so that one row committed
+#: says little about the next message.
+READY_FREE = 256 * 1024
 
 #: How much WAL (in bytes) a commit lets grow before it checkpoints it into the database:
 #: 4 MiB, as SQLite's default of 1000 pages of 4 KiB was.
@@ -1184,9 +1187,18 @@ class Outbox:
         )
 
     def check_writable(self) -> None:
-        """Write and commit one row, as intake would: raises OutboxError when it cannot."""
+        """Write and commit one row, as intake would, and look for room for more: raises
+        OutboxError when it cannot (OutboxFull when the file system has less than
+        :data:`READY_FREE` left)."""
         with self.transaction("write to the outbox (readiness check)") as db:
             db.execute("INSERT OR REPLACE INTO counters VALUES ('probe', '{}', ?)", (time.time(),))
+        try:
+            room = os.statvfs(self.path.parent)
+        except OSError as exc:
+            raise storage_error(exc, "look for room in data-dir") from exc
+        free = room.f_bavail * room.f_frsize
+        if free < READY_FREE:
+            raise OutboxFull(f"data-dir is full: {free // 1024} KiB left")
 
     def integrity(self) -> str:
         """SQLite's own check of the file: ``ok``, or what is wrong."""
