@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import urllib.error
@@ -250,6 +251,28 @@ def test_readyz_is_503_naming_the_outbox_while_data_dir_is_full(
     assert answer["failing"] == ["outbox"]
     assert "full" in answer["checks"]["outbox"]["detail"], answer
     assert health[0] == 200
+    assert again[0] == 200, again
+
+
+def test_readyz_is_503_while_data_dir_has_room_for_a_row_but_not_for_mail(
+    tmp_path: Path,
+    upstream: CaptureServer,
+    small_disk: Path,  # noqa: F811 - the fixture imported above
+) -> None:
+    """A row still fits, but less than READY_FREE is left: no room for the next message."""
+    with relay(tmp_path, upstream, [], data_dir=small_disk) as mail2alert:
+        room = os.statvfs(small_disk)
+        left = 64 * 1024
+        filler = small_disk / "filler"
+        filler.write_bytes(b"\0" * (room.f_bavail * room.f_frsize - left))
+        nearly = get(mail2alert.service.http_url + "/readyz")
+        filler.unlink()
+        again = get(mail2alert.service.http_url + "/readyz")
+    status, _, body = nearly
+    answer = json.loads(body)
+    assert status == 503, answer
+    assert answer["failing"] == ["outbox"]
+    assert "KiB left" in answer["checks"]["outbox"]["detail"], answer
     assert again[0] == 200, again
 
 
