@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
+import os
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
 
-from mail2alert.errors import OutboxError
+from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.gocd.testing import gocd_stage_mail
 from mail2alert.managers.base import Context
 from mail2alert.managers.memory import Claim, Note
@@ -94,6 +97,91 @@ def test_a_batch_that_fails_unexpectedly_gets_an_outbox_error_and_the_writer_goe
     outbox = Outbox(tmp_path)
     assert [m.id for m in outbox.messages()] == ["SECOND"]
     outbox.close()
+
+
+def test_intake_answers_only_after_its_fsync_and_other_writers_commit_during_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group commit writes its rows under the writers' lock and syncs the WAL after it:
+    delivery (any other writer) commits while the disk works, and the sender hears nothing
+    before the sync has returned."""
+    real_sync = os.fdatasync
+    syncing, go_on = threading.Event(), threading.Event()
+
+    def slow_sync(fd: int) -> None:
+        syncing.set()
+        go_on.wait(10)
+        real_sync(fd)
+
+    committer = GroupCommitter(tmp_path)
+    monkeypatch.setattr(os, "fdatasync", slow_sync)
+
+    async def scenario() -> tuple[bool, list[str], str | None]:
+        put = asyncio.ensure_future(committer.put(accepted("DURABLE", 1.0)))
+        await asyncio.get_running_loop().run_in_executor(None, syncing.wait, 10)
+        await asyncio.sleep(0.05)  # give a wrongly early answer the time to arrive
+        answered_early = put.done()
+
+        def record_meanwhile() -> list[str]:
+            other = Outbox(tmp_path, durable=False)
+            try:
+                with other.transaction("record a result meanwhile") as db:
+                    db.execute("INSERT INTO counters VALUES ('during', '{}', 1)")
+                return [m.id for m in other.messages()]
+            finally:
+                other.close()
+
+        loop = asyncio.get_running_loop()
+        # While the fsync is held, the other writer must get through (not wait for it).
+        seen = await asyncio.wait_for(loop.run_in_executor(None, record_meanwhile), 5)
+        go_on.set()
+        return answered_early, seen, await put
+
+    try:
+        answered_early, seen_during_sync, duplicate_of = asyncio.run(scenario())
+    finally:
+        go_on.set()
+        committer.close()
+    assert not answered_early
+    assert seen_during_sync == ["DURABLE"]
+    assert duplicate_of is None
+
+
+@pytest.mark.parametrize(
+    ("errno_", "error"), [(errno.EIO, OutboxError), (errno.ENOSPC, OutboxFull)]
+)
+def test_a_failed_fsync_fails_the_batch_and_the_writer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, errno_: int, error: type[OutboxError]
+) -> None:
+    """The rows are written but not known to be on disk: the sender is told to retry (452 for
+    a full disk), and the next batch is committed as usual."""
+    real_sync = os.fdatasync
+    failures = [OSError(errno_, os.strerror(errno_))]
+
+    def failing_sync(fd: int) -> None:
+        if failures:
+            raise failures.pop()
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", failing_sync)
+    committer = GroupCommitter(tmp_path)
+
+    async def both() -> tuple[BaseException | None, str | None]:
+        try:
+            await committer.put(accepted("FIRST", 1.0))
+        except OutboxError as exc:
+            first: BaseException | None = exc
+        else:
+            first = None
+        return first, await committer.put(accepted("SECOND", 2.0))
+
+    try:
+        first, second = asyncio.run(both())
+    finally:
+        committer.close()
+    assert type(first) is error, first
+    assert "sync the outbox to disk" in str(first)
+    assert second is None
 
 
 def test_an_outbox_of_the_first_schema_keeps_its_notes_and_threads_when_opened(

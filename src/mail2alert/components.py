@@ -13,10 +13,13 @@ Threads and SQLite connections (each connection is used by one thread only):
 component        thread that uses its connection                       connection
 ===============  ====================================================  ======================
 NotesWatch       ``notes-reader`` (reads other processes' notes)       outbox, not durable
-Intake           ``outbox-writer`` (the group commit)                  outbox, durable
+Intake           ``outbox-writer`` (the group commit)                  outbox, synced after
 Delivery         the dispatcher's own thread (claims, results)         outbox, not durable
 Holds            ``holds`` (held mail, notes learnt from outside)      outbox, durable
 ===============  ====================================================  ======================
+
+"Synced after": the group commit writes without an fsync, lets go of the writers' lock, then
+syncs the WAL (:meth:`~mail2alert.outbox.Outbox.sync`) before it answers.
 
 Everything else (SMTP sessions, routing, keepers, the watches) runs on the event loop and
 touches no database: routing reads :class:`Knowledge`, which only the event loop's thread

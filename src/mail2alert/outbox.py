@@ -1,9 +1,11 @@
 """The durable outbox: SQLite in WAL mode, the one place where accepted mail lives.
 
-A message is answered 250 only after :meth:`Outbox.put` has committed it with
-``synchronous=FULL`` (so it survives a power cut, as a Postfix queue file does). Intake commits
-through :class:`GroupCommitter`, which puts every message that arrived during one fsync into
-the next transaction: one fsync serves many SMTP sessions.
+A message is answered 250 only once it is on disk (so it survives a power cut, as a Postfix
+queue file does). Intake commits through :class:`GroupCommitter`, which puts every message
+that arrived during one fsync into the next transaction: one fsync serves many SMTP
+sessions. It writes its rows under the writers' lock without an fsync and then syncs the WAL
+(:meth:`Outbox.sync`) after letting go of it, so that delivery and the other intake process
+write while the disk works; only then does it answer.
 
 Tables::
 
@@ -639,6 +641,7 @@ class Outbox:
     def __init__(self, data_dir: Path, *, durable: bool = True) -> None:
         self.path = data_dir / DB_NAME
         self._lock: int | None = None
+        self._wal: int | None = None  # for sync(): the WAL file, opened at the first call
         self._locked = 0  # how deep in write_lock(): the file lock is taken once, at depth 1
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -676,9 +679,33 @@ class Outbox:
     def close(self) -> None:
         """Close the connection (a WAL checkpoint happens when the last one closes)."""
         self.db.close()
-        if self._lock is not None:
-            os.close(self._lock)
-            self._lock = None
+        for fd in (self._lock, self._wal):
+            if fd is not None:
+                os.close(fd)
+        self._lock = self._wal = None
+
+    def sync(self) -> None:
+        """Make every transaction committed so far durable, this connection's and others':
+        ``fdatasync`` the WAL. Raises OutboxError (OutboxFull for a full disk).
+
+        A connection opened with ``durable=False`` commits without an fsync; this call after
+        its commit gives the promise of ``durable=True``, but outside the writers' lock, so
+        the others write while it waits for the disk. A transaction the WAL no longer holds
+        was checkpointed into the database first, and a checkpoint syncs the database before
+        the WAL may be written over.
+        """
+        wal = self.path.with_name(f"{DB_NAME}-wal")
+        try:
+            # The connection keeps its WAL while it is open; the check costs two system calls
+            # and guards against syncing a file that is no longer the WAL.
+            if self._wal is None or os.fstat(self._wal).st_ino != os.stat(wal).st_ino:
+                if self._wal is not None:
+                    os.close(self._wal)
+                    self._wal = None
+                self._wal = os.open(wal, os.O_RDONLY | os.O_CLOEXEC)
+            os.fdatasync(self._wal)
+        except OSError as exc:
+            raise storage_error(exc, "sync the outbox to disk") from exc
 
     def notes(self) -> dict[str, dict[tuple[str, ...], str]]:
         """Every note kept so far, by table and key (for routing's in-memory snapshot)."""
@@ -728,7 +755,8 @@ class Outbox:
             raise storage_error(exc, doing) from exc
 
     def put(self, batch: Sequence[Accepted]) -> Committed:
-        """Commit messages and their items in one transaction (durable when this returns).
+        """Commit messages and their items in one transaction (durable when this returns on
+        a connection opened with ``durable=True``; else once :meth:`sync` has).
 
         Each message is written in a savepoint of its own: one that cannot be written fails
         alone (it is in :attr:`Committed.failed`) and the others are committed. Raises
@@ -1422,6 +1450,18 @@ class Outbox:
 
 #: The most messages :class:`GroupCommitter` commits in one transaction.
 BATCH_MAX = 512
+#: The file whose lock intake processes take turns on (in data-dir, beside the outbox).
+TURN_LOCK = "outbox.intake.lock"
+
+
+@contextmanager
+def _flocked(fd: int) -> Iterator[None]:
+    """Hold an exclusive lock on the open file ``fd``. Raises OSError."""
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
 
 class _Counts:
@@ -1443,7 +1483,13 @@ class GroupCommitter:
         self, data_dir: Path, *, on_death: Callable[[BaseException], None] | None = None
     ) -> None:
         """``on_death`` is called, from the writer thread, if that thread ends by an error."""
-        self._outbox = Outbox(data_dir, durable=True)
+        # Commits without an fsync, then syncs outside the writers' lock (Outbox.sync).
+        self._outbox = Outbox(data_dir, durable=False)
+        try:
+            self._turn = os.open(data_dir / TURN_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            self._outbox.close()
+            raise storage_error(exc, "open the intake lock") from exc
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._counts: dict[tuple[str, tuple[tuple[str, str], ...]], int] = {}
         self._counts_lock = threading.Lock()
@@ -1499,6 +1545,7 @@ class GroupCommitter:
         self._queue.put(None)
         self._thread.join()
         self._outbox.close()
+        os.close(self._turn)
 
     def _drain(self, batch: list[tuple[Accepted, asyncio.Future[str | None]]]) -> bool:
         """Add what is queued to ``batch`` (up to :data:`BATCH_MAX`); False once the queue
@@ -1524,15 +1571,18 @@ class GroupCommitter:
             error: OutboxError | None = None
             committed = Committed()
             try:
-                # Take the queue only once the lock is ours: whatever arrived while another
-                # writer (the other intake process, the dispatcher) held it joins this batch,
-                # so one fsync serves all of it. Draining before the wait made batches of
-                # one or two messages, however long the wait.
-                with self._outbox.write_lock():
+                # Intake processes take turns, from taking their queue to the end of their
+                # fsync: whatever arrived while another synced joins this batch, so one fsync
+                # serves all of it (draining before the wait made batches of one or two
+                # messages, however long the wait). The writers' lock is held only while
+                # the rows are written: delivery records its results during the fsync.
+                with _flocked(self._turn):
                     stopping = not self._drain(batch)
                     if batch:
                         committed = self._outbox.put([a for a, _ in batch])
                     self._add_counts()
+                    if batch:
+                        self._outbox.sync()
             except OSError as exc:
                 error = storage_error(exc, "lock the outbox")
             except OutboxError as exc:
