@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -147,14 +148,34 @@ CREATE TABLE IF NOT EXISTS counters (
 DELIVERY_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 86400.0)
 
 
-def _count(db: sqlite3.Connection, name: str, by: float = 1.0, **labels: str) -> None:
-    """Add ``by`` to the counter ``name`` with these labels (bounded values only: never an
-    address or a subject)."""
-    db.execute(
-        "INSERT INTO counters VALUES (?,?,?)"
-        " ON CONFLICT (name, labels) DO UPDATE SET value=value+excluded.value",
-        (name, json.dumps(labels, sort_keys=True), by),
-    )
+@functools.lru_cache(maxsize=4096)
+def _labels_text(labels: tuple[tuple[str, str], ...]) -> str:
+    """Labels as the counters table keys them. Their values are bounded (managers, outcomes,
+    rule numbers, channels), so a few texts serve every message: made once each."""
+    return json.dumps(dict(labels), sort_keys=True)
+
+
+class _Tally:
+    """Counts to add when a transaction ends: one statement per counter, however many
+    messages or results of the transaction counted it."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+
+    def add(self, name: str, by: float = 1.0, **labels: str) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        self.counts[key] = self.counts.get(key, 0.0) + by
+
+    def merge(self, other: _Tally) -> None:
+        for key, by in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0.0) + by
+
+    def write(self, db: sqlite3.Connection) -> None:
+        db.executemany(
+            "INSERT INTO counters VALUES (?,?,?)"
+            " ON CONFLICT (name, labels) DO UPDATE SET value=value+excluded.value",
+            [(name, _labels_text(labels), by) for (name, labels), by in self.counts.items()],
+        )
 
 
 def channel_of(kind: str, data: bytes) -> str:
@@ -512,11 +533,11 @@ class Change:
 QUEUED = ("pending", "dead")
 
 
-def _count_delivery_time(db: sqlite3.Connection, seconds: float) -> None:
+def _count_delivery_time(tally: _Tally, seconds: float) -> None:
     seconds = max(0.0, seconds)
     bound = next((b for b in DELIVERY_BUCKETS if seconds <= b), None)
-    _count(db, "delivery_seconds_bucket", le="+Inf" if bound is None else repr(bound))
-    _count(db, "delivery_seconds_sum", by=seconds)
+    tally.add("delivery_seconds_bucket", le="+Inf" if bound is None else repr(bound))
+    tally.add("delivery_seconds_sum", by=seconds)
 
 
 #: A counter to add to: its name, its labels, and how much.
@@ -764,11 +785,13 @@ class Outbox:
         """
         committed = Committed()
         with self.transaction("commit to the outbox") as db:
+            tally = _Tally()
             for a in batch:
                 db.execute("SAVEPOINT message")
+                counted = _Tally()  # added to the batch's only once the message is written
                 try:
                     original = self._seen_before(db, a)
-                    self._insert_message(db, a, duplicate_of=original)
+                    self._insert_message(db, a, counted, duplicate_of=original)
                 except (sqlite3.Error, ValueError, OverflowError) as exc:
                     error = storage_error(exc, f"commit {a.queue_id} to the outbox")
                     if isinstance(error, OutboxFull):
@@ -778,8 +801,10 @@ class Outbox:
                     committed.failed[a.queue_id] = error
                     continue
                 db.execute("RELEASE message")
+                tally.merge(counted)
                 if original is not None:
                     committed.duplicates[a.queue_id] = original
+            tally.write(db)
         return committed
 
     @staticmethod
@@ -798,7 +823,12 @@ class Outbox:
         return None
 
     def _insert_message(
-        self, db: sqlite3.Connection, a: Accepted, *, duplicate_of: str | None = None
+        self,
+        db: sqlite3.Connection,
+        a: Accepted,
+        tally: _Tally,
+        *,
+        duplicate_of: str | None = None,
     ) -> None:
         d = a.decision
         outcome: str = d.outcome
@@ -838,12 +868,12 @@ class Outbox:
         for item in items:
             self._insert_item(db, a.queue_id, a.received, item)
         manager = d.manager or ""
-        _count(db, "messages", manager=manager, outcome=outcome)
+        tally.add("messages", manager=manager, outcome=outcome)
         if duplicate_of is not None:
             return
         for rule in d.trace:
             if rule.matched:
-                _count(db, "rule_matches", manager=manager, rule=str(rule.index))
+                tally.add("rule_matches", manager=manager, rule=str(rule.index))
         for note in a.notes:
             _keep(db, note, a.received)
 
@@ -864,7 +894,9 @@ class Outbox:
         with self.transaction() as db:
             db.execute("DELETE FROM messages WHERE id=? AND outcome='hold'", (accepted.queue_id,))
             original = self._seen_before(db, accepted)
-            self._insert_message(db, accepted, duplicate_of=original)
+            tally = _Tally()
+            self._insert_message(db, accepted, tally, duplicate_of=original)
+            tally.write(db)
         return original
 
     def learn(self, notes: Sequence[Note], at: float) -> None:
@@ -953,15 +985,15 @@ class Outbox:
 
     def _items(self, rows: list[Any]) -> list[Item]:
         items: list[Item] = []
+        pending: dict[int, list[str]] = {int(row[0]): [] for row in rows}
+        for item_id, rcpt in self.db.execute(
+            f"SELECT item_id, rcpt FROM recipients WHERE item_id IN ({_marks(rows)})"  # noqa: S608 - only placeholders
+            " AND state='pending' ORDER BY rowid",
+            list(pending),
+        ):
+            pending[int(item_id)].append(loaded(rcpt))
         for item_id, message_id, kind, mail_from, data, attempts, created, next_try in rows:
-            rcpts = tuple(
-                loaded(r)
-                for (r,) in self.db.execute(
-                    "SELECT rcpt FROM recipients"
-                    " WHERE item_id=? AND state='pending' ORDER BY rowid",
-                    (item_id,),
-                )
-            )
+            rcpts = tuple(pending[int(item_id)])
             items.append(
                 Item(
                     item_id,
@@ -1033,11 +1065,13 @@ class Outbox:
         destination keeps its count of attempts.
         """
         with self.transaction() as db:
+            tally = _Tally()
             for result in results:
-                self._record(db, result)
+                self._record(db, result, tally)
+            tally.write(db)
 
     @staticmethod
-    def _record(db: sqlite3.Connection, result: Result) -> None:
+    def _record(db: sqlite3.Connection, result: Result, tally: _Tally) -> None:
         item, error = result.item, result.error
         db.executemany(
             "UPDATE recipients SET state=?, last_error=? WHERE item_id=? AND rcpt=?",
@@ -1060,9 +1094,9 @@ class Outbox:
             "answer": _answer_of(result),
         }
         logged = json.dumps(attempt, ensure_ascii=False) + "\n"
-        _count(db, "deliveries", channel=channel, result=outcome)
+        tally.add("deliveries", channel=channel, result=outcome)
         if outcome == "sent":
-            _count_delivery_time(db, time.time() - item.created)
+            _count_delivery_time(tally, time.time() - item.created)
         if "pending" in states:
             db.execute(
                 "UPDATE items SET attempts=attempts+?, next_try=?, last_error=?, waiting=?,"
@@ -1170,8 +1204,10 @@ class Outbox:
     def add(self, counts: Sequence[Counted]) -> None:
         """Add to these counters (what intake refused, say), in one transaction."""
         with self.transaction("count in the outbox") as db:
+            tally = _Tally()
             for name, labels, by in counts:
-                _count(db, name, by, **dict(labels))
+                tally.add(name, by, **dict(labels))
+            tally.write(db)
 
     def counters(self) -> list[Counter]:
         """Every running total, in one read."""
