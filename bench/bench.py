@@ -422,7 +422,7 @@ class Mail2Alert:
         prefix = args.m2a_prefix.split() if args.m2a_prefix else []
         self.prefixed = bool(prefix)
         self.log = open(self.dir / "mail2alert.log", "wb")
-        env = dict(os.environ, PYTHONPATH=src)
+        env = dict(os.environ, PYTHONPATH=src, **args.slow_env)
         self.proc = subprocess.Popen(
             prefix + cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.dir, env=env
         )
@@ -489,7 +489,7 @@ class Postfix:
 
     name = "postfix"
 
-    def __init__(self, workdir: Path, sink_port: int) -> None:
+    def __init__(self, workdir: Path, sink_port: int, env: dict[str, str]) -> None:
         self.port = free_port()
         self.dir = workdir / "postfix"
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -533,6 +533,14 @@ smtputf8_enable = no
 biff = no
 append_dot_mydomain = no
 """
+            # The daemons get only the environment main.cf names (--fsync-delay-us).
+            + (
+                "import_environment = MAIL_CONFIG MAIL_DEBUG MAIL_LOGTAG TZ LANG=C "
+                + " ".join(f"{k}={v}" for k, v in env.items())
+                + "\n"
+                if env
+                else ""
+            )
         )
         (conf / "master.cf").write_text(POSTFIX_MASTER_CF.format(port=f"{HOST}:{self.port}"))
         self._postfix("start")
@@ -723,7 +731,7 @@ def run_one(system: str, sessions: int, args, workdir: Path) -> Result:
             sampler = RssSampler(lambda: target.pid, target.wal)
         elif kind == "postfix":
             sink = Sink(workdir)
-            target = Postfix(workdir, sink.port)
+            target = Postfix(workdir, sink.port, args.slow_env)
             sampler = RssSampler(lambda: target.pid)
         else:
             raise ValueError(f"unknown system {system!r}")
@@ -849,7 +857,8 @@ def medians(results: list[Result]) -> list[Result]:
 def report(results: list[Result], args) -> str:
     lines = [
         f"messages={args.messages} size={args.size}B reuse={args.reuse} "
-        f"log-level={args.log_level} probe={args.probe} cores={os.cpu_count()}",
+        f"log-level={args.log_level} probe={args.probe} cores={os.cpu_count()}"
+        f" fsync-delay-us={args.fsync_delay_us}",
         "",
         "| system | sessions | intake msg/s | end-to-end msg/s | accept p50 ms"
         " | accept p99 ms | txn p50 ms | txn p99 ms | CPU ms/msg | machine CPU"
@@ -970,6 +979,13 @@ def main() -> int:
         default="",
         help="command prefix for mail2alert, e.g. 'py-spy record -o prof.svg --'",
     )
+    ap.add_argument(
+        "--fsync-delay-us",
+        type=int,
+        default=0,
+        help="a slower disk for both systems: every fsync and fdatasync waits this many "
+        "microseconds more (bench/slowsync.c, built with gcc and loaded with LD_PRELOAD)",
+    )
     ap.add_argument("--workdir", help="where data dirs and the Postfix queue go (default: /tmp)")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, outboxes)")
     ap.add_argument("--repeat", type=int, default=1, help="run everything R times, interleaved")
@@ -1011,6 +1027,20 @@ def main() -> int:
     sessions = [int(s) for s in args.sessions.split(",")]
     workdir = Path(tempfile.mkdtemp(prefix="m2a-bench-", dir=args.workdir))
     print(f"work dir: {workdir}", file=sys.stderr)
+    args.slow_env = {}
+    if args.fsync_delay_us > 0:
+        shim = workdir / "slowsync.so"
+        source = Path(__file__).with_name("slowsync.c")
+        built = subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(source), "-ldl"],
+            capture_output=True,
+            text=True,
+        )
+        if built.returncode != 0:
+            print(f"bench: cannot build {source}: {built.stderr}", file=sys.stderr)
+            return 2
+        workdir.chmod(0o755)  # Postfix's daemons run as postfix and must read the shim
+        args.slow_env = {"LD_PRELOAD": str(shim), "SLOW_FSYNC_US": str(args.fsync_delay_us)}
     results: list[Result] = []
     try:
         for c in [c for _ in range(args.repeat) for c in sessions]:
