@@ -18,6 +18,8 @@ import pytest
 import trustme
 from aiosmtpd.smtp import SMTP
 
+from mail2alert.managers.base import Context
+from mail2alert.outbox import GroupCommitter
 from mail2alert.server import Access, Handler, LeanSMTP, smtp_factory
 from mail2alert.settings import HostPort, InboundTls, Listener
 from tests.helpers import server_tls
@@ -94,6 +96,30 @@ def test_the_same_commands_and_auth_mechanisms_are_found(
     assert lean._smtp_methods.keys() == original._smtp_methods.keys()
     assert lean._auth_methods.keys() == original._auth_methods.keys()
     assert lean._handle_hooks.keys() == original._handle_hooks.keys()
+
+
+def test_the_handler_lists_aiosmtpd_every_hook_it_has() -> None:
+    """Handler's short ``dir`` gives a session the same hooks and AUTH methods as a look
+    through all of the handler's attributes would."""
+
+    class Committer:
+        def count(self, name: str, **labels: str) -> None:
+            pass
+
+    handler = Handler(cast(GroupCommitter, Committer()), list, lambda: cast(Context, None))
+    everything = object.__dir__(handler)
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        session = LeanSMTP(handler, hostname="test")
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+    assert set(session._handle_hooks) == {
+        n.removeprefix("handle_") for n in everything if n.startswith("handle_")
+    }
+    assert not [n for n in everything if n.startswith("auth_")]
+    assert not [m for m, impl in session._auth_methods.items() if not impl.is_builtin]
 
 
 # -- an ended session is freed at once --------------------------------------------------------

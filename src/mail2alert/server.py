@@ -167,6 +167,17 @@ class Handler:
         self.hostname = socket.gethostname()
         self.in_flight = 0
 
+    _names: ClassVar[list[str] | None] = None
+
+    def __dir__(self) -> list[str]:
+        # aiosmtpd looks through dir(handler) for handle_* hooks and auth_* methods at every
+        # new session, a getattr and a sort over every attribute: list just those (computed
+        # once per class), as LeanSMTP does for its own (about 20 µs a session).
+        cls = type(self)
+        if cls._names is None:
+            cls._names = [n for n in dir(cls) if n.startswith(("handle_", "auth_"))]
+        return list(cls._names)
+
     def rejected(self) -> None:
         """A message was refused for good (5xx): counted for /metrics."""
         self.committer.count("messages", manager="", outcome="rejected")
