@@ -19,6 +19,7 @@ import email.header
 import email.parser
 import email.policy
 import email.utils
+import functools
 import re
 import time
 from dataclasses import dataclass
@@ -310,7 +311,7 @@ def received_header(
     *, helo: str, peer: str, hostname: str, queue_id: str, recipient: str | None, newline: bytes
 ) -> bytes:
     """A ``Received:`` trace field (RFC 5321 section 4.4) for a message we accepted."""
-    stamp = email.utils.formatdate(time.time(), localtime=True)
+    stamp = _date(int(time.time()))
     helo = _printable(helo) or "unknown"
     lines = [
         f"Received: from {helo} ({_printable(peer)})",
@@ -321,6 +322,13 @@ def received_header(
     else:
         lines[-1] += f"; {stamp}"
     return newline.join(line.encode("utf-8", "replace") for line in lines) + newline
+
+
+@functools.lru_cache(maxsize=2)
+def _date(second: int) -> str:
+    """An RFC 5322 date in local time: the same for every message of one second, and made
+    once (``formatdate`` takes about 9 µs, at every message)."""
+    return email.utils.formatdate(second, localtime=True)
 
 
 def _printable(text: str) -> str:
