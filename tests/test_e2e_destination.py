@@ -123,8 +123,14 @@ def test_a_silent_upstream_gets_one_connection_per_worker_and_then_one_probe_at_
     ``connections`` (4) connections at first; once the timeouts mark it down, the 20
     queued items wait for it and only one probe at a time tries it, with the back-off: far
     fewer connections than one per item, and no item spends an attempt."""
-    delivery = {"retry-initial": "1s", "retry-max": "2s", "give-up-after": "1h", "timeout": "1s"}
     timeout, retry_initial, workers = 1.0, 1.0, 4
+    delivery = {
+        "retry-initial": "1s",
+        "retry-max": "2s",
+        "give-up-after": "1h",
+        "timeout": "1s",
+        "connections": workers,
+    }
     upstream = CaptureServer(port=port)  # never started: the silent listener plays it
     with (
         TcpListener(hang_up=False, port=port) as silent,

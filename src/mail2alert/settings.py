@@ -56,7 +56,7 @@ class Delivery:
     retry_max: float = 3600.0
     give_up_after: float = 5 * 86400.0
     timeout: float = 30.0
-    connections: int = 4
+    connections: int = 8
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
