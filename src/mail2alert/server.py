@@ -21,7 +21,7 @@ import warnings
 from base64 import b64decode
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, AnyStr, ClassVar, cast
+from typing import IO, Any, AnyStr, cast
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -147,6 +147,20 @@ def describe(accepted: Accepted) -> str:
     return f"{head} {who}{d.outcome} ({d.reason})"
 
 
+_NAMES: dict[tuple[type, tuple[str, ...]], tuple[str, ...]] = {}
+
+
+def _aiosmtpd_names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    """The attributes of ``cls`` whose names start with one of ``prefixes``, found once per
+    class. aiosmtpd finds a session's commands and AUTH methods, and its handler's hooks,
+    through ``dir()`` at every new session, with a getattr and a sort over every attribute;
+    a ``__dir__`` that lists only these gives it the same tables for less."""
+    names = _NAMES.get((cls, prefixes))
+    if names is None:
+        names = _NAMES[cls, prefixes] = tuple(n for n in dir(cls) if n.startswith(prefixes))
+    return names
+
+
 class Handler:
     """aiosmtpd handler: accepts every recipient, answers DATA once the outcome is durable."""
 
@@ -167,16 +181,10 @@ class Handler:
         self.hostname = socket.gethostname()
         self.in_flight = 0
 
-    _names: ClassVar[list[str] | None] = None
-
     def __dir__(self) -> list[str]:
-        # aiosmtpd looks through dir(handler) for handle_* hooks and auth_* methods at every
-        # new session, a getattr and a sort over every attribute: list just those (computed
-        # once per class), as LeanSMTP does for its own (about 20 µs a session).
-        cls = type(self)
-        if cls._names is None:
-            cls._names = [n for n in dir(cls) if n.startswith(("handle_", "auth_"))]
-        return list(cls._names)
+        # aiosmtpd looks through dir(handler) for its hooks at every new session (about 20 µs
+        # a session over every attribute).
+        return list(_aiosmtpd_names(type(self), ("handle_", "auth_")))
 
     def rejected(self) -> None:
         """A message was refused for good (5xx): counted for /metrics."""
@@ -506,8 +514,6 @@ class LeanSMTP(SMTP):
     after a delay that doubles per failure from the same address.
     """
 
-    _names: ClassVar[list[str] | None] = None
-
     def __init__(self, handler: Any, *, command_limit: int | None = None, **options: Any) -> None:
         if command_limit is not None:
             # Read by aiosmtpd's __init__ as the reader's limit, so it must be set first.
@@ -519,10 +525,7 @@ class LeanSMTP(SMTP):
             self.command_size_limits = collections.defaultdict(lambda: command_limit)
 
     def __dir__(self) -> list[str]:
-        cls = type(self)
-        if cls._names is None:
-            cls._names = [n for n in dir(cls) if n.startswith(("smtp_", "auth_"))]
-        return list(cls._names)
+        return list(_aiosmtpd_names(type(self), ("smtp_", "auth_")))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         found = _SIMPLE_ADDRESS.match(arg)
