@@ -45,6 +45,25 @@ def deliver_all(outbox: Outbox, now: float) -> None:
         )
 
 
+def put_twice(committer: GroupCommitter) -> tuple[OutboxError | None, str | None]:
+    """Put FIRST, then SECOND, through ``committer``, and close it: what putting FIRST raised
+    (None if it went in), and what putting SECOND returned."""
+
+    async def both() -> tuple[OutboxError | None, str | None]:
+        try:
+            await committer.put(accepted("FIRST", 1.0))
+        except OutboxError as exc:
+            first: OutboxError | None = exc
+        else:
+            first = None
+        return first, await committer.put(accepted("SECOND", 2.0))
+
+    try:
+        return asyncio.run(both())
+    finally:
+        committer.close()
+
+
 def test_purge_forgets_delivered_mail_after_a_week_and_keeps_what_is_pending(
     tmp_path: Path,
 ) -> None:
@@ -78,19 +97,7 @@ def test_a_batch_that_fails_unexpectedly_gets_an_outbox_error_and_the_writer_goe
     monkeypatch.setattr(Outbox, "put", flaky_put)
     committer = GroupCommitter(tmp_path)
 
-    async def both() -> tuple[BaseException | None, str | None]:
-        try:
-            await committer.put(accepted("FIRST", 1.0))
-        except OutboxError as exc:
-            first: BaseException | None = exc
-        else:
-            first = None
-        return first, await committer.put(accepted("SECOND", 2.0))
-
-    try:
-        first, second = asyncio.run(both())
-    finally:
-        committer.close()
+    first, second = put_twice(committer)
     assert isinstance(first, OutboxError)
     assert "ValueError: a bug" in str(first)
     assert second is None
@@ -166,19 +173,7 @@ def test_a_failed_fsync_fails_the_batch_and_the_writer_goes_on(
     monkeypatch.setattr(os, "fdatasync", failing_sync)
     committer = GroupCommitter(tmp_path)
 
-    async def both() -> tuple[BaseException | None, str | None]:
-        try:
-            await committer.put(accepted("FIRST", 1.0))
-        except OutboxError as exc:
-            first: BaseException | None = exc
-        else:
-            first = None
-        return first, await committer.put(accepted("SECOND", 2.0))
-
-    try:
-        first, second = asyncio.run(both())
-    finally:
-        committer.close()
+    first, second = put_twice(committer)
     assert type(first) is error, first
     assert "sync the outbox to disk" in str(first)
     assert second is None
