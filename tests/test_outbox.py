@@ -19,17 +19,7 @@ from mail2alert.managers.base import Context
 from mail2alert.managers.memory import Claim, Note
 from mail2alert.managers.registry import MANAGER_TYPES
 from mail2alert.model import Decision, Envelope, Outgoing
-from mail2alert.outbox import (
-    DB_NAME,
-    PAGE_SIZE,
-    WAL_CHECKPOINT,
-    Accepted,
-    Checkpointer,
-    GroupCommitter,
-    Outbox,
-    RecipientResult,
-    Result,
-)
+from mail2alert.outbox import DB_NAME, Accepted, GroupCommitter, Outbox, RecipientResult, Result
 from mail2alert.planning import accept
 from mail2alert.routing import Manager, Rule
 
@@ -268,89 +258,3 @@ def test_a_duplicate_still_relays_the_copy_for_recipients_its_manager_did_not_ta
         "duplicate",
         "same event as FIRST: delivered once; relayed unchanged to bob@example.com",
     )
-
-
-def note_commits(outbox: Outbox, count: int, *, stop: threading.Event | None = None) -> None:
-    """``count`` commits of one 800-byte note each (a page or so of WAL per commit)."""
-    for n in range(count):
-        if stop is not None and stop.is_set():
-            return
-        with outbox.transaction() as db:
-            db.execute("INSERT OR REPLACE INTO notes VALUES ('s', ?, ?, 0)", (str(n), "x" * 800))
-
-
-def wal_restarts(tmp_path: Path) -> int:
-    """How many times the WAL was started over: the checkpoint sequence number in its header
-    (https://www.sqlite.org/fileformat.html#wal_file_format)."""
-    with (tmp_path / f"{DB_NAME}-wal").open("rb") as wal:
-        return int.from_bytes(wal.read(16)[12:16], "big")
-
-
-def test_the_wal_backlog_is_what_a_checkpoint_finds_to_copy(tmp_path: Path) -> None:
-    writer, other = Outbox(tmp_path, durable=False), Outbox(tmp_path, durable=False)
-    note_commits(writer, 50)
-    backlog = other.wal_backlog()
-    busy, frames, copied = writer.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    assert (busy, copied) == (0, frames)
-    assert backlog == frames
-    assert other.wal_backlog() == 0
-    writer.close()
-    other.close()
-
-
-def test_a_commit_leaves_the_wal_to_the_checkpointer_which_starts_it_over_under_load(
-    tmp_path: Path,
-) -> None:
-    # Without a checkpointer, commits let the WAL grow past WAL_CHECKPOINT (only a backstop
-    # four times bigger makes one of them copy it, while an SMTP session waits).
-    alone = tmp_path / "alone"
-    writer = Outbox(alone, durable=False)
-    note_commits(writer, 2000)
-    assert writer.wal_backlog() * PAGE_SIZE > WAL_CHECKPOINT
-    writer.close()
-
-    # With one, the WAL is copied and started over while a writer commits without pause.
-    checkpointer = Checkpointer(tmp_path, limit=64 * 1024, look=0.002)
-    writer = Outbox(tmp_path, durable=False)
-    try:
-        note_commits(writer, 1)
-        restarts, commits = wal_restarts(tmp_path), 0
-        while checkpointer.checkpoints < 3 and commits < 100_000:
-            note_commits(writer, 10)
-            commits += 10
-        note_commits(writer, 1)  # the first commit after a checkpoint starts the WAL over
-        assert wal_restarts(tmp_path) - restarts >= 3
-    finally:
-        checkpointer.close()
-        writer.close()
-
-
-def test_a_checkpointer_that_cannot_checkpoint_says_so_once_and_again_when_it_can(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    failures = iter([OutboxError("cannot checkpoint the outbox: disk I/O error")] * 3)
-    real = Outbox.checkpoint
-
-    def checkpoint(self: Outbox) -> int:
-        failure = next(failures, None)
-        if failure is not None:
-            raise failure
-        return real(self)
-
-    monkeypatch.setattr(Outbox, "checkpoint", checkpoint)
-    caplog.set_level("INFO", "mail2alert.outbox")
-    checkpointer = Checkpointer(tmp_path, limit=1024, look=0.002)
-    writer = Outbox(tmp_path, durable=False)
-    try:
-        stop = threading.Event()
-        while checkpointer.checkpoints == 0:
-            note_commits(writer, 5, stop=stop)
-    finally:
-        checkpointer.close()
-        writer.close()
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert warnings == [
-        "cannot checkpoint the outbox (will try again): "
-        "cannot checkpoint the outbox: disk I/O error"
-    ]
-    assert "the outbox is checkpointed again" in caplog.messages

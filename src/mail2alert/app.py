@@ -33,7 +33,6 @@ from typing import Literal, TypeVar
 
 from mail2alert.components import (
     Change,
-    Checkpoints,
     Component,
     ConfigWatch,
     Crew,
@@ -362,7 +361,6 @@ def _components(
     parts: list[Component] = [
         notes,
         delivery,
-        Checkpoints(config),
         holds,
         Keepers(knowledge, config, crew, learn=holds.learn, recover=holds.recover),
         ConfigWatch(config, crew, reload=reload),

@@ -16,12 +16,10 @@ NotesWatch       ``notes-reader`` (reads other processes' notes)       outbox, n
 Intake           ``outbox-writer`` (the group commit)                  outbox, synced after
 Delivery         the dispatcher's own thread (claims, results)         outbox, not durable
 Holds            ``holds`` (held mail, notes learnt from outside)      outbox, durable
-Checkpoints      ``wal-checkpointer`` (copies the WAL into the database)  outbox, not durable
 ===============  ====================================================  ======================
 
 "Synced after": the group commit writes without an fsync, lets go of the writers' lock, then
-syncs the WAL (:meth:`~mail2alert.outbox.Outbox.sync`) before it answers. Checkpoints runs
-where Delivery does; with it, no commit an SMTP session waits for copies the WAL.
+syncs the WAL (:meth:`~mail2alert.outbox.Outbox.sync`) before it answers.
 
 Everything else (SMTP sessions, routing, keepers, the watches) runs on the event loop and
 touches no database: routing reads :class:`Knowledge`, which only the event loop's thread
@@ -54,7 +52,7 @@ from mail2alert.managers.base import Context
 from mail2alert.managers.health import KeeperHealth, Reporting
 from mail2alert.managers.memory import Feed, Keeper, Key, Note, Recovered
 from mail2alert.model import Envelope
-from mail2alert.outbox import Accepted, Checkpointer, GroupCommitter, Outbox, new_queue_id
+from mail2alert.outbox import Accepted, GroupCommitter, Outbox, new_queue_id
 from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager, find_manager
 from mail2alert.server import Access, Handler, decided, describe, duplicate, smtp_factory
@@ -523,23 +521,6 @@ class Delivery(Component):
 
     async def stop(self) -> None:
         await self._finish()
-
-
-class Checkpoints(Component):
-    """Keeps the outbox's WAL short from a thread of its own
-    (:class:`~mail2alert.outbox.Checkpointer`): one per data dir, beside delivery."""
-
-    def __init__(self, config: Config) -> None:
-        self._data_dir = config.data_dir
-        self.checkpointer: Checkpointer | None = None
-
-    async def start(self) -> None:
-        self.checkpointer = _open(self._data_dir, lambda: Checkpointer(self._data_dir))
-
-    async def stop(self) -> None:
-        if self.checkpointer is not None:
-            await asyncio.to_thread(self.checkpointer.close)
-            self.checkpointer = None
 
 
 class Holds(Component):

@@ -5,8 +5,7 @@ queue file does). Intake commits through :class:`GroupCommitter`, which puts eve
 that arrived during one fsync into the next transaction: one fsync serves many SMTP
 sessions. It writes its rows under the writers' lock without an fsync and then syncs the WAL
 (:meth:`Outbox.sync`) after letting go of it, so that delivery and the other intake process
-write while the disk works; only then does it answer. :class:`Checkpointer` copies the WAL
-into the database from a thread of its own, so that no commit a sender waits for does.
+write while the disk works; only then does it answer.
 
 Tables::
 
@@ -61,7 +60,6 @@ import queue
 import re
 import secrets
 import sqlite3
-import struct
 import tempfile
 import threading
 import time
@@ -276,27 +274,14 @@ PAGE_SIZE = 1024
 #: says little about the next message.
 READY_FREE = 256 * 1024
 
-#: How much WAL (in bytes) :class:`Checkpointer` lets grow before it copies it into the
-#: database: 4 MiB, as SQLite's default of 1000 pages of 4 KiB was.
-WAL_CHECKPOINT = 4 * 1024 * 1024
-
-#: How much WAL a connection's own commit lets grow before it checkpoints it, holding the
-#: writers' lock: only a backstop for a data dir with no :class:`Checkpointer` running (a
-#: command, a test). With ``serve``'s checkpointer, no SMTP session waits for a checkpoint.
-WAL_AUTOCHECKPOINT = 4 * WAL_CHECKPOINT
+#: How much WAL (in bytes) a commit lets grow before it checkpoints it into the database:
+#: 4 MiB, as SQLite's default of 1000 pages of 4 KiB was.
+WAL_AUTOCHECKPOINT = 4 * 1024 * 1024
 
 #: A WAL that grew past this (while a reader kept a checkpoint from finishing) is cut back to
 #: it once it is checkpointed; below it the file is kept and written over, which needs no
 #: change of its size, so an fsync of the WAL flushes no file-system metadata.
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
-
-#: The wal-index header (https://www.sqlite.org/walformat.html), in the machine's byte order:
-#: the WAL's last valid frame (``mxFrame``) and how many frames a checkpoint has copied into
-#: the database (``nBackfill``, in the checkpoint information after the header's two copies).
-_U32 = struct.Struct("=I")
-_SHM_FRAMES = 16
-_SHM_COPIED = 96
-_SHM_READ = _SHM_COPIED + _U32.size
 
 #: Columns added to a table after it was first made, with their definitions: an outbox made
 #: before gets them when it is opened (items waiting for a destination; the decision history).
@@ -678,7 +663,6 @@ class Outbox:
         self.path = data_dir / DB_NAME
         self._lock: int | None = None
         self._wal: int | None = None  # for sync(): the WAL file, opened at the first call
-        self._shm: int | None = None  # for wal_backlog(): the wal-index, likewise
         self._locked = 0  # how deep in write_lock(): the file lock is taken once, at depth 1
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
@@ -716,10 +700,10 @@ class Outbox:
     def close(self) -> None:
         """Close the connection (a WAL checkpoint happens when the last one closes)."""
         self.db.close()
-        for fd in (self._lock, self._wal, self._shm):
+        for fd in (self._lock, self._wal):
             if fd is not None:
                 os.close(fd)
-        self._lock = self._wal = self._shm = None
+        self._lock = self._wal = None
 
     def sync(self) -> None:
         """Make every transaction committed so far durable, this connection's and others':
@@ -743,50 +727,6 @@ class Outbox:
             os.fdatasync(self._wal)
         except OSError as exc:
             raise storage_error(exc, "sync the outbox to disk") from exc
-
-    def wal_backlog(self) -> int:
-        """Pages committed to the WAL and not yet copied into the database. Raises OutboxError.
-
-        Read from the header of the wal-index (the ``-shm`` file) without a lock: a reading
-        taken while a commit updates it may be a commit behind, which is all a trigger for
-        :meth:`checkpoint` needs, and costs one system call where SQLite has no call to ask.
-        """
-        shm = self.path.with_name(f"{DB_NAME}-shm")
-        try:
-            if self._shm is None or os.fstat(self._shm).st_ino != os.stat(shm).st_ino:
-                if self._shm is not None:
-                    os.close(self._shm)
-                    self._shm = None
-                self._shm = os.open(shm, os.O_RDONLY | os.O_CLOEXEC)
-            header = os.pread(self._shm, _SHM_READ, 0)
-        except OSError as exc:
-            raise storage_error(exc, "read the outbox's WAL index") from exc
-        if len(header) < _SHM_READ:
-            return 0  # a wal-index not yet made: nothing committed
-        frames = int(_U32.unpack_from(header, _SHM_FRAMES)[0])
-        copied = int(_U32.unpack_from(header, _SHM_COPIED)[0])
-        return max(0, frames - copied)
-
-    def checkpoint(self) -> int:
-        """Copy the WAL into the database without making writers wait for the copy, so that
-        the next commit starts the WAL over. Returns the pages left in the WAL (0 when every
-        page was copied). Raises OutboxError (OutboxFull for a full disk).
-
-        A checkpoint that holds the writers' lock (what a commit's autocheckpoint does) makes
-        the SMTP session waiting for that commit wait for the whole copy and its fsyncs. One
-        that never takes it, under steady load, never catches up with the end of the WAL,
-        which SQLite then cannot start over, so the WAL grows for ever. So: first copy what
-        is there while writers go on; then, holding the lock, copy the little they committed
-        meanwhile.
-        """
-        try:
-            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-            with self.write_lock():
-                row = self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        except (OSError, sqlite3.Error) as exc:
-            raise storage_error(exc, "checkpoint the outbox") from exc
-        _, frames, copied = (int(v) for v in row)
-        return max(0, frames - copied)
 
     def notes(self) -> dict[str, dict[tuple[str, ...], str]]:
         """Every note kept so far, by table and key (for routing's in-memory snapshot)."""
@@ -1699,57 +1639,6 @@ class GroupCommitter:
             # Let go of the messages before waiting for the next: a big one would stay in
             # memory for as long as the wait lasts.
             del first, batch, settled
-
-
-#: How often :class:`Checkpointer` looks at the WAL (a read of its index header).
-CHECKPOINT_LOOK = 0.05
-
-
-class Checkpointer:
-    """Checkpoints the WAL from a thread of its own (``wal-checkpointer``), so that no
-    commit an SMTP session waits for does it: every ``look`` seconds it reads how much of
-    the WAL is not yet in the database and past ``limit`` bytes copies it
-    (:meth:`Outbox.checkpoint`). One per data dir, in the process that delivers.
-
-    A failure is logged once and tried again at the next look; meanwhile commits checkpoint
-    by themselves past :data:`WAL_AUTOCHECKPOINT`.
-    """
-
-    def __init__(
-        self, data_dir: Path, *, limit: int = WAL_CHECKPOINT, look: float = CHECKPOINT_LOOK
-    ) -> None:
-        self._outbox = Outbox(data_dir, durable=False)
-        page = int(self._outbox.db.execute("PRAGMA page_size").fetchone()[0])
-        self._pages = max(1, limit // page)
-        self._look = look
-        self.checkpoints = 0
-        """How many checkpoints it made (for tests and the curious)."""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wal-checkpointer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        failing = False
-        while not self._stop.wait(self._look):
-            try:
-                if self._outbox.wal_backlog() < self._pages:
-                    continue
-                self._outbox.checkpoint()
-                self.checkpoints += 1
-            except OutboxError as exc:
-                if not failing:
-                    log.warning("cannot checkpoint the outbox (will try again): %s", exc)
-                failing = True
-                continue
-            if failing:
-                log.info("the outbox is checkpointed again")
-                failing = False
-
-    def close(self) -> None:
-        """Stop the thread (after the checkpoint under way, if any) and close."""
-        self._stop.set()
-        self._thread.join()
-        self._outbox.close()
 
 
 def _settle(
