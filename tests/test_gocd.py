@@ -951,3 +951,16 @@ def test_a_stage_result_another_process_committed_corrects_the_next_event(
         )
         _routed(service.port, "Stage [my-pipeline/6/my-stage/1] passed")
         assert upstream.wait_for(1)[0].rcpt_tos == ("cat@example.com",)
+
+
+def test_an_answer_longer_than_the_client_reads_is_an_error_not_a_full_memory() -> None:
+    many = {"big": [f"pipeline-{n:04d}" for n in range(400)]}
+    with FakeGoCD(many) as gocd:
+        assert len(_fetch(GocdClient(gocd.url))["big"]) == 400
+        # The fake gzips, as GoCD's Jetty does: the limit is on what the answer unzips to.
+        with pytest.raises(GocdError) as caught:
+            _fetch(GocdClient(gocd.url, answer_max=4096))
+    assert str(caught.value) == (
+        f"{gocd.url}/api/admin/pipeline_groups answered with more than 4,096 bytes;"
+        " the rest was not read"
+    )

@@ -268,8 +268,16 @@ def ClientError() -> type[Exception]:
     return aiohttp.ClientError
 
 
+#: The most of one answer a client reads (after gzip): a GoCD of thousands of pipelines
+#: answers a few MB; a server or proxy that sends without end must not fill memory.
+ANSWER_MAX = 64 * 1024 * 1024
+
+
 class GocdClient:
-    """Reads pipeline groups, cctray.xml and stage histories from one GoCD server."""
+    """Reads pipeline groups, cctray.xml and stage histories from one GoCD server.
+
+    An answer longer than ``answer_max`` bytes (once unzipped) is a :class:`GocdError`.
+    """
 
     def __init__(
         self,
@@ -281,8 +289,10 @@ class GocdClient:
         verify: bool = True,
         ca_file: str | None = None,
         timeout: float = 10.0,
+        answer_max: int = ANSWER_MAX,
     ) -> None:
         self.url = url.rstrip("/")
+        self._answer_max = answer_max
         self._headers: dict[str, str] = {}
         if token is not None:
             self._headers["Authorization"] = f"bearer {token.reveal()}"
@@ -427,6 +437,19 @@ class GocdClient:
         if status != 200:
             raise GocdError(f"{target} answered HTTP {status}", status=status)
 
+    async def _body(self, target: str, response: aiohttp.ClientResponse) -> bytes:
+        """The body of ``response``, at most ``answer_max`` bytes of it. Raises GocdError past
+        that, and what aiohttp raises when the answer breaks off."""
+        body = bytearray()
+        async for chunk in response.content.iter_chunked(CHUNK):
+            body += chunk
+            if len(body) > self._answer_max:
+                raise GocdError(
+                    f"{target} answered with more than {self._answer_max:,} bytes;"
+                    " the rest was not read"
+                )
+        return bytes(body)
+
     async def _get(
         self, session: aiohttp.ClientSession, endpoint: Endpoint, *, etag: bool = True
     ) -> Answer:
@@ -436,12 +459,16 @@ class GocdClient:
         target = f"{self.url}{endpoint.path}"
         try:
             async with session.get(target, headers=headers, ssl=self._ssl) as response:
-                body = await response.read() if response.status == 200 else b""
+                body = await self._body(target, response) if response.status == 200 else b""
                 return Answer(response.status, body, response.headers.get("ETag"))
         except (ClientError(), TimeoutError, ssl.SSLError) as exc:
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             detail = getattr(exc, "strerror", None) or ""
             raise GocdError(f"{target} unreachable: {reason} {detail}".rstrip()) from None
+
+
+#: How much of an answer is read at a time.
+CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)

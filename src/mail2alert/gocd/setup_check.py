@@ -332,7 +332,7 @@ class SetupClient(GocdClient):
             try:
                 headers = {"Accept": accept}
                 async with session.get(target, headers=headers, ssl=self._ssl) as response:
-                    return Answer(response.status, await response.read(), None)
+                    return Answer(response.status, await self._body(target, response), None)
             except (ClientError(), TimeoutError, ssl.SSLError) as exc:
                 reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
                 raise GocdError(f"{target} unreachable: {reason}") from None
