@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trustme
 
+from mail2alert.app import COMMITTED, HELD
 from mail2alert.gocd.client import GocdClient, GocdError, parse_cctray, parse_groups
 from mail2alert.gocd.manager import corrected_event, parse_subject, read_gocd_alert
 from mail2alert.gocd.model import stage_of
@@ -29,6 +30,7 @@ from mail2alert.managers.memory import Feed, Note
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope, Secret
 from mail2alert.outbox import Outbox
+from mail2alert.planning import accept
 from mail2alert.testing import CaptureServer
 from tests.helpers import OutboxView, example_managers, running, send, wait_until, write_config
 
@@ -641,6 +643,33 @@ def test_mail_is_held_while_gocd_is_down_at_start_and_routed_when_it_comes_up(
         with gocd:
             assert upstream.wait_for(1)[0].rcpt_tos == ("cat@example.com",)
         assert outbox.message(queue_id)["outcome"] == "deliver"
+
+
+def test_mail_an_intake_worker_held_without_a_snapshot_goes_out_once_the_holds_are_told(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, gocd: FakeGoCD
+) -> None:
+    # An intake worker reads GoCD's snapshot from data-dir a second after the main process
+    # has it, and holds what arrives meanwhile; the main process heard its news before.
+    manager = _gocd_manager(gocd.url, **{"poll-interval": 600})
+    path = _config(tmp_path, upstream, data_dir, manager)
+    with running(path) as service:
+        _routed(service.port, "Stage [my-pipeline/5/my-stage/1] is broken")
+        upstream.wait_for(1)  # the snapshot is here; the holds looked, and found nothing
+        envelope = Envelope("go@example.com", (GOCD_TO,))
+        mail = _stage("Stage [my-pipeline/6/my-stage/1] is broken")
+        no_snapshot = Context()
+        held = accept("HELDBYWORKER", envelope, mail, service.service.managers, no_snapshot)
+        assert held.decision.outcome == "hold"
+        worker = Outbox(data_dir)
+        worker.put([held])
+        worker.close()
+
+        async def told() -> None:  # what the worker writes to the main process's wake pipe
+            service.service.woken(COMMITTED + HELD)
+
+        service.call(told())
+        # Told, the holds look now: their next look of their own is 5 s away.
+        assert upstream.wait_for(2, timeout=2.0)[1].rcpt_tos == ("cat@example.com",)
 
 
 def test_held_mail_goes_to_the_fallback_when_gocd_stays_down_past_hold_max(

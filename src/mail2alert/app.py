@@ -206,6 +206,14 @@ class Service:
             loaded += f"; the last reload failed, the running configuration stays: {last.message}"
         return {"listening": listening, "config": Check(True, loaded)}
 
+    def woken(self, told: bytes) -> None:
+        """What intake workers wrote to the wake pipe (see :data:`COMMITTED`)."""
+        delivery, holds = self.component(Delivery), self.component(Holds)
+        if delivery is not None:
+            delivery.wake()
+        if holds is not None and HELD in told:
+            holds.poke()
+
     def release_held(self) -> int:
         """Route held mail again now (see :meth:`Holds.release`); how many were released."""
         holds = self.component(Holds)
@@ -354,7 +362,14 @@ def _components(
         return [
             notes,
             SnapshotWatch(knowledge, config, crew),
-            Intake(knowledge, config, crew, wake=partial(_write_wake, wake_fd), sockets=sockets),
+            Intake(
+                knowledge,
+                config,
+                crew,
+                wake=partial(_write_wake, wake_fd, COMMITTED),
+                held=partial(_write_wake, wake_fd, HELD),
+                sockets=sockets,
+            ),
         ]
     delivery = Delivery(config, crew)
     holds = Holds(knowledge, config, crew, released=delivery.wake)
@@ -368,12 +383,21 @@ def _components(
     if monitoring is not None:
         parts.append(monitoring)
     if role == "all":
-        parts.append(Intake(knowledge, config, crew, wake=delivery.wake, sockets=sockets))
+        parts.append(
+            Intake(knowledge, config, crew, wake=delivery.wake, held=holds.poke, sockets=sockets)
+        )
     return parts
 
 
-def _write_wake(fd: int | None) -> None:
-    """From an intake worker: tell the main process's delivery that items were committed."""
+#: What an intake worker writes to the main process through the wake pipe: a message was
+#: committed (delivery looks for items), or one was held (the holds look at held mail).
+COMMITTED = b"."
+HELD = b"h"
+
+
+def _write_wake(fd: int | None, what: bytes) -> None:
+    """From an intake worker: tell the main process what it committed (:data:`COMMITTED`,
+    :data:`HELD`); :meth:`Service.woken` reads it."""
     if fd is not None:
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(fd, b".")
+            os.write(fd, what)

@@ -291,12 +291,16 @@ class Intake(Component):
         crew: Crew,
         *,
         wake: Callable[[], None],
+        held: Callable[[], None] = lambda: None,
         sockets: Sequence[socket.socket] | None = None,
     ) -> None:
+        """``wake`` tells delivery that a message was committed; ``held``, that one was held
+        (its manager waits for data that this process may lack and the holds' process has)."""
         self._knowledge = knowledge
         self.config = config
         self._crew = crew
         self._wake = wake
+        self._held = held
         self._sockets = sockets
         self.committer: GroupCommitter | None = None
         self.handler: Handler | None = None
@@ -347,6 +351,8 @@ class Intake(Component):
         """A message is durable: routing sees its notes from now on, and delivery wakes."""
         self._knowledge.remember(accepted.notes)
         self._wake()
+        if accepted.decision.outcome == "hold":
+            self._held()
 
     async def _serve(
         self, sockets: Sequence[socket.socket], *, start: bool
@@ -543,6 +549,7 @@ class Holds(Component):
         self._outbox: Outbox | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="holds")
         self._task: asyncio.Task[None] | None = None
+        self._poked = asyncio.Event()
 
     async def start(self) -> None:
         self._outbox = _open(self._data_dir, lambda: Outbox(self._data_dir))
@@ -550,6 +557,11 @@ class Holds(Component):
 
     async def switch(self, change: Change) -> None:
         self._sender = change.config.upstream.sender
+
+    def poke(self) -> None:
+        """On the event loop: a message was held, maybe by an intake process that has no
+        snapshot yet where this one has: look at held mail now, not at the next check."""
+        self._poked.set()
 
     def learn(self, notes: Sequence[Note]) -> None:
         """On the event loop (a keeper's callback): notes learnt from outside (such as a CI
@@ -610,12 +622,15 @@ class Holds(Component):
                 released = 0
             if released:
                 self._released()
-            waiter = asyncio.ensure_future(news.wait())
-            stopper = asyncio.ensure_future(self._crew.stopping.wait())
-            await asyncio.wait({waiter, stopper}, timeout=every, return_when="FIRST_COMPLETED")
-            waiter.cancel()
-            stopper.cancel()
+            waiters = [
+                asyncio.ensure_future(event.wait())
+                for event in (news, self._poked, self._crew.stopping)
+            ]
+            await asyncio.wait(waiters, timeout=every, return_when="FIRST_COMPLETED")
+            for waiter in waiters:
+                waiter.cancel()
             news.clear()
+            self._poked.clear()
 
     def release(self) -> int:
         """Route held messages again; those held longer than their manager type's

@@ -364,10 +364,10 @@ async def _supervise(
                 service.request_stop()
 
     def wake() -> None:
+        told = b""
         with contextlib.suppress(BlockingIOError):
-            os.read(read_fd, 4096)
-        if service.dispatcher is not None:
-            service.dispatcher.wake()
+            told = os.read(read_fd, 4096)
+        service.woken(told)
 
     reaper = asyncio.create_task(reap())
     loop.add_reader(read_fd, wake)
