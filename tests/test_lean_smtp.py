@@ -172,17 +172,14 @@ def without_cyclic_gc() -> Iterator[None]:
         gc.enable()
 
 
-@pytest.mark.usefixtures("without_cyclic_gc")
-@pytest.mark.parametrize("loop_name", sorted(LOOPS))
-@pytest.mark.parametrize("starttls", [True, False], ids=["starttls", "plain"])
-@pytest.mark.parametrize("ending", [_quit, _hang_up, _hang_up_in_data])
-def test_an_ended_session_is_freed_without_the_cyclic_garbage_collector(
-    ca: trustme.CA, loop_name: str, starttls: bool, ending: Callable[[smtplib.SMTP], None]
-) -> None:
+def _sessions_left(
+    ca: trustme.CA, loop_name: str, client: Callable[[int], None], *, tls: bool = True
+) -> tuple[int, list[weakref.ref[SMTP]]]:
+    """Run ``client`` against a listener on ``loop_name`` (offering STARTTLS with ``tls``);
+    how many sessions it made, and those still alive once it is done (each given up to 3 s
+    to be freed)."""
     listener = Listener(HostPort("127.0.0.1", 0), tls=InboundTls("starttls", Path(), Path()))
-    access = Access(listener, server_tls(ca) if starttls else None)
-    client_tls = ssl.create_default_context()
-    ca.configure_trust(client_tls)
+    access = Access(listener, server_tls(ca) if tls else None)
     make = smtp_factory(cast(Handler, _Handler()), hostname="test", access=lambda: access)
     ended: list[weakref.ref[SMTP]] = []
 
@@ -190,12 +187,6 @@ def test_an_ended_session_is_freed_without_the_cyclic_garbage_collector(
         session: SMTP = make()
         ended.append(weakref.ref(session))
         return session
-
-    def client(port: int) -> None:
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
-            if starttls:
-                smtp.starttls(context=client_tls)
-            ending(smtp)
 
     async def run() -> list[weakref.ref[SMTP]]:
         loop = asyncio.get_running_loop()
@@ -217,5 +208,60 @@ def test_an_ended_session_is_freed_without_the_cyclic_garbage_collector(
         alive = loop.run_until_complete(run())
     finally:
         loop.close()
-    assert len(ended) == 1
+    return len(ended), alive
+
+
+@pytest.mark.usefixtures("without_cyclic_gc")
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+@pytest.mark.parametrize("starttls", [True, False], ids=["starttls", "plain"])
+@pytest.mark.parametrize("ending", [_quit, _hang_up, _hang_up_in_data])
+def test_an_ended_session_is_freed_without_the_cyclic_garbage_collector(
+    ca: trustme.CA, loop_name: str, starttls: bool, ending: Callable[[smtplib.SMTP], None]
+) -> None:
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    def client(port: int) -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            if starttls:
+                smtp.starttls(context=client_tls)
+            ending(smtp)
+
+    ended, alive = _sessions_left(ca, loop_name, client, tls=starttls)
+    assert ended == 1
+    assert alive == []
+
+
+def _distrusting(smtp: smtplib.SMTP) -> None:
+    """A client that does not trust the certificate: it ends the handshake with an alert."""
+    with contextlib.suppress(ssl.SSLError):
+        smtp.starttls(context=ssl.create_default_context())
+
+
+def _not_speaking_tls(smtp: smtplib.SMTP) -> None:
+    """A client that asks for TLS and then sends lines of text."""
+    smtp.ehlo()
+    smtp.putcmd("starttls")
+    assert smtp.getreply()[0] == 220
+    assert smtp.sock is not None
+    smtp.sock.sendall(b"EHLO me\r\n" * 4)
+    with contextlib.suppress(OSError):
+        smtp.sock.recv(1024)  # until the server closes
+
+
+@pytest.mark.usefixtures("without_cyclic_gc")
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+@pytest.mark.parametrize("handshake", [_distrusting, _not_speaking_tls])
+def test_a_session_whose_tls_handshake_failed_is_freed_without_the_cyclic_garbage_collector(
+    ca: trustme.CA, loop_name: str, handshake: Callable[[smtplib.SMTP], None]
+) -> None:
+    def client(port: int) -> None:
+        smtp = smtplib.SMTP("127.0.0.1", port, timeout=10)
+        try:
+            handshake(smtp)
+        finally:
+            smtp.close()
+
+    ended, alive = _sessions_left(ca, loop_name, client)
+    assert ended == 1
     assert alive == []

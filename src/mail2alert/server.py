@@ -17,6 +17,7 @@ import socket
 import ssl
 import tempfile
 import time
+import traceback
 import warnings
 from base64 import b64decode
 from collections.abc import Callable, Mapping, Sequence
@@ -245,6 +246,21 @@ class Handler:
             return REPLY_QUEUED.format(queue_id)
         finally:
             self.in_flight -= 1
+
+
+def _clear_frames(error: BaseException | None) -> None:
+    """Empty the finished frames in the tracebacks of ``error`` and of the errors it was
+    raised from or during (a future keeps the traceback it was given apart from its error,
+    so only emptying the frames lets go of what they held)."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)
+        pending += [error.__cause__, error.__context__]
 
 
 def _reverse_path(mail_from: str | None) -> str:
@@ -607,6 +623,12 @@ class LeanSMTP(SMTP):
         self._client_connected_cb = None
         self._writer = None  # type: ignore[assignment]  # set by aiosmtpd, typed not None
         self._handler_coroutine = None
+        # A session that ended by an error (a failed TLS handshake) keeps it, in its stream
+        # reader and its close waiter, and the error's traceback holds the frames that hold
+        # the session: empty those frames (they have finished), keep the error.
+        closed: asyncio.Future[None] | None = getattr(self, "_closed", None)
+        if closed is not None and closed.done() and not closed.cancelled():
+            _clear_frames(closed.exception())
 
     def _timeout_cb(self) -> None:
         # aiosmtpd closes an idle session without a word; say why first (RFC 5321 4.5.3.2).
