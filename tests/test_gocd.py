@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import quopri
 import ssl
 import urllib.error
@@ -19,8 +20,14 @@ from typing import Any
 import pytest
 import trustme
 
-from mail2alert.app import COMMITTED, HELD
-from mail2alert.gocd.client import GocdClient, GocdError, parse_cctray, parse_groups
+from mail2alert.app import COMMITTED, HELD, write_wake
+from mail2alert.gocd.client import (
+    AnswerTooLong,
+    GocdClient,
+    GocdError,
+    parse_cctray,
+    parse_groups,
+)
 from mail2alert.gocd.manager import corrected_event, parse_subject, read_gocd_alert
 from mail2alert.gocd.model import stage_of
 from mail2alert.gocd.poller import GroupPoller, keeper, snapshot_path
@@ -31,7 +38,8 @@ from mail2alert.message import RawMessage
 from mail2alert.model import Envelope, Secret
 from mail2alert.outbox import Outbox
 from mail2alert.planning import accept
-from mail2alert.testing import CaptureServer
+from mail2alert.supervisor import woken
+from mail2alert.testing import CaptureServer, EndlessAnswer
 from tests.helpers import OutboxView, example_managers, running, send, wait_until, write_config
 
 GROUPS = {"my-group": ["ppp", "my-pipeline"], "infra": ["deploy-infra"]}
@@ -672,6 +680,51 @@ def test_mail_an_intake_worker_held_without_a_snapshot_goes_out_once_the_holds_a
         assert upstream.wait_for(2, timeout=2.0)[1].rcpt_tos == ("cat@example.com",)
 
 
+def test_an_intake_worker_tells_the_main_process_what_it_committed_through_the_wake_pipe() -> None:
+    class Main:
+        def __init__(self) -> None:
+            self.told: list[bytes] = []
+
+        def woken(self, told: bytes) -> None:
+            self.told.append(told)
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    try:
+        write_wake(write_fd, COMMITTED)
+        write_wake(write_fd, COMMITTED)
+        write_wake(write_fd, HELD)
+        main = Main()
+        woken(read_fd, main)  # what the main process's loop calls when the pipe is readable
+        woken(read_fd, main)  # nothing more to read: told nothing, never blocked
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    assert main.told == [COMMITTED + COMMITTED + HELD, b""]
+
+
+def test_each_message_held_while_gocd_is_down_is_looked_at_once_not_with_every_other(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every message held pokes the holds; a poke looks at the mail held since the last look,
+    # so N held messages are routed again N times, not N * (N + 1) / 2.
+    looked: list[str] = []
+
+    def counting(queue_id: str, *args: Any, **kwargs: Any) -> Any:
+        looked.append(queue_id)
+        return accept(queue_id, *args, **kwargs)
+
+    monkeypatch.setattr("mail2alert.components.accept", counting)
+    gocd = FakeGoCD(GROUPS)  # never started
+    path = _config(tmp_path, upstream, data_dir, _gocd_manager(gocd.url))
+    with running(path) as service:
+        held = [_routed(service.port, f"Stage [p{n}/1/s/1] is broken") for n in range(30)]
+        # Looked at as they are held: the periodic look at all of them is 5 s away.
+        wait_until(lambda: set(held) <= set(looked), timeout=3.0, what="each looked at")
+    # Once each (and once more at most, had a periodic look come meanwhile).
+    assert len(looked) <= 2 * len(held)
+
+
 def test_held_mail_goes_to_the_fallback_when_gocd_stays_down_past_hold_max(
     tmp_path: Path, upstream: CaptureServer, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -982,14 +1035,23 @@ def test_a_stage_result_another_process_committed_corrects_the_next_event(
         assert upstream.wait_for(1)[0].rcpt_tos == ("cat@example.com",)
 
 
-def test_an_answer_longer_than_the_client_reads_is_an_error_not_a_full_memory() -> None:
+def test_an_answer_longer_than_the_client_reads_is_an_error_on_what_it_unzips_to() -> None:
     many = {"big": [f"pipeline-{n:04d}" for n in range(400)]}
     with FakeGoCD(many) as gocd:
         assert len(_fetch(GocdClient(gocd.url))["big"]) == 400
         # The fake gzips, as GoCD's Jetty does: the limit is on what the answer unzips to.
-        with pytest.raises(GocdError) as caught:
+        with pytest.raises(AnswerTooLong) as caught:
             _fetch(GocdClient(gocd.url, answer_max=4096))
     assert str(caught.value) == (
         f"{gocd.url}/api/admin/pipeline_groups answered with more than 4,096 bytes;"
         " the rest was not read"
     )
+
+
+def test_an_answer_without_end_is_read_only_up_to_the_limit_then_let_go() -> None:
+    with EndlessAnswer() as endless:
+        with pytest.raises(AnswerTooLong):
+            _fetch(GocdClient(endless.url, answer_max=1024 * 1024))
+        assert endless.done.wait(15), "the client hung up"
+    # What was sent beyond 1 MiB sat in the sockets' buffers: far from the 512 MiB on offer.
+    assert endless.sent < 48 * 1024 * 1024

@@ -30,7 +30,7 @@ from mail2alert.gocd.setup_check import (
 )
 from mail2alert.gocd.testing import EVERY_EVENT, FakeGoCD, FakeMailServer
 from mail2alert.settings import HostPort, InboundTls, Listener
-from mail2alert.testing import free_port
+from mail2alert.testing import EndlessAnswer, free_port
 from tests.helpers import write_config
 
 PASSWORD = "s3cret-pelle"
@@ -286,6 +286,21 @@ def test_a_gocd_that_does_not_answer_is_one_line_naming_its_url(
         f"gocd#0: GoCD not asked: {gocd.url}/api/current_user unreachable: "
         "ClientConnectorError: check this manager's url and GoCD"
     ]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_a_url_that_answers_without_end_is_one_line_and_is_let_go(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GOPASS", PASSWORD)
+    with EndlessAnswer() as endless:
+        code, _, err = _check(_config(tmp_path, endless), capsys)  # type: ignore[arg-type]
+    assert code == 1
+    assert err == [
+        f"gocd#0: {endless.url}/api/current_user answered with more than 67,108,864 bytes;"
+        " the rest was not read: check that this manager's url is GoCD's"
+    ]
+    assert endless.sent < 128 * 1024 * 1024
 
 
 @pytest.mark.usefixtures("restore_logging")

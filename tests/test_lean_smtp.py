@@ -176,8 +176,8 @@ def _sessions_left(
     ca: trustme.CA, loop_name: str, client: Callable[[int], None], *, tls: bool = True
 ) -> tuple[int, list[weakref.ref[SMTP]]]:
     """Run ``client`` against a listener on ``loop_name`` (offering STARTTLS with ``tls``);
-    how many sessions it made, and those still alive once it is done (each given up to 3 s
-    to be freed)."""
+    how many sessions it made, and those still alive once it is done (given 3 s in all to be
+    freed)."""
     listener = Listener(HostPort("127.0.0.1", 0), tls=InboundTls("starttls", Path(), Path()))
     access = Access(listener, server_tls(ca) if tls else None)
     make = smtp_factory(cast(Handler, _Handler()), hostname="test", access=lambda: access)

@@ -97,7 +97,8 @@ class Service:
     together.
 
     ``role`` chooses the components (see the module docstring); ``sockets`` is the listener
-    the supervisor bound, ``wake_fd`` the pipe an intake worker tells delivery through.
+    the supervisor bound, ``wake_fd`` the pipe through which an intake worker tells the main
+    process what it committed (see :func:`write_wake`).
     """
 
     def __init__(
@@ -207,7 +208,9 @@ class Service:
         return {"listening": listening, "config": Check(True, loaded)}
 
     def woken(self, told: bytes) -> None:
-        """What intake workers wrote to the wake pipe (see :data:`COMMITTED`)."""
+        """Act on what intake workers wrote to the wake pipe (``told``, see
+        :data:`COMMITTED`): delivery looks for items, and after a :data:`HELD` the holds look
+        at the mail held since their last look."""
         delivery, holds = self.component(Delivery), self.component(Holds)
         if delivery is not None:
             delivery.wake()
@@ -366,8 +369,8 @@ def _components(
                 knowledge,
                 config,
                 crew,
-                wake=partial(_write_wake, wake_fd, COMMITTED),
-                held=partial(_write_wake, wake_fd, HELD),
+                wake=partial(write_wake, wake_fd, COMMITTED),
+                held=partial(write_wake, wake_fd, HELD),
                 sockets=sockets,
             ),
         ]
@@ -395,9 +398,14 @@ COMMITTED = b"."
 HELD = b"h"
 
 
-def _write_wake(fd: int | None, what: bytes) -> None:
+def write_wake(fd: int | None, what: bytes) -> None:
     """From an intake worker: tell the main process what it committed (:data:`COMMITTED`,
-    :data:`HELD`); :meth:`Service.woken` reads it."""
+    :data:`HELD`); the supervisor reads the pipe and hands it to :meth:`Service.woken`.
+
+    Never blocks: with the pipe full (64 KiB the main process has not read), what is told
+    is dropped, and the main process finds the items by its own look a moment later (held
+    mail, at the holds' next check).
+    """
     if fd is not None:
         with contextlib.suppress(BlockingIOError, BrokenPipeError):
             os.write(fd, what)

@@ -550,6 +550,8 @@ class Holds(Component):
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="holds")
         self._task: asyncio.Task[None] | None = None
         self._poked = asyncio.Event()
+        #: The greatest Held.row looked at so far: a poke looks only at mail held since.
+        self._looked_at = 0
 
     async def start(self) -> None:
         self._outbox = _open(self._data_dir, lambda: Outbox(self._data_dir))
@@ -560,7 +562,8 @@ class Holds(Component):
 
     def poke(self) -> None:
         """On the event loop: a message was held, maybe by an intake process that has no
-        snapshot yet where this one has: look at held mail now, not at the next check."""
+        snapshot yet where this one has: look at the mail held since the last look now, not
+        at the next check (which looks at all of it)."""
         self._poked.set()
 
     def learn(self, notes: Sequence[Note]) -> None:
@@ -612,11 +615,13 @@ class Holds(Component):
     async def _release_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
         news = self._knowledge.news
+        only_new = False
         while not self._crew.stopping.is_set():
             managers = self._knowledge.managers
             every = min([HOLD_CHECK] + [m.type.hold_max(m.options) / 2 for m in managers])
+            release = partial(self.release, only_new=only_new)
             try:
-                released = await loop.run_in_executor(self._executor, self.release)
+                released = await loop.run_in_executor(self._executor, release)
             except Mail2AlertError as exc:
                 log.error("held mail could not be released: %s", exc)
                 released = 0
@@ -626,38 +631,43 @@ class Holds(Component):
                 asyncio.ensure_future(event.wait())
                 for event in (news, self._poked, self._crew.stopping)
             ]
-            await asyncio.wait(waiters, timeout=every, return_when="FIRST_COMPLETED")
+            woken, _ = await asyncio.wait(waiters, timeout=every, return_when="FIRST_COMPLETED")
             for waiter in waiters:
                 waiter.cancel()
+            # A poke alone looks at the mail held since the last look: while GoCD is down,
+            # every message is held and pokes, and each look at all of them routes them all.
+            only_new = bool(woken) and self._poked.is_set() and not news.is_set()
             news.clear()
             self._poked.clear()
 
-    def release(self) -> int:
-        """Route held messages again; those held longer than their manager type's
-        ``hold_max`` stop waiting."""
+    def release(self, *, only_new: bool = False) -> int:
+        """Route held messages again (``only_new``: those held since the last call); those
+        held longer than their manager type's ``hold_max`` stop waiting. How many went."""
         assert self._outbox is not None
         managers = self._knowledge.managers
         context = self._knowledge.context
         now = time.time()
         released = 0
-        for queue_id, received, envelope, raw in self._outbox.held():
-            manager = next((m for m in managers if m.wanted_recipients(envelope)), None)
+        waiting = self._outbox.held(after=self._looked_at if only_new else 0)
+        self._looked_at = max([self._looked_at] + [h.row for h in waiting])
+        for one in waiting:
+            manager = next((m for m in managers if m.wanted_recipients(one.envelope)), None)
             hold_max = manager.type.hold_max(manager.options) if manager else 0.0
             accepted = accept(
-                queue_id,
-                envelope,
-                raw,
+                one.queue_id,
+                one.envelope,
+                one.raw,
                 managers,
                 context,
-                received_at=received,
-                stop_holding=now - received >= hold_max,
+                received_at=one.received,
+                stop_holding=now - one.received >= hold_max,
                 sender=self._sender,
             )
             if accepted.decision.outcome == "hold":
                 continue
             original = self._outbox.release(accepted)
             line = duplicate(accepted, original) if original is not None else describe(accepted)
-            held = now - received
+            held = now - one.received
             log.info("%s (after holding %.0fs)", line, held, extra=decided(accepted, original))
             released += 1
         return released

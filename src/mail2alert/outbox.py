@@ -394,6 +394,18 @@ class Accepted:
 HEADERS_KEPT = 32 * 1024
 
 
+@dataclass(frozen=True)
+class Held:
+    """A message held until its manager has data (:meth:`Outbox.held`)."""
+
+    row: int
+    """Its place in the order messages were decided (later ones have greater rows)."""
+    queue_id: str
+    received: float
+    envelope: Envelope
+    raw: bytes
+
+
 @dataclass
 class Committed:
     """What :meth:`Outbox.put` did with a batch, by queue id."""
@@ -877,15 +889,17 @@ class Outbox:
         for note in a.notes:
             _keep(db, note, a.received)
 
-    def held(self) -> list[tuple[str, float, Envelope, bytes]]:
-        """Messages held until their manager has data: (queue id, received, envelope, raw)."""
+    def held(self, after: int = 0) -> list[Held]:
+        """Messages held until their manager has data, in the order they arrived; with
+        ``after``, only those decided after the one whose :attr:`Held.row` it is."""
         rows = self.db.execute(
-            "SELECT id, received, mail_from, rcpt_tos, raw FROM messages"
-            " WHERE outcome='hold' ORDER BY received"
+            "SELECT rowid, id, received, mail_from, rcpt_tos, raw FROM messages"
+            " WHERE outcome='hold' AND rowid > ? ORDER BY received",
+            (after,),
         ).fetchall()
         return [
-            (qid, at, Envelope(loaded(sender), tuple(json.loads(rcpts))), bytes(raw))
-            for qid, at, sender, rcpts, raw in rows
+            Held(row, qid, at, Envelope(loaded(sender), tuple(json.loads(rcpts))), bytes(raw))
+            for row, qid, at, sender, rcpts, raw in rows
         ]
 
     def release(self, accepted: Accepted) -> str | None:

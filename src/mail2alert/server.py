@@ -249,9 +249,13 @@ class Handler:
 
 
 def _clear_frames(error: BaseException | None) -> None:
-    """Empty the finished frames in the tracebacks of ``error`` and of the errors it was
-    raised from or during (a future keeps the traceback it was given apart from its error,
-    so only emptying the frames lets go of what they held)."""
+    """Empty the frames in the tracebacks of ``error`` and of the errors it was raised from
+    or during (a future keeps the traceback it was given apart from its error, so only
+    emptying the frames lets go of what they held).
+
+    Call it only once the code those frames ran has finished: emptying the frame of a
+    suspended coroutine closes that coroutine (a running frame is left as it is).
+    """
     seen: set[int] = set()
     pending = [error]
     while pending:
@@ -623,9 +627,10 @@ class LeanSMTP(SMTP):
         self._client_connected_cb = None
         self._writer = None  # type: ignore[assignment]  # set by aiosmtpd, typed not None
         self._handler_coroutine = None
-        # A session that ended by an error (a failed TLS handshake) keeps it, in its stream
-        # reader and its close waiter, and the error's traceback holds the frames that hold
-        # the session: empty those frames (they have finished), keep the error.
+        # A session that ended by an error (a failed STARTTLS handshake) keeps it, in its
+        # stream reader and its close waiter, and the error's traceback holds the frames that
+        # hold the session: empty those frames, keep the error. The session's task is done
+        # (this runs when it ends, or it never ran), and so are the frames.
         closed: asyncio.Future[None] | None = getattr(self, "_closed", None)
         if closed is not None and closed.done() and not closed.cancelled():
             _clear_frames(closed.exception())

@@ -28,7 +28,7 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from mail2alert.app import Role, Service, bind, warn_if_unreachable
 from mail2alert.components import Change, Component, ReloadRefused
@@ -307,6 +307,20 @@ def run(config: Config, *, monitor: str | None = None) -> int:
     )
 
 
+class Woken(Protocol):
+    """What :func:`woken` tells (:meth:`mail2alert.app.Service.woken`)."""
+
+    def woken(self, told: bytes) -> None: ...
+
+
+def woken(read_fd: int, service: Woken) -> None:
+    """The wake pipe is readable: hand what the intake workers wrote to ``service``."""
+    told = b""
+    with contextlib.suppress(BlockingIOError):
+        told = os.read(read_fd, 4096)
+    service.woken(told)
+
+
 def _fork_intake(
     config: Config,
     sockets: list[socket.socket],
@@ -363,14 +377,8 @@ async def _supervise(
                 exit_code = 1
                 service.request_stop()
 
-    def wake() -> None:
-        told = b""
-        with contextlib.suppress(BlockingIOError):
-            told = os.read(read_fd, 4096)
-        service.woken(told)
-
     reaper = asyncio.create_task(reap())
-    loop.add_reader(read_fd, wake)
+    loop.add_reader(read_fd, woken, read_fd, service)
     console = _start_monitor(monitor, service) if monitor else None
     _handle_signals(loop, service)
     try:

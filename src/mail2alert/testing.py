@@ -11,6 +11,7 @@ and no sleep.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import selectors
 import socket
@@ -667,6 +668,69 @@ class LoopbackHttp:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._loop = None
+
+
+class EndlessAnswer:
+    """An HTTP server on loopback that answers its first request ``200`` with a chunked body
+    that never ends (it stops at ``limit`` bytes): a server, or a proxy, gone wrong.
+
+    :attr:`sent` is how much of the body it sent before the client hung up; :attr:`done` is
+    set once it has stopped. Its :attr:`url` is where a gocd manager's ``url`` points.
+    """
+
+    CHUNK = 64 * 1024
+
+    def __init__(self, limit: int = 512 * 1024 * 1024) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)  # a look at _closing between waits for a client
+        self._closing = threading.Event()
+        self.port = int(self._listener.getsockname()[1])
+        self.limit = limit
+        self.sent = 0
+        self.done = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="endless-answer", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/go"
+
+    def _serve(self) -> None:
+        conn = None
+        while conn is None and not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                conn, _ = self._listener.accept()
+        if conn is None:  # closed before anyone came
+            self.done.set()
+            return
+        with conn:
+            conn.settimeout(10)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                more = conn.recv(4096)
+                if not more:
+                    break
+                head += more
+            chunk = f"{self.CHUNK:x}\r\n".encode() + b" " * self.CHUNK + b"\r\n"
+            try:
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n"
+                )
+                while self.sent < self.limit:
+                    conn.sendall(chunk)
+                    self.sent += self.CHUNK
+            except OSError:
+                pass  # the client hung up: what it should do
+        self.done.set()
+
+    def __enter__(self) -> EndlessAnswer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closing.set()
+        self.done.wait(15)
+        self._listener.close()
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,11 @@ class GocdError(SourceError):
         """GoCD's HTTP status, when it answered one."""
 
 
+class AnswerTooLong(GocdError):
+    """An answer went on past what a client reads (``answer_max``): not GoCD, or a broken
+    proxy in front of it."""
+
+
 class GocdStarting(GocdError):
     """GoCD answered that it is still starting (202 from its dashboard): no failure."""
 
@@ -271,6 +276,8 @@ def ClientError() -> type[Exception]:
 #: The most of one answer a client reads (after gzip): a GoCD of thousands of pipelines
 #: answers a few MB; a server or proxy that sends without end must not fill memory.
 ANSWER_MAX = 64 * 1024 * 1024
+#: How much of an answer is read at a time.
+CHUNK = 64 * 1024
 
 
 class GocdClient:
@@ -438,13 +445,13 @@ class GocdClient:
             raise GocdError(f"{target} answered HTTP {status}", status=status)
 
     async def _body(self, target: str, response: aiohttp.ClientResponse) -> bytes:
-        """The body of ``response``, at most ``answer_max`` bytes of it. Raises GocdError past
-        that, and what aiohttp raises when the answer breaks off."""
+        """The body of ``response``, at most ``answer_max`` bytes of it. Raises AnswerTooLong
+        past that, and what aiohttp raises when the answer breaks off."""
         body = bytearray()
         async for chunk in response.content.iter_chunked(CHUNK):
             body += chunk
             if len(body) > self._answer_max:
-                raise GocdError(
+                raise AnswerTooLong(
                     f"{target} answered with more than {self._answer_max:,} bytes;"
                     " the rest was not read"
                 )
@@ -465,10 +472,6 @@ class GocdClient:
             reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
             detail = getattr(exc, "strerror", None) or ""
             raise GocdError(f"{target} unreachable: {reason} {detail}".rstrip()) from None
-
-
-#: How much of an answer is read at a time.
-CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,14 @@ from dataclasses import dataclass, field
 from email.utils import getaddresses
 from typing import Any
 
-from mail2alert.gocd.client import UNAUTHORIZED, Answer, ClientError, GocdClient, GocdError
+from mail2alert.gocd.client import (
+    UNAUTHORIZED,
+    Answer,
+    AnswerTooLong,
+    ClientError,
+    GocdClient,
+    GocdError,
+)
 from mail2alert.gocd.settings import GocdSettings
 from mail2alert.managers.explaining import SetupCheck, SetupFinding, SetupReport
 from mail2alert.routing import Manager
@@ -326,7 +333,8 @@ class SetupClient(GocdClient):
     missing mail server from an old GoCD by the message of a 404."""
 
     async def read(self, path: str, accept: str) -> Answer:
-        """One GET of ``path`` with this exact Accept; GocdError when GoCD does not answer."""
+        """One GET of ``path`` with this exact Accept; GocdError when GoCD does not answer
+        (AnswerTooLong when the answer goes on past ``answer_max`` bytes)."""
         target = f"{self.url}{path}"
         async with self._session() as session:
             try:
@@ -353,6 +361,9 @@ class _Asker:
         target = f"{self.client.url}{path}"
         try:
             answer = await self.client.read(path, accept)
+        except AnswerTooLong as exc:
+            self.judged.wrong(str(exc), "check that this manager's url is GoCD's")
+            raise _Stop from None
         except GocdError as exc:
             self.judged.wrong(f"GoCD not asked: {exc}", "check this manager's url and GoCD")
             raise _Stop from None
