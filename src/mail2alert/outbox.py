@@ -260,14 +260,17 @@ def storage_error(exc: BaseException, doing: str) -> OutboxError:
     return kind(f"cannot {doing}: {exc}")
 
 
-#: The page size of a new outbox. Every transaction writes each page it changed whole to the
-#: WAL (and a checkpoint writes it again to the database), and a commit of a few messages
-#: changes about ten pages: their rows, the last leaves of the indexes. With 4 KiB pages that
-#: came to 35 KB written per 2 KB message at two messages per commit, with 2 KiB pages to
-#: 21 KB and with 1 KiB pages to 15 KB (bench/README.md). A message bigger than a page goes to
-#: overflow pages; the history's scans of many messages read more pages (bench/scrape.py).
-#: 512-byte pages write less still, but then most rows of the history overflow.
-PAGE_SIZE = 1024
+#: The page size of a new outbox: SQLite's smallest. Every transaction writes each page it
+#: changed whole to the WAL (and a checkpoint writes it again to the database), and what a
+#: commit changes is mostly the pages of its own messages: their rows, the overflow pages of
+#: their bytes and history, the last leaves of the indexes. Per 1.5 KB message at three
+#: messages per commit (bench/store_io.py) that came to 21.7 KB with 2 KiB pages, 14.9 with
+#: 1 KiB and 11.5 with 512 bytes; beside a durable Postfix in bench/bench.py, 15.3 → 12.3 KB
+#: at 10 sessions and 12.3 → 10.9 at 50, at the same speed. The history's scans of many
+#: messages read more pages (bench/scrape.py at 100,000 messages: the 24-hour chart 154 →
+#: 179 ms), and a 31 MB message takes 0.7 s to commit instead of 0.4. An outbox made before
+#: keeps its page size.
+PAGE_SIZE = 512
 
 #: The least room in data-dir that readiness calls writable. A commit of a page or two can
 #: fit in the unused end of a file's last block on a full disk, so that one row committed
