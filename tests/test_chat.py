@@ -14,6 +14,7 @@ import logging
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ import yaml
 
 from mail2alert import cli
 from mail2alert.gocd.testing import gocd_stage_mail
-from mail2alert.testing import CaptureServer, FakeSlack, HookReceiver, free_port
+from mail2alert.testing import CaptureServer, EndlessAnswer, FakeSlack, HookReceiver, free_port
 from tests.helpers import (
     OutboxView,
     Relay,
@@ -270,6 +271,27 @@ def test_a_slack_answering_500_is_retried_until_it_takes_the_post(
     assert [c.status for c in slack.calls] == [500, 500, 200]
     assert slack.calls[0].body == slack.calls[2].body
     assert (item["state"], item["attempts"]) == ("done", 3)
+
+
+def test_a_slack_api_that_answers_without_end_is_let_go_at_the_limit_and_retried(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    with EndlessAnswer() as endless:
+        slack = SimpleNamespace(api_url=endless.url)  # slack-api-url points at it
+        path = write(tmp_path, upstream, rule("slack:#builds"), slack=slack)  # type: ignore[arg-type]
+        outbox = OutboxView(tmp_path / "data")
+        with running(path) as service:
+            queue_id = submit(service.port)
+            item = outbox.wait_attempted(queue_id)
+        assert endless.done.wait(15), "the client hung up"
+
+    assert item["state"] == "pending"
+    assert item["last_error"] == (
+        f"Slack Web API at {endless.url}: answered with more than 1,048,576 bytes;"
+        " the rest was not read"
+    )
+    # What was sent beyond 1 MiB sat in the sockets' buffers: far from the 512 MiB on offer.
+    assert endless.sent < 48 * 1024 * 1024
 
 
 def test_a_wrong_slack_token_makes_the_post_dead_at_once_with_slacks_reason(

@@ -12,6 +12,7 @@ thread.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -135,7 +136,7 @@ class ChatSender:
                     return Attempt((), f"Slack answered HTTP {response.status}")
                 if response.status != 200:
                     return Attempt((), f"Slack answered HTTP {response.status}", permanent=True)
-                answer = await response.json(content_type=None)
+                answer = await _json_answer(response)
         except (_client_error(), TimeoutError, ValueError) as exc:
             return Attempt(
                 (),
@@ -229,7 +230,32 @@ def _answered(exc: BaseException) -> bool:
     return isinstance(exc, aiohttp.ClientResponseError)
 
 
+#: The most of one answer of Slack's Web API that is read: its answers are a few hundred
+#: bytes, and a server or proxy that answers without end must not fill memory.
+SLACK_ANSWER_MAX = 1024 * 1024
+
+
+class AnswerTooLong(ValueError):
+    """An answer went on past :data:`SLACK_ANSWER_MAX`."""
+
+
+async def _json_answer(response: aiohttp.ClientResponse) -> Any:
+    """The JSON of ``response`` (None for an empty body), read up to
+    :data:`SLACK_ANSWER_MAX` bytes. Raises AnswerTooLong past that, ValueError when it is not
+    JSON, and what aiohttp raises."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > SLACK_ANSWER_MAX:
+            raise AnswerTooLong(
+                f"answered with more than {SLACK_ANSWER_MAX:,} bytes; the rest was not read"
+            )
+    return json.loads(body) if body.strip() else None  # None for nothing, as aiohttp's
+
+
 def _why(exc: BaseException) -> str:
+    if isinstance(exc, AnswerTooLong):
+        return str(exc)
     return "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}"
 
 
@@ -247,7 +273,7 @@ async def check_slack_token(settings: ChatSettings) -> tuple[bool, str]:
         ):
             if r.status != 200:
                 return False, f"answered HTTP {r.status}"
-            answer = await r.json(content_type=None)
+            answer = await _json_answer(r)
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return False, _why(exc)
     if not isinstance(answer, dict) or not answer.get("ok"):
