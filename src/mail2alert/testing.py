@@ -675,7 +675,8 @@ class EndlessAnswer:
     that never ends (it stops at ``limit`` bytes): a server, or a proxy, gone wrong.
 
     :attr:`sent` is how much of the body it sent before the client hung up; :attr:`done` is
-    set once it has stopped. Its :attr:`url` is where a gocd manager's ``url`` points.
+    set once it has stopped. Its :attr:`url` is where a gocd manager's ``url`` (or
+    ``slack-api-url``) points.
     """
 
     CHUNK = 64 * 1024

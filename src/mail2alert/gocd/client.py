@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
+from mail2alert.bounded import read_at_most
 from mail2alert.errors import SourceError
 from mail2alert.gocd.model import PipelineGroups, StageRun
 from mail2alert.gocd.settings import GocdSettings
@@ -276,8 +277,6 @@ def ClientError() -> type[Exception]:
 #: The most of one answer a client reads (after gzip): a GoCD of thousands of pipelines
 #: answers a few MB; a server or proxy that sends without end must not fill memory.
 ANSWER_MAX = 64 * 1024 * 1024
-#: How much of an answer is read at a time.
-CHUNK = 64 * 1024
 
 
 class GocdClient:
@@ -447,15 +446,13 @@ class GocdClient:
     async def _body(self, target: str, response: aiohttp.ClientResponse) -> bytes:
         """The body of ``response``, at most ``answer_max`` bytes of it. Raises AnswerTooLong
         past that, and what aiohttp raises when the answer breaks off."""
-        body = bytearray()
-        async for chunk in response.content.iter_chunked(CHUNK):
-            body += chunk
-            if len(body) > self._answer_max:
-                raise AnswerTooLong(
-                    f"{target} answered with more than {self._answer_max:,} bytes;"
-                    " the rest was not read"
-                )
-        return bytes(body)
+        body = await read_at_most(response, self._answer_max)
+        if body is None:
+            raise AnswerTooLong(
+                f"{target} answered with more than {self._answer_max:,} bytes;"
+                " the rest was not read"
+            )
+        return body
 
     async def _get(
         self, session: aiohttp.ClientSession, endpoint: Endpoint, *, etag: bool = True

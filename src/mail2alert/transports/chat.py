@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mail2alert.actions import is_slack_web, mask, parse_slack
+from mail2alert.bounded import read_at_most
 from mail2alert.model import ChatPost, ChatSettings
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.transports import Attempt
@@ -243,13 +244,11 @@ async def _json_answer(response: aiohttp.ClientResponse) -> Any:
     """The JSON of ``response`` (None for an empty body), read up to
     :data:`SLACK_ANSWER_MAX` bytes. Raises AnswerTooLong past that, ValueError when it is not
     JSON, and what aiohttp raises."""
-    body = bytearray()
-    async for chunk in response.content.iter_chunked(64 * 1024):
-        body += chunk
-        if len(body) > SLACK_ANSWER_MAX:
-            raise AnswerTooLong(
-                f"answered with more than {SLACK_ANSWER_MAX:,} bytes; the rest was not read"
-            )
+    body = await read_at_most(response, SLACK_ANSWER_MAX)
+    if body is None:
+        raise AnswerTooLong(
+            f"answered with more than {SLACK_ANSWER_MAX:,} bytes; the rest was not read"
+        )
     return json.loads(body) if body.strip() else None  # None for nothing, as aiohttp's
 
 
