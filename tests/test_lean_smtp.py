@@ -16,7 +16,7 @@ from typing import cast
 
 import pytest
 import trustme
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, Session
 
 from mail2alert.managers.base import Context
 from mail2alert.outbox import GroupCommitter
@@ -96,6 +96,39 @@ def test_the_same_commands_and_auth_mechanisms_are_found(
     assert lean._smtp_methods.keys() == original._smtp_methods.keys()
     assert lean._auth_methods.keys() == original._auth_methods.keys()
     assert lean._handle_hooks.keys() == original._handle_hooks.keys()
+
+
+class _Writes:
+    """A session's writer that keeps what each write was given."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    async def drain(self) -> None:
+        pass
+
+
+def test_a_multi_line_reply_goes_out_in_one_write_with_the_same_bytes(
+    sessions: tuple[SMTP, LeanSMTP],
+) -> None:
+    """EHLO's reply is one send() and one TCP segment, not one per line as aiosmtpd's."""
+    loop = asyncio.get_event_loop()
+    writes: dict[str, list[bytes]] = {}
+    for name, session in zip(("aiosmtpd", "lean"), sessions, strict=True):
+        writer = _Writes()
+        session._writer = cast(asyncio.StreamWriter, writer)
+        session.session = Session(loop)
+        loop.run_until_complete(session.smtp_EHLO("client.example"))
+        loop.run_until_complete(session.smtp_NOOP(""))
+        writes[name] = writer.writes
+    ehlo, noop = writes["lean"]
+    assert ehlo.count(b"\r\n") > 3
+    assert ehlo.endswith(b"250 HELP\r\n")
+    assert noop == b"250 OK\r\n"
+    assert b"".join(writes["aiosmtpd"]) == ehlo + noop
 
 
 def test_the_handler_lists_aiosmtpd_every_hook_it_has() -> None:

@@ -325,8 +325,8 @@ class Dispatcher:
                         purged = now
                         await self._purge(now)
                     await self._release()
-                    full = await self._claim(now)
-                    delay = POLL if full else await self._until_next()
+                    full, next_due = await self._claim(now)
+                    delay = POLL if full else self._until_next(next_due)
                     self._storage_recovered("read")
                 except Exception as exc:
                     if not is_storage_error(exc):
@@ -347,8 +347,9 @@ class Dispatcher:
             destination.error = "not reached before the restart"
             log.info("%d items wait for %s; probing it now", count, name)
 
-    async def _claim(self, now: float) -> bool:
-        """Queue the due items and the probes that are due; True when no room was left."""
+    async def _claim(self, now: float) -> tuple[bool, float | None]:
+        """Queue the due items and the probes that are due. Whether no room was left, and
+        else when the next item not taken is due (None: none is pending)."""
         free = 4 * self.delivery.connections - len(self._inflight)
         for destination in self._destinations.values():
             if free > 0 and destination.may_probe(now):
@@ -359,20 +360,27 @@ class Dispatcher:
                     self._claimed(item, probe=True)
                     free -= 1
         if free <= 0:
-            return True
+            return True, None
         exclude = tuple(self._inflight)
-        items = await self._db(partial(self._outbox.due, now, free, exclude))
+
+        def look() -> tuple[list[Item], float | None]:
+            # One trip to the outbox's thread for both: after every recorded batch of results.
+            items = self._outbox.due(now, free, exclude)
+            if len(items) == free:
+                return items, None
+            return items, self._outbox.next_due((*exclude, *(item.id for item in items)))
+
+        items, next_due = await self._db(look)
         for item in items:
             self._claimed(item, probe=False)
-        return len(items) == free
+        return len(items) == free, next_due
 
     def _claimed(self, item: Item, *, probe: bool) -> None:
         self._inflight.add(item.id)
         self._queue.put_nowait((item, probe))
 
-    async def _until_next(self) -> float:
-        exclude = tuple(self._inflight)
-        next_due = await self._db(partial(self._outbox.next_due, exclude))
+    def _until_next(self, next_due: float | None) -> float:
+        """How long to wait for the next due item or probe, at most :data:`POLL`."""
         probes = [d.next_probe for d in self._destinations.values() if d.down and not d.probing]
         soonest = min([t for t in (next_due, *probes) if t is not None], default=None)
         delay = POLL if soonest is None else min(POLL, soonest - self._clock())
@@ -514,7 +522,8 @@ class Dispatcher:
         results = [result for result, _ in batch]
         try:
             await self._db(partial(self._outbox.record, results))
-            expired = await self._expire(results)
+            # Only a result that waits for its destination can make others wait too long.
+            expired = await self._expire(results) if any(r.waiting for r in results) else 0
         except Exception as exc:
             if not is_storage_error(exc):
                 raise

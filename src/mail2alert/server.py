@@ -446,6 +446,8 @@ _DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 _SIMPLE_ADDRESS = re.compile(
     rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>((?:[ \t]*[^ \t(\r\n][^(\r\n]*)?)\Z"
 )
+#: A line of a multi-line reply that is not its last (RFC 5321 4.2.1: ``250-SIZE 1000``).
+_CONTINUED = re.compile(r"\d{3}-")
 #: C0 controls and DEL, which no address may hold; a tab may only separate parameters.
 _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -539,6 +541,7 @@ class LeanSMTP(SMTP):
             # Read by aiosmtpd's __init__ as the reader's limit, so it must be set first.
             self.line_length_limit = command_limit + 2
         super().__init__(handler, **options)
+        self._continued = []
         if command_limit is not None:
             self.command_size_limit = command_limit
             # Per session: aiosmtpd's is one dict for all sessions, grown by every EHLO.
@@ -575,6 +578,8 @@ class LeanSMTP(SMTP):
     _refusal_logged = False
     _counted = False
     _in_data = False
+    _continued: list[str]
+    """The lines of a multi-line reply pushed so far, sent with its last line."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Serve the connection, or tell it 421 when descriptors or sessions run short."""
@@ -818,6 +823,14 @@ class LeanSMTP(SMTP):
             and status.startswith("250-AUTH")
         ):
             return
+        # aiosmtpd pushes a multi-line reply (EHLO's) a line at a time, each its own send()
+        # and TCP segment: its lines wait here for the last one and go out with it.
+        if isinstance(status, str) and _CONTINUED.match(status):
+            self._continued.append(status)
+            return
+        if self._continued and isinstance(status, str):
+            status = "\r\n".join((*self._continued, status))
+            self._continued.clear()
         await super().push(status)
 
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
