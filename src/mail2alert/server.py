@@ -995,6 +995,12 @@ def smtp_factory(
     gate = SessionGate.for_this_process()
     throttle = AuthThrottle()
     sessions = SessionCount(0)
+    fixed: dict[str, Any] = {
+        "enable_SMTPUTF8": True,
+        "decode_data": False,
+        "hostname": hostname or handler.hostname,
+        "ident": "mail2alert ESMTP",
+    }
 
     def make() -> SMTP:
         now = access()
@@ -1011,17 +1017,16 @@ def smtp_factory(
                 "authenticator": _never,
                 "command_limit": COMMAND_LIMIT,
             }
-        with warnings.catch_warnings():
-            # AUTH required on implicit TLS: aiosmtpd cannot tell the session is TLS.
-            warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
-            session = LeanSMTP(
-                handler,
-                enable_SMTPUTF8=True,
-                decode_data=False,
-                hostname=hostname or handler.hostname,
-                ident="mail2alert ESMTP",
-                **options,
-            )
+        # The running loop, given: else aiosmtpd looks for one under a warnings filter of its
+        # own, and a change of the filters makes every later warning be looked up afresh.
+        options["loop"] = asyncio.get_running_loop()
+        if options.get("auth_required") and not options.get("auth_require_tls", True):
+            with warnings.catch_warnings():
+                # AUTH required on implicit TLS: aiosmtpd cannot tell the session is TLS.
+                warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
+                session = LeanSMTP(handler, **fixed, **options)
+        else:
+            session = LeanSMTP(handler, **fixed, **options)
         session.spool_dir = spool_dir
         session.gate = gate
         session.access = now
