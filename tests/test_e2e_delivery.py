@@ -42,6 +42,21 @@ def test_a_message_accepted_while_upstream_is_down_is_delivered_once_it_is_up(
     assert len(upstream.messages) == 1
 
 
+def test_a_line_longer_than_smtp_allows_is_broken_so_that_a_strict_smarthost_takes_it(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    """The capture server, as aiosmtpd, refuses a line over 1,000 bytes for good."""
+    long_line = "x" * 2500
+    with relay(tmp_path, upstream, managers()) as mail2alert:
+        reply = mail2alert.send(
+            relayed(body=f"start\n{long_line}\nend\n"), mail_from="someone@example.net"
+        )
+        (got,) = upstream.wait_for(1)
+        mail2alert.outbox.wait_state(reply.queue_id, "done")
+    assert max(len(line) for line in got.data.split(b"\r\n")) <= 998
+    assert b"\r\nstart\r\n" + long_line.encode() + b"\r\nend\r\n" in got.data.replace(b"\r\n ", b"")
+
+
 def test_a_451_on_data_is_retried_and_the_message_delivered_exactly_once(
     tmp_path: Path, upstream: CaptureServer
 ) -> None:

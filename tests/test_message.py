@@ -5,10 +5,19 @@ from __future__ import annotations
 import encodings
 import pkgutil
 import random
+import re
 
 import pytest
 
-from mail2alert.message import RawMessage, address_of, body_text, decode_header_value, rewrite
+from mail2alert.message import (
+    LINE_LIMIT,
+    RawMessage,
+    address_of,
+    body_text,
+    decode_header_value,
+    fold_long_lines,
+    rewrite,
+)
 
 #: Every codec module Python ships: encoded words may name any of them (idna, rot13, ...).
 PYTHON_CODECS = sorted(m.name for m in pkgutil.iter_modules(encodings.__path__))
@@ -478,3 +487,49 @@ def random_messages(seed: int, count: int) -> list[bytes]:
 def test_500_random_byte_strings_never_raise() -> None:
     for data in random_messages(seed=20240101, count=500):
         exercise(data)
+
+
+# -- lines longer than SMTP allows --------------------------------------------------------------
+
+
+def _wire_lengths(data: bytes) -> list[int]:
+    """The length of each line as it goes on the wire: a leading dot is doubled."""
+    return [len(line) + line.startswith(b".") for line in data.splitlines()]
+
+
+def test_a_message_with_no_line_over_the_limit_is_sent_as_it_is() -> None:
+    data = b"Subject: hi\r\n\r\n" + b"x" * LINE_LIMIT + b"\r\n." + b"y" * 500 + b"\n"
+    assert fold_long_lines(data) is data
+
+
+def test_every_long_line_is_broken_into_lines_smtp_takes_that_unfold_to_the_original() -> None:
+    rnd = random.Random(3)
+    for _ in range(200):
+        pieces = [
+            rnd.choice([b"", b".", b"x", "é".encode()]) * rnd.randint(0, 1500)
+            + rnd.choice([b"\r\n", b"\n", b"\r"])
+            for _ in range(rnd.randint(1, 6))
+        ]
+        data = b"Subject: x\r\n\r\n" + b"".join(pieces)
+        folded = fold_long_lines(data)
+        assert max(_wire_lengths(folded)) <= LINE_LIMIT
+        assert folded.replace(b"\r\n ", b"") == data
+        folded.decode("utf-8")  # no character was cut in two
+
+
+def test_a_long_line_of_words_is_broken_before_its_own_spaces() -> None:
+    """Unfolded as RFC 5322 unfolds (a line break before white space taken out), the line
+    is what it was: nothing was added."""
+    line = b" ".join(b"w%d" % i for i in range(1000))
+    folded = fold_long_lines(b"Subject: x\r\n\r\n" + line + b"\r\n")
+    assert max(_wire_lengths(folded)) <= LINE_LIMIT
+    assert re.sub(rb"\r\n(?=[ \t])", b"", folded) == b"Subject: x\r\n\r\n" + line + b"\r\n"
+
+
+def test_a_long_header_field_goes_on_as_a_folded_continuation() -> None:
+    data = b"Subject: " + b"word " * 400 + b"\r\nTo: a@example.com\r\n\r\nbody\r\n"
+    folded = fold_long_lines(data)
+    message = RawMessage.parse(folded)
+    assert [f.name for f in message.fields] == ["subject", "to"]
+    assert message.get("Subject") == " ".join(["word"] * 400)
+    assert folded[message.body_offset :] == b"body\r\n"

@@ -10,7 +10,9 @@ DATA goes out as the wire wants it: every line ended by CRLF (a bare LF becomes 
 SMTP server reads it) and every line that starts with a dot stuffed, so no sequence in a
 message can end its DATA early (``<LF>.<LF>``, ``<CR>.<CR>``: SMTP smuggling). A bare CR in
 the header section is folded instead (:func:`~mail2alert.message.fold_bare_cr`): made a line
-end, it would start a header field the message did not have.
+end, it would start a header field the message did not have. A line longer than SMTP's 998
+bytes is broken into shorter ones, as Postfix's ``smtp_line_length_limit`` does
+(:func:`~mail2alert.message.fold_long_lines`): a strict smarthost would refuse it for good.
 
 A big message goes out in blocks, each written once the socket has taken the one before:
 aiosmtplib's ``data()`` makes three copies of a message and hands all of it to the transport
@@ -35,7 +37,7 @@ from collections.abc import Iterator
 
 import aiosmtplib
 
-from mail2alert.message import fold_bare_cr
+from mail2alert.message import fold_bare_cr, fold_long_lines
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.settings import HostPort, Upstream
 from mail2alert.transports import Attempt
@@ -212,7 +214,7 @@ class SmtpConnection:
         if not accepted:
             await self._reset(smtp, 0)
             return Attempt(tuple(results[r] for r in item.recipients))
-        data = fold_bare_cr(item.data)
+        data = fold_long_lines(fold_bare_cr(item.data))
         try:
             if len(data) <= DATA_BLOCK:
                 taken = await smtp.data(data)
