@@ -5,8 +5,10 @@ connects from 127.0.0.2."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import smtplib
+import socket
 import ssl
 import subprocess
 import sys
@@ -19,6 +21,7 @@ import pytest
 import trustme
 
 from mail2alert import server
+from mail2alert.components import Intake
 from mail2alert.server import AuthThrottle
 from mail2alert.testing import CaptureServer, ServiceThread
 from mail2alert.users import hash_password, read_users, verify
@@ -214,6 +217,33 @@ def test_implicit_tls_is_tls_from_the_first_byte(
             client.sendmail("go@example.com", ["admin@example.com"], compose())
         (got,) = upstream.wait_for(1)
     assert got.rcpt_tos == ("ops@example.com",)
+
+
+def test_a_port_scan_of_the_implicit_tls_listener_leaves_no_session_behind(
+    tmp_path: Path,
+    upstream: CaptureServer,
+    tls_files: dict[str, str],
+    client_context: ssl.SSLContext,
+) -> None:
+    """A connection that never finishes its handshake makes no SMTP session, which would
+    wait for the cyclic garbage collector (off here) once the connection is gone."""
+    gc.collect()
+    gc.disable()
+    try:
+        with serving(tmp_path, upstream, {"tls": {"mode": "implicit", **tls_files}}) as service:
+            intake = service.service.component(Intake)
+            for _ in range(3):
+                socket.create_connection(("127.0.0.1", service.port)).close()
+            # One listener accepts in order: this session comes after the three.
+            with smtplib.SMTP_SSL("localhost", service.port, context=client_context) as client:
+                assert client.noop()[0] == 250
+            deadline = time.monotonic() + 5
+            # Nothing signals that a session was freed: polling is the way.
+            while len(intake._sessions) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(intake._sessions) == 0
+    finally:
+        gc.enable()
 
 
 def test_passwd_prints_a_users_file_line_for_a_password_read_from_stdin(tmp_path: Path) -> None:

@@ -62,6 +62,18 @@ def test_blocks_are_about_the_size_asked_for() -> None:
     assert b"".join(blocks) == data
 
 
+def test_the_blocks_of_a_big_message_have_their_long_lines_broken_one_block_at_a_time() -> None:
+    line = b"." + b"x" * 2500 + b"\n"
+    data = (b"short\n" + line) * (DATA_BLOCK // len(line) * 2)
+
+    blocks = list(data_blocks(data))
+
+    assert len(blocks) > 1
+    wire = b"".join(blocks)
+    assert max(map(len, wire.split(b"\r\n"))) <= 998  # a doubled leading dot included
+    assert wire.replace(b"\r\n ", b"") == as_aiosmtplib_sends_it(data)
+
+
 def big(subject: str, size: int = 3 * DATA_BLOCK) -> bytes:
     """A mail of ``size`` bytes or more, with dot-started lines and a bare LF or two."""
     block = b".a line that starts with a dot\r\nan ordinary line.\nand one more\r\n" * 8

@@ -8,6 +8,7 @@ import contextlib
 import gc
 import random
 import smtplib
+import socket
 import ssl
 import weakref
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Session
 
 from mail2alert.managers.base import Context
 from mail2alert.outbox import GroupCommitter
-from mail2alert.server import Access, Handler, LeanSMTP, smtp_factory
+from mail2alert.server import Access, AfterHandshake, Handler, LeanSMTP, smtp_factory
 from mail2alert.settings import HostPort, InboundTls, Listener
 from tests.helpers import server_tls
 
@@ -129,6 +130,23 @@ def test_a_multi_line_reply_goes_out_in_one_write_with_the_same_bytes(
     assert ehlo.endswith(b"250 HELP\r\n")
     assert noop == b"250 OK\r\n"
     assert b"".join(writes["aiosmtpd"]) == ehlo + noop
+
+
+def test_a_reply_is_held_only_while_its_last_line_is_to_come(
+    sessions: tuple[SMTP, LeanSMTP],
+) -> None:
+    """A hook's whole multi-line reply in one string goes at once; held lines go out before
+    whatever comes next, bytes too, in order."""
+    _, lean = sessions
+    loop = asyncio.get_event_loop()
+    writer = _Writes()
+    lean._writer = cast(asyncio.StreamWriter, writer)
+    lean.session = Session(loop)
+    loop.run_until_complete(lean.push("250-first\r\n250 last"))
+    assert writer.writes == [b"250-first\r\n250 last\r\n"]
+    loop.run_until_complete(lean.push("250-held"))
+    loop.run_until_complete(lean.push(b"250 bytes"))
+    assert writer.writes[1:] == [b"250-held\r\n250 bytes\r\n"]
 
 
 def test_the_handler_lists_aiosmtpd_every_hook_it_has() -> None:
@@ -298,3 +316,106 @@ def test_a_session_whose_tls_handshake_failed_is_freed_without_the_cyclic_garbag
     ended, alive = _sessions_left(ca, loop_name, client)
     assert ended == 1
     assert alive == []
+
+
+# -- implicit TLS: no session before the handshake is done ------------------------------------
+
+
+def _distrusting_from_the_start(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as raw, contextlib.suppress(OSError):
+        ssl.create_default_context().wrap_socket(raw, server_hostname="127.0.0.1")
+
+
+def _plain_text_to_a_tls_port(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        raw.sendall(b"EHLO me\r\n" * 4)
+        with contextlib.suppress(OSError):
+            raw.recv(1024)  # until the server closes
+
+
+def _connect_and_go(port: int) -> None:
+    """A port scan or a TCP health check."""
+    socket.create_connection(("127.0.0.1", port)).close()
+
+
+@pytest.mark.usefixtures("without_cyclic_gc")
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+@pytest.mark.parametrize(
+    "client", [_distrusting_from_the_start, _plain_text_to_a_tls_port, _connect_and_go]
+)
+def test_a_connection_to_implicit_tls_that_never_finishes_its_handshake_makes_no_session(
+    ca: trustme.CA, loop_name: str, client: Callable[[int], None]
+) -> None:
+    """An aiosmtpd session made before the handshake would wait for a full collection of the
+    cyclic garbage collector once the handshake failed. On uvloop, what serve runs on, the
+    stand-in is freed at once too (asyncio's own SSL protocol keeps it in its error's
+    traceback until a collection, with its buffers)."""
+    make = smtp_factory(cast(Handler, _Handler()), hostname="test")
+    sessions: list[weakref.ref[SMTP]] = []
+    stand_ins: list[weakref.ref[AfterHandshake]] = []
+
+    def session() -> SMTP:
+        made: SMTP = make()
+        sessions.append(weakref.ref(made))
+        return made
+
+    def factory() -> AfterHandshake:
+        stand_in = AfterHandshake(session)
+        stand_ins.append(weakref.ref(stand_in))
+        return stand_in
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(factory, "127.0.0.1", 0, ssl=server_tls(ca))
+        try:
+            await loop.run_in_executor(None, client, server.sockets[0].getsockname()[1])
+            deadline = loop.time() + 3
+            # Nothing signals that the connection was taken, or let go: polling is the way.
+            while not stand_ins and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            while stand_ins[0]() is not None and loop.time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    loop = LOOPS[loop_name]()
+    try:
+        loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert len(stand_ins) == 1
+    assert sessions == []
+    if loop_name == "uvloop":
+        assert stand_ins[0]() is None
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_session_on_implicit_tls_is_made_once_the_handshake_is_done_and_serves(
+    ca: trustme.CA, loop_name: str
+) -> None:
+    make = smtp_factory(cast(Handler, _Handler()), hostname="test")
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    def client(port: int) -> tuple[int, dict[str, tuple[int, bytes]]]:
+        with smtplib.SMTP_SSL("127.0.0.1", port, context=client_tls, timeout=10) as smtp:
+            refused = smtp.sendmail("a@example.com", ["b@example.com"], b"x\r\n")
+            return smtp.noop()[0], refused
+
+    async def run() -> tuple[int, dict[str, tuple[int, bytes]]]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: AfterHandshake(make), "127.0.0.1", 0, ssl=server_tls(ca)
+        )
+        try:
+            return await loop.run_in_executor(None, client, server.sockets[0].getsockname()[1])
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    loop = LOOPS[loop_name]()
+    try:
+        assert loop.run_until_complete(run()) == (250, {})
+    finally:
+        loop.close()

@@ -517,6 +517,36 @@ def test_every_long_line_is_broken_into_lines_smtp_takes_that_unfold_to_the_orig
         folded.decode("utf-8")  # no character was cut in two
 
 
+@pytest.mark.parametrize("character", ["é", "€", "𝄞"], ids=["2 bytes", "3 bytes", "4 bytes"])
+def test_no_character_is_cut_in_two_wherever_the_limit_falls(character: str) -> None:
+    wide = character.encode()
+    for shift in range(len(wide)):
+        data = b"x" * shift + wide * (3000 // len(wide)) + b"\r\n"
+        folded = fold_long_lines(data)
+        assert max(_wire_lengths(folded)) <= LINE_LIMIT
+        assert folded.replace(b"\r\n ", b"").decode() == data.decode()
+
+
+def test_a_line_whose_only_space_is_early_is_cut_at_the_limit() -> None:
+    """A break before a space in the first half of a line would leave pieces ever shorter."""
+    line = b"x" * 100 + b" " + b"y" * 2000
+    (first, *_) = fold_long_lines(line).split(b"\r\n")
+    assert len(first) == LINE_LIMIT
+
+
+def test_a_long_line_is_broken_before_a_run_of_white_space_not_inside_it() -> None:
+    data = b"Subject: " + b"a" * 700 + b" \t" * 100 + b"b" * 700 + b"\r\n"
+    folded = fold_long_lines(data)
+    assert folded == data.replace(b"a \t", b"a\r\n \t", 1)
+
+
+def test_a_run_of_white_space_longer_than_a_line_is_broken_inside_it_with_nothing_added() -> None:
+    data = b"Subject: " + b"a" * 700 + b" " * 1500 + b"b" * 700 + b"\r\n"
+    folded = fold_long_lines(data)
+    assert max(_wire_lengths(folded)) <= LINE_LIMIT
+    assert re.sub(rb"\r\n(?=[ \t])", b"", folded) == data
+
+
 def test_a_long_line_of_words_is_broken_before_its_own_spaces() -> None:
     """Unfolded as RFC 5322 unfolds (a line break before white space taken out), the line
     is what it was: nothing was added."""

@@ -55,7 +55,15 @@ from mail2alert.model import Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, Outbox, new_queue_id
 from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager, find_manager
-from mail2alert.server import Access, Handler, decided, describe, duplicate, smtp_factory
+from mail2alert.server import (
+    Access,
+    AfterHandshake,
+    Handler,
+    decided,
+    describe,
+    duplicate,
+    smtp_factory,
+)
 from mail2alert.settings import HostPort
 
 log = logging.getLogger(__name__)
@@ -366,10 +374,13 @@ class Intake(Component):
         access = self._next_access or self._access
         context = access.tls_context if access is not None and access.implicit_tls else None
 
-        def factory() -> SMTP:
-            session: SMTP = make()
-            self._sessions.add(session)
-            return session
+        def session() -> SMTP:
+            made: SMTP = make()
+            self._sessions.add(made)
+            return made
+
+        def factory() -> asyncio.Protocol:
+            return session() if context is None else AfterHandshake(session)
 
         loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []

@@ -447,7 +447,7 @@ _SIMPLE_ADDRESS = re.compile(
     rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>((?:[ \t]*[^ \t(\r\n][^(\r\n]*)?)\Z"
 )
 #: A line of a multi-line reply that is not its last (RFC 5321 4.2.1: ``250-SIZE 1000``).
-_CONTINUED = re.compile(r"\d{3}-")
+_CONTINUED = re.compile(r"[0-9]{3}-")
 #: C0 controls and DEL, which no address may hold; a tab may only separate parameters.
 _CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
@@ -583,6 +583,7 @@ class LeanSMTP(SMTP):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Serve the connection, or tell it 421 when descriptors or sessions run short."""
+        self._continued.clear()  # nothing said in clear text goes on over TLS
         if self.transport is None:  # not a STARTTLS hand-over
             sock = transport.get_extra_info("socket")
             if self.gate is not None and sock is not None and not self.gate.admits(sock.fileno()):
@@ -812,26 +813,30 @@ class LeanSMTP(SMTP):
         return REPLY_AUTH_REQUIRED if listener.auth is not None else REPLY_RELAY_DENIED
 
     async def push(self, status: AnyStr) -> None:
-        if self.access is not None and status == "500 Command line too long":
-            await super().push(REPLY_COMMAND_TOO_LONG)
-            return
+        reply: str | bytes = status
+        if self.access is not None and reply == "500 Command line too long":
+            reply = REPLY_COMMAND_TOO_LONG
         # aiosmtpd lists AUTH on every TLS session, with no mechanism when none is set up.
         if (
             self.access is not None
             and self.access.listener.auth is None
-            and isinstance(status, str)
-            and status.startswith("250-AUTH")
+            and isinstance(reply, str)
+            and reply.startswith("250-AUTH")
         ):
             return
         # aiosmtpd pushes a multi-line reply (EHLO's) a line at a time, each its own send()
         # and TCP segment: its lines wait here for the last one and go out with it.
-        if isinstance(status, str) and _CONTINUED.match(status):
-            self._continued.append(status)
+        if isinstance(reply, str) and _CONTINUED.match(reply, reply.rfind("\n") + 1):
+            self._continued.append(reply)
             return
-        if self._continued and isinstance(status, str):
-            status = "\r\n".join((*self._continued, status))
+        if self._continued:
+            held = "\r\n".join(self._continued) + "\r\n"
             self._continued.clear()
-        await super().push(status)
+            if isinstance(reply, bytes):
+                reply = held.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + reply
+            else:
+                reply = held + reply
+        await super().push(reply)  # type: ignore[type-var]  # aiosmtpd's AnyStr: str or bytes
 
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
         """AUTH PLAIN: ``authzid NUL login NUL password``, given with the command or after
@@ -976,6 +981,25 @@ def return_big_buffers_to_the_os(threshold: int = SPOOL_THRESHOLD) -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, threshold))
+
+
+class AfterHandshake(asyncio.Protocol):
+    """What a connection to an implicit-TLS listener has until its TLS handshake is done:
+    then the session is made, and takes the connection over.
+
+    A handshake that fails, or a client that connects and goes (a port scan, a TCP health
+    check), so costs only this small object, freed as the connection ends. An aiosmtpd
+    session refers to itself from the start, and one never connected never gets to break
+    those cycles (:meth:`LeanSMTP._let_go`): each waited for a full garbage collection.
+    """
+
+    def __init__(self, make: Callable[[], asyncio.Protocol]) -> None:
+        self._make = make
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        session = self._make()
+        transport.set_protocol(session)
+        session.connection_made(transport)
 
 
 def smtp_factory(

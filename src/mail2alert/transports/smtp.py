@@ -57,13 +57,15 @@ def data_blocks(data: bytes, size: int = DATA_BLOCK) -> Iterator[bytes]:
 
     As aiosmtplib does it: every line ends in CRLF (a lone CR or LF becomes one), a leading
     dot is doubled, and the last line is ended; the terminating ``.`` line is not included.
-    Each block ends after a line feed, so that no CRLF and no line start is cut in two.
+    Each block ends after a line feed, so that no CRLF and no line start is cut in two, and
+    its lines too long for SMTP are broken (:func:`~mail2alert.message.fold_long_lines`).
     """
     start = 0
     while start < len(data):
         cut = data.find(b"\n", start + size)
         end = len(data) if cut == -1 else cut + 1
-        block = _LEADING_DOT.sub(b"..", _LINE_ENDING.sub(b"\r\n", data[start:end]))
+        folded = fold_long_lines(data[start:end])
+        block = _LEADING_DOT.sub(b"..", _LINE_ENDING.sub(b"\r\n", folded))
         if end == len(data) and not block.endswith(b"\r\n"):
             block += b"\r\n"
         yield block
@@ -214,11 +216,11 @@ class SmtpConnection:
         if not accepted:
             await self._reset(smtp, 0)
             return Attempt(tuple(results[r] for r in item.recipients))
-        data = fold_long_lines(fold_bare_cr(item.data))
+        data = fold_bare_cr(item.data)
         try:
             if len(data) <= DATA_BLOCK:
-                taken = await smtp.data(data)
-            else:
+                taken = await smtp.data(fold_long_lines(data))
+            else:  # the blocks are folded one at a time
                 taken = await self._data_in_blocks(smtp, data)
         except aiosmtplib.SMTPDataError as exc:
             if exc.code == 421:
