@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import random
 import smtplib
 import socket
@@ -22,7 +23,7 @@ from aiosmtpd.smtp import SMTP, Session
 from mail2alert.managers.base import Context
 from mail2alert.outbox import GroupCommitter
 from mail2alert.server import Access, AfterHandshake, Handler, LeanSMTP, smtp_factory
-from mail2alert.settings import HostPort, InboundTls, Listener
+from mail2alert.settings import HostPort, InboundAuth, InboundTls, Listener
 from tests.helpers import server_tls
 
 
@@ -419,3 +420,23 @@ def test_a_session_on_implicit_tls_is_made_once_the_handshake_is_done_and_serves
         assert loop.run_until_complete(run()) == (250, {})
     finally:
         loop.close()
+
+
+def test_sessions_that_require_auth_on_implicit_tls_log_no_false_alarm(
+    ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiosmtpd warns that AUTH without STARTTLS is required; on implicit TLS it is TLS."""
+    auth = InboundAuth(Path("users"), required=True)
+    listener = Listener(
+        HostPort("127.0.0.1", 0), tls=InboundTls("implicit", Path(), Path()), auth=auth
+    )
+    access = Access(listener, server_tls(ca))
+    make = smtp_factory(cast(Handler, _Handler()), hostname="test", access=lambda: access)
+
+    async def sessions() -> list[SMTP]:
+        return [make() for _ in range(3)]
+
+    caplog.set_level(logging.DEBUG, logger="mail.log")
+    made = asyncio.run(sessions())
+    assert all(session._auth_required for session in made)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

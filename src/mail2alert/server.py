@@ -117,6 +117,16 @@ class EscapeClientText(logging.Filter):
 logging.getLogger("mail.log").addFilter(EscapeClientText())
 
 
+def _not_the_implicit_tls_notice(record: logging.LogRecord) -> bool:
+    """aiosmtpd logs a warning at every new session that requires AUTH but not STARTTLS.
+    mail2alert makes such sessions only on an implicit-TLS listener, where the whole session
+    is TLS: the warning would be a false alarm at every connection."""
+    return record.msg != "auth_required == True but auth_require_tls == False"
+
+
+logging.getLogger("mail.log").addFilter(_not_the_implicit_tls_notice)
+
+
 def duplicate(accepted: Accepted, original: str) -> str:
     """The one log line of a message whose event was delivered before, as ``original``:
     who still gets it unchanged (recipients its manager did not take), if anyone."""
