@@ -595,6 +595,11 @@ class ServiceThread:
             loop = asyncio.new_event_loop()
             self._loop = loop
             loop.run_until_complete(main())
+            # A transport closes its socket a turn of the loop after close() or abort(): let
+            # those turns run, or the sockets the service closed last wait for the garbage
+            # collector, which warns of them in whatever test runs then.
+            for _ in range(3):
+                loop.run_until_complete(asyncio.sleep(0))
             loop.close()
 
         self._thread = threading.Thread(target=run, name="mail2alert", daemon=True)
