@@ -45,12 +45,25 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
 ROUTE = ("route", "--config", str(CONFIG), "--gocd-snapshot", str(SNAPSHOT))
 
 
+def test_the_facts_name_the_pipelines_group_or_say_why_there_is_none(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broken = str(EXAMPLES / "mail" / "stage-broken.eml")
+    _, known, _ = run(capsys, *ROUTE, broken)
+    _, unknown, _ = run(capsys, "route", "--config", str(CONFIG), broken)
+    assert "event BREAKS, group my-group\n" in known
+    assert "event BREAKS, group unknown (no GoCD data)\n" in unknown
+
+
 def test_route_shows_facts_manager_every_rule_and_the_outcome(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     code, out, _ = run(capsys, *ROUTE, "--trace", str(EXAMPLES / "mail" / "release-fixed.eml"))
     assert code == 0
-    assert "facts:    pipeline ppp-release-1.2.3 #12, stage deploy #2, event FIXED" in out
+    assert (
+        "facts:    pipeline ppp-release-1.2.3 #12, stage deploy #2, event FIXED,"
+        " ppp-release-1.2.3 is in no group GoCD knows\n"
+    ) in out
     assert "manager:  gocd#0" in out
     assert "✗ rule 1 (line 15): pipelines.in_group('my-group') events BREAKS" in out
     assert "event FIXED is not one of BREAKS" in out

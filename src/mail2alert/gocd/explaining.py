@@ -40,10 +40,17 @@ def stage_facts(alert: Alert, group: str | None, known: bool) -> Facts:
         return Facts("not a GoCD stage mail (no pipeline, no event)")
     said = VERBS[s.verb]
     event = alert.event if alert.event == said else f"{alert.event} (GoCD said {said})"
-    where = group or ("in no group GoCD knows" if known else "unknown (no GoCD data)")
+    # Named: a rule may find another pipeline's group for this one (name_like_in_group),
+    # and "in no group" alone read as if that rule were wrong.
+    if group:
+        where = f"group {group}"
+    elif known:
+        where = f"{s.pipeline} is in no group GoCD knows"
+    else:
+        where = "group unknown (no GoCD data)"
     line = (
         f"pipeline {s.pipeline} #{s.pipeline_counter}, stage {s.stage} "
-        f"#{s.stage_counter}, event {event}, " + (f"group {where}" if group else where)
+        f"#{s.stage_counter}, event {event}, {where}"
     )
     data = {
         "pipeline": s.pipeline,
