@@ -168,6 +168,22 @@ def strip_received(data: bytes) -> tuple[bytes, bytes]:
 # -- SMTP client --------------------------------------------------------------------------
 
 
+class RecordingWriter:
+    """An SMTP session's stream writer that keeps what each write was given."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    async def drain(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Reply:
     """mail2alert's final answer to DATA."""

@@ -18,20 +18,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.server import LeanSMTP
-
-
-class _Writer:
-    def __init__(self) -> None:
-        self.written: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.written.append(data)
-
-    async def drain(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
+from tests.helpers import RecordingWriter
 
 
 class _Recorder:
@@ -58,7 +45,7 @@ async def _data(
         if name != "size_limit":
             setattr(session, name, value)
     reader = asyncio.StreamReader(limit=session.line_length_limit)
-    writer = _Writer()
+    writer = RecordingWriter()
     session._reader = reader
     session._writer = writer  # type: ignore[assignment]
     session.transport = object()  # type: ignore[assignment]

@@ -24,7 +24,7 @@ from mail2alert.managers.base import Context
 from mail2alert.outbox import GroupCommitter
 from mail2alert.server import Access, AfterHandshake, Handler, LeanSMTP, smtp_factory
 from mail2alert.settings import HostPort, InboundAuth, InboundTls, Listener
-from tests.helpers import server_tls
+from tests.helpers import RecordingWriter, server_tls
 
 
 class _Handler:
@@ -100,19 +100,6 @@ def test_the_same_commands_and_auth_mechanisms_are_found(
     assert lean._handle_hooks.keys() == original._handle_hooks.keys()
 
 
-class _Writes:
-    """A session's writer that keeps what each write was given."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(data)
-
-    async def drain(self) -> None:
-        pass
-
-
 def test_a_multi_line_reply_goes_out_in_one_write_with_the_same_bytes(
     sessions: tuple[SMTP, LeanSMTP],
 ) -> None:
@@ -120,12 +107,12 @@ def test_a_multi_line_reply_goes_out_in_one_write_with_the_same_bytes(
     loop = asyncio.get_event_loop()
     writes: dict[str, list[bytes]] = {}
     for name, session in zip(("aiosmtpd", "lean"), sessions, strict=True):
-        writer = _Writes()
+        writer = RecordingWriter()
         session._writer = cast(asyncio.StreamWriter, writer)
         session.session = Session(loop)
         loop.run_until_complete(session.smtp_EHLO("client.example"))
         loop.run_until_complete(session.smtp_NOOP(""))
-        writes[name] = writer.writes
+        writes[name] = writer.written
     ehlo, noop = writes["lean"]
     assert ehlo.count(b"\r\n") > 3
     assert ehlo.endswith(b"250 HELP\r\n")
@@ -140,14 +127,14 @@ def test_a_reply_is_held_only_while_its_last_line_is_to_come(
     whatever comes next, bytes too, in order."""
     _, lean = sessions
     loop = asyncio.get_event_loop()
-    writer = _Writes()
+    writer = RecordingWriter()
     lean._writer = cast(asyncio.StreamWriter, writer)
     lean.session = Session(loop)
     loop.run_until_complete(lean.push("250-first\r\n250 last"))
-    assert writer.writes == [b"250-first\r\n250 last\r\n"]
+    assert writer.written == [b"250-first\r\n250 last\r\n"]
     loop.run_until_complete(lean.push("250-held"))
     loop.run_until_complete(lean.push(b"250 bytes"))
-    assert writer.writes[1:] == [b"250-held\r\n250 bytes\r\n"]
+    assert writer.written[1:] == [b"250-held\r\n250 bytes\r\n"]
 
 
 def test_the_handler_lists_aiosmtpd_every_hook_it_has() -> None:
