@@ -15,12 +15,16 @@ if TYPE_CHECKING:
 CHUNK = 64 * 1024
 
 
-async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
-    """The body of ``response`` (unzipped), or None when it goes on past ``limit`` bytes
-    (the rest is not read). Raises what aiohttp raises when the answer breaks off."""
+class TooLong(ValueError):
+    """An answer went on past the limit it was read up to; the rest was not read."""
+
+
+async def read_at_most(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body of ``response`` (unzipped). Raises TooLong when it goes on past ``limit``
+    bytes (the rest is not read), and what aiohttp raises when the answer breaks off."""
     body = bytearray()
     async for chunk in response.content.iter_chunked(CHUNK):
         body += chunk
         if len(body) > limit:
-            return None
+            raise TooLong(f"answered with more than {limit:,} bytes; the rest was not read")
     return bytes(body)

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import quote
 
-from mail2alert.bounded import read_at_most
+from mail2alert.bounded import TooLong, read_at_most
 from mail2alert.errors import SourceError
 from mail2alert.gocd.model import PipelineGroups, StageRun
 from mail2alert.gocd.settings import GocdSettings
@@ -446,13 +446,10 @@ class GocdClient:
     async def _body(self, target: str, response: aiohttp.ClientResponse) -> bytes:
         """The body of ``response``, at most ``answer_max`` bytes of it. Raises AnswerTooLong
         past that, and what aiohttp raises when the answer breaks off."""
-        body = await read_at_most(response, self._answer_max)
-        if body is None:
-            raise AnswerTooLong(
-                f"{target} answered with more than {self._answer_max:,} bytes;"
-                " the rest was not read"
-            )
-        return body
+        try:
+            return await read_at_most(response, self._answer_max)
+        except TooLong as exc:
+            raise AnswerTooLong(f"{target} {exc}") from None
 
     async def _get(
         self, session: aiohttp.ClientSession, endpoint: Endpoint, *, etag: bool = True

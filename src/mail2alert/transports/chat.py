@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mail2alert.actions import is_slack_web, mask, parse_slack
-from mail2alert.bounded import read_at_most
+from mail2alert.bounded import TooLong, read_at_most
 from mail2alert.model import ChatPost, ChatSettings
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.transports import Attempt
@@ -236,24 +236,16 @@ def _answered(exc: BaseException) -> bool:
 SLACK_ANSWER_MAX = 1024 * 1024
 
 
-class AnswerTooLong(ValueError):
-    """An answer went on past :data:`SLACK_ANSWER_MAX`."""
-
-
 async def _json_answer(response: aiohttp.ClientResponse) -> Any:
     """The JSON of ``response`` (None for an empty body), read up to
-    :data:`SLACK_ANSWER_MAX` bytes. Raises AnswerTooLong past that, ValueError when it is not
+    :data:`SLACK_ANSWER_MAX` bytes. Raises TooLong past that, ValueError when it is not
     JSON, and what aiohttp raises."""
     body = await read_at_most(response, SLACK_ANSWER_MAX)
-    if body is None:
-        raise AnswerTooLong(
-            f"answered with more than {SLACK_ANSWER_MAX:,} bytes; the rest was not read"
-        )
     return json.loads(body) if body.strip() else None  # None for nothing, as aiohttp's
 
 
 def _why(exc: BaseException) -> str:
-    if isinstance(exc, AnswerTooLong):
+    if isinstance(exc, TooLong):
         return str(exc)
     return "timed out" if isinstance(exc, TimeoutError) else f"{type(exc).__name__}"
 
