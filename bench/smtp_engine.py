@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""What the SMTP engine alone costs per message: mail2alert's session (aiosmtpd's SMTP as
-:class:`~mail2alert.server.LeanSMTP` runs it) against a bare ``asyncio.Protocol`` state
-machine, each on uvloop in a process of its own, answering ``250`` at once with nothing
-stored and no routing.
+"""What the SMTP engine alone costs per message: mail2alert's session
+(:class:`~mail2alert.server.LeanSMTP`, which answers aiosmtpd's commands as they arrive)
+against a bare ``asyncio.Protocol`` state machine, each on uvloop in a process of its own,
+answering ``250`` at once with nothing stored and no routing. ``lean@LABEL`` runs the
+session of the sources given as ``--src LABEL=PATH``, to compare two versions.
 
 Postfix's ``smtp-source`` sends N messages over C sessions, a new connection per message, as
 in ``bench/bench.py`` (it says HELO, never EHLO). The table gives messages per
@@ -10,9 +11,8 @@ second and the server process's CPU per message (user and system, from /proc), m
 ``--repeat`` interleaved runs. Everything is on 127.0.0.1 and bounded by N and a timeout.
 
 The bare engine is a measuring stick, not a server: it answers every command with the reply
-a plain session would get and checks nothing. What it saves is what a protocol-based
-session could save at most; a real one must still do what LeanSMTP does (limits, access,
-STARTTLS, AUTH, the handler).
+a plain session would get and checks nothing: it is the floor. A real session must still do
+what LeanSMTP does (parse addresses, limits, access, STARTTLS, AUTH, the handler).
 
   PYTHONPATH=src .venv/bin/python bench/smtp_engine.py -n 5000 -s 10 --repeat 3
 """

@@ -184,6 +184,29 @@ class RecordingWriter:
         pass
 
 
+class RecordingTransport(RecordingWriter):
+    """A connection's transport, as an SMTP session sees it, that keeps what it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return ("127.0.0.1", 25) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
 @dataclass(frozen=True)
 class Reply:
     """mail2alert's final answer to DATA."""

@@ -17,8 +17,8 @@ import pytest
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from mail2alert.server import LeanSMTP
-from tests.helpers import RecordingWriter
+from mail2alert.server import DataDecoder, LeanSMTP
+from tests.helpers import RecordingTransport, RecordingWriter
 
 
 class _Recorder:
@@ -39,20 +39,16 @@ async def _data(
     session_class: type[SMTP], chunks: list[bytes], settings: dict[str, Any]
 ) -> Outcome:
     """Run one DATA command over ``chunks``: (replies, contents, bytes left unread)."""
+    if session_class is LeanSMTP:
+        return await _lean_data(chunks, settings)
     handler = _Recorder()
     session = session_class(handler, data_size_limit=settings.get("size_limit", 2**25))
-    for name, value in settings.items():
-        if name != "size_limit":
-            setattr(session, name, value)
     reader = asyncio.StreamReader(limit=session.line_length_limit)
     writer = RecordingWriter()
     session._reader = reader
     session._writer = writer  # type: ignore[assignment]
     session.transport = object()  # type: ignore[assignment]
-    session.session = Session(asyncio.get_running_loop())
-    session.session.host_name = "client.test"
-    session.envelope = SmtpEnvelope()
-    session.envelope.rcpt_tos.append("someone@example.com")
+    _ready_for_data(session)
     command = asyncio.ensure_future(session.smtp_DATA(""))
     for chunk in chunks:
         reader.feed_data(chunk)
@@ -60,6 +56,46 @@ async def _data(
             await asyncio.sleep(0)
     await asyncio.wait_for(command, 10)
     return writer.written, handler.contents, bytes(reader._buffer)  # type: ignore[attr-defined]
+
+
+class _LeanAfterData(LeanSMTP):
+    """LeanSMTP that reads no command after DATA: what is left is what DATA left unread."""
+
+    def _feed_data(self, decoder: DataDecoder) -> bool:
+        ended = super()._feed_data(decoder)
+        if ended and self.transport is not None:
+            self.transport.close()  # commands are read only while the connection is open
+        return ended
+
+
+async def _lean_data(chunks: list[bytes], settings: dict[str, Any]) -> Outcome:
+    """DATA as LeanSMTP takes it: the bytes come to the session as a transport gives them."""
+    handler = _Recorder()
+    session = _LeanAfterData(handler, data_size_limit=settings.get("size_limit", 2**25))
+    for name, value in settings.items():
+        if name != "size_limit":
+            setattr(session, name, value)
+    transport = RecordingTransport()
+    session.connection_made(transport)  # type: ignore[arg-type]
+    transport.written.clear()  # the greeting
+    _ready_for_data(session)
+    session.data_received(b"DATA\r\n")
+    for chunk in chunks:
+        session.data_received(chunk)
+        for _ in range(3):
+            await asyncio.sleep(0)
+    busy = session._busy
+    if busy is not None:
+        await asyncio.wait_for(busy, 10)
+    return transport.written, handler.contents, bytes(session._buffer)
+
+
+def _ready_for_data(session: SMTP) -> None:
+    """After HELO and one RCPT."""
+    session.session = Session(asyncio.get_running_loop())
+    session.session.host_name = "client.test"
+    session.envelope = SmtpEnvelope()
+    session.envelope.rcpt_tos.append("someone@example.com")
 
 
 def both(chunks: list[bytes], **settings: Any) -> tuple[Outcome, Outcome]:

@@ -108,7 +108,8 @@ def test_a_multi_line_reply_goes_out_in_one_write_with_the_same_bytes(
     writes: dict[str, list[bytes]] = {}
     for name, session in zip(("aiosmtpd", "lean"), sessions, strict=True):
         writer = RecordingWriter()
-        session._writer = cast(asyncio.StreamWriter, writer)
+        session._writer = cast(asyncio.StreamWriter, writer)  # what aiosmtpd writes to
+        session.transport = cast(asyncio.Transport, writer)  # what LeanSMTP writes to
         session.session = Session(loop)
         loop.run_until_complete(session.smtp_EHLO("client.example"))
         loop.run_until_complete(session.smtp_NOOP(""))
@@ -128,7 +129,7 @@ def test_a_reply_is_held_only_while_its_last_line_is_to_come(
     _, lean = sessions
     loop = asyncio.get_event_loop()
     writer = RecordingWriter()
-    lean._writer = cast(asyncio.StreamWriter, writer)
+    lean.transport = cast(asyncio.Transport, writer)
     lean.session = Session(loop)
     loop.run_until_complete(lean.push("250-first\r\n250 last"))
     assert writer.written == [b"250-first\r\n250 last\r\n"]

@@ -19,12 +19,22 @@ import tempfile
 import time
 import traceback
 import warnings
-from base64 import b64decode
-from collections.abc import Callable, Mapping, Sequence
+from base64 import b64decode, b64encode
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, AnyStr, cast
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, LoginPassword, Session, syntax
+from aiosmtpd.smtp import (
+    ALLOWED_BEFORE_STARTTLS,
+    BOGUS_LIMIT,
+    MISSING,
+    SMTP,
+    AuthResult,
+    LoginPassword,
+    Session,
+    TLSSetupException,
+    syntax,
+)
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.actions import mask
@@ -429,19 +439,6 @@ class DataDecoder:
             self._spool.close()
 
 
-async def read_data(reader: asyncio.StreamReader, decoder: DataDecoder) -> None:
-    """Feed ``decoder`` from ``reader`` until DATA's end line; nothing after it is read."""
-    while not decoder.done:  # ends with the client's end line, or the session's timeout
-        try:
-            # A block ends just after a ".\r\n" (maybe the end line) or where the buffer ends
-            # (less the last two bytes, which might begin one): so the end line is always whole
-            # in one block, and pipelined commands after it stay unread.
-            block = await reader.readuntil(b".\r\n")
-        except asyncio.LimitOverrunError as exc:
-            block = await reader.read(exc.consumed)
-        decoder.feed(block)
-
-
 _DATA_REPLIES = {
     DataState.TOO_LONG: "500 Line too long (see RFC5321 4.5.3.1.6)",
     DataState.TOO_MUCH: "552 Error: Too much mail data",
@@ -520,6 +517,43 @@ class Access:
         return self.listener.tls is not None and self.listener.tls.mode == "implicit"
 
 
+async def _go_on(step: Coroutine[Any, Any, None], waiting_for: object) -> None:
+    """Drive ``step``, which has run until it first waited for ``waiting_for``, to its end.
+
+    What Python 3.12's eager tasks do (``asyncio.eager_task_factory``), for 3.11: a command
+    runs at once in ``data_received``, and only one that has to wait becomes a task. The task
+    waits for what the step waits for, then resumes it, which reads the outcome itself (the
+    future's result, its error, or its cancellation); a cancellation of the task that comes
+    after its future is done is thrown into the step.
+    """
+    while True:
+        if waiting_for is None:  # a bare yield: asyncio.sleep(0)
+            await asyncio.sleep(0)
+        else:
+            future = cast(asyncio.Future[Any], waiting_for)
+            # Set by the await that yielded it, for the task that takes it, as a task does.
+            future._asyncio_future_blocking = False
+            try:
+                await future
+            except asyncio.CancelledError as cancel:
+                if not future.cancelled():  # this task was cancelled, not what it waited for
+                    try:
+                        waiting_for = step.throw(cancel)
+                    except StopIteration:
+                        return
+                    continue
+            except Exception:  # noqa: BLE001, S110 - the step reads the future's error itself
+                pass
+        try:
+            waiting_for = step.send(None)
+        except StopIteration:
+            return
+
+
+#: aiosmtpd's logger: where its warnings about a session have always gone.
+_session_log = logging.getLogger("mail.log")
+
+
 def _never(*args: object) -> AuthResult:
     # LeanSMTP checks passwords itself, off the event loop; aiosmtpd needs an authenticator
     # to offer AUTH at all.
@@ -550,8 +584,13 @@ class LeanSMTP(SMTP):
         if command_limit is not None:
             # Read by aiosmtpd's __init__ as the reader's limit, so it must be set first.
             self.line_length_limit = command_limit + 2
+        for unsupported in ("command_call_limit", "proxy_protocol_timeout"):
+            if options.get(unsupported) is not None:
+                raise TypeError(f"LeanSMTP does not take {unsupported}")
         super().__init__(handler, **options)
         self._continued = []
+        self._buffer = bytearray()
+        self._bogus = BOGUS_LIMIT
         if command_limit is not None:
             self.command_size_limit = command_limit
             # Per session: aiosmtpd's is one dict for all sessions, grown by every EHLO.
@@ -587,25 +626,53 @@ class LeanSMTP(SMTP):
     too_big_reply = "552 Error: Too much mail data"
     _refusal_logged = False
     _counted = False
-    _in_data = False
     _continued: list[str]
     """The lines of a multi-line reply pushed so far, sent with its last line."""
+    _buffer: bytearray
+    """What the client sent that no command has taken yet."""
+    _decoder: DataDecoder | None = None
+    """DATA's, from its 354 to its end line."""
+    _busy: asyncio.Task[None] | None = None
+    """The command that had to wait, while it waits: the next ones wait for it."""
+    _line_wanted: asyncio.Future[None] | None = None
+    _skipping = False
+    """A command line too long is being skipped to its end."""
+    _held = False
+    """Reading paused: much came while a command waited."""
+    _replies_back_up = False
+    _reading_paused = False
+    _deadline = 0.0
+    """When the session times out, as of its last command."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Serve the connection, or tell it 421 when descriptors or sessions run short."""
+        """Greet the client, or tell it 421 when descriptors or sessions run short; after
+        STARTTLS, start over on the TLS transport (RFC 3207 4.2)."""
         self._continued.clear()  # nothing said in clear text goes on over TLS
-        if self.transport is None:  # not a STARTTLS hand-over
-            sock = transport.get_extra_info("socket")
-            if self.gate is not None and sock is not None and not self.gate.admits(sock.fileno()):
-                self._turn_away(transport, REPLY_TOO_MANY)
+        # Anything the client sent in clear text after STARTTLS is dropped (RFC 3207 5).
+        self._buffer.clear()
+        self._set_rset_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
+        self.session = self._create_session()
+        self.session.peer = transport.get_extra_info("peername")
+        if self._tls_protocol is not None:  # the handshake STARTTLS began is done
+            self.transport = transport
+            self.session.ssl = self._tls_protocol._extra
+            hook = self._handle_hooks.get("STARTTLS")
+            self._tls_handshake_okay = hook is None or hook(self, self.session, self.envelope)
+            self._reset_timeout()
+            return
+        sock = transport.get_extra_info("socket")
+        if self.gate is not None and sock is not None and not self.gate.admits(sock.fileno()):
+            self._turn_away(transport, REPLY_TOO_MANY)
+            return
+        if self.sessions is not None:
+            if self.sessions.active >= self.sessions.limit:
+                self._turn_away(transport, REPLY_TOO_MANY_SESSIONS)
                 return
-            if self.sessions is not None:
-                if self.sessions.active >= self.sessions.limit:
-                    self._turn_away(transport, REPLY_TOO_MANY_SESSIONS)
-                    return
-                self.sessions.active += 1
-                self._counted = True
-        super().connection_made(transport)
+            self.sessions.active += 1
+            self._counted = True
+        self.transport = transport
+        self._reset_timeout()
+        self._reply(f"220 {self.hostname} {self.__ident__}")
 
     def _turn_away(self, transport: asyncio.BaseTransport, reply: str) -> None:
         self._turned_away = True
@@ -613,43 +680,95 @@ class LeanSMTP(SMTP):
         writer = cast(asyncio.WriteTransport, transport)
         writer.write(reply.encode("ascii") + b"\r\n")
         writer.close()
+        self._let_go()
+
+    def data_received(self, data: bytes) -> None:
+        """Take the client's bytes: commands are answered here and now, and only a command
+        that has to wait (for the outbox's commit, a password check, a TLS handshake) leaves
+        the rest for when it is done."""
+        if self.transport is None:
+            return
+        if self._decoder is not None:
+            # In DATA the timeout counts from the last bytes received: a slow upload goes on,
+            # a stalled one is cut off (aiosmtpd counts from the DATA command).
+            self._reset_timeout()
+        self._buffer += data
+        if self._busy is None:
+            self._advance()
+            return
+        if self._line_wanted is not None:  # the waiting command reads lines itself
+            if not self._line_wanted.done():
+                self._line_wanted.set_result(None)
+        elif len(self._buffer) > self.line_length_limit:
+            # The client goes on while its command waits: let TCP hold the rest.
+            self._held = True
+            self._read_or_not()
+
+    def eof_received(self) -> bool | None:
+        """The client is done sending: what it sent has been answered, or is being (and that
+        is cancelled, as aiosmtpd does); the connection closes."""
+        if self.transport is not None:
+            self._stop()
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         if self._counted and self.sessions is not None:
             self._counted = False
             self.sessions.active -= 1
-        if not self._turned_away:
-            super().connection_lost(error)
-        task = self._handler_coroutine
-        if task is None:
+        if self.transport is None:  # turned away, or already ended (a failed STARTTLS)
+            return
+        self.transport = None
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()
+            self._timeout_handle = None
+        if self._original_transport is not None:
+            # The TCP transport under the TLS one: closed too, or it reports its EOF later.
+            self._original_transport.close()
+        if self._decoder is not None:
+            log.info("connection lost during DATA")
+            self._decoder.close()
+            self._decoder = None
+        if self._busy is None:
             self._let_go()
-        else:  # cancelled by aiosmtpd above; its last steps may still use the writer
-            task.add_done_callback(self._let_go)
+        else:  # its last steps may still use the session
+            self._busy.cancel()
 
-    def _let_go(self, _: object = None) -> None:
+    def _stop(self) -> None:
+        """End the session: what waits is cancelled, the connection closed."""
+        if self._busy is not None:
+            self._busy.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def _let_go(self) -> None:
         """Break the reference cycles of an ended session, so that reference counting frees
         it at once.
 
         An aiosmtpd session refers to itself: its tables of bound ``smtp_*`` and ``auth_*``
-        methods, its client-connected callback, its stream writer (whose protocol it is) and
-        its finished handler task (whose CancelledError's traceback holds the frames that hold
-        the session). Left so, every ended session waited for a full collection of the
-        cyclic garbage collector, and with it, after STARTTLS, asyncio's 256 KiB buffer and
-        OpenSSL's state: ~300 KB a session, tens of sessions per intake worker, and its RSS
-        rose by the heap's high-water mark (bench/README.md, "Soak").
+        methods and its client-connected callback. Left so, every ended session waited for a
+        full collection of the cyclic garbage collector, and with it, after STARTTLS,
+        asyncio's 256 KiB buffer and OpenSSL's state: ~300 KB a session, tens of sessions per
+        intake worker, and its RSS rose by the heap's high-water mark (bench/README.md,
+        "Soak").
         """
         self._smtp_methods = {}
         self._auth_methods = {}
         self._client_connected_cb = None
-        self._writer = None  # type: ignore[assignment]  # set by aiosmtpd, typed not None
-        self._handler_coroutine = None
-        # A session that ended by an error (a failed STARTTLS handshake) keeps it, in its
-        # stream reader and its close waiter, and the error's traceback holds the frames that
-        # hold the session: empty those frames, keep the error. The session's task is done
-        # (this runs when it ends, or it never ran), and so are the frames.
-        closed: asyncio.Future[None] | None = getattr(self, "_closed", None)
-        if closed is not None and closed.done() and not closed.cancelled():
-            _clear_frames(closed.exception())
+        self._tls_protocol = None
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        # Moved forward at every command: a deadline read when the timer fires, rather than a
+        # timer cancelled and set again each time (a heap push and a cancellation a command).
+        self._deadline = self.loop.time() + (duration or self._timeout_duration)
+        if self._timeout_handle is None:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timed_out)
+
+    def _timed_out(self) -> None:
+        if self.loop.time() < self._deadline:
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timed_out)
+            return
+        self._timeout_handle = None
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         # aiosmtpd closes an idle session without a word; say why first (RFC 5321 4.5.3.2).
@@ -657,84 +776,276 @@ class LeanSMTP(SMTP):
             cast(asyncio.WriteTransport, self.transport).write(
                 REPLY_TIMEOUT.encode("ascii") + b"\r\n"
             )
-        super()._timeout_cb()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
+        _session_log.info("%r connection timeout", self._peer)
+        self._stop()
 
-    def eof_received(self) -> bool | None:
-        if self._turned_away or self._handler_coroutine is None:  # None: the session is over
-            return False
-        return super().eof_received()
+    def pause_writing(self) -> None:
+        # The client does not read its replies: read no more commands until it does.
+        self._replies_back_up = True
+        self._read_or_not()
 
-    def data_received(self, data: bytes) -> None:
-        if not self._turned_away:
-            if self._in_data:
-                # In DATA the timeout counts from the last bytes received: a slow upload
-                # goes on, a stalled one is cut off (aiosmtpd counts from the DATA command).
-                self._reset_timeout()
-            super().data_received(data)
+    def resume_writing(self) -> None:
+        self._replies_back_up = False
+        self._read_or_not()
+
+    def _read_or_not(self) -> None:
+        """Pause or resume reading: not while replies back up, nor while a command waits and
+        more than a command line has come after it."""
+        pause = self._replies_back_up or self._held
+        transport = cast(asyncio.ReadTransport | None, self.transport)
+        if pause != self._reading_paused and transport is not None and not transport.is_closing():
+            self._reading_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _advance(self) -> None:
+        """Answer the commands that have come in full, until one has to wait."""
+        buffer = self._buffer
+        while self._busy is None:
+            transport = self.transport
+            if transport is None or transport.is_closing():
+                return
+            if self._decoder is not None:
+                if not self._feed_data(self._decoder):
+                    return
+                continue
+            end = buffer.find(b"\n")
+            if end < 0:
+                if len(buffer) > self.line_length_limit:
+                    # Too long for a command: skipped to its end, then answered.
+                    self._skipping = True
+                    buffer.clear()
+                return
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            if self._skipping or end > self.line_length_limit:
+                self._skipping = False
+                self._reply("500 Command line too long")
+                continue
+            self._command(line)
+
+    def _command(self, line: bytes) -> None:
+        """One command line (its LF taken off), checked and answered as aiosmtpd's session
+        checks and answers it."""
+        assert self.session is not None
+        line = line.rstrip(b"\r\n")
+        if not line:
+            self._reply("500 Error: bad syntax")
+            return
+        command_bytes, _, arg_bytes = line.partition(b" ")
+        try:
+            command = command_bytes.upper().decode("ascii")
+        except UnicodeDecodeError:
+            self._reply("500 Error: bad syntax")
+            return
+        arg: str | None = None
+        if arg_bytes:
+            arg_bytes = arg_bytes.strip()
+            # Non-UTF-8 bytes survive as surrogates, to be encoded back as they came.
+            if self.enable_SMTPUTF8:
+                arg = str(arg_bytes, encoding="utf-8", errors="surrogateescape")
+            else:
+                try:
+                    arg = str(arg_bytes, encoding="ascii", errors="strict")
+                except UnicodeDecodeError:
+                    self._reply("500 Error: strict ASCII mode")
+                    return
+        limit = (
+            self.command_size_limits[command]
+            if self.session.extended_smtp
+            else self.command_size_limit
+        )
+        if len(line) > limit:
+            self._reply("500 Command line too long")
+            return
+        if not self._tls_handshake_okay and command != "QUIT":
+            self._reply("554 Command refused due to lack of security")
+            return
+        if (
+            self.require_starttls
+            and not self._tls_protocol
+            and command not in ALLOWED_BEFORE_STARTTLS
+        ):
+            self._reply("530 Must issue a STARTTLS command first")
+            return
+        method = self._smtp_methods.get(command)
+        if method is None:
+            _session_log.warning("%r unrecognised: %s", self.session.peer, command)
+            self._bogus -= 1
+            if self._bogus < 1:
+                _session_log.warning("%r too many bogus commands", self.session.peer)
+                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+                self._stop()
+                return
+            self._reply(f'500 Error: command "{command}" not recognized')
+            return
+        self._reset_timeout()
+        self._start(self._answer(method(arg)))
+
+    async def _answer(self, command: Coroutine[Any, Any, None]) -> None:
+        """Run one command; an error it raises is answered as aiosmtpd answers it."""
+        try:
+            await command
+        except Exception as error:  # noqa: BLE001 - answered, as aiosmtpd answers it
+            if isinstance(error, TLSSetupException):  # the handshake failed
+                self._stop()
+                self.connection_lost(error)
+                # Its frames, and those of the SSL error it was raised from, hold the session
+                # and asyncio's SSL protocol: let go of them, or they wait for a full collection.
+                _clear_frames(error)
+                return
+            try:
+                status = await self.handle_exception(error)
+            except Exception as inner:  # noqa: BLE001
+                _session_log.exception("%r Exception in handle_exception()", self._peer)
+                status = f"500 Error: ({inner.__class__.__name__}) {inner}"
+            self._reply(status)
+
+    def _start(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run ``step`` as far as it goes without waiting; if it has to wait, it goes on as a
+        task, and the commands after it wait for it (see :func:`_go_on`)."""
+        try:
+            waiting_for = step.send(None)
+        except StopIteration:
+            return
+        self._busy = self.loop.create_task(_go_on(step, waiting_for))
+        self._busy.add_done_callback(self._done_waiting)
+
+    def _done_waiting(self, _: object) -> None:
+        self._busy = None
+        self._line_wanted = None
+        if self.transport is None:  # the session ended meanwhile
+            self._let_go()
+            return
+        if self._held:
+            self._held = False
+            self._read_or_not()
+        self._advance()
+
+    async def _next_line(self) -> bytes | None:
+        """The next line the client sends while a command waits for it (an AUTH answer),
+        without its line break; None when it is longer than a command line may be."""
+        too_long = False
+        while (end := self._buffer.find(b"\n")) < 0:
+            if len(self._buffer) > self.line_length_limit:
+                self._buffer.clear()
+                too_long = True
+            self._line_wanted = self.loop.create_future()
+            await self._line_wanted
+        self._line_wanted = None
+        line = bytes(self._buffer[:end])
+        del self._buffer[: end + 1]
+        return None if too_long or end > self.line_length_limit else line.rstrip(b"\r")
+
+    async def challenge_auth(
+        self,
+        challenge: str | bytes,
+        encode_to_b64: bool = True,
+        log_client_response: bool = False,
+    ) -> Any:
+        """Ask the client (``334``) and read its answer, decoded; MISSING when it aborts with
+        ``*`` or cannot be decoded (each told why), as aiosmtpd's."""
+        if isinstance(challenge, str):
+            challenge = challenge.encode()
+        self._reply(b"334 " + (b64encode(challenge) if encode_to_b64 else challenge))
+        line = await self._next_line()
+        if line is None:
+            self._reply(REPLY_COMMAND_TOO_LONG)
+            return MISSING
+        blob = line.strip()
+        if blob == b"*":
+            _session_log.warning("%r aborted AUTH with '*'", self._peer)
+            self._reply("501 5.7.0 Auth aborted")
+            return MISSING
+        try:
+            return b64decode(blob, validate=True)
+        except ValueError:
+            self._reply("501 5.5.2 Can't decode base64")
+            return MISSING
+
+    @syntax("QUIT")
+    async def smtp_QUIT(self, arg: str) -> None:
+        if arg:
+            self._reply("501 Syntax: QUIT")
+            return
+        status = await self._call_handler_hook("QUIT")
+        self._reply("221 Bye" if status is MISSING else status)
+        if self.transport is not None:
+            self.transport.close()
 
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        """DATA as aiosmtpd's, read in blocks instead of lines (see :class:`DataDecoder`)."""
-        if self._decode_data:
-            await super().smtp_DATA(arg)
-            return
+        """DATA as aiosmtpd's, its bytes fed to a :class:`DataDecoder` as they come."""
         if await self.check_helo_needed():
             return
         if await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None
         if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+            self._reply("503 Error: need RCPT command")
             return
         if arg:
-            await self.push("501 Syntax: DATA")
+            self._reply("501 Syntax: DATA")
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        decoder = DataDecoder(
+        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        self._decoder = DataDecoder(
             size_limit=self.data_size_limit,
             line_limit=self.data_line_limit or self.line_length_limit,
             spool_threshold=self.spool_threshold,
             spool_dir=self.spool_dir,
         )
+
+    def _feed_data(self, decoder: DataDecoder) -> bool:
+        """Feed DATA what has come; whether its end line was among it, and if so, answer.
+
+        A block ends just after a ``.\\r\\n`` (maybe the end line) or two bytes short of what
+        has come (which might begin one): so the end line is always whole in one block, and
+        the bytes after it stay for the next command.
+        """
+        buffer = self._buffer
+        start = 0
+        while not decoder.done:
+            end = buffer.find(b".\r\n", start)
+            if end < 0:
+                keep = max(start, len(buffer) - 2)
+                if keep > start:
+                    decoder.feed(bytes(buffer[start:keep]))
+                del buffer[:keep]
+                return False
+            decoder.feed(bytes(buffer[start : end + 3]))
+            start = end + 3
+        del buffer[:start]
+        self._decoder = None
+        self._start(self._answer(self._data_ended(decoder)))
+        return True
+
+    async def _data_ended(self, decoder: DataDecoder) -> None:
+        """Answer DATA: refused as it came, or the handler's answer to its content."""
+        assert self.envelope is not None
         try:
-            content = await self._read_data(decoder)
+            content = decoder.content() if decoder.state is DataState.NOMINAL else None
+        except OSError as exc:
+            decoder.error = exc
+            decoder.state = DataState.NO_SPACE
+            content = None
         finally:
             decoder.close()
         if content is None:
             if decoder.error is not None:
                 log.error("DATA not kept, sender told to retry: %s", decoder.error)
-            reply = _DATA_REPLIES[decoder.state]
             if decoder.state in (DataState.TOO_MUCH, DataState.TOO_LONG):
                 self._rejected()
-            await self.push(self.too_big_reply if decoder.state is DataState.TOO_MUCH else reply)
+            reply = _DATA_REPLIES[decoder.state]
             self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
+            self._reply(self.too_big_reply if decoder.state is DataState.TOO_MUCH else reply)
             return
         self.envelope.content = self.envelope.original_content = content
         del content  # the handler may drop the envelope's references, and so free the bytes
         status = await self._call_handler_hook("DATA") if "DATA" in self._handle_hooks else MISSING
         self._set_post_data_state()  # type: ignore[no-untyped-call]  # unannotated in aiosmtpd
-        await self.push("250 OK" if status is MISSING else status)
-
-    async def _read_data(self, decoder: DataDecoder) -> bytes | None:
-        """Feed ``decoder`` until the end line; the content, or None if DATA failed."""
-        try:
-            self._in_data = True
-            try:
-                await read_data(self._reader, decoder)
-            finally:
-                self._in_data = False
-        except asyncio.CancelledError:
-            log.info("Connection lost during DATA")
-            self._writer.close()
-            raise
-        if decoder.state is not DataState.NOMINAL:
-            return None
-        try:
-            return decoder.content()
-        except OSError as exc:
-            decoder.error = exc
-            decoder.state = DataState.NO_SPACE
-            return None
+        self._reply("250 OK" if status is MISSING else status)
 
     def _syntax_available(self, method: Callable[..., Any]) -> bool:
         # HELP would list AUTH, which EHLO does not offer without TLS (and we have no TLS).
@@ -823,7 +1134,13 @@ class LeanSMTP(SMTP):
         return REPLY_AUTH_REQUIRED if listener.auth is not None else REPLY_RELAY_DENIED
 
     async def push(self, status: AnyStr) -> None:
-        reply: str | bytes = status
+        """Send a reply (aiosmtpd's commands await this); it never waits, see :meth:`_reply`."""
+        self._reply(status)
+
+    def _reply(self, status: str | bytes) -> None:
+        """Send a reply. Nothing waits for the client to read it: while replies back up, no
+        more commands are read (:meth:`pause_writing`)."""
+        reply = status
         if self.access is not None and reply == "500 Command line too long":
             reply = REPLY_COMMAND_TOO_LONG
         # aiosmtpd lists AUTH on every TLS session, with no mechanism when none is set up.
@@ -839,14 +1156,14 @@ class LeanSMTP(SMTP):
         if isinstance(reply, str) and _CONTINUED.match(reply, reply.rfind("\n") + 1):
             self._continued.append(reply)
             return
+        encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"
+        data = reply.encode(encoding) if isinstance(reply, str) else reply
         if self._continued:
-            held = "\r\n".join(self._continued) + "\r\n"
+            data = ("\r\n".join(self._continued) + "\r\n").encode(encoding) + data
             self._continued.clear()
-            if isinstance(reply, bytes):
-                reply = held.encode("utf-8" if self.enable_SMTPUTF8 else "ascii") + reply
-            else:
-                reply = held + reply
-        await super().push(reply)  # type: ignore[type-var]  # aiosmtpd's AnyStr: str or bytes
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None:
+            transport.write(data + b"\r\n")
 
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
         """AUTH PLAIN: ``authzid NUL login NUL password``, given with the command or after

@@ -1,0 +1,359 @@
+"""LeanSMTP's engine: commands answered in ``data_received`` as they come, a task only for a
+command that has to wait, and the very answers aiosmtpd's own session gives.
+
+aiosmtpd's ``SMTP`` is the oracle: both serve the same random streams of commands over real
+sockets, sent in random pieces, and must answer them byte for byte alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
+
+from mail2alert.server import LeanSMTP
+from tests.helpers import RecordingTransport
+
+
+class _Handler:
+    def __init__(self) -> None:
+        self.contents: list[bytes] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        content = envelope.content
+        assert isinstance(content, bytes)
+        self.contents.append(content)
+        return "250 OK"
+
+
+#: Command lines, good and bad: what a client may send, and what it should not.
+COMMANDS = [
+    "HELO client.example",
+    "EHLO client.example",
+    "HELO",
+    "ehlo",
+    "MAIL FROM:<a@example.com>",
+    "MAIL FROM:<a@example.com> SIZE=100 BODY=8BITMIME",
+    "MAIL FROM:<a@example.com> SIZE=999999999",
+    "MAIL FROM:<a@example.com> SMTPUTF8",
+    "MAIL FROM:<a@example.com> X=1",
+    "mail from:<lower@example.com>",
+    "MAIL FROM: a@example.com",
+    "MAIL FROM:<>",
+    "MAIL TO:<a@example.com>",
+    "MAIL FROM:<ü@example.com>",
+    "RCPT TO:<b@example.com>",
+    "RCPT TO:<c@example.com> NOTIFY=NEVER",
+    "RCPT TO:<@route:d@example.com>",
+    "RCPT FROM:<b@example.com>",
+    "RCPT",
+    "DATA",
+    "DATA now",
+    "RSET",
+    "RSET x",
+    "NOOP",
+    "NOOP anything",
+    "VRFY someone",
+    "VRFY",
+    "EXPN list",
+    "HELP MAIL",
+    "AUTH PLAIN",
+    "STARTTLS",
+    "QUIT now",
+    "NOSUCH",
+    "",
+    " ",
+    "\u00e9t\u00e9",
+    "MAIL FROM:<" + "x" * 490 + "@example.com>",
+    "NOOP " + "x" * 505,
+    "NOOP " + "x" * 506,
+    "NOOP " + "x" * 1000,
+    "NOOP " + "x" * 3000,
+]
+
+#: What may follow DATA: message lines, the end line among them or not.
+BODY = [b"Subject: hi", b"", b"text", b".dotted", b"..", b"x" * 1200, b"QUIT"]
+
+
+def _script(rnd: random.Random) -> bytes:
+    """Random commands, and whole transactions among them (most streams greet first)."""
+    lines: list[bytes] = []
+    if rnd.random() < 0.8:
+        lines.append(rnd.choice([b"HELO client.example", b"EHLO client.example"]))
+    for _ in range(rnd.randint(1, 20)):
+        if rnd.random() < 0.3:
+            lines += [b"MAIL FROM:<a@example.com>", b"RCPT TO:<b@example.com>", b"DATA"]
+            lines += [rnd.choice(BODY) for _ in range(rnd.randint(0, 4))] + [b"."]
+            continue
+        command = rnd.choice(COMMANDS)
+        lines.append(command.encode("utf-8"))
+        if command == "DATA":
+            lines += [rnd.choice(BODY) for _ in range(rnd.randint(0, 4))]
+            if rnd.random() < 0.9:
+                lines.append(b".")
+    ending = rnd.choice([b"\r\n", b"\n"])
+    # The end line ends a DATA still open; else it is one more unknown command.
+    return ending.join(lines) + b"\r\n.\r\nQUIT\r\n"
+
+
+def _pieces(data: bytes, rnd: random.Random) -> list[bytes]:
+    pieces: list[bytes] = []
+    while data:
+        size = rnd.choice([1, 3, rnd.randint(1, 100), len(data)])
+        pieces.append(data[:size])
+        data = data[size:]
+    return pieces
+
+
+async def _served(make: Callable[[], SMTP], pieces: list[bytes]) -> bytes:
+    """Everything a session answers to ``pieces``, sent one after the other, until it closes."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(make, "127.0.0.1", 0)
+    try:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+        answers = await asyncio.wait_for(reader.read(), 10)  # the session closes after QUIT
+        writer.close()
+        return answers
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_any_stream_of_commands_is_answered_as_aiosmtpd_answers_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Replies byte for byte, and the messages handed over, for random command streams cut
+    at random places (one session at a time: aiosmtpd's command size limits are shared by
+    every session of the process). Unknown commands do not end these sessions: a session
+    that closes while the client still sends makes the kernel reset the connection, and
+    replies not yet read would be lost (the next test covers that limit)."""
+    monkeypatch.setattr("aiosmtpd.smtp.BOGUS_LIMIT", 10_000)
+    monkeypatch.setattr("mail2alert.server.BOGUS_LIMIT", 10_000)
+
+    async def run() -> None:
+        rnd = random.Random(21)
+        delivered = 0
+        for _ in range(150):
+            pieces = _pieces(_script(rnd), rnd)
+            original, lean = _Handler(), _Handler()
+            theirs = await _served(lambda h=original: SMTP(h, hostname="test"), pieces)  # type: ignore[misc]
+            ours = await _served(lambda h=lean: LeanSMTP(h, hostname="test"), pieces)  # type: ignore[misc]
+            assert ours == theirs, b"".join(pieces)[:300]
+            assert lean.contents == original.contents
+            delivered += len(lean.contents)
+        assert delivered > 20  # the streams do carry messages, not only refusals
+
+    asyncio.run(run())
+
+
+def test_too_many_unknown_commands_end_the_session_as_in_aiosmtpd() -> None:
+    async def run() -> tuple[bytes, bytes]:
+        pieces = [b"EHLO me\r\n", b"NOSUCH\r\n" * 3, b"NOOP\r\n", b"OTHER\r\n" * 2]
+        theirs = await _served(lambda: SMTP(_Handler(), hostname="test"), pieces)
+        ours = await _served(lambda: LeanSMTP(_Handler(), hostname="test"), pieces)
+        return theirs, ours
+
+    theirs, ours = asyncio.run(run())
+    assert ours == theirs
+    assert ours.endswith(b"502 5.5.1 Too many unrecognized commands, goodbye.\r\n")
+
+
+# -- a command that has to wait ---------------------------------------------------------------
+
+
+class _SlowHandler:
+    """Answers DATA only when told to."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.called = 0
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        self.called += 1
+        await self.release.wait()
+        return "250 stored"
+
+
+async def _session(handler: Any) -> tuple[LeanSMTP, RecordingTransport]:
+    session = LeanSMTP(handler, hostname="test", loop=asyncio.get_running_loop())
+    transport = RecordingTransport()
+    session.connection_made(transport)  # type: ignore[arg-type]
+    return session, transport
+
+
+async def _turns(condition: Callable[[], bool], limit: int = 50) -> None:
+    """Let the loop run until ``condition`` holds (a few turns at most)."""
+    for _ in range(limit):
+        if condition():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("did not happen")
+
+
+def test_commands_that_need_not_wait_are_answered_at_once_without_a_task() -> None:
+    async def run() -> None:
+        session, transport = await _session(_Handler())
+        session.data_received(b"HELO me\r\nMAIL FROM:<a@example.com>\r\nNOOP\r\n")
+        assert transport.written[1:] == [b"250 test\r\n", b"250 OK\r\n", b"250 OK\r\n"]
+        assert session._busy is None
+
+    asyncio.run(run())
+
+
+def test_commands_after_one_that_waits_are_answered_after_it_in_order() -> None:
+    async def run() -> None:
+        handler = _SlowHandler()
+        session, transport = await _session(handler)
+        session.data_received(b"HELO me\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n")
+        session.data_received(b"hi\r\n.\r\nNOOP\r\n")
+        await _turns(lambda: handler.called == 1)
+        assert transport.written[-1] == b"354 End data with <CR><LF>.<CR><LF>\r\n"
+        session.data_received(b"RSET\r\n")
+        assert session._busy is not None
+        handler.release.set()
+        await _turns(lambda: session._busy is None)
+        assert transport.written[-3:] == [b"250 stored\r\n", b"250 OK\r\n", b"250 OK\r\n"]
+
+    asyncio.run(run())
+
+
+def test_a_command_waiting_when_the_connection_is_lost_is_cancelled_and_the_session_let_go() -> (
+    None
+):
+    async def run() -> None:
+        handler = _SlowHandler()
+        session, transport = await _session(handler)
+        session.data_received(b"HELO me\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n.\r\n")
+        await _turns(lambda: handler.called == 1)
+        busy = session._busy
+        assert busy is not None
+        session.connection_lost(None)
+        await _turns(lambda: session._busy is None)
+        assert busy.cancelled()
+        assert session._smtp_methods == {}  # the cycles are broken
+        assert transport.written[-1].startswith(b"354")
+
+    asyncio.run(run())
+
+
+def test_much_sent_while_a_command_waits_pauses_reading_until_it_is_done() -> None:
+    async def run() -> None:
+        handler = _SlowHandler()
+        session, transport = await _session(handler)
+        paused: list[bool] = []
+        transport.pause_reading = lambda: paused.append(True)  # type: ignore[method-assign]
+        transport.resume_reading = lambda: paused.append(False)  # type: ignore[method-assign]
+        session.data_received(b"HELO me\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n.\r\n")
+        await _turns(lambda: handler.called == 1)
+        session.data_received(b"NOOP\r\n" * 100)
+        session.data_received(b"NOOP\r\n" * 200)
+        assert paused == [True]
+        handler.release.set()
+        await _turns(lambda: session._busy is None)
+        assert paused == [True, False]
+        assert transport.written[-300:] == [b"250 OK\r\n"] * 300
+
+    asyncio.run(run())
+
+
+def test_replies_the_client_does_not_read_stop_the_reading_of_commands() -> None:
+    async def run() -> None:
+        session, transport = await _session(_Handler())
+        paused: list[bool] = []
+        transport.pause_reading = lambda: paused.append(True)  # type: ignore[method-assign]
+        transport.resume_reading = lambda: paused.append(False)  # type: ignore[method-assign]
+        session.pause_writing()
+        session.pause_writing()
+        session.resume_writing()
+        assert paused == [True, False]
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(
+    ("answer", "reply"),
+    [
+        (b"*\r\n", b"501 5.7.0 Auth aborted\r\n"),
+        (b"not base64!\r\n", b"501 5.5.2 Can't decode base64\r\n"),
+        (b"x" * 3000 + b"\r\n", b"500 5.5.2 Command line too long\r\n"),
+    ],
+)
+def test_an_auth_answer_that_cannot_be_used_is_told_so(answer: bytes, reply: bytes) -> None:
+    """The challenge's answer is read from the same stream as the commands."""
+
+    async def run() -> list[bytes]:
+        session, transport = await _session(_Handler())
+        challenge = asyncio.ensure_future(session.challenge_auth("User Name"))
+        await _turns(lambda: len(transport.written) == 2)
+        assert transport.written[1] == b"334 VXNlciBOYW1l\r\n"
+        session._busy = challenge  # as AUTH, which waits for the answer
+        for piece in (answer[:5], answer[5:1500], answer[1500:]):
+            session.data_received(piece)
+        await _turns(challenge.done)
+        return transport.written[2:]
+
+    assert asyncio.run(run()) == [reply]
+
+
+def test_an_idle_session_is_told_why_and_closed_at_its_timeout() -> None:
+    """Commands move the deadline; the one timer fires once it has passed."""
+
+    async def run() -> tuple[list[bytes], bool, float]:
+        loop = asyncio.get_running_loop()
+        session = LeanSMTP(_Handler(), hostname="test", timeout=0.2, loop=loop)
+        transport = RecordingTransport()
+        started = loop.time()
+        session.connection_made(transport)  # type: ignore[arg-type]
+        closed = loop.create_future()
+        transport.close = lambda: closed.done() or closed.set_result(loop.time())  # type: ignore[method-assign]
+        await asyncio.sleep(0.1)
+        session.data_received(b"NOOP\r\n")
+        at = await asyncio.wait_for(closed, 5)
+        return transport.written, session._timeout_handle is None, at - started
+
+    written, no_timer, after = asyncio.run(run())
+    assert written[-1] == b"421 4.4.2 Timeout exceeded, closing the connection\r\n"
+    assert no_timer
+    assert after >= 0.3
+
+
+async def _nothing(*_: object) -> None:
+    pass
+
+
+def test_a_command_that_waits_sees_the_tasks_cancellation_after_its_future_is_done() -> None:
+    """Cancelled just as what it waited for came: the command is cancelled, not resumed."""
+
+    async def run() -> list[str]:
+        seen: list[str] = []
+        session, _ = await _session(_Handler())
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def command() -> None:
+            try:
+                await gate
+                seen.append("resumed")
+                await asyncio.sleep(1)
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+        session._start(command())
+        busy = session._busy
+        assert busy is not None
+        await asyncio.sleep(0)  # the task waits for the gate
+        gate.set_result(None)
+        busy.cancel()
+        await _turns(busy.done)
+        return seen
+
+    assert asyncio.run(run()) in (["cancelled"], ["resumed", "cancelled"])
