@@ -12,6 +12,7 @@ import pytest
 from mail2alert.message import (
     LINE_LIMIT,
     RawMessage,
+    _parsed_address,
     address_of,
     body_text,
     decode_header_value,
@@ -228,6 +229,56 @@ def test_empty_input_is_a_message_without_fields_or_body() -> None:
 )
 def test_address_of_finds_the_bare_address(header: str, expected: str) -> None:
     assert address_of(header) == expected
+
+
+def test_a_plain_address_is_read_as_the_full_parser_reads_it() -> None:
+    """The shortcut for plain From: fields gives what parseaddr gives, for any text."""
+    rnd = random.Random(5)
+    pieces = [
+        "a",
+        "b.c",
+        "x",
+        "@",
+        "<",
+        ">",
+        " ",
+        "\t",
+        ".",
+        '"',
+        "(",
+        ")",
+        ",",
+        ";",
+        ":",
+        "[",
+        "]",
+        "\\",
+        "!",
+        "#",
+        "%",
+        "+",
+        "-",
+        "_",
+        "ü",
+        "\r",
+        "\n",
+        "Go CD",
+        "<>",
+    ]
+    texts = [
+        "go@example.com",
+        "<go@example.com>",
+        " GoCD  Server <go@example.com> ",
+        "GoCD<go@example.com>",
+        "a.b@c.d",
+        "a..b@c",
+        ".a@b",
+        "a@b.",
+        "<a@b> x",
+    ]
+    texts += ["".join(rnd.choice(pieces) for _ in range(rnd.randint(1, 12))) for _ in range(20000)]
+    for text in texts:
+        assert address_of(text) == _parsed_address(text), repr(text)
 
 
 # -- body text --------------------------------------------------------------------------------

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
+import ssl
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import trustme
+import uvloop
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from mail2alert.server import LeanSMTP
-from tests.helpers import RecordingTransport
+from mail2alert.server import LeanSMTP, SessionCount
+from tests.helpers import RecordingTransport, server_tls
 
 
 class _Handler:
@@ -199,6 +203,16 @@ async def _turns(condition: Callable[[], bool], limit: int = 50) -> None:
     raise AssertionError("did not happen")
 
 
+async def _eventually(condition: Callable[[], bool], seconds: float = 10) -> None:
+    """Wait until ``condition`` holds: what the server does when a client goes is not
+    signalled to the test, so it is polled."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():  # nothing to wait on but the state itself
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("did not happen")
+        await asyncio.sleep(0.005)
+
+
 def test_commands_that_need_not_wait_are_answered_at_once_without_a_task() -> None:
     async def run() -> None:
         session, transport = await _session(_Handler())
@@ -357,3 +371,196 @@ def test_a_command_that_waits_sees_the_tasks_cancellation_after_its_future_is_do
         return seen
 
     assert asyncio.run(run()) in (["cancelled"], ["resumed", "cancelled"])
+
+
+def test_a_command_cancelled_before_its_task_first_ran_sees_the_cancellation() -> None:
+    """Over TLS, the end of DATA and the client's close can come in one read: the command is
+    cancelled in the same loop turn it began to wait, and must see CancelledError (so that
+    its ``finally`` runs then), not a GeneratorExit whenever it is collected."""
+
+    async def run() -> list[str]:
+        seen: list[str] = []
+        session, _ = await _session(_Handler())
+        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def command() -> None:
+            try:
+                await gate
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+            except GeneratorExit:
+                seen.append("closed")
+                raise
+
+        session._start(command())
+        busy = session._busy
+        assert busy is not None
+        busy.cancel()  # before the task's first step
+        await _turns(lambda: session._busy is None)
+        return seen
+
+    assert asyncio.run(run()) == ["cancelled"]
+
+
+def test_a_command_cancelled_while_it_yields_sees_the_cancellation() -> None:
+    async def run() -> list[str]:
+        seen: list[str] = []
+        session, _ = await _session(_Handler())
+        release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def command() -> None:
+            try:
+                await release
+                while True:  # noqa: ASYNC110 - a bare yield is what is cancelled here
+                    await asyncio.sleep(0)
+            except asyncio.CancelledError:
+                seen.append("cancelled")
+                raise
+
+        session._start(command())
+        release.set_result(None)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        session.connection_lost(None)
+        await _turns(lambda: session._busy is None)
+        return seen
+
+    assert asyncio.run(run()) == ["cancelled"]
+
+
+def test_the_idle_timer_fires_once_at_its_deadline_on_uvloop() -> None:
+    """uvloop keeps timers to the millisecond: a deadline moved to within a millisecond of
+    when the timer fires must not make it fire again and again until that moment."""
+    calls: list[int] = []
+
+    class Counting(LeanSMTP):
+        def _timed_out(self) -> None:
+            calls[-1] += 1
+            super()._timed_out()
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(20):
+            calls.append(0)
+            session = Counting(_Handler(), hostname="test", timeout=0.05, loop=loop)
+            transport = RecordingTransport()
+            session.connection_made(transport)  # type: ignore[arg-type]
+            await asyncio.sleep(0.0213)  # the deadline moves by a fraction of a millisecond
+            session.data_received(b"NOOP\r\n")
+            await _eventually(lambda t=transport: t.closed)  # type: ignore[misc]
+
+    uvloop.run(run())
+    assert max(calls) <= 3, calls
+
+
+# -- STARTTLS at the edges ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+async def _tls_listener(
+    ca: trustme.CA, count: SessionCount, *, idle: float = 300
+) -> tuple[asyncio.Server, list[dict[str, Any]]]:
+    """A listener offering STARTTLS whose sessions count themselves in ``count``; the errors
+    the loop reports."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    context = server_tls(ca)
+
+    def make() -> LeanSMTP:
+        session = LeanSMTP(_Handler(), hostname="test", tls_context=context, timeout=idle)
+        session.sessions = count
+        return session
+
+    return await loop.create_server(make, "127.0.0.1", 0), errors
+
+
+async def _reply(reader: asyncio.StreamReader) -> bytes:
+    lines = [await asyncio.wait_for(reader.readline(), 10)]
+    while lines[-1][3:4] == b"-":
+        lines.append(await asyncio.wait_for(reader.readline(), 10))
+    return b"".join(lines)
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_starttls_after_replies_the_client_did_not_read_yet_hands_over_to_tls(
+    ca: trustme.CA, loop_name: str
+) -> None:
+    """A client that sends many commands and STARTTLS before it reads any reply: TLS begins
+    only once the replies before 220 are sent, and the session goes on over TLS."""
+    count = SessionCount(limit=10)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    async def run() -> tuple[bytes, list[dict[str, Any]]]:
+        server, errors = await _tls_listener(ca, count)
+        try:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(server.sockets[0].getsockname())
+            sock.setblocking(False)
+            reader, writer = await asyncio.open_connection(sock=sock)
+            await _reply(reader)
+            writer.write(b"EHLO me\r\n" + b"NOOP\r\n" * 40_000 + b"STARTTLS\r\n")
+            await asyncio.sleep(0.2)  # replies back up meanwhile
+            while not (await _reply(reader)).startswith(b"220 "):
+                pass
+            await asyncio.wait_for(writer.start_tls(client_tls, server_hostname="localhost"), 10)
+            writer.write(b"EHLO me\r\n")
+            answer = await _reply(reader)
+            writer.write(b"QUIT\r\n")
+            await _reply(reader)
+            writer.close()
+            await _eventually(lambda: count.active == 0)
+            return answer, errors
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    loop = LOOPS[loop_name]()
+    try:
+        answer, errors = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert answer.startswith(b"250-test\r\n")
+    assert errors == []
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_client_silent_in_the_starttls_handshake_is_cut_at_the_timeout_and_its_slot_freed(
+    ca: trustme.CA, loop_name: str
+) -> None:
+    count = SessionCount(limit=10)
+
+    async def run() -> tuple[bytes, int, list[dict[str, Any]]]:
+        server, errors = await _tls_listener(ca, count, idle=0.3)
+        try:
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            await _reply(reader)
+            writer.write(b"EHLO me\r\nSTARTTLS\r\n")
+            await _reply(reader)
+            await _reply(reader)
+            left = await asyncio.wait_for(reader.read(), 10)  # until the server hangs up
+            writer.close()
+            await _eventually(lambda: count.active == 0)
+            return left, count.active, errors
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    loop = LOOPS[loop_name]()
+    try:
+        left, active, errors = loop.run_until_complete(run())
+    finally:
+        loop.close()
+    assert left == b""
+    assert active == 0
+    assert errors == []

@@ -270,8 +270,27 @@ def _mail_charset(charset: str) -> str:
     return "x-python-escapes" if name in _ESCAPE_CODECS else charset
 
 
+# Possessive: an atom ends where a character not of an atom comes, so nothing is retried.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]++"
+_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*+"
+#: A plain address, alone or in angle brackets after a display name of plain words (most
+#: From: fields): what the full parser reads in it is that address.
+_PLAIN_ADDRESS = re.compile(
+    rf"[ \t]*+(?:(?:{_ATOM}(?:[ \t]++{_ATOM})*+[ \t]*+)?<({_DOT_ATOM}@{_DOT_ATOM})>"
+    rf"|({_DOT_ATOM}@{_DOT_ATOM}))[ \t]*+\Z"
+)
+
+
 def address_of(header_text: str) -> str:
     """The bare address in a From:/To:-style value, or '' when there is none."""
+    plain = _PLAIN_ADDRESS.match(header_text)
+    if plain is not None:  # a tenth of the time parseaddr takes
+        return plain.group(1) or plain.group(2)
+    return _parsed_address(header_text)
+
+
+def _parsed_address(header_text: str) -> str:
+    """:func:`address_of` by the full parser."""
     # parseaddr ends a quoted string at a CR: '"victim@example.org\r" <go@example.com>' read
     # as victim@example.org. No line break belongs in a value, so none may end a quote.
     try:
@@ -336,7 +355,8 @@ def _date(second: int) -> str:
 
 
 def _printable(text: str) -> str:
-    return "".join(c for c in text if c.isprintable() and c not in "\r\n")
+    # CR and LF are not printable: a text that is all printable is kept as it is.
+    return text if text.isprintable() else "".join(c for c in text if c.isprintable())
 
 
 def rewrite(

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import ctypes
 import enum
+import inspect
 import logging
 import re
 import resource
@@ -18,24 +19,27 @@ import ssl
 import tempfile
 import time
 import traceback
-import warnings
 from base64 import b64decode, b64encode
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MethodType
 from typing import IO, Any, AnyStr, cast
 
 from aiosmtpd.smtp import (
     ALLOWED_BEFORE_STARTTLS,
     BOGUS_LIMIT,
+    DATA_SIZE_DEFAULT,
     MISSING,
     SMTP,
     AuthResult,
     LoginPassword,
     Session,
     TLSSetupException,
+    _AuthMechAttr,
     syntax,
 )
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
+from aiosmtpd.smtp import __ident__ as AIOSMTPD_IDENT
 
 from mail2alert.actions import mask
 from mail2alert.errors import OutboxError, OutboxFull
@@ -127,16 +131,6 @@ class EscapeClientText(logging.Filter):
 logging.getLogger("mail.log").addFilter(EscapeClientText())
 
 
-def _not_the_implicit_tls_notice(record: logging.LogRecord) -> bool:
-    """aiosmtpd logs a warning at every new session that requires AUTH but not STARTTLS.
-    mail2alert makes such sessions only on an implicit-TLS listener, where the whole session
-    is TLS: the warning would be a false alarm at every connection."""
-    return record.msg != "auth_required == True but auth_require_tls == False"
-
-
-logging.getLogger("mail.log").addFilter(_not_the_implicit_tls_notice)
-
-
 def duplicate(accepted: Accepted, original: str) -> str:
     """The one log line of a message whose event was delivered before, as ``original``:
     who still gets it unchanged (recipients its manager did not take), if anyone."""
@@ -172,10 +166,9 @@ _NAMES: dict[tuple[type, tuple[str, ...]], tuple[str, ...]] = {}
 
 
 def _aiosmtpd_names(cls: type, prefixes: tuple[str, ...]) -> tuple[str, ...]:
-    """The attributes of ``cls`` whose names start with one of ``prefixes``, found once per
-    class. aiosmtpd finds a session's commands and AUTH methods, and its handler's hooks,
-    through ``dir()`` at every new session, with a getattr and a sort over every attribute;
-    a ``__dir__`` that lists only these gives it the same tables for less."""
+    """The attributes of ``cls`` whose names start with one of ``prefixes`` (a session's
+    commands and AUTH mechanisms, a handler's hooks, which are methods of its class), found
+    once per class: aiosmtpd looked through every attribute at every new session."""
     names = _NAMES.get((cls, prefixes))
     if names is None:
         names = _NAMES[cls, prefixes] = tuple(n for n in dir(cls) if n.startswith(prefixes))
@@ -201,11 +194,6 @@ class Handler:
         self.sender = sender
         self.hostname = socket.gethostname()
         self.in_flight = 0
-
-    def __dir__(self) -> list[str]:
-        # aiosmtpd looks through dir(handler) for its hooks at every new session (about 20 µs
-        # a session over every attribute).
-        return list(_aiosmtpd_names(type(self), ("handle_", "auth_")))
 
     def rejected(self) -> None:
         """A message was refused for good (5xx): counted for /metrics."""
@@ -517,58 +505,120 @@ class Access:
         return self.listener.tls is not None and self.listener.tls.mode == "implicit"
 
 
-async def _go_on(step: Coroutine[Any, Any, None], waiting_for: object) -> None:
-    """Drive ``step``, which has run until it first waited for ``waiting_for``, to its end.
+class _Waiting:
+    """A command that ran until it had to wait, driven on to its end by a task.
 
-    What Python 3.12's eager tasks do (``asyncio.eager_task_factory``), for 3.11: a command
-    runs at once in ``data_received``, and only one that has to wait becomes a task. The task
-    waits for what the step waits for, then resumes it, which reads the outcome itself (the
-    future's result, its error, or its cancellation); a cancellation of the task that comes
-    after its future is done is thrown into the step.
+    Python 3.12's eager tasks (``asyncio.eager_task_factory``) by hand, for 3.11: a command
+    runs at once in ``data_received``, and only one that has to wait becomes a task. Unlike
+    an eager task, no task is current while the command first runs, so a handler must not
+    use ``asyncio.timeout()`` or a ``TaskGroup`` before it first waits.
+
+    The task waits for what the command waits for, then resumes it, and the command reads
+    the outcome itself (the future's result, its error, or its cancellation), as under a
+    task of its own. :meth:`cancel` cancels what it waits for, or, when that is done already
+    or nothing (a bare yield), throws the cancellation into it when it is resumed.
     """
-    while True:
-        if waiting_for is None:  # a bare yield: asyncio.sleep(0)
-            await asyncio.sleep(0)
-        else:
-            future = cast(asyncio.Future[Any], waiting_for)
-            # Set by the await that yielded it, for the task that takes it, as a task does.
-            future._asyncio_future_blocking = False
+
+    def __init__(self, step: Coroutine[Any, Any, None], waiting_for: object) -> None:
+        self._step = step
+        self._waiting_for = waiting_for
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if isinstance(self._waiting_for, asyncio.Future):
+            self._waiting_for.cancel()
+
+    async def run(self) -> None:
+        step = self._step
+        while True:
+            waiting_for = self._waiting_for
             try:
-                await future
-            except asyncio.CancelledError as cancel:
-                if not future.cancelled():  # this task was cancelled, not what it waited for
-                    try:
-                        waiting_for = step.throw(cancel)
-                    except StopIteration:
-                        return
-                    continue
-            except Exception:  # noqa: BLE001, S110 - the step reads the future's error itself
+                if waiting_for is None:  # a bare yield: asyncio.sleep(0)
+                    await asyncio.sleep(0)
+                else:
+                    future = cast(asyncio.Future[Any], waiting_for)
+                    # Set by the await that yielded it, for the task that takes it, as a
+                    # task does.
+                    future._asyncio_future_blocking = False
+                    await future
+            except asyncio.CancelledError:
+                self._cancelled = True  # this task, or what it waited for
+            except Exception:  # noqa: BLE001, S110 - the command reads the future's error itself
                 pass
-        try:
-            waiting_for = step.send(None)
-        except StopIteration:
+            cancelled_future = isinstance(waiting_for, asyncio.Future) and waiting_for.cancelled()
+            try:
+                if self._cancelled and not cancelled_future:
+                    self._cancelled = False
+                    self._waiting_for = step.throw(asyncio.CancelledError())
+                else:
+                    # A cancelled future raises the cancellation in the command itself.
+                    self._cancelled = False
+                    self._waiting_for = step.send(None)
+            except StopIteration:
+                return
+
+    def abandoned(self) -> None:
+        """The task was cancelled before it could resume the command (before its first
+        step): the cancellation goes into the command now, as its own task would have put
+        it, and the command is closed if it goes on waiting."""
+        step = self._step
+        if inspect.getcoroutinestate(step) != inspect.CORO_SUSPENDED:
             return
+        try:
+            step.throw(asyncio.CancelledError())
+        except (StopIteration, asyncio.CancelledError):
+            return
+        except Exception:
+            log.exception("a cancelled SMTP command failed")
+            return
+        step.close()
 
 
 #: aiosmtpd's logger: where its warnings about a session have always gone.
 _session_log = logging.getLogger("mail.log")
 
 
-def _never(*args: object) -> AuthResult:
-    # LeanSMTP checks passwords itself, off the event loop; aiosmtpd needs an authenticator
-    # to offer AUTH at all.
-    return AuthResult(success=False)
+def _current_loop() -> asyncio.AbstractEventLoop:
+    """The running loop, else the current one (a session made outside a loop, in a test)."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.get_event_loop_policy().get_event_loop()
+
+
+_Table = tuple[tuple[str, Callable[..., Any]], ...]
+_TABLES: dict[tuple[type, str], _Table] = {}
+
+
+def _name(attribute: str, method: Callable[..., Any]) -> str:
+    """A command's or an AUTH mechanism's name, as aiosmtpd makes it from its method."""
+    if attribute.startswith("smtp_"):
+        return attribute.replace("smtp_", "")
+    default = attribute.replace("auth_", "").replace("__", "-")
+    return str(getattr(method, "__auth_mechanism_name__", default))
+
+
+def _methods(cls: type, prefix: str) -> _Table:
+    """The commands (``smtp_``) or AUTH mechanisms (``auth_``) of a session class by name,
+    with their functions: found once per class."""
+    table = _TABLES.get((cls, prefix))
+    if table is None:
+        functions = ((n, getattr(cls, n)) for n in _aiosmtpd_names(cls, (prefix,)))
+        table = _TABLES[cls, prefix] = tuple((_name(n, f), f) for n, f in functions)
+    return table
 
 
 class LeanSMTP(SMTP):
-    """aiosmtpd's SMTP session with its two hottest spots made cheap, and hardened.
+    """An SMTP session: aiosmtpd's commands, answered as they arrive, and hardened.
 
-    Measured under load, a new session spent most of its set-up in ``inspect.getmembers``
-    and ``dir`` over ~200 attributes (to find ``smtp_*``/``auth_*`` methods), and every
-    MAIL/RCPT parsed its address with the full RFC 5322 header parser. Here ``dir`` lists just
-    those methods (computed once per class), and plain ``<local@domain>`` addresses take a
-    regular expression; anything else still goes through aiosmtpd's own parser, which gives
-    the same result.
+    aiosmtpd's session runs a task per connection that reads a stream line by line; this one
+    answers each command in :meth:`data_received` and waits only for what has to be waited
+    for (see :meth:`_start`). aiosmtpd's ``smtp_*`` methods still parse and answer every
+    command, with the same replies (tests/test_smtp_engine.py serves random command streams
+    to both). Plain ``<local@domain>`` addresses are read by a regular expression instead of
+    the full RFC 5322 header parser; anything else still goes through aiosmtpd's parser,
+    which gives the same result.
 
     Hardened: an address with a control character is refused at MAIL or RCPT, and HELP lists
     only the commands EHLO offers.
@@ -580,24 +630,76 @@ class LeanSMTP(SMTP):
     after a delay that doubles per failure from the same address.
     """
 
-    def __init__(self, handler: Any, *, command_limit: int | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        *,
+        hostname: str | None = None,
+        ident: str | None = None,
+        data_size_limit: int | None = DATA_SIZE_DEFAULT,
+        enable_SMTPUTF8: bool = False,
+        tls_context: ssl.SSLContext | None = None,
+        timeout: float = 300,
+        auth_required: bool = False,
+        auth_require_tls: bool = True,
+        command_limit: int | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        """A session for ``handler`` (its ``handle_*`` hooks), with aiosmtpd's options of the
+        same names; ``command_limit`` is the longest command line (CRLF not counted).
+
+        aiosmtpd's own set-up is not run: it made a stream reader and writer this session
+        does not read or write, and looked through every attribute of the session and of its
+        handler for commands, AUTH mechanisms and hooks, at every connection (about 20 µs);
+        here the commands and mechanisms are found once per class. A new session takes
+        about 6 µs.
+        """
+        self.loop = loop or _current_loop()
+        self.event_handler = handler
+        self.hostname = hostname or socket.getfqdn()
+        self.__ident__ = ident or AIOSMTPD_IDENT
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = False  # DATA's content is bytes, as it came
+        self.tls_context = tls_context
+        self.require_starttls = False
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._auth_required = auth_required
+        self._auth_require_tls = auth_require_tls
         if command_limit is not None:
-            # Read by aiosmtpd's __init__ as the reader's limit, so it must be set first.
             self.line_length_limit = command_limit + 2
-        for unsupported in ("command_call_limit", "proxy_protocol_timeout"):
-            if options.get(unsupported) is not None:
-                raise TypeError(f"LeanSMTP does not take {unsupported}")
-        super().__init__(handler, **options)
+            self.command_size_limit = command_limit
+        limit = self.command_size_limit
+        # Per session: aiosmtpd's is one dict for all sessions, grown by every EHLO.
+        self.command_size_limits = collections.defaultdict(lambda: limit)
+        self._smtp_methods = {
+            name: MethodType(f, self) for name, f in _methods(type(self), "smtp_")
+        }
+        self._auth_methods = {
+            name: _AuthMechAttr(MethodType(f, self), True)
+            for name, f in _methods(type(self), "auth_")
+        }
+        self._handle_hooks = {}
+        for attribute in _aiosmtpd_names(type(handler), ("handle_", "auth_")):
+            method = getattr(handler, attribute)
+            if attribute.startswith("auth_"):
+                self._auth_methods[_name(attribute, method)] = _AuthMechAttr(method, False)
+            else:
+                self._handle_hooks[attribute.replace("handle_", "")] = method
+        self._ehlo_hook_ver = None
+        if "EHLO" in self._handle_hooks:
+            parameters = inspect.signature(self._handle_hooks["EHLO"]).parameters
+            self._ehlo_hook_ver = "new" if len(parameters) == 5 else "old"
         self._continued = []
         self._buffer = bytearray()
         self._bogus = BOGUS_LIMIT
-        if command_limit is not None:
-            self.command_size_limit = command_limit
-            # Per session: aiosmtpd's is one dict for all sessions, grown by every EHLO.
-            self.command_size_limits = collections.defaultdict(lambda: command_limit)
-
-    def __dir__(self) -> list[str]:
-        return list(_aiosmtpd_names(type(self), ("smtp_", "auth_")))
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         found = _SIMPLE_ADDRESS.match(arg)
@@ -633,6 +735,7 @@ class LeanSMTP(SMTP):
     _decoder: DataDecoder | None = None
     """DATA's, from its 354 to its end line."""
     _busy: asyncio.Task[None] | None = None
+    _waiting: _Waiting | None = None
     """The command that had to wait, while it waits: the next ones wait for it."""
     _line_wanted: asyncio.Future[None] | None = None
     _skipping = False
@@ -640,6 +743,7 @@ class LeanSMTP(SMTP):
     _held = False
     """Reading paused: much came while a command waited."""
     _replies_back_up = False
+    _drained: asyncio.Future[None] | None = None
     _reading_paused = False
     _deadline = 0.0
     """When the session times out, as of its last command."""
@@ -728,15 +832,23 @@ class LeanSMTP(SMTP):
             log.info("connection lost during DATA")
             self._decoder.close()
             self._decoder = None
-        if self._busy is None:
+        if self._waiting is None:
             self._let_go()
         else:  # its last steps may still use the session
-            self._busy.cancel()
+            self._waiting.cancel()
 
     def _stop(self) -> None:
         """End the session: what waits is cancelled, the connection closed."""
-        if self._busy is not None:
-            self._busy.cancel()
+        if self._waiting is not None:
+            self._waiting.cancel()
+        ssl_protocol = self._tls_protocol
+        if ssl_protocol is not None and self.session is not None and self.session.ssl is None:
+            # In the handshake STARTTLS began: asyncio's SSL protocol would abort the
+            # connection without a word to the session, which it has not connected yet.
+            if self._original_transport is not None:
+                cast(asyncio.Transport, self._original_transport).abort()
+            self.connection_lost(None)
+            return
         if self.transport is not None:
             self.transport.close()
 
@@ -744,8 +856,8 @@ class LeanSMTP(SMTP):
         """Break the reference cycles of an ended session, so that reference counting frees
         it at once.
 
-        An aiosmtpd session refers to itself: its tables of bound ``smtp_*`` and ``auth_*``
-        methods and its client-connected callback. Left so, every ended session waited for a
+        A session refers to itself: its tables of bound ``smtp_*`` and ``auth_*`` methods and,
+        after STARTTLS, asyncio's SSL protocol. Left so, every ended session waited for a
         full collection of the cyclic garbage collector, and with it, after STARTTLS,
         asyncio's 256 KiB buffer and OpenSSL's state: ~300 KB a session, tens of sessions per
         intake worker, and its RSS rose by the heap's high-water mark (bench/README.md,
@@ -753,7 +865,6 @@ class LeanSMTP(SMTP):
         """
         self._smtp_methods = {}
         self._auth_methods = {}
-        self._client_connected_cb = None
         self._tls_protocol = None
 
     def _reset_timeout(self, duration: float | None = None) -> None:
@@ -764,8 +875,10 @@ class LeanSMTP(SMTP):
             self._timeout_handle = self.loop.call_at(self._deadline, self._timed_out)
 
     def _timed_out(self) -> None:
-        if self.loop.time() < self._deadline:
-            self._timeout_handle = self.loop.call_at(self._deadline, self._timed_out)
+        early = self._deadline - self.loop.time()
+        if early > 0:
+            # uvloop keeps timers to the millisecond: a shorter wait would fire at once.
+            self._timeout_handle = self.loop.call_later(max(early, 0.001), self._timed_out)
             return
         self._timeout_handle = None
         self._timeout_cb()
@@ -780,13 +893,18 @@ class LeanSMTP(SMTP):
         self._stop()
 
     def pause_writing(self) -> None:
-        # The client does not read its replies: read no more commands until it does.
+        # The client does not read its replies: answer and read no more commands until it
+        # does.
         self._replies_back_up = True
         self._read_or_not()
 
     def resume_writing(self) -> None:
         self._replies_back_up = False
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
         self._read_or_not()
+        if self._busy is None:
+            self._advance()
 
     def _read_or_not(self) -> None:
         """Pause or resume reading: not while replies back up, nor while a command waits and
@@ -803,7 +921,7 @@ class LeanSMTP(SMTP):
     def _advance(self) -> None:
         """Answer the commands that have come in full, until one has to wait."""
         buffer = self._buffer
-        while self._busy is None:
+        while self._busy is None and not self._replies_back_up:
             transport = self.transport
             if transport is None or transport.is_closing():
                 return
@@ -910,11 +1028,15 @@ class LeanSMTP(SMTP):
             waiting_for = step.send(None)
         except StopIteration:
             return
-        self._busy = self.loop.create_task(_go_on(step, waiting_for))
+        self._waiting = _Waiting(step, waiting_for)
+        self._busy = self.loop.create_task(self._waiting.run())
         self._busy.add_done_callback(self._done_waiting)
 
-    def _done_waiting(self, _: object) -> None:
+    def _done_waiting(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() and self._waiting is not None:
+            self._waiting.abandoned()
         self._busy = None
+        self._waiting = None
         self._line_wanted = None
         if self.transport is None:  # the session ended meanwhile
             self._let_go()
@@ -928,6 +1050,9 @@ class LeanSMTP(SMTP):
         """The next line the client sends while a command waits for it (an AUTH answer),
         without its line break; None when it is longer than a command line may be."""
         too_long = False
+        if self._held:  # the command reads on now: so must the connection
+            self._held = False
+            self._read_or_not()
         while (end := self._buffer.find(b"\n")) < 0:
             if len(self._buffer) > self.line_length_limit:
                 self._buffer.clear()
@@ -1134,8 +1259,13 @@ class LeanSMTP(SMTP):
         return REPLY_AUTH_REQUIRED if listener.auth is not None else REPLY_RELAY_DENIED
 
     async def push(self, status: AnyStr) -> None:
-        """Send a reply (aiosmtpd's commands await this); it never waits, see :meth:`_reply`."""
+        """Send a reply (aiosmtpd's commands await this). It waits only while replies back
+        up, as aiosmtpd's did: STARTTLS must not hand the connection to TLS before its 220
+        has gone."""
         self._reply(status)
+        if self._replies_back_up:
+            self._drained = self.loop.create_future()
+            await self._drained
 
     def _reply(self, status: str | bytes) -> None:
         """Send a reply. Nothing waits for the client to read it: while replies back up, no
@@ -1336,7 +1466,7 @@ def smtp_factory(
     spool_dir: str | None = None,
     access: Callable[[], Access | None] = lambda: None,
 ) -> Callable[[], Any]:
-    """A protocol factory for ``loop.create_server``: aiosmtpd with SMTPUTF8 and 8BITMIME.
+    """A protocol factory for ``loop.create_server``: sessions with SMTPUTF8 and 8BITMIME.
 
     DATA bigger than :data:`SPOOL_THRESHOLD` is spooled in ``spool_dir`` (default: the
     system's temporary directory) while it arrives. Each new session takes the listener's
@@ -1348,7 +1478,6 @@ def smtp_factory(
     sessions = SessionCount(0)
     fixed: dict[str, Any] = {
         "enable_SMTPUTF8": True,
-        "decode_data": False,
         "hostname": hostname or handler.hostname,
         "ident": "mail2alert ESMTP",
     }
@@ -1365,19 +1494,9 @@ def smtp_factory(
                 # On an implicit TLS listener the whole session is TLS.
                 "auth_require_tls": not now.implicit_tls,
                 "auth_required": bool(auth and auth.required),
-                "authenticator": _never,
                 "command_limit": COMMAND_LIMIT,
             }
-        # The running loop, given: else aiosmtpd looks for one under a warnings filter of its
-        # own, and a change of the filters makes every later warning be looked up afresh.
-        options["loop"] = asyncio.get_running_loop()
-        if options.get("auth_required") and not options.get("auth_require_tls", True):
-            with warnings.catch_warnings():
-                # AUTH required on implicit TLS: aiosmtpd cannot tell the session is TLS.
-                warnings.filterwarnings("ignore", "Requiring AUTH while not requiring TLS")
-                session = LeanSMTP(handler, **fixed, **options)
-        else:
-            session = LeanSMTP(handler, **fixed, **options)
+        session = LeanSMTP(handler, loop=asyncio.get_running_loop(), **fixed, **options)
         session.spool_dir = spool_dir
         session.gate = gate
         session.access = now
