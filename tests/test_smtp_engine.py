@@ -564,3 +564,24 @@ def test_a_client_silent_in_the_starttls_handshake_is_cut_at_the_timeout_and_its
     assert left == b""
     assert active == 0
     assert errors == []
+
+
+@pytest.mark.parametrize("waits", [False, True], ids=["at-once", "after-waiting"])
+def test_a_command_that_raises_is_answered_as_aiosmtpd_answers_it_and_the_session_goes_on(
+    waits: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Failing:
+        async def handle_DATA(self, *args: object) -> str:
+            if waits:
+                await asyncio.sleep(0)
+            raise ValueError("boom")
+
+    async def run() -> list[bytes]:
+        session, transport = await _session(Failing())
+        session.data_received(b"HELO me\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n.\r\n")
+        session.data_received(b"NOOP\r\n")
+        await _turns(lambda: session._busy is None and transport.written[-1] == b"250 OK\r\n")
+        return transport.written[-2:]
+
+    assert asyncio.run(run()) == [b"500 Error: (ValueError) boom\r\n", b"250 OK\r\n"]
+    assert "SMTP session exception" in caplog.text

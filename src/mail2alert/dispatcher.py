@@ -438,10 +438,14 @@ class Dispatcher:
         try:
             while True:
                 try:
-                    item, probe = await asyncio.wait_for(self._queue.get(), IDLE_CLOSE)
-                except TimeoutError:
-                    await connection.close_if_idle(IDLE_CLOSE)
-                    continue
+                    item, probe = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        async with asyncio.timeout(IDLE_CLOSE):
+                            item, probe = await self._queue.get()
+                    except TimeoutError:
+                        await connection.close_if_idle(IDLE_CLOSE)
+                        continue
                 # A result that could not be recorded would be sent again after a crash: while
                 # the outbox cannot be written, nothing new is tried.
                 await self._recordable.wait()

@@ -1000,43 +1000,54 @@ class LeanSMTP(SMTP):
             self._reply(f'500 Error: command "{command}" not recognized')
             return
         self._reset_timeout()
-        self._start(self._answer(method(arg)))
+        self._start(method(arg))
 
-    async def _answer(self, command: Coroutine[Any, Any, None]) -> None:
-        """Run one command; an error it raises is answered as aiosmtpd answers it."""
+    def _failed(self, error: Exception) -> None:
+        """A command raised ``error``: answered as aiosmtpd answers it, or, when a STARTTLS
+        handshake failed, the session ends."""
+        if isinstance(error, TLSSetupException):
+            self._stop()
+            self.connection_lost(error)
+            # Its frames, and those of the SSL error it was raised from, hold the session and
+            # asyncio's SSL protocol: let go of them, or they wait for a full collection.
+            _clear_frames(error)
+            return
+        self._start(self._answer_error(error))
+
+    async def _answer_error(self, error: Exception) -> None:
         try:
-            await command
-        except Exception as error:  # noqa: BLE001 - answered, as aiosmtpd answers it
-            if isinstance(error, TLSSetupException):  # the handshake failed
-                self._stop()
-                self.connection_lost(error)
-                # Its frames, and those of the SSL error it was raised from, hold the session
-                # and asyncio's SSL protocol: let go of them, or they wait for a full collection.
-                _clear_frames(error)
-                return
-            try:
-                status = await self.handle_exception(error)
-            except Exception as inner:  # noqa: BLE001
-                _session_log.exception("%r Exception in handle_exception()", self._peer)
-                status = f"500 Error: ({inner.__class__.__name__}) {inner}"
-            self._reply(status)
+            status = await self.handle_exception(error)
+        except Exception as inner:  # noqa: BLE001 - answered, as aiosmtpd answers it
+            _session_log.exception("%r Exception in handle_exception()", self._peer)
+            status = f"500 Error: ({inner.__class__.__name__}) {inner}"
+        self._reply(status)
 
     def _start(self, step: Coroutine[Any, Any, None]) -> None:
         """Run ``step`` as far as it goes without waiting; if it has to wait, it goes on as a
-        task, and the commands after it wait for it (see :func:`_go_on`)."""
+        task, and the commands after it wait for it (see :class:`_Waiting`). An error it
+        raises is answered (:meth:`_failed`)."""
         try:
             waiting_for = step.send(None)
         except StopIteration:
+            return
+        except Exception as error:  # noqa: BLE001 - answered, as aiosmtpd answers it
+            self._failed(error)
             return
         self._waiting = _Waiting(step, waiting_for)
         self._busy = self.loop.create_task(self._waiting.run())
         self._busy.add_done_callback(self._done_waiting)
 
     def _done_waiting(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled() and self._waiting is not None:
-            self._waiting.abandoned()
+        error = None
+        if task.cancelled():
+            if self._waiting is not None:
+                self._waiting.abandoned()
+        else:
+            error = task.exception()
         self._busy = None
         self._waiting = None
+        if isinstance(error, Exception) and self.transport is not None:
+            self._failed(error)
         self._line_wanted = None
         if self.transport is None:  # the session ended meanwhile
             self._let_go()
@@ -1143,7 +1154,7 @@ class LeanSMTP(SMTP):
             start = end + 3
         del buffer[:start]
         self._decoder = None
-        self._start(self._answer(self._data_ended(decoder)))
+        self._start(self._data_ended(decoder))
         return True
 
     async def _data_ended(self, decoder: DataDecoder) -> None:
