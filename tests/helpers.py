@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import trustme
 import yaml
+from aiosmtpd.smtp import SMTP, Session
+from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert import config
 from mail2alert.outbox import DB_NAME, Outbox
@@ -182,6 +184,19 @@ class RecordingWriter:
 
     def close(self) -> None:
         pass
+
+
+class RecordingHandler:
+    """An SMTP session's handler that keeps each message's content and answers 250."""
+
+    def __init__(self) -> None:
+        self.contents: list[bytes] = []
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
+        content = envelope.content
+        assert isinstance(content, bytes)
+        self.contents.append(content)
+        return "250 OK"
 
 
 class RecordingTransport(RecordingWriter):

@@ -18,19 +18,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.server import DataDecoder, LeanSMTP
-from tests.helpers import RecordingTransport, RecordingWriter
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.contents: list[bytes] = []
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        content = envelope.content
-        assert isinstance(content, bytes)
-        self.contents.append(content)
-        return "250 OK"
-
+from tests.helpers import RecordingHandler, RecordingTransport, RecordingWriter
 
 Outcome = tuple[list[bytes], list[bytes], bytes]
 
@@ -41,7 +29,7 @@ async def _data(
     """Run one DATA command over ``chunks``: (replies, contents, bytes left unread)."""
     if session_class is LeanSMTP:
         return await _lean_data(chunks, settings)
-    handler = _Recorder()
+    handler = RecordingHandler()
     session = session_class(handler, data_size_limit=settings.get("size_limit", 2**25))
     reader = asyncio.StreamReader(limit=session.line_length_limit)
     writer = RecordingWriter()
@@ -70,7 +58,7 @@ class _LeanAfterData(LeanSMTP):
 
 async def _lean_data(chunks: list[bytes], settings: dict[str, Any]) -> Outcome:
     """DATA as LeanSMTP takes it: the bytes come to the session as a transport gives them."""
-    handler = _Recorder()
+    handler = RecordingHandler()
     session = _LeanAfterData(handler, data_size_limit=settings.get("size_limit", 2**25))
     for name, value in settings.items():
         if name != "size_limit":

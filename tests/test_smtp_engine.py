@@ -11,7 +11,7 @@ import asyncio
 import random
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,19 +21,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.server import LeanSMTP, SessionCount
-from tests.helpers import RecordingTransport, server_tls
-
-
-class _Handler:
-    def __init__(self) -> None:
-        self.contents: list[bytes] = []
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: SmtpEnvelope) -> str:
-        content = envelope.content
-        assert isinstance(content, bytes)
-        self.contents.append(content)
-        return "250 OK"
-
+from tests.helpers import RecordingHandler, RecordingTransport, server_tls
 
 #: Command lines, good and bad: what a client may send, and what it should not.
 COMMANDS = [
@@ -148,7 +136,7 @@ def test_any_stream_of_commands_is_answered_as_aiosmtpd_answers_it(
         delivered = 0
         for _ in range(150):
             pieces = _pieces(_script(rnd), rnd)
-            original, lean = _Handler(), _Handler()
+            original, lean = RecordingHandler(), RecordingHandler()
             theirs = await _served(lambda h=original: SMTP(h, hostname="test"), pieces)  # type: ignore[misc]
             ours = await _served(lambda h=lean: LeanSMTP(h, hostname="test"), pieces)  # type: ignore[misc]
             assert ours == theirs, b"".join(pieces)[:300]
@@ -162,8 +150,8 @@ def test_any_stream_of_commands_is_answered_as_aiosmtpd_answers_it(
 def test_too_many_unknown_commands_end_the_session_as_in_aiosmtpd() -> None:
     async def run() -> tuple[bytes, bytes]:
         pieces = [b"EHLO me\r\n", b"NOSUCH\r\n" * 3, b"NOOP\r\n", b"OTHER\r\n" * 2]
-        theirs = await _served(lambda: SMTP(_Handler(), hostname="test"), pieces)
-        ours = await _served(lambda: LeanSMTP(_Handler(), hostname="test"), pieces)
+        theirs = await _served(lambda: SMTP(RecordingHandler(), hostname="test"), pieces)
+        ours = await _served(lambda: LeanSMTP(RecordingHandler(), hostname="test"), pieces)
         return theirs, ours
 
     theirs, ours = asyncio.run(run())
@@ -215,7 +203,7 @@ async def _eventually(condition: Callable[[], bool], seconds: float = 10) -> Non
 
 def test_commands_that_need_not_wait_are_answered_at_once_without_a_task() -> None:
     async def run() -> None:
-        session, transport = await _session(_Handler())
+        session, transport = await _session(RecordingHandler())
         session.data_received(b"HELO me\r\nMAIL FROM:<a@example.com>\r\nNOOP\r\n")
         assert transport.written[1:] == [b"250 test\r\n", b"250 OK\r\n", b"250 OK\r\n"]
         assert session._busy is None
@@ -281,7 +269,7 @@ def test_much_sent_while_a_command_waits_pauses_reading_until_it_is_done() -> No
 
 def test_replies_the_client_does_not_read_stop_the_reading_of_commands() -> None:
     async def run() -> None:
-        session, transport = await _session(_Handler())
+        session, transport = await _session(RecordingHandler())
         paused: list[bool] = []
         transport.pause_reading = lambda: paused.append(True)  # type: ignore[method-assign]
         transport.resume_reading = lambda: paused.append(False)  # type: ignore[method-assign]
@@ -305,7 +293,7 @@ def test_an_auth_answer_that_cannot_be_used_is_told_so(answer: bytes, reply: byt
     """The challenge's answer is read from the same stream as the commands."""
 
     async def run() -> list[bytes]:
-        session, transport = await _session(_Handler())
+        session, transport = await _session(RecordingHandler())
         challenge = asyncio.ensure_future(session.challenge_auth("User Name"))
         await _turns(lambda: len(transport.written) == 2)
         assert transport.written[1] == b"334 VXNlciBOYW1l\r\n"
@@ -323,7 +311,7 @@ def test_an_idle_session_is_told_why_and_closed_at_its_timeout() -> None:
 
     async def run() -> tuple[list[bytes], bool, float]:
         loop = asyncio.get_running_loop()
-        session = LeanSMTP(_Handler(), hostname="test", timeout=0.2, loop=loop)
+        session = LeanSMTP(RecordingHandler(), hostname="test", timeout=0.2, loop=loop)
         transport = RecordingTransport()
         started = loop.time()
         session.connection_made(transport)  # type: ignore[arg-type]
@@ -340,89 +328,59 @@ def test_an_idle_session_is_told_why_and_closed_at_its_timeout() -> None:
     assert after >= 0.3
 
 
-async def _nothing(*_: object) -> None:
-    pass
+async def _watched(seen: list[str], gate: asyncio.Future[None], *, then_yield: bool) -> None:
+    """A command that waits for ``gate`` (then, with ``then_yield``, yields for ever) and
+    notes how it ended."""
+    try:
+        await gate
+        while then_yield:  # noqa: ASYNC110 - a bare yield is what is cancelled here
+            await asyncio.sleep(0)
+        seen.append("resumed")
+    except asyncio.CancelledError:
+        seen.append("cancelled")
+        raise
+    except GeneratorExit:
+        seen.append("closed")
+        raise
 
 
-def test_a_command_that_waits_sees_the_tasks_cancellation_after_its_future_is_done() -> None:
-    """Cancelled just as what it waited for came: the command is cancelled, not resumed."""
+async def _as_its_future_is_done(session: LeanSMTP, gate: asyncio.Future[None]) -> None:
+    await asyncio.sleep(0)  # the task waits for the gate
+    gate.set_result(None)
+    assert session._busy is not None
+    session._busy.cancel()
+
+
+async def _before_its_task_ran(session: LeanSMTP, gate: asyncio.Future[None]) -> None:
+    # Over TLS, the end of DATA and the client's close can come in one read.
+    assert session._busy is not None
+    session._busy.cancel()
+
+
+async def _while_it_yields(session: LeanSMTP, gate: asyncio.Future[None]) -> None:
+    gate.set_result(None)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    session.connection_lost(None)
+
+
+@pytest.mark.parametrize(
+    ("cancel", "then_yield"),
+    [(_as_its_future_is_done, False), (_before_its_task_ran, False), (_while_it_yields, True)],
+    ids=["as-its-future-is-done", "before-its-task-ran", "while-it-yields"],
+)
+def test_a_command_that_waits_sees_its_cancellation_as_under_a_task_of_its_own(
+    cancel: Callable[[LeanSMTP, asyncio.Future[None]], Awaitable[None]], then_yield: bool
+) -> None:
+    """However the cancellation comes, the command gets CancelledError (its ``finally`` runs
+    then), never a resumption, nor a GeneratorExit whenever it is collected."""
 
     async def run() -> list[str]:
         seen: list[str] = []
-        session, _ = await _session(_Handler())
+        session, _ = await _session(RecordingHandler())
         gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def command() -> None:
-            try:
-                await gate
-                seen.append("resumed")
-                await asyncio.sleep(1)
-            except asyncio.CancelledError:
-                seen.append("cancelled")
-                raise
-
-        session._start(command())
-        busy = session._busy
-        assert busy is not None
-        await asyncio.sleep(0)  # the task waits for the gate
-        gate.set_result(None)
-        busy.cancel()
-        await _turns(busy.done)
-        return seen
-
-    assert asyncio.run(run()) in (["cancelled"], ["resumed", "cancelled"])
-
-
-def test_a_command_cancelled_before_its_task_first_ran_sees_the_cancellation() -> None:
-    """Over TLS, the end of DATA and the client's close can come in one read: the command is
-    cancelled in the same loop turn it began to wait, and must see CancelledError (so that
-    its ``finally`` runs then), not a GeneratorExit whenever it is collected."""
-
-    async def run() -> list[str]:
-        seen: list[str] = []
-        session, _ = await _session(_Handler())
-        gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def command() -> None:
-            try:
-                await gate
-            except asyncio.CancelledError:
-                seen.append("cancelled")
-                raise
-            except GeneratorExit:
-                seen.append("closed")
-                raise
-
-        session._start(command())
-        busy = session._busy
-        assert busy is not None
-        busy.cancel()  # before the task's first step
-        await _turns(lambda: session._busy is None)
-        return seen
-
-    assert asyncio.run(run()) == ["cancelled"]
-
-
-def test_a_command_cancelled_while_it_yields_sees_the_cancellation() -> None:
-    async def run() -> list[str]:
-        seen: list[str] = []
-        session, _ = await _session(_Handler())
-        release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        async def command() -> None:
-            try:
-                await release
-                while True:  # noqa: ASYNC110 - a bare yield is what is cancelled here
-                    await asyncio.sleep(0)
-            except asyncio.CancelledError:
-                seen.append("cancelled")
-                raise
-
-        session._start(command())
-        release.set_result(None)
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
-        session.connection_lost(None)
+        session._start(_watched(seen, gate, then_yield=then_yield))
+        await cancel(session, gate)
         await _turns(lambda: session._busy is None)
         return seen
 
@@ -443,7 +401,7 @@ def test_the_idle_timer_fires_once_at_its_deadline_on_uvloop() -> None:
         loop = asyncio.get_running_loop()
         for _ in range(20):
             calls.append(0)
-            session = Counting(_Handler(), hostname="test", timeout=0.05, loop=loop)
+            session = Counting(RecordingHandler(), hostname="test", timeout=0.05, loop=loop)
             transport = RecordingTransport()
             session.connection_made(transport)  # type: ignore[arg-type]
             await asyncio.sleep(0.0213)  # the deadline moves by a fraction of a millisecond
@@ -476,7 +434,7 @@ async def _tls_listener(
     context = server_tls(ca)
 
     def make() -> LeanSMTP:
-        session = LeanSMTP(_Handler(), hostname="test", tls_context=context, timeout=idle)
+        session = LeanSMTP(RecordingHandler(), hostname="test", tls_context=context, timeout=idle)
         session.sessions = count
         return session
 

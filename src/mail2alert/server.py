@@ -1,4 +1,5 @@
-"""The SMTP side: an aiosmtpd handler that parses, routes, commits, and only then says 250.
+"""The SMTP side: the session (:class:`LeanSMTP`, aiosmtpd's commands answered as they
+arrive) and its handler, which parses, routes, commits, and only then says 250.
 
 It never opens a socket itself (:mod:`mail2alert.app` does), and it never sends anything: the
 outcome of routing goes into the outbox, and the dispatcher delivers from there.
