@@ -65,6 +65,8 @@ def _addresses(seed: int, count: int) -> Iterator[str]:
         "<a@b..c>",
         "<a@b> \r\n x",
         "<a@b> (comment) SIZE=1",
+        "<a@b> \xa0",
+        "<a@b> \u2003SIZE=1",
     ]
     specials = 'ab.@<>- \t+=_"()[]:;,\\ü\r\n'
     for _ in range(count):

@@ -492,6 +492,37 @@ def test_starttls_after_replies_the_client_did_not_read_yet_hands_over_to_tls(
     assert errors == []
 
 
+def test_starttls_on_a_tls_session_is_refused_and_the_session_goes_on(ca: trustme.CA) -> None:
+    """aiosmtpd would start TLS inside TLS; a client silent in that second handshake then
+    kept its place among the sessions for good."""
+    count = SessionCount(limit=10)
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    async def run() -> tuple[bytes, bytes]:
+        server, _ = await _tls_listener(ca, count)
+        try:
+            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+            await _reply(reader)
+            writer.write(b"EHLO me\r\nSTARTTLS\r\n")
+            await _reply(reader)
+            await _reply(reader)
+            await asyncio.wait_for(writer.start_tls(client_tls, server_hostname="localhost"), 10)
+            writer.write(b"EHLO me\r\nSTARTTLS\r\n")
+            await _reply(reader)
+            again = await _reply(reader)
+            writer.write(b"NOOP\r\n")
+            after = await _reply(reader)
+            writer.close()
+            await _eventually(lambda: count.active == 0)
+            return again, after
+        finally:
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(run()) == (b"554 5.5.1 Error: TLS already active\r\n", b"250 OK\r\n")
+
+
 @pytest.mark.parametrize("loop_name", sorted(LOOPS))
 def test_a_client_silent_in_the_starttls_handshake_is_cut_at_the_timeout_and_its_slot_freed(
     ca: trustme.CA, loop_name: str
@@ -543,3 +574,27 @@ def test_a_command_that_raises_is_answered_as_aiosmtpd_answers_it_and_the_sessio
 
     assert asyncio.run(run()) == [b"500 Error: (ValueError) boom\r\n", b"250 OK\r\n"]
     assert "SMTP session exception" in caplog.text
+    assert 'raise ValueError("boom")' in caplog.text  # with its traceback
+
+
+def test_an_error_of_a_command_that_ends_after_its_session_is_logged_with_its_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Failing:
+        async def handle_DATA(self, *args: object) -> str:
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:
+                raise RuntimeError("cleanup failed") from None
+            return "250 never"
+
+    async def run() -> None:
+        session, _ = await _session(Failing())
+        session.data_received(b"HELO me\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<d@e.f>\r\nDATA\r\n.\r\n")
+        await _turns(lambda: session._busy is not None)
+        session.connection_lost(None)
+        await _turns(lambda: session._busy is None)
+
+    asyncio.run(run())
+    assert "SMTP session exception" in caplog.text
+    assert 'raise RuntimeError("cleanup failed")' in caplog.text

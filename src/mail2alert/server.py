@@ -37,6 +37,7 @@ from aiosmtpd.smtp import (
     Session,
     TLSSetupException,
     _AuthMechAttr,
+    login_always_fail,
     syntax,
 )
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -674,6 +675,9 @@ class LeanSMTP(SMTP):
         self.transport = None
         self._auth_required = auth_required
         self._auth_require_tls = auth_require_tls
+        # For a handler's own AUTH mechanism that asks aiosmtpd's _authenticate: no login.
+        self._authenticator = None
+        self._auth_callback = login_always_fail
         if command_limit is not None:
             self.line_length_limit = command_limit + 2
             self.command_size_limit = command_limit
@@ -707,7 +711,7 @@ class LeanSMTP(SMTP):
         if found is None:
             return super()._getaddr(arg)
         # aiosmtpd's parser drops the white space after the closing bracket; so do we.
-        address, rest = found.group(1), found.group(2).lstrip(" \t")
+        address, rest = found.group(1), found.group(2).lstrip()
         local = address.rpartition("@")[0]
         if self.local_part_limit and len(local) > self.local_part_limit:
             return None, None
@@ -1023,6 +1027,17 @@ class LeanSMTP(SMTP):
             status = f"500 Error: ({inner.__class__.__name__}) {inner}"
         self._reply(status)
 
+    async def handle_exception(self, error: Exception) -> str:
+        """The handler's answer to ``error``, else aiosmtpd's: logged with its traceback
+        (given, not taken from the exception being handled: an error of a command that had
+        to wait is answered after its task has ended)."""
+        hook = getattr(self.event_handler, "handle_exception", None)
+        if hook is not None:
+            return str(await hook(error))
+        assert self.session is not None
+        _session_log.error("%r SMTP session exception", self.session.peer, exc_info=error)
+        return f"500 Error: ({error.__class__.__name__}) {error}"
+
     def _start(self, step: Coroutine[Any, Any, None]) -> None:
         """Run ``step`` as far as it goes without waiting; if it has to wait, it goes on as a
         task, and the commands after it wait for it (see :class:`_Waiting`). An error it
@@ -1040,15 +1055,20 @@ class LeanSMTP(SMTP):
 
     def _done_waiting(self, task: asyncio.Task[None]) -> None:
         error = None
-        if task.cancelled():
-            if self._waiting is not None:
-                self._waiting.abandoned()
-        else:
-            error = task.exception()
-        self._busy = None
-        self._waiting = None
-        if isinstance(error, Exception) and self.transport is not None:
-            self._failed(error)
+        try:
+            if task.cancelled():
+                if self._waiting is not None:
+                    self._waiting.abandoned()
+            else:
+                error = task.exception()
+        finally:
+            self._busy = None
+            self._waiting = None
+        if isinstance(error, Exception):
+            if self.transport is not None:
+                self._failed(error)
+            elif not isinstance(error, TLSSetupException):  # no one to answer: said
+                _session_log.error("%r SMTP session exception", self._peer, exc_info=error)
         self._line_wanted = None
         if self.transport is None:  # the session ended meanwhile
             self._let_go()
@@ -1101,6 +1121,14 @@ class LeanSMTP(SMTP):
         except ValueError:
             self._reply("501 5.5.2 Can't decode base64")
             return MISSING
+
+    @syntax("STARTTLS", when="tls_context")
+    async def smtp_STARTTLS(self, arg: str) -> None:
+        """STARTTLS as aiosmtpd's, but once only: aiosmtpd would start TLS inside TLS."""
+        if self._tls_protocol is not None:
+            self._reply("554 5.5.1 Error: TLS already active")
+            return
+        await super().smtp_STARTTLS(arg)
 
     @syntax("QUIT")
     async def smtp_QUIT(self, arg: str) -> None:
