@@ -1,6 +1,6 @@
 """What operators see and test: one message explained, test suites, and the coverage report.
 
-Everything here calls :func:`mail2alert.server.accept`, which calls
+Everything here calls :func:`mail2alert.planning.accept`, which calls
 :func:`mail2alert.routing.route`: the very code ``serve`` runs for every message. Nothing here
 sends anything or writes anywhere.
 """
