@@ -272,12 +272,13 @@ def _mail_charset(charset: str) -> str:
 
 # Possessive: an atom ends where a character not of an atom comes, so nothing is retried.
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]++"
-_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*+"
+#: An RFC 5322 dot-atom (the plain form of each part of an address), for regular expressions.
+DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*+"
 #: A plain address, alone or in angle brackets after a display name of plain words (most
 #: From: fields): what the full parser reads in it is that address.
 _PLAIN_ADDRESS = re.compile(
-    rf"[ \t]*+(?:(?:{_ATOM}(?:[ \t]++{_ATOM})*+[ \t]*+)?<({_DOT_ATOM}@{_DOT_ATOM})>"
-    rf"|({_DOT_ATOM}@{_DOT_ATOM}))[ \t]*+\Z"
+    rf"[ \t]*+(?:(?:{_ATOM}(?:[ \t]++{_ATOM})*+[ \t]*+)?<({DOT_ATOM}@{DOT_ATOM})>"
+    rf"|({DOT_ATOM}@{DOT_ATOM}))[ \t]*+\Z"
 )
 
 

@@ -47,7 +47,7 @@ from mail2alert.actions import mask
 from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.logs import about
 from mail2alert.managers.base import Context
-from mail2alert.message import RawMessage
+from mail2alert.message import DOT_ATOM, RawMessage
 from mail2alert.model import Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id
 from mail2alert.planning import accept
@@ -436,13 +436,12 @@ _DATA_REPLIES = {
 }
 
 
-_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-]+"
-_DOT_ATOM = rf"{_ATOM}(?:\.{_ATOM})*"
 # <local@domain> with both parts plain dot-atoms (RFC 5322 3.2.3), then plain parameters;
 # everything else (comments, quoted parts, line breaks) goes through aiosmtpd's full parser.
-_SIMPLE_ADDRESS = re.compile(
-    rf"[ \t]*<({_DOT_ATOM}@{_DOT_ATOM})>((?:[ \t]*[^ \t(\r\n][^(\r\n]*)?)\Z"
-)
+_SIMPLE_ADDRESS = re.compile(rf"[ \t]*<({DOT_ATOM}@{DOT_ATOM})>((?:[ \t]*[^ \t(\r\n][^(\r\n]*)?)\Z")
+#: What :meth:`LeanSMTP._take_line` gives for a line too long for a command (compared by
+#: identity: no line read is this very object).
+_TOO_LONG = b"<too long>"
 #: A line of a multi-line reply that is not its last (RFC 5321 4.2.1: ``250-SIZE 1000``).
 _CONTINUED = re.compile(r"[0-9]{3}-")
 #: C0 controls and DEL, which no address may hold; a tab may only separate parameters.
@@ -731,6 +730,7 @@ class LeanSMTP(SMTP):
     data_line_limit: int | None = None
     """The longest line DATA takes (None: ``line_length_limit``, as aiosmtpd)."""
     too_big_reply = "552 Error: Too much mail data"
+    too_long_reply = "500 Command line too long"
     _refusal_logged = False
     _counted = False
     _continued: list[str]
@@ -925,7 +925,6 @@ class LeanSMTP(SMTP):
 
     def _advance(self) -> None:
         """Answer the commands that have come in full, until one has to wait."""
-        buffer = self._buffer
         while self._busy is None and not self._replies_back_up:
             transport = self.transport
             if transport is None or transport.is_closing():
@@ -934,20 +933,31 @@ class LeanSMTP(SMTP):
                 if not self._feed_data(self._decoder):
                     return
                 continue
-            end = buffer.find(b"\n")
-            if end < 0:
-                if len(buffer) > self.line_length_limit:
-                    # Too long for a command: skipped to its end, then answered.
-                    self._skipping = True
-                    buffer.clear()
+            line = self._take_line()
+            if line is None:
                 return
-            line = bytes(buffer[:end])
-            del buffer[: end + 1]
-            if self._skipping or end > self.line_length_limit:
-                self._skipping = False
-                self._reply("500 Command line too long")
+            if line is _TOO_LONG:
+                self._reply(self.too_long_reply)
                 continue
             self._command(line)
+
+    def _take_line(self) -> bytes | None:
+        """The next whole line the client sent, its LF taken off; :data:`_TOO_LONG` for one
+        longer than a command line may be (skipped to its end), None while none has come
+        in full."""
+        buffer = self._buffer
+        end = buffer.find(b"\n")
+        if end < 0:
+            if len(buffer) > self.line_length_limit:
+                self._skipping = True
+                buffer.clear()
+            return None
+        line = bytes(buffer[:end])
+        del buffer[: end + 1]
+        if self._skipping or end > self.line_length_limit:
+            self._skipping = False
+            return _TOO_LONG
+        return line
 
     def _command(self, line: bytes) -> None:
         """One command line (its LF taken off), checked and answered as aiosmtpd's session
@@ -1081,20 +1091,14 @@ class LeanSMTP(SMTP):
     async def _next_line(self) -> bytes | None:
         """The next line the client sends while a command waits for it (an AUTH answer),
         without its line break; None when it is longer than a command line may be."""
-        too_long = False
         if self._held:  # the command reads on now: so must the connection
             self._held = False
             self._read_or_not()
-        while (end := self._buffer.find(b"\n")) < 0:
-            if len(self._buffer) > self.line_length_limit:
-                self._buffer.clear()
-                too_long = True
+        while (line := self._take_line()) is None:
             self._line_wanted = self.loop.create_future()
             await self._line_wanted
         self._line_wanted = None
-        line = bytes(self._buffer[:end])
-        del self._buffer[: end + 1]
-        return None if too_long or end > self.line_length_limit else line.rstrip(b"\r")
+        return None if line is _TOO_LONG else line.rstrip(b"\r")
 
     async def challenge_auth(
         self,
@@ -1311,8 +1315,6 @@ class LeanSMTP(SMTP):
         """Send a reply. Nothing waits for the client to read it: while replies back up, no
         more commands are read (:meth:`pause_writing`)."""
         reply = status
-        if self.access is not None and reply == "500 Command line too long":
-            reply = REPLY_COMMAND_TOO_LONG
         # aiosmtpd lists AUTH on every TLS session, with no mechanism when none is set up.
         if (
             self.access is not None
@@ -1548,6 +1550,7 @@ def smtp_factory(
             # Lines of any length, up to the size limit, as Postfix takes them.
             session.data_line_limit = now.listener.max_message_size + 2
             session.too_big_reply = REPLY_TOO_BIG
+            session.too_long_reply = REPLY_COMMAND_TOO_LONG
         return session
 
     return make
