@@ -6,6 +6,7 @@ Everything waits on events or polls state with a deadline; nothing sleeps a fixe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -18,12 +19,13 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trustme
+import uvloop
 import yaml
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
@@ -184,6 +186,19 @@ class RecordingWriter:
 
     def close(self) -> None:
         pass
+
+
+#: The event loops an SMTP session must work on: asyncio's own, and uvloop, which serve runs on.
+LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+
+
+def run_on(loop_name: str, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run ``coroutine`` to its end on a new event loop of :data:`LOOPS`, then close it."""
+    loop = LOOPS[loop_name]()
+    try:
+        return loop.run_until_complete(coroutine)
+    finally:
+        loop.close()
 
 
 class RecordingHandler:

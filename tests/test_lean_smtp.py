@@ -24,7 +24,7 @@ from mail2alert.managers.base import Context
 from mail2alert.outbox import GroupCommitter
 from mail2alert.server import Access, AfterHandshake, Handler, LeanSMTP, smtp_factory
 from mail2alert.settings import HostPort, InboundAuth, InboundTls, Listener
-from tests.helpers import RecordingWriter, server_tls
+from tests.helpers import LOOPS, RecordingWriter, run_on, server_tls
 
 
 class _Handler:
@@ -191,13 +191,6 @@ def _hang_up_in_data(client: smtplib.SMTP) -> None:
     client.close()
 
 
-LOOPS = {"asyncio": asyncio.new_event_loop}
-with contextlib.suppress(ImportError):
-    import uvloop  # what serve runs on when it is installed
-
-    LOOPS["uvloop"] = uvloop.new_event_loop
-
-
 @pytest.fixture(scope="module")
 def ca() -> trustme.CA:
     return trustme.CA()
@@ -245,11 +238,7 @@ def _sessions_left(
             await server.wait_closed()
         return [ref for ref in ended if ref() is not None]
 
-    loop = LOOPS[loop_name]()
-    try:
-        alive = loop.run_until_complete(run())
-    finally:
-        loop.close()
+    alive = run_on(loop_name, run())
     return len(ended), alive
 
 
@@ -370,11 +359,7 @@ def test_a_connection_to_implicit_tls_that_never_finishes_its_handshake_makes_no
             server.close()
             await server.wait_closed()
 
-    loop = LOOPS[loop_name]()
-    try:
-        loop.run_until_complete(run())
-    finally:
-        loop.close()
+    run_on(loop_name, run())
     assert len(stand_ins) == 1
     assert sessions == []
     if loop_name == "uvloop":
@@ -405,11 +390,7 @@ def test_a_session_on_implicit_tls_is_made_once_the_handshake_is_done_and_serves
             server.close()
             await server.wait_closed()
 
-    loop = LOOPS[loop_name]()
-    try:
-        assert loop.run_until_complete(run()) == (250, {})
-    finally:
-        loop.close()
+    assert run_on(loop_name, run()) == (250, {})
 
 
 def test_sessions_that_require_auth_on_implicit_tls_log_no_false_alarm(

@@ -8,10 +8,11 @@ sockets, sent in random pieces, and must answer them byte for byte alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -21,7 +22,7 @@ from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.server import LeanSMTP, SessionCount
-from tests.helpers import RecordingHandler, RecordingTransport, server_tls
+from tests.helpers import LOOPS, RecordingHandler, RecordingTransport, run_on, server_tls
 
 #: Command lines, good and bad: what a client may send, and what it should not.
 COMMANDS = [
@@ -420,14 +421,19 @@ def ca() -> trustme.CA:
     return trustme.CA()
 
 
-LOOPS = {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+@pytest.fixture
+def client_tls(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
 
 
+@contextlib.asynccontextmanager
 async def _tls_listener(
     ca: trustme.CA, count: SessionCount, *, idle: float = 300
-) -> tuple[asyncio.Server, list[dict[str, Any]]]:
-    """A listener offering STARTTLS whose sessions count themselves in ``count``; the errors
-    the loop reports."""
+) -> AsyncIterator[tuple[tuple[str, int], list[dict[str, Any]]]]:
+    """A listener offering STARTTLS whose sessions count themselves in ``count``: its
+    address, and the errors the loop reports. Closed on the way out."""
     loop = asyncio.get_running_loop()
     errors: list[dict[str, Any]] = []
     loop.set_exception_handler(lambda _, context: errors.append(context))
@@ -438,7 +444,12 @@ async def _tls_listener(
         session.sessions = count
         return session
 
-    return await loop.create_server(make, "127.0.0.1", 0), errors
+    server = await loop.create_server(make, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[:2], errors
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 async def _reply(reader: asyncio.StreamReader) -> bytes:
@@ -448,22 +459,26 @@ async def _reply(reader: asyncio.StreamReader) -> bytes:
     return b"".join(lines)
 
 
+async def _ask_for_tls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """EHLO and STARTTLS; the answer to STARTTLS."""
+    writer.write(b"EHLO me\r\nSTARTTLS\r\n")
+    await _reply(reader)
+    return await _reply(reader)
+
+
 @pytest.mark.parametrize("loop_name", sorted(LOOPS))
 def test_starttls_after_replies_the_client_did_not_read_yet_hands_over_to_tls(
-    ca: trustme.CA, loop_name: str
+    ca: trustme.CA, client_tls: ssl.SSLContext, loop_name: str
 ) -> None:
     """A client that sends many commands and STARTTLS before it reads any reply: TLS begins
     only once the replies before 220 are sent, and the session goes on over TLS."""
     count = SessionCount(limit=10)
-    client_tls = ssl.create_default_context()
-    ca.configure_trust(client_tls)
 
     async def run() -> tuple[bytes, list[dict[str, Any]]]:
-        server, errors = await _tls_listener(ca, count)
-        try:
+        async with _tls_listener(ca, count) as (address, errors):
             sock = socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            sock.connect(server.sockets[0].getsockname())
+            sock.connect(address)
             sock.setblocking(False)
             reader, writer = await asyncio.open_connection(sock=sock)
             await _reply(reader)
@@ -479,46 +494,31 @@ def test_starttls_after_replies_the_client_did_not_read_yet_hands_over_to_tls(
             writer.close()
             await _eventually(lambda: count.active == 0)
             return answer, errors
-        finally:
-            server.close()
-            await server.wait_closed()
 
-    loop = LOOPS[loop_name]()
-    try:
-        answer, errors = loop.run_until_complete(run())
-    finally:
-        loop.close()
+    answer, errors = run_on(loop_name, run())
     assert answer.startswith(b"250-test\r\n")
     assert errors == []
 
 
-def test_starttls_on_a_tls_session_is_refused_and_the_session_goes_on(ca: trustme.CA) -> None:
+def test_starttls_on_a_tls_session_is_refused_and_the_session_goes_on(
+    ca: trustme.CA, client_tls: ssl.SSLContext
+) -> None:
     """aiosmtpd would start TLS inside TLS; a client silent in that second handshake then
     kept its place among the sessions for good."""
     count = SessionCount(limit=10)
-    client_tls = ssl.create_default_context()
-    ca.configure_trust(client_tls)
 
     async def run() -> tuple[bytes, bytes]:
-        server, _ = await _tls_listener(ca, count)
-        try:
-            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        async with _tls_listener(ca, count) as (address, _):
+            reader, writer = await asyncio.open_connection(*address)
             await _reply(reader)
-            writer.write(b"EHLO me\r\nSTARTTLS\r\n")
-            await _reply(reader)
-            await _reply(reader)
+            await _ask_for_tls(reader, writer)
             await asyncio.wait_for(writer.start_tls(client_tls, server_hostname="localhost"), 10)
-            writer.write(b"EHLO me\r\nSTARTTLS\r\n")
-            await _reply(reader)
-            again = await _reply(reader)
+            again = await _ask_for_tls(reader, writer)
             writer.write(b"NOOP\r\n")
             after = await _reply(reader)
             writer.close()
             await _eventually(lambda: count.active == 0)
             return again, after
-        finally:
-            server.close()
-            await server.wait_closed()
 
     assert asyncio.run(run()) == (b"554 5.5.1 Error: TLS already active\r\n", b"250 OK\r\n")
 
@@ -530,26 +530,16 @@ def test_a_client_silent_in_the_starttls_handshake_is_cut_at_the_timeout_and_its
     count = SessionCount(limit=10)
 
     async def run() -> tuple[bytes, int, list[dict[str, Any]]]:
-        server, errors = await _tls_listener(ca, count, idle=0.3)
-        try:
-            reader, writer = await asyncio.open_connection(*server.sockets[0].getsockname()[:2])
+        async with _tls_listener(ca, count, idle=0.3) as (address, errors):
+            reader, writer = await asyncio.open_connection(*address)
             await _reply(reader)
-            writer.write(b"EHLO me\r\nSTARTTLS\r\n")
-            await _reply(reader)
-            await _reply(reader)
+            await _ask_for_tls(reader, writer)
             left = await asyncio.wait_for(reader.read(), 10)  # until the server hangs up
             writer.close()
             await _eventually(lambda: count.active == 0)
             return left, count.active, errors
-        finally:
-            server.close()
-            await server.wait_closed()
 
-    loop = LOOPS[loop_name]()
-    try:
-        left, active, errors = loop.run_until_complete(run())
-    finally:
-        loop.close()
+    left, active, errors = run_on(loop_name, run())
     assert left == b""
     assert active == 0
     assert errors == []
