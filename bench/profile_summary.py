@@ -26,8 +26,8 @@ BUCKETS: list[tuple[str, tuple[str, ...]]] = [
     ("handle_DATA rest: queue id, commit future, wake", ("Handler.handle_DATA",)),
     ("aiosmtpd session rest: line reads, DATA assembly, dispatch", ("SMTP._handle_client",)),
     (
-        "delivery: dispatcher + aiosmtplib",
-        ("Dispatcher.", "SmtpConnection", "aiosmtplib", "SMTPProtocol", "Dispatcher._worker"),
+        "delivery: dispatcher + SMTP client",
+        ("Dispatcher.", "SmtpConnection", "Client.", "_Wire.", "Dispatcher._worker"),
     ),
     ("uvloop accept of new connections", ("UVStreamServer__on_listen", "__uv_streamserver")),
     ("uvloop reads / closes / epoll", ("uv__io_poll",)),

@@ -220,9 +220,13 @@ class RecordingTransport(RecordingWriter):
     def __init__(self) -> None:
         super().__init__()
         self.closed = False
+        self.aborted = False
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
 
     def is_closing(self) -> bool:
         return self.closed

@@ -1,17 +1,28 @@
 """End to end: what happens after the 250, when the upstream server is down or says no.
 
 mail2alert runs in a thread with short retry settings; the capture server plays
-``remote-smtp`` and is stopped, started or told to refuse. States are read from the outbox.
+``remote-smtp`` (with PIPELINING and without) and is stopped, started or told to refuse.
+States are read from the outbox.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from mail2alert.testing import CaptureServer
 from tests.helpers import FAST_DELIVERY, compose, example_managers, relay, wait_until
+
+
+@pytest.fixture(params=[True, False], ids=["pipelining", "one-at-a-time"])
+def upstream(request: pytest.FixtureRequest) -> Iterator[CaptureServer]:
+    """The smarthost, with and without PIPELINING: every outcome is the same either way."""
+    with CaptureServer(pipelining=request.param) as server:
+        yield server
 
 
 def managers() -> list[dict[str, Any]]:

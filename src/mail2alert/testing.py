@@ -179,6 +179,21 @@ class _CaptureHandler:
     def __init__(self, owner: CaptureServer) -> None:
         self.owner = owner
 
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: SmtpEnvelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.owner.pipelining:
+            # aiosmtpd reads commands one after another from its stream, so it takes them
+            # pipelined; it only does not say so.
+            responses.insert(-1, "250-PIPELINING")
+        return responses
+
     async def handle_RCPT(
         self,
         server: SMTP,
@@ -250,6 +265,9 @@ class CaptureServer:
     Faults of a smarthost: ``stall()`` completes the TLS handshake of new sessions and then
     answers nothing over TLS, in any session, until ``resume()``; ``replace_certificate(tls)``
     restarts it with another certificate, as a renewed or replaced server would.
+
+    It offers PIPELINING, as every smarthost does; ``pipelining=False`` plays one that does
+    not, and is answered one command at a time.
     """
 
     def __init__(
@@ -258,6 +276,7 @@ class CaptureServer:
         port: int = 0,
         *,
         echo: bool = False,
+        pipelining: bool = True,
         tls: ssl.SSLContext | None = None,
         require_starttls: bool = False,
         implicit: bool = False,
@@ -266,6 +285,7 @@ class CaptureServer:
         self.host = host
         self.port = port or free_port(host)
         self.echo = echo
+        self.pipelining = pipelining
         self.tls = tls
         self.require_starttls = require_starttls
         self.implicit = implicit

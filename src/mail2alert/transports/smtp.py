@@ -1,10 +1,15 @@
-"""Deliver outbox items to ``remote-smtp`` with aiosmtplib, one reused connection per worker.
+"""Deliver outbox items to ``remote-smtp``, one reused connection per worker.
+
+The wire is :mod:`mail2alert.transports.smtpclient`'s; this module decides what to say and
+what each answer means. Where the server offers PIPELINING (every smarthost does), MAIL, the
+RCPTs and DATA go out in one write and the message in a second: two round trips a message.
+A refused recipient is dead (5xx) or tried again later (4xx) on its own; a refused sender or
+data refuses the item as a whole.
 
 MAIL FROM and RCPT TO carry the addresses exactly as they were received: the null
 reverse-path ``<>`` of a bounce, a quoted local part, and the bytes of an address that is not
-UTF-8 go out as they came in (aiosmtplib's own ``sendmail`` would re-parse them, and refuses
-an empty sender). What cannot be sent on a command line (a line break, a NUL) is refused for
-good, never sent.
+UTF-8 go out as they came in. What cannot be sent on a command line (a line break, a NUL) is
+refused for good, never sent.
 
 DATA goes out as the wire wants it: every line ended by CRLF (a bare LF becomes one, as every
 SMTP server reads it) and every line that starts with a dot stuffed, so no sequence in a
@@ -15,8 +20,8 @@ bytes is broken into shorter ones, as Postfix's ``smtp_line_length_limit`` does
 (:func:`~mail2alert.message.fold_long_lines`): a strict smarthost would refuse it for good.
 
 A big message goes out in blocks, each written once the socket has taken the one before:
-aiosmtplib's ``data()`` makes three copies of a message and hands all of it to the transport
-at once, which made one 31 MB message cost some 150 MB more while it was sent.
+handing all of a 31 MB message to the transport at once, with its copies, cost some 150 MB
+more while it was sent.
 
 TLS and AUTH follow ``remote-smtp`` (:class:`~mail2alert.settings.Upstream`): ``may`` uses
 STARTTLS when offered without checking the certificate (Postfix's ``may``), ``starttls`` and
@@ -30,22 +35,22 @@ With ``sender`` set, it is the envelope sender of everything sent upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 import time
 from collections.abc import Iterator
 
-import aiosmtplib
-
 from mail2alert.message import fold_bare_cr, fold_long_lines
 from mail2alert.outbox import Item, RecipientResult
 from mail2alert.settings import HostPort, Upstream
 from mail2alert.transports import Attempt
+from mail2alert.transports.smtpclient import Client, ConnectFailed, Garbled, Lost, Reply
 
 #: Characters no address may carry onto an SMTP command line.
 _UNSENDABLE = frozenset("\r\n\0")
 
-#: Messages up to this size go through aiosmtplib's ``data()``; bigger ones in blocks this big.
+#: Messages up to this size go out in one write; bigger ones in blocks this big.
 DATA_BLOCK = 1024 * 1024
 
 _LINE_ENDING = re.compile(rb"\r\n|\n|\r(?!\n)")
@@ -55,8 +60,9 @@ _LEADING_DOT = re.compile(rb"(?m)^\.")
 def data_blocks(data: bytes, size: int = DATA_BLOCK) -> Iterator[bytes]:
     """``data`` as it goes on the wire after DATA, in blocks of about ``size`` bytes.
 
-    As aiosmtplib does it: every line ends in CRLF (a lone CR or LF becomes one), a leading
-    dot is doubled, and the last line is ended; the terminating ``.`` line is not included.
+    As every SMTP client does it (aiosmtplib is the tests' oracle): every line ends in CRLF
+    (a lone CR or LF becomes one), a leading dot is doubled, and the last line is ended; the
+    terminating ``.`` line is not included.
     Each block ends after a line feed, so that no CRLF and no line start is cut in two, and
     its lines too long for SMTP are broken (:func:`~mail2alert.message.fold_long_lines`).
     """
@@ -70,10 +76,6 @@ def data_blocks(data: bytes, size: int = DATA_BLOCK) -> Iterator[bytes]:
             block += b"\r\n"
         yield block
         start = end
-
-
-def _reply(code: int, message: str) -> str:
-    return f"{code} {' '.join(message.split())}"
 
 
 def _path(address: str) -> bytes:
@@ -133,7 +135,7 @@ class SmtpConnection:
         self.upstream = upstream
         self.local_hostname = (upstream.helo if upstream else None) or local_hostname
         self._context: ssl.SSLContext | None = None
-        self._smtp: aiosmtplib.SMTP | None = None
+        self._smtp: Client | None = None
         self._last_used = 0.0
 
     @classmethod
@@ -161,107 +163,117 @@ class SmtpConnection:
         reused = self._smtp is not None
         try:
             return await self._send(item)
-        except aiosmtplib.SMTPServerDisconnected:
-            await self.close()
+        except Lost as exc:
+            self._drop()
             if not reused:
-                return Attempt((), f"connection to {self.address} lost", unreachable=True)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError, _DestinationDown) as exc:
-            await self.close()
+                return Attempt((), f"connection to {self.address} lost: {exc}", unreachable=True)
+        except _FAILURES as exc:
+            await self._end(exc)
             return _failure(exc, self.address)
-        except _SetupFailed as exc:
-            await self.close()
-            return Attempt((), str(exc), unreachable=True)
         # The server may close an idle connection we kept; that is no failure of the item.
         try:
             return await self._send(item)
-        except aiosmtplib.SMTPServerDisconnected:
-            await self.close()
-            return Attempt((), f"connection to {self.address} lost", unreachable=True)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError, _DestinationDown) as exc:
-            await self.close()
+        except Lost as exc:
+            self._drop()
+            return Attempt((), f"connection to {self.address} lost: {exc}", unreachable=True)
+        except _FAILURES as exc:
+            await self._end(exc)
             return _failure(exc, self.address)
-        except _SetupFailed as exc:
-            await self.close()
-            return Attempt((), str(exc), unreachable=True)
 
     async def _send(self, item: Item) -> Attempt:
         smtp = await self._connection()
-        options: list[bytes] = []
+        options = b""
         if not all(a.isascii() for a in (item.mail_from, *item.recipients)):
-            if not smtp.supports_extension("smtputf8"):
+            if not smtp.supports("smtputf8"):
                 # Like Postfix: a non-ASCII address cannot be sent to a server without SMTPUTF8.
                 return Attempt(
                     (),
                     f"{self.address} does not support SMTPUTF8 (non-ASCII address)",
                     permanent=True,
                 )
-            options.append(b"SMTPUTF8")
-        if smtp.supports_extension("8bitmime") and not item.data.isascii():
-            options.append(b"BODY=8BITMIME")
+            options += b" SMTPUTF8"
+        if smtp.supports("8bitmime") and not item.data.isascii():
+            options += b" BODY=8BITMIME"
         sender = self.upstream.sender if self.upstream and self.upstream.sender else item.mail_from
-        answer = await smtp.execute_command(b"MAIL", b"FROM:" + _path(sender), *options)
+        mail = b"MAIL FROM:" + _path(sender) + options
+        rcpts = [b"RCPT TO:" + _path(rcpt) for rcpt in item.recipients]
+        if smtp.supports("pipelining"):
+            return await self._pipelined(smtp, item, mail, rcpts)
+        answer = await smtp.command(mail)
         if answer.code != 250:
-            await self._reset(smtp, answer.code)
-            return _refused_whole(answer.code, answer.message)
+            await self._reset(smtp, answer)
+            return _refused_whole(answer)
         results: dict[str, RecipientResult] = {}
-        accepted: list[str] = []
-        for rcpt in item.recipients:
-            answer = await smtp.execute_command(b"RCPT", b"TO:" + _path(rcpt))
-            if answer.code in (250, 251):
+        accepted = []
+        for rcpt, line in zip(item.recipients, rcpts, strict=True):
+            if _taken(await smtp.command(line), rcpt, results):
                 accepted.append(rcpt)
-            else:
-                if answer.code == 421:
-                    raise _DestinationDown(_reply(answer.code, answer.message))
-                results[rcpt] = _refusal(rcpt, answer.code, answer.message)
         if not accepted:
-            await self._reset(smtp, 0)
+            await self._reset(smtp, None)
             return Attempt(tuple(results[r] for r in item.recipients))
+        return await self._data(smtp, item, await smtp.command(b"DATA"), accepted, results)
+
+    async def _pipelined(
+        self, smtp: Client, item: Item, mail: bytes, rcpts: list[bytes]
+    ) -> Attempt:
+        """MAIL, every RCPT and DATA in one write (RFC 2920), then their replies in order."""
+        smtp.write((mail, *rcpts, b"DATA"))
+        answer = await smtp.reply()
+        if answer.code == 421:
+            raise _DestinationDown(str(answer))
+        results: dict[str, RecipientResult] = {}
+        accepted = [r for r in item.recipients if _taken(await smtp.reply(), r, results)]
+        start = await smtp.reply()
+        if answer.code != 250 or not accepted:
+            if start.code == 354:
+                # DATA was taken with nothing to send it to: an empty message ends it, and
+                # the server refuses that (RFC 2920, 3.1).
+                smtp.write_data(b".\r\n")
+                await smtp.reply()
+            else:
+                await self._reset(smtp, start)
+            if answer.code != 250:
+                return _refused_whole(answer)
+            return Attempt(tuple(results[r] for r in item.recipients))
+        return await self._data(smtp, item, start, accepted, results)
+
+    async def _data(
+        self,
+        smtp: Client,
+        item: Item,
+        start: Reply,
+        accepted: list[str],
+        results: dict[str, RecipientResult],
+    ) -> Attempt:
+        """The message after DATA's reply ``start``, and what the server said of it."""
+        if start.code != 354:
+            await self._reset(smtp, start)
+            return _refused_whole(start)
         data = fold_bare_cr(item.data)
-        try:
-            if len(data) <= DATA_BLOCK:
-                taken = await smtp.data(fold_long_lines(data))
-            else:  # the blocks are folded one at a time
-                taken = await self._data_in_blocks(smtp, data)
-        except aiosmtplib.SMTPDataError as exc:
-            if exc.code == 421:
-                raise _DestinationDown(_reply(exc.code, exc.message)) from None
-            # The data was refused: that is the answer about the item as a whole.
-            self._last_used = time.monotonic()
-            return _refused_whole(exc.code, exc.message)
+        if len(data) <= DATA_BLOCK:
+            smtp.write_data(b"".join(data_blocks(data)) + b".\r\n")
+        else:  # one block at a time in memory and in flight
+            for block in data_blocks(data):
+                smtp.write_data(block)
+                await smtp.drained()
+            smtp.write_data(b".\r\n")
+        end = await smtp.reply()
         self._last_used = time.monotonic()
+        if end.code == 421:
+            raise _DestinationDown(str(end))
+        if end.code != 250:
+            # The data was refused: that is the answer about the item as a whole.
+            return _refused_whole(end)
         for rcpt in accepted:
             results[rcpt] = RecipientResult(rcpt, "done")
-        reply = _reply(taken.code, taken.message)
-        return Attempt(tuple(results[r] for r in item.recipients), reply=reply)
+        return Attempt(tuple(results[r] for r in item.recipients), reply=str(end))
 
-    async def _data_in_blocks(self, smtp: aiosmtplib.SMTP, data: bytes) -> aiosmtplib.SMTPResponse:
-        """DATA as ``smtp.data()`` sends it, with one block at a time in memory and in flight."""
-        start = await smtp.execute_command(b"DATA")
-        if start.code != 354:
-            raise aiosmtplib.SMTPDataError(start.code, start.message)
-        protocol = smtp.protocol
-        if protocol is None:
-            raise aiosmtplib.SMTPServerDisconnected("connection lost")
-        # aiosmtplib's flow control: waits while the transport's buffer is over its high-water
-        # mark; without it (another aiosmtplib) every block is buffered, as data() would.
-        drain = getattr(protocol, "_drain_helper", None)
-        for block in data_blocks(data):
-            protocol.write(block)
-            if drain is not None:
-                await asyncio.wait_for(drain(), self.timeout)
-        end = await smtp.execute_command(b".")
-        if end.code != 250:
-            raise aiosmtplib.SMTPDataError(end.code, end.message)
-        return end
-
-    async def _reset(self, smtp: aiosmtplib.SMTP, code: int) -> None:
+    async def _reset(self, smtp: Client, answer: Reply | None) -> None:
         """End a transaction the server refused, so that the connection can be reused."""
-        if code == 421:
-            raise _DestinationDown(f"{code} closing the connection")
-        try:
-            await smtp.rset()
-        except aiosmtplib.SMTPResponseException:
-            await self.close()
+        if answer is not None and answer.code == 421:
+            raise _DestinationDown(str(answer))
+        if (await smtp.command(b"RSET")).code != 250:
+            self._drop()
 
     async def _tls(self) -> ssl.SSLContext:
         """The TLS context, built on first use in a thread: reading the CA bundle on the event
@@ -271,92 +283,81 @@ class SmtpConnection:
             self._context = await asyncio.to_thread(tls_context, upstream)
         return self._context
 
-    async def _connection(self) -> aiosmtplib.SMTP:
-        if self._smtp is not None and self._smtp.is_connected:
+    async def _connection(self) -> Client:
+        if self._smtp is not None and self._smtp.usable:
             return self._smtp
+        self._drop()
         mode = self.upstream.tls if self.upstream is not None else "none"
-        smtp = aiosmtplib.SMTP(
-            hostname=self.host,
-            port=self.port,
-            timeout=self.timeout,
-            local_hostname=self.local_hostname,
-            start_tls=False,
-            use_tls=mode == "implicit",
-            tls_context=await self._tls() if mode == "implicit" else None,
+        smtp = await Client.connect(
+            self.host,
+            self.port,
+            within=self.timeout,
+            tls=await self._tls() if mode == "implicit" else None,
         )
-        try:
-            await smtp.connect()
-        except aiosmtplib.SMTPConnectResponseError as exc:
-            # A 4xx/5xx greeting (421 "too busy"): the server speaks for itself, not the item.
-            raise _DestinationDown(_reply(exc.code, exc.message)) from None
         self._smtp = smtp
+        if smtp.greeting.code != 220:
+            # A 4xx/5xx greeting (421 "too busy"): the server speaks for itself, not the item.
+            raise _DestinationDown(str(smtp.greeting))
         # EHLO now: the server's extensions (SMTPUTF8) must be known before MAIL FROM.
         await self._hello(smtp)
-        secure = mode == "implicit"
-        if mode in ("may", "starttls") and smtp.supports_extension("starttls"):
-            try:
-                await smtp.starttls(tls_context=await self._tls())
-            except aiosmtplib.SMTPResponseException as exc:
-                raise _SetupFailed(
-                    f"{self.address} refused STARTTLS: {_reply(exc.code, exc.message)}"
-                ) from None
+        if mode in ("may", "starttls") and smtp.supports("starttls"):
+            answer = await smtp.starttls(await self._tls())
+            if answer.code != 220:
+                raise _SetupFailed(f"{self.address} refused STARTTLS: {answer}")
             await self._hello(smtp)
-            secure = True
         elif mode == "starttls":
             raise _SetupFailed(
                 f"{self.address} does not offer STARTTLS, and tls: starttls never sends in"
                 " clear text"
             )
-        await self._login(smtp, secure=secure)
+        await self._login(smtp)
         return smtp
 
-    async def _hello(self, smtp: aiosmtplib.SMTP) -> None:
-        try:
-            await smtp.ehlo()
-        except aiosmtplib.SMTPHeloError:
-            try:
-                await smtp.helo()
-            except aiosmtplib.SMTPHeloError as exc:
-                raise _DestinationDown(_reply(exc.code, exc.message)) from None
+    async def _hello(self, smtp: Client) -> None:
+        answer = await smtp.ehlo(self.local_hostname)
+        if answer.code == 421:
+            raise _DestinationDown(str(answer))
+        if answer.code != 250:
+            answer = await smtp.helo(self.local_hostname)
+            if answer.code != 250:
+                raise _DestinationDown(str(answer))
 
-    async def _login(self, smtp: aiosmtplib.SMTP, *, secure: bool) -> None:
+    async def _login(self, smtp: Client) -> None:
         upstream = self.upstream
         if upstream is None or upstream.user is None or upstream.passwd is None:
             return
-        if not secure:
+        if not smtp.secure:
             raise _SetupFailed(
                 f"{self.address} offers no STARTTLS: the password for {upstream.user} is never"
                 " sent in clear text"
             )
+        if not smtp.supports("auth"):
+            raise _SetupFailed(f"{self.address}: no login as {upstream.user}: it offers no AUTH")
         try:
-            await smtp.login(upstream.user, upstream.passwd.reveal())
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            raise _SetupFailed(
-                f"{self.address} refused the login as {upstream.user}:"
-                f" {_reply(exc.code, exc.message)}"
-            ) from None
-        except aiosmtplib.SMTPException as exc:
+            answer = await smtp.login(upstream.user, upstream.passwd.reveal())
+        except ValueError as exc:
             raise _SetupFailed(f"{self.address}: no login as {upstream.user}: {exc}") from None
+        if answer.code == 421:
+            raise _DestinationDown(str(answer))
+        if answer.code != 235:
+            raise _SetupFailed(f"{self.address} refused the login as {upstream.user}: {answer}")
 
     async def check(self) -> str | None:
         """Connect, greet, STARTTLS and log in as configured, send nothing, and say goodbye;
         None when all of it worked, else what failed (never the password)."""
         try:
             smtp = await self._connection()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError, _DestinationDown) as exc:
-            await self.close()
+        except (Lost, *_FAILURES) as exc:
+            await self._end(exc)
+            if isinstance(exc, Lost):
+                return f"connection to {self.address} lost: {exc}"
             return _failure(exc, self.address).error
-        except _SetupFailed as exc:
-            await self.close()
-            return str(exc)
         # A command's loop may end right after: wait until TLS is shut down and the socket
-        # closed. aiosmtplib has no public way to wait for that (its protocol's close future
-        # is never resolved in 5.x), but its protocol lets go of the transport once it is lost.
-        protocol = smtp.protocol
+        # closed.
         await self.close()
-        deadline = time.monotonic() + min(self.timeout, CLOSE_WAIT)
-        while getattr(protocol, "transport", None) is not None and time.monotonic() < deadline:  # noqa: ASYNC110 - nothing signals the loss
-            await asyncio.sleep(0.005)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(self.timeout, CLOSE_WAIT)):
+                await asyncio.shield(smtp.closed)
         return None
 
     async def close_if_idle(self, idle: float) -> None:
@@ -367,38 +368,56 @@ class SmtpConnection:
     async def close(self) -> None:
         """Say QUIT if we can, then drop the connection."""
         smtp, self._smtp = self._smtp, None
-        if smtp is None:
-            return
-        if not smtp.is_connected:
-            smtp.close()  # what a failed handshake may have left open
-            return
-        try:
+        if smtp is not None:
             await smtp.quit()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            smtp.close()
+
+    async def _end(self, failure: BaseException) -> None:
+        """Let go of the connection after ``failure``: with QUIT where the server is fine and
+        only the setup was refused (a login, STARTTLS), else at once."""
+        if isinstance(failure, _SetupFailed):
+            await self.close()
+        else:
+            self._drop()
+
+    def _drop(self) -> None:
+        """Forget the connection after a failure, without a word more to the server."""
+        smtp, self._smtp = self._smtp, None
+        if smtp is not None:
+            smtp.abort()
 
 
-def _refusal(rcpt: str, code: int, message: str) -> RecipientResult:
-    state = "dead" if 500 <= code < 600 else "pending"
-    return RecipientResult(rcpt, state, _reply(code, message))
+#: What ends an attempt as the destination's trouble (or the setup's), not the item's.
+_FAILURES = (Garbled, ConnectFailed, OSError, TimeoutError, _DestinationDown, _SetupFailed)
 
 
-def _refused_whole(code: int, message: str) -> Attempt:
-    return Attempt((), _reply(code, message), permanent=500 <= code < 600)
+def _taken(answer: Reply, rcpt: str, results: dict[str, RecipientResult]) -> bool:
+    """Whether RCPT's ``answer`` took ``rcpt``; else its refusal goes into ``results``."""
+    if answer.code in (250, 251):
+        return True
+    if answer.code == 421:
+        raise _DestinationDown(str(answer))
+    results[rcpt] = _refusal(rcpt, answer)
+    return False
+
+
+def _refusal(rcpt: str, answer: Reply) -> RecipientResult:
+    state = "dead" if 500 <= answer.code < 600 else "pending"
+    return RecipientResult(rcpt, state, str(answer))
+
+
+def _refused_whole(answer: Reply) -> Attempt:
+    return Attempt((), str(answer), permanent=500 <= answer.code < 600)
 
 
 def _failure(exc: BaseException, address: str) -> Attempt:
     if isinstance(exc, _DestinationDown):
         return Attempt((), f"{address} answered {exc.reply}", unreachable=True)
-    if isinstance(exc, aiosmtplib.SMTPResponseException):
-        if exc.code == 421:
-            reply = _reply(exc.code, exc.message)
-            return Attempt((), f"{address} answered {reply}", unreachable=True)
-        return Attempt((), _reply(exc.code, exc.message), permanent=500 <= exc.code < 600)
-    # A TimeoutError is an OSError: without this first, a server that stalls once connected
-    # (after TLS, say) would read "cannot connect".
-    if isinstance(exc, TimeoutError) and not isinstance(exc, aiosmtplib.SMTPConnectError):
-        return Attempt((), f"timed out talking to {address}", unreachable=True)
-    if isinstance(exc, aiosmtplib.SMTPConnectError | OSError):
+    if isinstance(exc, _SetupFailed):
+        return Attempt((), str(exc), unreachable=True)
+    if isinstance(exc, ConnectFailed):
         return Attempt((), f"cannot connect to {address}: {exc}", unreachable=True)
-    return Attempt((), f"{type(exc).__name__} from {address}: {exc}", unreachable=True)
+    if isinstance(exc, Garbled):
+        return Attempt((), f"{address} answered {exc}", unreachable=True)
+    if isinstance(exc, TimeoutError):
+        return Attempt((), f"timed out talking to {address}", unreachable=True)
+    return Attempt((), f"connection to {address} lost: {exc}", unreachable=True)
