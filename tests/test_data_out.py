@@ -39,6 +39,24 @@ def test_the_blocks_of_any_bytes_join_to_what_aiosmtplib_sends(seed: int) -> Non
     assert all(block.endswith(b"\r\n") for block in blocks)
 
 
+@pytest.mark.parametrize("seed", range(100))
+def test_the_blocks_of_ordinary_mail_join_to_what_aiosmtplib_sends(seed: int) -> None:
+    """Mostly CRLF lines of text, now and then a line that starts with a dot or ends in a
+    bare LF or CR: the common case, which is not rebuilt when nothing in it must change."""
+    rng = random.Random(seed)
+    lines = [
+        (b"." if rng.random() < 0.05 else b"")
+        + bytes(rng.choice(b"abc .:") for _ in range(rng.randrange(0, 30)))
+        + rng.choice([b"\r\n"] * 30 + [b"\n", b"\r"])
+        for _ in range(rng.randrange(1, 40))
+    ]
+    data = b"".join(lines)
+
+    blocks = list(data_blocks(data, rng.randrange(1, 200)))
+
+    assert b"".join(blocks) == as_aiosmtplib_sends_it(data)
+
+
 def test_a_carriage_return_before_the_line_feed_of_a_cut_stays_one_line_end() -> None:
     """The cut comes after the LF of a CRLF, never between the CR and the LF."""
     data = b"a" * 10 + b"\r\n" + b".b\r\n"

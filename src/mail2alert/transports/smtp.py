@@ -70,8 +70,14 @@ def data_blocks(data: bytes, size: int = DATA_BLOCK) -> Iterator[bytes]:
     while start < len(data):
         cut = data.find(b"\n", start + size)
         end = len(data) if cut == -1 else cut + 1
-        folded = fold_long_lines(data[start:end])
-        block = _LEADING_DOT.sub(b"..", _LINE_ENDING.sub(b"\r\n", folded))
+        block = fold_long_lines(data[start:end])
+        # Most mail has CRLF line ends and no line that starts with a dot: three counts and
+        # two finds are cheaper than rebuilding it with the same bytes.
+        ends = block.count(b"\r\n")
+        if block.count(b"\n") != ends or block.count(b"\r") != ends:
+            block = _LINE_ENDING.sub(b"\r\n", block)
+        if block.startswith(b".") or b"\n." in block:
+            block = _LEADING_DOT.sub(b"..", block)
         if end == len(data) and not block.endswith(b"\r\n"):
             block += b"\r\n"
         yield block
