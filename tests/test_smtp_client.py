@@ -10,18 +10,23 @@ on 127.0.0.1 that check how the commands arrive, and against aiosmtpd
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import random
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
-from mail2alert.outbox import Item
+from mail2alert.outbox import Item, RecipientResult
+from mail2alert.settings import HostPort, Upstream
 from mail2alert.testing import CaptureServer
+from mail2alert.transports import Attempt
 from mail2alert.transports.smtp import SmtpConnection
 from mail2alert.transports.smtpclient import (
     MAX_LINE,
     MAX_REPLIES,
+    Client,
     Garbled,
     Lost,
     Reply,
@@ -173,14 +178,26 @@ Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 async def serving(script: Script, scenario: Callable[[int], Awaitable[None]]) -> None:
-    """Run ``scenario(port)`` against a server that runs ``script`` for each connection."""
-    server = await asyncio.start_server(script, "127.0.0.1", 0)
+    """Run ``scenario(port)`` against a server that runs ``script`` for each connection;
+    return once every connection's script has ended."""
+    sessions: list[asyncio.Task[None]] = []
+
+    async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sessions.append(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            await script(reader, writer)
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(session, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
         await scenario(port)
     finally:
         server.close()
         await server.wait_closed()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*sessions)
 
 
 async def greet(writer: asyncio.StreamWriter, reader: asyncio.StreamReader, ehlo: bytes) -> None:
@@ -286,36 +303,38 @@ def test_when_every_recipient_is_refused_no_data_goes_out_and_the_connection_ser
 
 @pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-at-a-time"])
 def test_a_refused_sender_refuses_the_whole_item_and_nothing_goes_out(pipelining: bool) -> None:
-    refusal = b"553 5.7.1 sender not allowed\r\n"
+    server = Scripted(
+        {
+            b"MAIL": b"553 5.7.1 sender not allowed\r\n",
+            b"RCPT": b"503 5.5.1 Error: need MAIL command\r\n",
+            b"DATA": b"503 5.5.1 Error: need MAIL command\r\n",
+        },
+        ehlo=EHLO if pipelining else b"250 scripted\r\n",
+    )
+    (attempt,) = deliver(server, item("a@example.org"))
+    assert attempt.error == "553 5.7.1 sender not allowed"
+    assert attempt.permanent
+    assert not attempt.unreachable
+    assert attempt.recipients == ()
+    verbs = [line.split()[0] for line in server.lines]
+    assert verbs == (
+        [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"QUIT"]
+        if pipelining
+        else [b"EHLO", b"MAIL", b"RSET", b"QUIT"]
+    )
 
-    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ehlo = EHLO if pipelining else b"250 scripted\r\n"
-        await greet(writer, reader, ehlo)
-        while line := await reader.readline():
-            verb = line.split(b" ")[0].strip().upper()
-            if verb == b"MAIL":
-                writer.write(refusal)
-            elif verb in (b"RCPT", b"DATA"):
-                writer.write(b"503 5.5.1 Error: need MAIL command\r\n")
-            elif verb == b"RSET":
-                writer.write(b"250 2.0.0 Ok\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                break
-            else:
-                writer.write(b"502 what\r\n")  # data would land here
-        writer.close()
+
+def test_a_password_that_is_not_utf_8_is_never_shown() -> None:
+    server = Scripted({}, ehlo=b"250-scripted\r\n250 AUTH PLAIN\r\n")
 
     async def scenario(port: int) -> None:
-        connection = SmtpConnection("127.0.0.1", port, timeout=5, local_hostname="m2a.test")
-        attempt = await connection.send(item("a@example.org"))
-        await connection.close()
-        assert attempt.error == "553 5.7.1 sender not allowed"
-        assert attempt.permanent
-        assert not attempt.unreachable
-        assert attempt.recipients == ()
+        with pytest.raises(ValueError, match="not valid UTF-8") as refused:
+            await logged_in(port, "alerts", "s3cr\udcffet")
+        assert "s3cr" not in str(refused.value)
+        assert "\\udcff" not in str(refused.value)
 
-    run_on("uvloop", serving(script, scenario))
+    run_on("uvloop", serving(server, scenario))
+    assert not [line for line in server.lines if line.startswith(b"AUTH")]
 
 
 @pytest.mark.parametrize(
@@ -344,3 +363,236 @@ def test_a_server_that_goes_wrong_after_ehlo_leaves_the_item_waiting_for_it(
         assert error.format(port=port) in attempt.error
 
     run_on("uvloop", serving(script, scenario))
+
+
+class Scripted:
+    """An SMTP server on 127.0.0.1 that answers each line with the first of ``answers``
+    whose key starts it, in any case (else 354 to DATA, 250 to the rest). It records every
+    line it was sent (the message after 354 as one), and hangs up right after the
+    ``hang_up_at``-th command ``hang_up_after`` (``.``: message) without answering it."""
+
+    def __init__(
+        self,
+        answers: dict[bytes, bytes],
+        *,
+        ehlo: bytes = EHLO,
+        hang_up_after: bytes = b"",
+        hang_up_at: int = 1,
+    ) -> None:
+        self.answers = answers
+        self.ehlo = ehlo
+        self.hang_up_after = hang_up_after
+        self.hang_up_at = hang_up_at
+        self.lines: list[bytes] = []
+        self.sessions = 0
+
+    def _last_straw(self) -> bool:
+        self.hang_up_at -= 1
+        return self.hang_up_at == 0
+
+    def answer(self, line: bytes) -> bytes:
+        for start, reply in self.answers.items():
+            if line.upper().startswith(start.upper()):
+                return reply
+        return b"354 go ahead\r\n" if line.upper() == b"DATA\r\n" else b"250 2.0.0 Ok\r\n"
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.sessions += 1
+        writer.write(b"220 scripted ESMTP\r\n")
+        while line := await reader.readline():
+            self.lines.append(line)
+            verb = line.split(b" ", 1)[0].strip().upper()
+            if verb == self.hang_up_after and self._last_straw():
+                break
+            if verb == b"EHLO":
+                writer.write(self.ehlo)
+            elif verb == b"QUIT":
+                writer.write(b"221 2.0.0 Bye\r\n")
+                break
+            elif verb == b"DATA" and self.answer(line).startswith(b"354"):
+                writer.write(self.answer(line))
+                first = await reader.readline()
+                data = first if first == b".\r\n" else first + await read_data(reader)
+                self.lines.append(data)
+                if self.hang_up_after == b"." and self._last_straw():
+                    break
+                writer.write(self.answer(data))
+            else:
+                writer.write(self.answer(line))
+        writer.close()
+
+
+def deliver(server: Scripted, *items: Item, upstream: Any = None) -> list[Attempt]:
+    """Send ``items`` one after another over one SmtpConnection to ``server``."""
+
+    async def scenario(port: int) -> None:
+        connection = SmtpConnection("127.0.0.1", port, timeout=5, local_hostname="m2a.test")
+        for one in items:
+            attempts.append(await connection.send(one))
+        await connection.close()
+
+    attempts: list[Attempt] = []
+    run_on("uvloop", serving(server, scenario))
+    return attempts
+
+
+def test_when_data_is_taken_with_no_recipient_an_empty_message_ends_it() -> None:
+    """RFC 2920, 3.1: a server that says 354 although it took no RCPT is sent a lone dot."""
+    server = Scripted(
+        {
+            b"RCPT": b"550 5.1.1 no such user\r\n",
+            b"DATA": b"354 go ahead\r\n",
+            b".\r\n": b"554 5.5.1 no valid recipients\r\n",
+        }
+    )
+    (attempt,) = deliver(server, item("gone@example.org"))
+    assert attempt.recipients == (
+        RecipientResult("gone@example.org", "dead", "550 5.1.1 no such user"),
+    )
+    assert server.lines[-2:] == [b".\r\n", b"QUIT\r\n"]
+    assert b"Subject: hi\r\n" not in b"".join(server.lines)
+
+
+@pytest.mark.parametrize("hang_up_after", [b"MAIL", b"RCPT"])
+def test_a_server_that_refuses_the_sender_and_hangs_up_has_refused_it(
+    hang_up_after: bytes,
+) -> None:
+    """As Exim's ``drop`` does: the refusal is the answer about the item, not an outage."""
+    server = Scripted({b"MAIL": b"550 5.7.1 go away\r\n"}, hang_up_after=hang_up_after)
+    if hang_up_after == b"MAIL":  # it answers, then hangs up
+        server.answers[b"RCPT"] = b"503 5.5.1 need MAIL\r\n"
+        server.hang_up_after = b"RCPT"
+    (attempt,) = deliver(server, item("a@example.org"))
+    assert attempt.error == "550 5.7.1 go away"
+    assert attempt.permanent
+    assert not attempt.unreachable
+
+
+def test_a_connection_lost_after_the_message_is_not_sent_again_at_once() -> None:
+    """The server may have taken it: the item waits for the destination, which is tried
+    again later, rather than go out twice in the same breath."""
+    server = Scripted({}, hang_up_after=b".", hang_up_at=2)
+    first, second = deliver(server, item("a@example.org"), item("b@example.org"))
+    assert first.reply.startswith("250 ")
+    assert second.unreachable
+    assert "lost" in second.error
+    assert server.sessions == 1
+    assert sum(line.startswith(b"Subject: hi") for line in server.lines) == 2
+
+
+def test_an_idle_connection_the_server_closed_is_opened_again_for_the_next_item() -> None:
+    server = Scripted({})
+    received: list[int] = []
+
+    async def scenario(port: int) -> None:
+        connection = SmtpConnection("127.0.0.1", port, timeout=5, local_hostname="m2a.test")
+        assert (await connection.send(item("a@example.org"))).reply
+        assert connection._smtp is not None
+        connection._smtp.close()
+        attempt = await connection.send(item("b@example.org"))
+        received.append(len(attempt.recipients))
+        await connection.close()
+
+    run_on("uvloop", serving(server, scenario))
+    assert received == [1]
+    assert server.sessions == 2
+
+
+def test_text_after_the_220_to_starttls_is_refused_before_the_handshake() -> None:
+    """Anything after the 220 came in clear text, where anyone on the path could have put
+    it (extensions, a reply to come): the connection is dropped and nothing is sent."""
+    server = Scripted(
+        {b"STARTTLS": b"220 2.0.0 Ready\r\n250-INJECTED\r\n"},
+        ehlo=b"250-scripted\r\n250 STARTTLS\r\n",
+    )
+
+    async def scenario(port: int) -> None:
+        connection = SmtpConnection(
+            "127.0.0.1",
+            port,
+            timeout=5,
+            local_hostname="m2a.test",
+            upstream=Upstream(address=HostPort("127.0.0.1", port), tls="may"),
+        )
+        attempt = await connection.send(item("a@example.org"))
+        assert attempt.unreachable
+        assert "said more after its 220 to STARTTLS" in attempt.error
+
+    run_on("uvloop", serving(server, scenario))
+    assert [line.split(b" ")[0].strip() for line in server.lines] == [b"EHLO", b"STARTTLS"]
+
+
+def test_a_line_of_a_reply_after_the_220_is_unread_input_too() -> None:
+    async def scenario() -> None:
+        wire, _ = wire_on(asyncio.get_running_loop())
+        wire.data_received(b"220 go ahead\r\n250-SMTPUTF8\r\n")
+        assert await wire.reply() == Reply(220, "go ahead")
+        assert wire.pending()
+
+    run_on("uvloop", scenario())
+
+
+async def logged_in(port: int, user: str, password: str) -> Reply:
+    client = await Client.connect("127.0.0.1", port, within=5)
+    await client.ehlo("m2a.test")
+    try:
+        return await client.login(user, password)
+    finally:
+        await client.quit()
+
+
+def test_cram_md5_answers_the_challenge_as_rfc_2195_shows() -> None:
+    """RFC 2195's own example: user tim, password tanstaaftanstaaf."""
+    challenge = base64.b64encode(b"<1896.697170952@postoffice.reston.mci.net>")
+    server = Scripted(
+        {
+            b"AUTH CRAM-MD5": b"334 " + challenge + b"\r\n",
+            base64.b64encode(b"tim b913a602c7eda7a495b4e6e7334d3890"): b"235 2.7.0 Ok\r\n",
+        },
+        ehlo=b"250-scripted\r\n250 AUTH LOGIN CRAM-MD5 PLAIN\r\n",
+    )
+
+    async def scenario(port: int) -> None:
+        assert await logged_in(port, "tim", "tanstaaftanstaaf") == Reply(235, "2.7.0 Ok")
+
+    run_on("uvloop", serving(server, scenario))
+
+
+def test_login_sends_the_user_then_the_password_each_in_base64() -> None:
+    server = Scripted(
+        {
+            b"AUTH LOGIN " + base64.b64encode(b"alerts"): b"334 UGFzc3dvcmQ6\r\n",
+            base64.b64encode("pä55".encode()): b"235 2.7.0 Ok\r\n",
+        },
+        ehlo=b"250-scripted\r\n250 AUTH LOGIN\r\n",
+    )
+
+    async def scenario(port: int) -> None:
+        assert (await logged_in(port, "alerts", "pä55")).code == 235
+
+    run_on("uvloop", serving(server, scenario))
+
+
+@pytest.mark.parametrize(
+    ("first", "tried"),
+    [
+        (b"535 5.7.8 no\r\n", [b"AUTH CRAM-MD5", b"AUTH PLAIN"]),
+        (b"454 4.7.0 try later\r\n", [b"AUTH CRAM-MD5"]),
+    ],
+    ids=["refused-then-the-next", "trouble-ends-the-tries"],
+)
+def test_a_refused_mechanism_is_followed_by_the_next_and_other_trouble_is_not(
+    first: bytes, tried: list[bytes]
+) -> None:
+    server = Scripted(
+        {b"AUTH CRAM-MD5": first, b"AUTH PLAIN": b"235 2.7.0 Ok\r\n"},
+        ehlo=b"250-scripted\r\n250 AUTH PLAIN CRAM-MD5\r\n",
+    )
+
+    async def scenario(port: int) -> None:
+        await logged_in(port, "alerts", "secret")
+
+    run_on("uvloop", serving(server, scenario))
+    assert [line.split()[:2] for line in server.lines if line.startswith(b"AUTH")] == [
+        t.split(b" ") for t in tried
+    ]

@@ -133,8 +133,8 @@ class SmtpConnection:
         local_hostname: str,
         upstream: Upstream | None = None,
     ) -> None:
-        """``upstream`` says how to talk to it (TLS, login, sender); None: as ``may`` with
-        no login."""
+        """``upstream`` says how to talk to it (TLS, login, sender); None: in clear text,
+        with no login."""
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -143,6 +143,8 @@ class SmtpConnection:
         self._context: ssl.SSLContext | None = None
         self._smtp: Client | None = None
         self._last_used = 0.0
+        self._answered = False  # the server answered the current transaction's MAIL
+        self._busy = False  # a transaction was begun and has not ended
 
     @classmethod
     def to(cls, upstream: Upstream, *, timeout: float, local_hostname: str) -> SmtpConnection:
@@ -171,23 +173,33 @@ class SmtpConnection:
             return await self._send(item)
         except Lost as exc:
             self._drop()
-            if not reused:
-                return Attempt((), f"connection to {self.address} lost: {exc}", unreachable=True)
+            # A server may close a connection we kept idle; it shows when we next use it.
+            # That is no failure of the item if nothing of it was answered yet; once it was,
+            # sending it again at once might send it twice.
+            if not reused or self._answered:
+                return _lost(exc, self.address)
         except _FAILURES as exc:
             await self._end(exc)
             return _failure(exc, self.address)
-        # The server may close an idle connection we kept; that is no failure of the item.
         try:
             return await self._send(item)
         except Lost as exc:
             self._drop()
-            return Attempt((), f"connection to {self.address} lost: {exc}", unreachable=True)
+            return _lost(exc, self.address)
         except _FAILURES as exc:
             await self._end(exc)
             return _failure(exc, self.address)
 
     async def _send(self, item: Item) -> Attempt:
         smtp = await self._connection()
+        self._answered = False
+        self._busy = True
+        attempt = await self._transaction(smtp, item)
+        self._busy = False
+        return attempt
+
+    async def _transaction(self, smtp: Client, item: Item) -> Attempt:
+        """MAIL, RCPT, DATA and the message; raises for the destination's trouble."""
         options = b""
         if not all(a.isascii() for a in (item.mail_from, *item.recipients)):
             if not smtp.supports("smtputf8"):
@@ -206,6 +218,7 @@ class SmtpConnection:
         if smtp.supports("pipelining"):
             return await self._pipelined(smtp, item, mail, rcpts)
         answer = await smtp.command(mail)
+        self._answered = True
         if answer.code != 250:
             await self._reset(smtp, answer)
             return _refused_whole(answer)
@@ -216,7 +229,7 @@ class SmtpConnection:
                 accepted.append(rcpt)
         if not accepted:
             await self._reset(smtp, None)
-            return Attempt(tuple(results[r] for r in item.recipients))
+            return _each(item, results)
         return await self._data(smtp, item, await smtp.command(b"DATA"), accepted, results)
 
     async def _pipelined(
@@ -225,22 +238,32 @@ class SmtpConnection:
         """MAIL, every RCPT and DATA in one write (RFC 2920), then their replies in order."""
         smtp.write((mail, *rcpts, b"DATA"))
         answer = await smtp.reply()
+        self._answered = True
         if answer.code == 421:
             raise _DestinationDown(str(answer))
         results: dict[str, RecipientResult] = {}
-        accepted = [r for r in item.recipients if _taken(await smtp.reply(), r, results)]
-        start = await smtp.reply()
+        accepted: list[str] = []
+        try:
+            for rcpt in item.recipients:
+                if _taken(await smtp.reply(), rcpt, results):
+                    accepted.append(rcpt)
+            start = await smtp.reply()
+        except (Lost, Garbled, TimeoutError):
+            # A server may refuse and hang up (Exim's "drop"): what it refused stays refused.
+            if answer.code == 250 and (accepted or len(results) < len(item.recipients)):
+                raise
+            self._drop()
+            return _refused_whole(answer) if answer.code != 250 else _each(item, results)
         if answer.code != 250 or not accepted:
             if start.code == 354:
                 # DATA was taken with nothing to send it to: an empty message ends it, and
                 # the server refuses that (RFC 2920, 3.1).
                 smtp.write_data(b".\r\n")
-                await smtp.reply()
+                if (await smtp.reply()).code == 421:
+                    self._drop()  # it is closing; what it refused stays refused
             else:
                 await self._reset(smtp, start)
-            if answer.code != 250:
-                return _refused_whole(answer)
-            return Attempt(tuple(results[r] for r in item.recipients))
+            return _refused_whole(answer) if answer.code != 250 else _each(item, results)
         return await self._data(smtp, item, start, accepted, results)
 
     async def _data(
@@ -272,13 +295,18 @@ class SmtpConnection:
             return _refused_whole(end)
         for rcpt in accepted:
             results[rcpt] = RecipientResult(rcpt, "done")
-        return Attempt(tuple(results[r] for r in item.recipients), reply=str(end))
+        return _each(item, results, reply=str(end))
 
     async def _reset(self, smtp: Client, answer: Reply | None) -> None:
-        """End a transaction the server refused, so that the connection can be reused."""
+        """End a transaction the server refused (its ``answer``), so that the connection can
+        be reused; a connection that does not take RSET is dropped, the refusal stands."""
         if answer is not None and answer.code == 421:
             raise _DestinationDown(str(answer))
-        if (await smtp.command(b"RSET")).code != 250:
+        try:
+            reset = (await smtp.command(b"RSET")).code == 250
+        except (Lost, Garbled, TimeoutError):
+            reset = False
+        if not reset:
             self._drop()
 
     async def _tls(self) -> ssl.SSLContext:
@@ -286,7 +314,10 @@ class SmtpConnection:
         loop would stall every SMTP session of the process while it lasts."""
         if self._context is None:
             upstream = self.upstream or Upstream(address=HostPort(self.host, self.port))
-            self._context = await asyncio.to_thread(tls_context, upstream)
+            try:
+                self._context = await asyncio.to_thread(tls_context, upstream)
+            except OSError as exc:  # ssl.SSLError too: a CA file that is not one
+                raise _SetupFailed(f"no TLS for {self.address}: {exc}") from None
         return self._context
 
     async def _connection(self) -> Client:
@@ -372,9 +403,14 @@ class SmtpConnection:
             await self.close()
 
     async def close(self) -> None:
-        """Say QUIT if we can, then drop the connection."""
+        """Say QUIT if we can, then drop the connection; in the middle of a transaction (a
+        send that was cancelled), drop it at once: QUIT would land in the message."""
         smtp, self._smtp = self._smtp, None
-        if smtp is not None:
+        if smtp is None:
+            return
+        if self._busy:
+            smtp.abort()
+        else:
             await smtp.quit()
 
     async def _end(self, failure: BaseException) -> None:
@@ -387,6 +423,7 @@ class SmtpConnection:
 
     def _drop(self) -> None:
         """Forget the connection after a failure, without a word more to the server."""
+        self._busy = False
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.abort()
@@ -404,6 +441,15 @@ def _taken(answer: Reply, rcpt: str, results: dict[str, RecipientResult]) -> boo
         raise _DestinationDown(str(answer))
     results[rcpt] = _refusal(rcpt, answer)
     return False
+
+
+def _each(item: Item, results: dict[str, RecipientResult], reply: str = "") -> Attempt:
+    """The attempt's outcome as ``results`` has it for each of the item's recipients."""
+    return Attempt(tuple(results[r] for r in item.recipients), reply=reply)
+
+
+def _lost(exc: Lost, address: str) -> Attempt:
+    return Attempt((), f"connection to {address} lost: {exc}", unreachable=True)
 
 
 def _refusal(rcpt: str, answer: Reply) -> RecipientResult:

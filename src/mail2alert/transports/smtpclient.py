@@ -30,8 +30,9 @@ from typing import cast
 MAX_LINE = 8192
 #: The most lines one reply may have (an EHLO reply has a dozen).
 MAX_LINES = 100
-#: The most replies kept unread: a pipelined message asks for one per recipient and two more.
-MAX_REPLIES = 10_000
+#: The most replies kept unread: a pipelined message asks for one per recipient and two more,
+#: and ``delivery.max-recipients`` may be set high.
+MAX_REPLIES = 100_000
 
 
 @dataclass(frozen=True)
@@ -155,7 +156,8 @@ class _Wire(asyncio.Protocol):
         )
 
     def write(self, data: bytes) -> None:
-        """Write ``data``; raises :class:`Lost` on a connection that is gone."""
+        """Write ``data``; on a connection that is gone, raises what ended it (Lost or
+        Garbled)."""
         if self._ended is not None:
             raise self._ended
         if self.transport is None or self.transport.is_closing():
@@ -180,10 +182,10 @@ class _Wire(asyncio.Protocol):
                 self._waiter = None
         return self._replies.popleft()
 
-    def pending(self) -> int:
-        """How many bytes of a reply are buffered and not yet read (after STARTTLS's 220,
-        none may be: they came in clear text)."""
-        return len(self._buffer) + len(self._replies)
+    def pending(self) -> bool:
+        """Whether anything arrived that was not read yet: a reply, a line of one, a part of
+        a line (after STARTTLS's 220 nothing may have: it came in clear text)."""
+        return bool(self._buffer or self._lines or self._replies)
 
 
 async def _within(
@@ -335,7 +337,7 @@ class Client:
 
     async def login(self, user: str, password: str) -> Reply:
         """AUTH with the first mechanism both sides know (CRAM-MD5, PLAIN, LOGIN), trying
-        the next when one is refused; the last refusal when none worked, else 235.
+        the next when one is refused (5xx); its 235, or the answer that ended the tries.
 
         Raises ValueError when the server offers none of them.
         """
@@ -345,11 +347,16 @@ class Client:
             raise ValueError(
                 f"it offers no AUTH mechanism known here ({' '.join(offered) or 'none'})"
             )
+        try:
+            name, secret = user.encode(), password.encode()
+        except UnicodeError:
+            # The error's own text would show a character of the password.
+            raise ValueError("the user name or password is not valid UTF-8") from None
         answer = Reply(0, "")
         for mechanism in known:
-            answer = await _MECHANISMS[mechanism](self, user.encode(), password.encode())
-            if answer.code == 235:
-                break
+            answer = await _MECHANISMS[mechanism](self, name, secret)
+            if not 500 <= answer.code < 600:
+                break  # taken (235), or trouble that another mechanism would meet too
         return answer
 
     async def quit(self) -> None:
