@@ -747,6 +747,8 @@ class LeanSMTP(SMTP):
     """A command line too long is being skipped to its end."""
     _held = False
     """Reading paused: much came while a command waited."""
+    _eof = False
+    """The client half-closed the connection: it closes once what came is answered."""
     _replies_back_up = False
     _drained: asyncio.Future[None] | None = None
     _reading_paused = False
@@ -814,10 +816,24 @@ class LeanSMTP(SMTP):
             self._read_or_not()
 
     def eof_received(self) -> bool | None:
-        """The client is done sending: what it sent has been answered, or is being (and that
-        is cancelled, as aiosmtpd does); the connection closes."""
-        if self.transport is not None:
-            self._stop()
+        """The client is done sending. Over plain TCP it may still read (a half-close): what
+        it sent is answered first, a message being committed included, and then the
+        connection closes; a message committed but never answered would be sent again, and
+        delivered twice. Over TLS, or while a command waits for more from the client (an
+        AUTH answer), the session ends at once and what waits is cancelled, as aiosmtpd
+        does."""
+        transport = self.transport
+        if transport is None:
+            return False
+        if (
+            self._line_wanted is None
+            and self._tls_protocol is None
+            and transport.get_extra_info("ssl_object") is None
+        ):
+            self._eof = True
+            self._advance()
+            return True  # keep the transport open for the answers
+        self._stop()
         return False
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -931,15 +947,19 @@ class LeanSMTP(SMTP):
                 return
             if self._decoder is not None:
                 if not self._feed_data(self._decoder):
-                    return
+                    break
                 continue
             line = self._take_line()
             if line is None:
-                return
+                break
             if line is _TOO_LONG:
                 self._reply(self.too_long_reply)
                 continue
             self._command(line)
+        else:
+            return  # a command waits, or the client is not reading: more later
+        if self._eof:  # all the client sent is answered, and no more will come
+            self._stop()
 
     def _take_line(self) -> bytes | None:
         """The next whole line the client sent, its LF taken off; :data:`_TOO_LONG` for one
