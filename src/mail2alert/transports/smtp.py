@@ -50,6 +50,10 @@ from mail2alert.transports.smtpclient import Client, ConnectFailed, Garbled, Los
 #: Characters no address may carry onto an SMTP command line.
 _UNSENDABLE = frozenset("\r\n\0")
 
+#: The most recipients whose RCPTs go out in one write; an item with more (``max-recipients``
+#: set high) goes one command at a time, and the replies queued unread stay few.
+PIPELINED_RCPTS = 1000
+
 #: Messages up to this size go out in one write; bigger ones in blocks this big.
 DATA_BLOCK = 1024 * 1024
 
@@ -215,7 +219,7 @@ class SmtpConnection:
         sender = self.upstream.sender if self.upstream and self.upstream.sender else item.mail_from
         mail = b"MAIL FROM:" + _path(sender) + options
         rcpts = [b"RCPT TO:" + _path(rcpt) for rcpt in item.recipients]
-        if smtp.supports("pipelining"):
+        if smtp.supports("pipelining") and len(rcpts) <= PIPELINED_RCPTS:
             return await self._pipelined(smtp, item, mail, rcpts)
         answer = await smtp.command(mail)
         self._answered = True
