@@ -202,3 +202,28 @@ def test_commands_up_to_2048_bytes_are_taken_and_longer_ones_refused_with_500_5_
         # The session goes on after the refusal.
         assert smtp.rcpt("admin@example.com")[0] == 250
         smtp.quit()
+
+
+def test_a_client_that_never_reads_its_replies_is_cut_off_and_frees_its_session(
+    tmp_path: Path, upstream: CaptureServer
+) -> None:
+    """Its replies fill the socket's buffers until the server stops reading; at the timeout
+    the connection is dropped (its replies could never go out), and its place among
+    max-sessions is free again."""
+    with (
+        listening(tmp_path, upstream, timeout="0.5s", **{"max-sessions": 1}) as service,
+        socket.create_connection(("127.0.0.1", service.port), timeout=10) as sock,
+    ):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(0.2)
+        sent = 0
+        with contextlib.suppress(TimeoutError):  # the server stopped reading
+            while sent < 64 * 1024 * 1024:
+                sent += sock.send(b"NOOP\r\n" * 10_000)
+        assert sent < 64 * 1024 * 1024, "the server never stopped reading"
+        deadline = time.monotonic() + 10
+        while True:  # the dropped session's place comes back a moment after the timeout
+            with socket.create_connection(("127.0.0.1", service.port), timeout=10) as again:
+                if again.makefile("rb").readline().startswith(b"220"):
+                    break
+            assert time.monotonic() < deadline, "the session that read nothing kept its place"

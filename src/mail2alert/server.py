@@ -749,6 +749,8 @@ class LeanSMTP(SMTP):
     """Reading paused: much came while a command waited."""
     _eof = False
     """The client half-closed the connection: it closes once what came is answered."""
+    _starting_tls = False
+    """STARTTLS was taken: the connection is TLS's from its 220 on."""
     _replies_back_up = False
     _drained: asyncio.Future[None] | None = None
     _reading_paused = False
@@ -825,9 +827,11 @@ class LeanSMTP(SMTP):
         transport = self.transport
         if transport is None:
             return False
+        if self._eof:  # told again, after reading was paused and resumed
+            return True
         if (
             self._line_wanted is None
-            and self._tls_protocol is None
+            and not self._starting_tls
             and transport.get_extra_info("ssl_object") is None
         ):
             self._eof = True
@@ -912,6 +916,11 @@ class LeanSMTP(SMTP):
             )
         _session_log.info("%r connection timeout", self._peer)
         self._stop()
+        transport = cast(asyncio.WriteTransport | None, self.transport)
+        if transport is not None and transport.get_write_buffer_size():
+            # A client that reads nothing would keep the connection, and its session's
+            # place among max-sessions, for ever: close() waits for the replies to go out.
+            transport.abort()
 
     def pause_writing(self) -> None:
         # The client does not read its replies: answer and read no more commands until it
@@ -1152,6 +1161,9 @@ class LeanSMTP(SMTP):
         if self._tls_protocol is not None:
             self._reply("554 5.5.1 Error: TLS already active")
             return
+        # From here the connection is TLS's, even while its 220 waits to go out: the end of
+        # the client's sending ends the session (no half-close over TLS).
+        self._starting_tls = True
         await super().smtp_STARTTLS(arg)
 
     @syntax("QUIT")
