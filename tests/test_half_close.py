@@ -6,15 +6,29 @@ cut off in the middle is not kept. Over real sockets, with the service in a thre
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
+import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
+import trustme
 
+from mail2alert.server import AfterHandshake, Handler, smtp_factory
 from mail2alert.testing import CaptureServer, ServiceThread
-from tests.helpers import OutboxView, compose, running, write_config
+from tests.helpers import (
+    LOOPS,
+    OutboxView,
+    compose,
+    run_on,
+    running,
+    server_tls,
+    write_config,
+)
 
 MANAGER = {
     "name": "mail",
@@ -84,3 +98,63 @@ def test_a_message_cut_off_by_the_half_close_is_not_kept(
     replies = half_closed_session(service.port, b"Subject: Server Backup\r\n\r\nhalf a mess")
     assert replies[-1].startswith(b"354")  # nothing more: the connection closed
     assert OutboxView(tmp_path / "data").queue_ids() == []
+
+
+class _SlowHandler:
+    """Answers DATA once ``release`` is set: a commit that takes its time."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def handle_DATA(self, *args: object) -> str:
+        await self.release.wait()
+        return "250 2.0.0 Ok: queued as X"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_over_tls_the_end_of_the_clients_sending_ends_the_session_at_once(
+    ca: trustme.CA, loop_name: str
+) -> None:
+    """TLS has no half-close: the client's close_notify ends the session, a commit that
+    waits included, long before the session's timeout."""
+    handler = _SlowHandler()
+    make = smtp_factory(cast(Handler, handler), hostname="test")
+    client_tls = ssl.create_default_context()
+    ca.configure_trust(client_tls)
+
+    def client(port: int) -> tuple[bytes, float]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with client_tls.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            replies = tls.makefile("rb")
+            assert replies.readline().startswith(b"220")
+            tls.sendall(ENVELOPE + b"DATA\r\n")
+            while not replies.readline().startswith(b"354"):
+                pass
+            tls.sendall(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+            started = time.monotonic()
+            plain = tls.unwrap()  # close_notify, and the server's in answer
+            rest = plain.recv(100)
+            plain.close()
+            return rest, time.monotonic() - started
+
+    async def run() -> tuple[bytes, float]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: AfterHandshake(make), "127.0.0.1", 0, ssl=server_tls(ca)
+        )
+        try:
+            port = server.sockets[0].getsockname()[1]
+            return await loop.run_in_executor(None, client, port)
+        finally:
+            handler.release.set()
+            server.close()
+            await server.wait_closed()
+
+    rest, took = run_on(loop_name, run())
+    assert rest == b""  # no answer, and the connection closed
+    assert took < 5.0  # the session's timeout is 300 s
