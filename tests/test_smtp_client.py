@@ -618,3 +618,19 @@ def test_an_item_with_more_recipients_than_one_write_takes_goes_one_command_at_a
     assert [r.state for r in three.recipients] == ["done"] * 3
     assert [r.state for r in two.recipients] == ["done"] * 2
     assert pipelined == [2]
+
+
+def test_a_refused_sender_stays_refused_when_the_server_closes_on_what_follows() -> None:
+    """421 to the pipelined RCPT and DATA after a refused MAIL: the refusal is the answer
+    about the item; the server is not taken for down."""
+    server = Scripted(
+        {
+            b"MAIL": b"550 5.7.1 go away\r\n",
+            b"RCPT": b"421 4.7.0 closing\r\n",
+            b"DATA": b"421 4.7.0 closing\r\n",
+        }
+    )
+    (attempt,) = deliver(server, item("a@example.org"))
+    assert attempt.error == "550 5.7.1 go away"
+    assert attempt.permanent
+    assert not attempt.unreachable

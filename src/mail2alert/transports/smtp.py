@@ -249,7 +249,8 @@ class SmtpConnection:
         accepted: list[str] = []
         try:
             for rcpt in item.recipients:
-                if _taken(await smtp.reply(), rcpt, results):
+                reply = await smtp.reply()  # after a refused MAIL, only read
+                if answer.code == 250 and _taken(reply, rcpt, results):
                     accepted.append(rcpt)
             start = await smtp.reply()
         except (Lost, Garbled, TimeoutError):
@@ -265,8 +266,10 @@ class SmtpConnection:
                 smtp.write_data(b".\r\n")
                 if (await smtp.reply()).code == 421:
                     self._drop()  # it is closing; what it refused stays refused
+            elif start.code == 421:
+                self._drop()
             else:
-                await self._reset(smtp, start)
+                await self._reset(smtp, None)
             return _refused_whole(answer) if answer.code != 250 else _each(item, results)
         return await self._data(smtp, item, start, accepted, results)
 
