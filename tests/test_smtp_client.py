@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import random
+import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -634,3 +635,18 @@ def test_a_refused_sender_stays_refused_when_the_server_closes_on_what_follows()
     assert attempt.error == "550 5.7.1 go away"
     assert attempt.permanent
     assert not attempt.unreachable
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_refused_connection_reads_the_same_on_every_event_loop(loop_name: str) -> None:
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+
+    async def scenario() -> Attempt:
+        connection = SmtpConnection("127.0.0.1", port, timeout=5, local_hostname="m2a.test")
+        return await connection.send(item("a@example.org"))
+
+    attempt = run_on(loop_name, scenario())
+    assert attempt.error == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+    assert attempt.unreachable

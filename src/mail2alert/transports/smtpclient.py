@@ -20,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
+import os
+import socket
 import ssl
 from collections import deque
 from collections.abc import Iterable
@@ -420,9 +422,13 @@ _MECHANISMS = {"CRAM-MD5": _cram_md5, "PLAIN": _plain, "LOGIN": _login}
 
 
 def _why(exc: BaseException) -> str:
-    """An OSError's reason without its errno number: ``Connection refused``."""
+    """An OSError's reason without its errno number, the same on every event loop:
+    ``Connection refused`` (asyncio's own says ``Connect call failed (...)``)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
+    own_text = isinstance(exc, ssl.SSLError | socket.gaierror)  # errno is not errno's there
+    if isinstance(exc, OSError) and not own_text and exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
