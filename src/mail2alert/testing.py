@@ -570,7 +570,8 @@ def run_capture(host: str, port: int) -> None:
 
 
 class ServiceThread:
-    """A mail2alert :class:`~mail2alert.app.Service` running in a thread, for end-to-end tests."""
+    """A mail2alert :class:`~mail2alert.app.Service` running in a thread on uvloop, as
+    ``serve`` runs it, for end-to-end tests."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -612,7 +613,10 @@ class ServiceThread:
             await self.service.wait()
 
         def run() -> None:
-            loop = asyncio.new_event_loop()
+            # The loop `serve` runs on (supervisor._run_loop): uvloop.
+            import uvloop
+
+            loop = uvloop.new_event_loop()
             self._loop = loop
             loop.run_until_complete(main())
             # A transport closes its socket a turn of the loop after close() or abort(): let
@@ -668,7 +672,10 @@ class LoopbackHttp:
         ready = threading.Event()
 
         def run() -> None:
-            loop = asyncio.new_event_loop()
+            # The loop `serve` runs on (supervisor._run_loop): uvloop.
+            import uvloop
+
+            loop = uvloop.new_event_loop()
             self._loop = loop
             app = web.Application()
             app.router.add_route(method, "/{tail:.*}", handle)
