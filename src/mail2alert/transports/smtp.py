@@ -173,26 +173,21 @@ class SmtpConnection:
         if bad:
             return Attempt((), f"address {bad[0]!r} cannot be sent over SMTP", permanent=True)
         reused = self._smtp is not None
-        try:
-            return await self._send(item)
-        except Lost as exc:
-            self._drop()
-            # A server may close a connection we kept idle; it shows when we next use it.
-            # That is no failure of the item if nothing of it was answered yet; once it was,
-            # sending it again at once might send it twice.
-            if not reused or self._answered:
-                return _lost(exc, self.address)
-        except _FAILURES as exc:
-            await self._end(exc)
-            return _failure(exc, self.address)
-        try:
-            return await self._send(item)
-        except Lost as exc:
-            self._drop()
-            return _lost(exc, self.address)
-        except _FAILURES as exc:
-            await self._end(exc)
-            return _failure(exc, self.address)
+        while True:
+            try:
+                return await self._send(item)
+            except Lost as exc:
+                self._drop()
+                # A server may close a connection we kept idle; it shows when we next use
+                # it. That is no failure of the item if nothing of it was answered yet (then
+                # it goes once more, on a new connection); once it was, sending it again at
+                # once might send it twice.
+                if not reused or self._answered:
+                    return _failure(exc, self.address)
+                reused = False
+            except _FAILURES as exc:
+                await self._end(exc)
+                return _failure(exc, self.address)
 
     async def _send(self, item: Item) -> Attempt:
         smtp = await self._connection()
@@ -393,8 +388,6 @@ class SmtpConnection:
             smtp = await self._connection()
         except (Lost, *_FAILURES) as exc:
             await self._end(exc)
-            if isinstance(exc, Lost):
-                return f"connection to {self.address} lost: {exc}"
             return _failure(exc, self.address).error
         # A command's loop may end right after: wait until TLS is shut down and the socket
         # closed.
@@ -453,10 +446,6 @@ def _taken(answer: Reply, rcpt: str, results: dict[str, RecipientResult]) -> boo
 def _each(item: Item, results: dict[str, RecipientResult], reply: str = "") -> Attempt:
     """The attempt's outcome as ``results`` has it for each of the item's recipients."""
     return Attempt(tuple(results[r] for r in item.recipients), reply=reply)
-
-
-def _lost(exc: Lost, address: str) -> Attempt:
-    return Attempt((), f"connection to {address} lost: {exc}", unreachable=True)
 
 
 def _refusal(rcpt: str, answer: Reply) -> RecipientResult:
