@@ -672,10 +672,7 @@ class LoopbackHttp:
         ready = threading.Event()
 
         def run() -> None:
-            # The loop `serve` runs on (supervisor._run_loop): uvloop.
-            import uvloop
-
-            loop = uvloop.new_event_loop()
+            loop = asyncio.new_event_loop()
             self._loop = loop
             app = web.Application()
             app.router.add_route(method, "/{tail:.*}", handle)
