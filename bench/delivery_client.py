@@ -24,17 +24,13 @@ import subprocess
 import sys
 import time
 
+from mail2alert.testing import free_port
+
 HOST = "127.0.0.1"
 BODY = (
     b"From: go@example.com\r\nTo: cat@example.com\r\nSubject: Stage [p/1/s/1] failed\r\n\r\n"
     + (b"y" * 76 + b"\r\n") * 26
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds() -> float:

@@ -24,22 +24,13 @@ from tests.helpers import (
     LOOPS,
     OutboxView,
     compose,
+    example_managers,
     run_on,
     running,
     server_tls,
     write_config,
 )
 
-MANAGER = {
-    "name": "mail",
-    "messages-we-want": {"to": "admin@example.com"},
-    "rules": [
-        {
-            "actions": ["mailto:ops@example.com"],
-            "filter": {"function": "mail.in_subject", "args": ["backup"]},
-        }
-    ],
-}
 ENVELOPE = b"EHLO client.test\r\nMAIL FROM:<go@example.com>\r\nRCPT TO:<admin@example.com>\r\n"
 
 
@@ -49,7 +40,7 @@ def service(tmp_path: Path, upstream: CaptureServer) -> Iterator[ServiceThread]:
         tmp_path / "configuration.yml",
         remote_port=upstream.port,
         data_dir=tmp_path / "data",
-        managers=[MANAGER],
+        managers=example_managers("mail"),
         local={"address": "127.0.0.1:0"},
     )
     with running(path, lambda c: dataclasses.replace(c, intake_workers=1)) as running_service:
@@ -79,7 +70,7 @@ def test_a_message_sent_whole_before_a_half_close_is_answered_and_delivered_once
     assert replies[-1].startswith(b"250 2.0.0 Ok: queued as ")  # then the connection closed
     queue_id = replies[-1].split()[-1].decode()
     (got,) = upstream.wait_for(1)
-    assert got.rcpt_tos == ("ops@example.com",)
+    assert got.rcpt_tos == ("sys@example.com", "op@example.com")
     assert OutboxView(tmp_path / "data").queue_ids() == [queue_id]
 
 
