@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """What the SMTP engine alone costs per message: mail2alert's session
-(:class:`~mail2alert.server.LeanSMTP`, which answers aiosmtpd's commands as they arrive)
+(:class:`~mail2alert.session.LeanSMTP`, which answers aiosmtpd's commands as they arrive)
 against a bare ``asyncio.Protocol`` state machine, each on uvloop in a process of its own,
 answering ``250`` at once with nothing stored and no routing. ``lean@LABEL`` runs the
 session of the sources given as ``--src LABEL=PATH``, to compare two versions.
@@ -84,7 +84,10 @@ def serve(engine: str, port: int) -> None:
         if engine == "bare":
             factory = BareSession
         else:
-            from mail2alert.server import smtp_factory
+            try:
+                from mail2alert.session import smtp_factory
+            except ImportError:  # sources from before the session had a module of its own
+                from mail2alert.server import smtp_factory  # type: ignore[attr-defined,no-redef]
 
             class Handler:
                 hostname = "lean"

@@ -51,6 +51,20 @@ FAST_DELIVERY: dict[str, Any] = {
 # -- configuration ------------------------------------------------------------------------
 
 
+#: A mail manager: mail to admin@example.com whose subject says "backup" goes to
+#: ops@example.com.
+BACKUP_MANAGER: dict[str, Any] = {
+    "name": "mail",
+    "messages-we-want": {"to": "admin@example.com"},
+    "rules": [
+        {
+            "actions": ["mailto:ops@example.com"],
+            "filter": {"function": "mail.in_subject", "args": ["backup"]},
+        }
+    ],
+}
+
+
 def example_managers(*names: str) -> list[dict[str, Any]]:
     """The managers of examples/configuration.yml with these names, as plain data."""
     loaded = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))

@@ -20,23 +20,13 @@ from typing import Any
 import pytest
 import trustme
 
-from mail2alert import server
+from mail2alert import session
 from mail2alert.components import Intake
-from mail2alert.server import AuthThrottle
+from mail2alert.session import AuthThrottle
 from mail2alert.testing import CaptureServer, ServiceThread
 from mail2alert.users import hash_password, read_users, verify
-from tests.helpers import OutboxView, compose, running, write_config
+from tests.helpers import BACKUP_MANAGER, OutboxView, compose, running, write_config
 
-MAIL_MANAGER = {
-    "name": "mail",
-    "messages-we-want": {"to": "admin@example.com"},
-    "rules": [
-        {
-            "actions": ["mailto:ops@example.com"],
-            "filter": {"function": "mail.in_subject", "args": ["backup"]},
-        }
-    ],
-}
 OUTSIDER = ("127.0.0.2", 0)  # a client that is not 127.0.0.1
 
 
@@ -70,7 +60,7 @@ def client_context(ca: trustme.CA) -> ssl.SSLContext:
 
 @pytest.fixture(autouse=True)
 def quick_auth_delay(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(server, "AUTH_DELAY", 0.2)
+    monkeypatch.setattr(session, "AUTH_DELAY", 0.2)
 
 
 @contextlib.contextmanager
@@ -81,7 +71,7 @@ def serving(
         tmp_path / "configuration.yml",
         remote_port=upstream.port,
         data_dir=tmp_path / "data",
-        managers=[MAIL_MANAGER],
+        managers=[BACKUP_MANAGER],
         local={"address": "127.0.0.1:0", **local},
     )
     with running(path) as service:
@@ -160,13 +150,13 @@ def test_a_failed_login_is_answered_after_a_delay(
         started = time.monotonic()
         with pytest.raises(smtplib.SMTPAuthenticationError):
             client.login("nobody", "guess")
-        assert time.monotonic() - started >= server.AUTH_DELAY
+        assert time.monotonic() - started >= session.AUTH_DELAY
 
 
 def test_the_delay_doubles_per_failure_from_one_address_and_a_success_resets_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(server, "AUTH_DELAY", 1.0)
+    monkeypatch.setattr(session, "AUTH_DELAY", 1.0)
     throttle = AuthThrottle()
     assert [throttle.delay("10.0.0.9", float(t)) for t in range(4)] == [1.0, 2.0, 4.0, 8.0]
     assert throttle.delay("10.0.0.8", 4.0) == 1.0  # another address has its own count

@@ -17,7 +17,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from mail2alert.server import DataDecoder, LeanSMTP
+from mail2alert.session import DataDecoder, LeanSMTP
 from tests.helpers import RecordingHandler, RecordingTransport, RecordingWriter
 
 Outcome = tuple[list[bytes], list[bytes], bytes]

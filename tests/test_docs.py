@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mail2alert import cli, config
-from mail2alert.server import COMMAND_LIMIT
+from mail2alert.session import COMMAND_LIMIT
 from mail2alert.settings import PRIVATE_NETWORKS, HostPort, Upstream
 from tests.test_config_smtp import MANAGERS
 

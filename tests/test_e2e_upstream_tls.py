@@ -15,19 +15,9 @@ import trustme
 
 from mail2alert import cli
 from mail2alert.testing import CaptureServer
-from tests.helpers import OutboxView, compose, running, send, write_config
+from tests.helpers import BACKUP_MANAGER, OutboxView, compose, running, send, write_config
 
 PASSWORD = "s3cret-smtp-pass"
-MAIL_MANAGER = {
-    "name": "mail",
-    "messages-we-want": {"to": "admin@example.com"},
-    "rules": [
-        {
-            "actions": ["mailto:ops@example.com"],
-            "filter": {"function": "mail.in_subject", "args": ["backup"]},
-        }
-    ],
-}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +54,7 @@ def config(tmp_path: Path, port: int, **remote: Any) -> Path:
         tmp_path / "configuration.yml",
         remote_port=port,
         data_dir=tmp_path / "data",
-        managers=[MAIL_MANAGER],
+        managers=[BACKUP_MANAGER],
         remote=remote,
     )
 

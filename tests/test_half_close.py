@@ -18,7 +18,8 @@ from typing import cast
 import pytest
 import trustme
 
-from mail2alert.server import AfterHandshake, Handler, smtp_factory
+from mail2alert.server import Handler
+from mail2alert.session import AfterHandshake, smtp_factory
 from mail2alert.testing import CaptureServer, ServiceThread
 from tests.helpers import (
     LOOPS,

@@ -23,7 +23,7 @@ import pytest
 from mail2alert.errors import OutboxError, OutboxFull
 from mail2alert.gocd.testing import gocd_stage_mail
 from mail2alert.outbox import Outbox
-from mail2alert.server import SPOOL_THRESHOLD, SessionGate
+from mail2alert.session import SPOOL_THRESHOLD, SessionGate
 from mail2alert.testing import CaptureServer, free_port
 from tests.helpers import (
     Relay,

@@ -22,7 +22,8 @@ from aiosmtpd.smtp import SMTP, Session
 
 from mail2alert.managers.base import Context
 from mail2alert.outbox import GroupCommitter
-from mail2alert.server import Access, AfterHandshake, Handler, LeanSMTP, smtp_factory
+from mail2alert.server import Handler
+from mail2alert.session import Access, AfterHandshake, LeanSMTP, smtp_factory
 from mail2alert.settings import HostPort, InboundAuth, InboundTls, Listener
 from tests.helpers import LOOPS, RecordingWriter, run_on, server_tls
 

@@ -13,18 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mail2alert.testing import CaptureServer, ServiceThread
-from tests.helpers import OutboxView, compose, running, write_config
-
-MANAGER = {
-    "name": "mail",
-    "messages-we-want": {"to": "admin@example.com"},
-    "rules": [
-        {
-            "actions": ["mailto:ops@example.com"],
-            "filter": {"function": "mail.in_subject", "args": ["backup"]},
-        }
-    ],
-}
+from tests.helpers import BACKUP_MANAGER, OutboxView, compose, running, write_config
 
 
 @contextlib.contextmanager
@@ -33,7 +22,7 @@ def listening(tmp_path: Path, upstream: CaptureServer, **limits: Any) -> Iterato
         tmp_path / "configuration.yml",
         remote_port=upstream.port,
         data_dir=tmp_path / "data",
-        managers=[MANAGER],
+        managers=[BACKUP_MANAGER],
         local={"address": "127.0.0.1:0", **limits},
     )
     # One intake process holds the whole of max-sessions.

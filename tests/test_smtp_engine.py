@@ -21,7 +21,7 @@ import uvloop
 from aiosmtpd.smtp import SMTP, Session
 from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
-from mail2alert.server import LeanSMTP, SessionCount
+from mail2alert.session import LeanSMTP, SessionCount
 from tests.helpers import LOOPS, RecordingHandler, RecordingTransport, run_on, server_tls
 
 #: Command lines, good and bad: what a client may send, and what it should not.
@@ -130,7 +130,7 @@ def test_any_stream_of_commands_is_answered_as_aiosmtpd_answers_it(
     that closes while the client still sends makes the kernel reset the connection, and
     replies not yet read would be lost (the next test covers that limit)."""
     monkeypatch.setattr("aiosmtpd.smtp.BOGUS_LIMIT", 10_000)
-    monkeypatch.setattr("mail2alert.server.BOGUS_LIMIT", 10_000)
+    monkeypatch.setattr("mail2alert.session.BOGUS_LIMIT", 10_000)
 
     async def run() -> None:
         rnd = random.Random(21)

@@ -55,15 +55,8 @@ from mail2alert.model import Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, Outbox, new_queue_id
 from mail2alert.planning import accept, remember
 from mail2alert.routing import Manager, find_manager
-from mail2alert.server import (
-    Access,
-    AfterHandshake,
-    Handler,
-    decided,
-    describe,
-    duplicate,
-    smtp_factory,
-)
+from mail2alert.server import Handler, decided, describe, duplicate
+from mail2alert.session import Access, AfterHandshake, smtp_factory
 from mail2alert.settings import HostPort
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@
   remembered for :data:`REMEMBERED` seconds, so a page and its next few clicks cost one.
   The file is read again whenever it changes (a user added or removed counts at once). A
   wrong password is answered after a delay that doubles per failure from the same address,
-  as SMTP AUTH's (:class:`~mail2alert.server.AuthThrottle`).
+  as SMTP AUTH's (:class:`~mail2alert.session.AuthThrottle`).
 - :class:`Csrf`: the token every form that changes something carries. It is an HMAC, under a
   key made when the process starts, of the user and when it was issued: a page of another
   site cannot read it (the browser's same-origin rule), so it cannot make a form that posts
@@ -26,7 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
-from mail2alert.server import AuthThrottle
+from mail2alert.session import AuthThrottle
 from mail2alert.users import read_users, verify
 
 log = logging.getLogger(__name__)
