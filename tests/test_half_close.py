@@ -19,7 +19,7 @@ import pytest
 import trustme
 
 from mail2alert.server import Handler
-from mail2alert.session import AfterHandshake, smtp_factory
+from mail2alert.session import AfterHandshake, LeanSMTP, smtp_factory
 from mail2alert.testing import CaptureServer, ServiceThread
 from tests.helpers import (
     LOOPS,
@@ -150,3 +150,55 @@ def test_over_tls_the_end_of_the_clients_sending_ends_the_session_at_once(
     rest, took = run_on(loop_name, run())
     assert rest == b""  # no answer, and the connection closed
     assert took < 5.0  # the session's timeout is 300 s
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_an_auth_read_after_the_half_close_ends_the_session_instead_of_waiting(
+    loop_name: str,
+) -> None:
+    """AUTH after a message whose commit was still waiting when the client half-closed: its
+    334 goes out, and since no answer can come, the session ends at once, not at its
+    timeout. (``serve`` never gets here: on a plain listener it takes AUTH only after
+    STARTTLS, and TLS has no half-close; a session built with ``auth_require_tls=False``
+    can.)"""
+    handler = _SlowHandler()
+    sessions: list[LeanSMTP] = []
+
+    def make() -> LeanSMTP:
+        session = LeanSMTP(handler, hostname="test", auth_require_tls=False, timeout=300)
+        sessions.append(session)
+        return session
+
+    def client(port: int) -> tuple[list[bytes], float]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            replies = sock.makefile("rb")
+            assert replies.readline().startswith(b"220")
+            sock.sendall(ENVELOPE + b"DATA\r\n")
+            while not replies.readline().startswith(b"354"):
+                pass
+            sock.sendall(b"Subject: hi\r\n\r\nbody\r\n.\r\nAUTH LOGIN\r\n")
+            sock.shutdown(socket.SHUT_WR)
+            started = time.monotonic()
+            rest = replies.readlines()  # to the end: the session closed the connection
+            return rest, time.monotonic() - started
+
+    async def run() -> tuple[list[bytes], float]:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(make, "127.0.0.1", 0)
+        try:
+            port = server.sockets[0].getsockname()[1]
+            answered = loop.run_in_executor(None, client, port)
+            # The commit is let go only once the session has seen the end of the client's
+            # sending, so that AUTH is read after it.
+            while not (sessions and sessions[0]._eof):  # noqa: ASYNC110 - nothing signals it
+                await asyncio.sleep(0.01)
+            handler.release.set()
+            return await answered
+        finally:
+            handler.release.set()
+            server.close()
+            await server.wait_closed()
+
+    rest, took = run_on(loop_name, run())
+    assert [r[:3] for r in rest] == [b"250", b"334"]
+    assert took < 5.0  # the session's timeout is 300 s; the client's socket gives up at 10

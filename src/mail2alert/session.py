@@ -1006,6 +1006,11 @@ class LeanSMTP(SMTP):
             self._read_or_not()
         while (line := self._take_line()) is None:
             self._line_wanted = self.loop.create_future()
+            if self._eof:
+                # The client half-closed before this command asked (it came after a message
+                # whose commit was waited for): no answer will come. End the session as an
+                # EOF during the wait does, which cancels the wait below.
+                self.loop.call_soon(self._stop)
             await self._line_wanted
         self._line_wanted = None
         return None if line is _TOO_LONG else line.rstrip(b"\r")
