@@ -20,12 +20,12 @@ from mail2alert.errors import ConfigError, OutboxFull
 from mail2alert.explain import explain, render
 from mail2alert.gocd.client import parse_cctray_runs, parse_changes, parse_run_result
 from mail2alert.gocd.manager import read_gocd_alert
-from mail2alert.gocd.memory import HISTORY, RUNS
+from mail2alert.gocd.memory import GOCD_MEMORY, HISTORY, RUNS
 from mail2alert.gocd.model import PipelineGroups, StageRun, stage_of
 from mail2alert.gocd.poller import GroupPoller, keeper
 from mail2alert.gocd.reconcile import BASELINE, due, recovered_mail
 from mail2alert.gocd.settings import GocdSettings
-from mail2alert.gocd.testing import FakeGoCD
+from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
 from mail2alert.managers.base import Context
 from mail2alert.managers.memory import Feed, Key, Recovered
 from mail2alert.message import RawMessage
@@ -355,6 +355,77 @@ def test_the_keeper_makes_nothing_for_a_run_whose_mail_came(tmp_path: Path) -> N
         clock.now += 600
         _poll(poller)
         assert fed.recovered == []
+
+
+#: A GoCD before 20.9: no stage history API, so cctray.xml's status is all there is.
+NO_STAGE_HISTORY = ("admin", "dashboard", "legacy", "cctray")
+
+
+def test_without_a_stage_history_a_cctray_failure_is_made_failed_and_may_be_a_cancel(
+    tmp_path: Path,
+) -> None:
+    """cctray.xml shows a cancelled run as failed: the alert is made all the same (it may be
+    a failure, and GoCD never retries its mail), as ``failed`` even after a known pass, and
+    says that it may have been a cancel."""
+    clock = Clock(1_800_000_000.0)
+    fed = Fed()
+    fed.notes[HISTORY] = {("ppp", "test"): "passed"}
+    with FakeGoCD(GROUPS, endpoints=NO_STAGE_HISTORY) as gocd:
+        poller = _keeper(gocd, tmp_path, fed, clock)
+        _poll(poller)
+        gocd.complete("ppp", "test", "Cancelled", at=clock.now + 1)
+        assert gocd.cctray[("ppp", "test")] == "Failure"
+        clock.now += 600
+        _poll(poller)
+    [data] = fed.recovered
+    made = RawMessage.parse(b"From: a@example.com\r\nTo: b@example.com\r\n" + data)
+    assert made.get("subject") == "Stage [ppp/1/test/1] failed"
+    assert made.get("x-mail2alert-recovered") == "gocd-cctray"
+    assert "this run may have been cancelled" in made.body_text.replace("\r\n", " ")
+    alert = read_gocd_alert(made, OURS, Context(state={HISTORY: {("ppp", "test"): "passed"}}))
+    assert alert.event == "FAILS"  # not BREAKS: the failure itself is not sure
+
+
+def test_an_alert_made_from_cctray_alone_teaches_the_history_nothing() -> None:
+    """So a later ``passed`` is not called FIXED on the strength of a ``failed`` that may
+    have been a cancel; the run is still known to have had its alert."""
+    made = _made("failed", known=False)
+    alert = read_gocd_alert(made, OURS, Context())
+    notes = {note.table: note.value for note in GOCD_MEMORY.notes(alert)}
+    assert notes == {RUNS: "7/1"}
+    later = RawMessage.parse(gocd_stage_mail("Stage [my-pipeline/8/build/1] passed"))
+    assert read_gocd_alert(later, OURS, Context(state={})).event == "PASSES"
+
+
+def test_gocds_own_mail_of_that_run_arriving_late_is_the_same_event() -> None:
+    """The de-duplication claim is the mail's result (``failed``), as GoCD's own mail of the
+    run makes it, even though the history does not learn it."""
+    settings = {"url": "https://ci.example.com/go", "duplicate-window": 600.0}
+    made = read_gocd_alert(_made("failed", known=False), OURS, Context())
+    real = read_gocd_alert(
+        RawMessage.parse(gocd_stage_mail("Stage [my-pipeline/7/build/1] failed")), OURS, Context()
+    )
+    claims = [GOCD_MEMORY.claim(a, "gocd#0", settings) for a in (made, real)]
+    assert claims[0] is not None
+    assert claims[0] == claims[1]
+
+
+def test_without_a_stage_history_a_cctray_success_is_made_as_gocd_would_have_sent_it(
+    tmp_path: Path,
+) -> None:
+    """A pass is a pass in cctray.xml too: after a known failure it is ``is fixed``."""
+    clock = Clock(1_800_000_000.0)
+    fed = Fed()
+    fed.notes[HISTORY] = {("ppp", "test"): "failed"}
+    with FakeGoCD(GROUPS, endpoints=NO_STAGE_HISTORY) as gocd:
+        poller = _keeper(gocd, tmp_path, fed, clock)
+        _poll(poller)
+        gocd.complete("ppp", "test", "Passed", at=clock.now + 1)
+        clock.now += 600
+        _poll(poller)
+    [data] = fed.recovered
+    assert b"Subject: Stage [ppp/1/test/1] is fixed" in data
+    assert b"X-Mail2alert-Recovered: gocd-api" in data
 
 
 def test_the_keeper_says_once_which_runs_are_too_old_to_be_made(

@@ -16,7 +16,7 @@ from mail2alert.actions import is_mailbox
 from mail2alert.errors import RuleArgumentError
 from mail2alert.gocd.explaining import GOCD_EXPLAINING
 from mail2alert.gocd.memory import GOCD_MEMORY, HISTORY
-from mail2alert.gocd.model import EVENTS, VERBS, PipelineGroups, Stage, stage_of
+from mail2alert.gocd.model import CCTRAY_SOURCE, EVENTS, VERBS, PipelineGroups, Stage, stage_of
 from mail2alert.gocd.poller import GOCD_BACKGROUND
 from mail2alert.gocd.presentation import GOCD_PRESENTATION, stage_facts
 from mail2alert.gocd.settings import OPTIONS, GocdSettings, hold_max
@@ -29,6 +29,7 @@ from mail2alert.managers.base import (
     read_alert,
 )
 from mail2alert.managers.mail import MAIL
+from mail2alert.managers.memory import RECOVERED_HEADER
 from mail2alert.message import RawMessage
 from mail2alert.model import Alert, Envelope, Person
 
@@ -119,9 +120,12 @@ def corrected_event(stage: Stage, last_result: str | None) -> str:
 
     GoCD compares with the previous run including cancelled ones, and forgets across its own
     restarts; so a ``failed`` after a known pass is BREAKS and a ``passed`` after a known
-    failure is FIXED. A cancel is reported as GoCD said it and never changes the last result.
+    failure is FIXED. A cancel is reported as GoCD said it and never changes the last result,
+    nor does a ``failed`` that may be a cancel (``result_known`` False).
     """
     event = VERBS[stage.verb]
+    if not stage.result_known:
+        return event
     if event == "FAILS" and last_result == "passed":
         return "BREAKS"
     if event == "PASSES" and last_result == "failed":
@@ -136,6 +140,8 @@ def read_gocd_alert(message: RawMessage, envelope: Envelope, context: Context) -
     stage = parse_subject(alert.subject)
     if stage is None:
         return alert
+    if message.get(RECOVERED_HEADER) == CCTRAY_SOURCE:
+        stage = replace(stage, result_known=False)
     body = message.body_text.replace("\r\n", "\n")
     details = _DETAILS.search(body)
     found = _CHANGES.search(body)

@@ -68,7 +68,9 @@ class GocdMemory:
             return None
         if settings.reconcile:
             window = max(window, settings.reconcile_window)
-        result = stage_result(alert) or "cancelled"
+        # What the mail says, even where the history may not learn it: GoCD's own mail of
+        # the same run, arriving late, is the same event.
+        result = _RESULTS.get(stage.verb) or "cancelled"
         return Claim(f"{label}:{stage.locator.lower()}:{result}", window)
 
     def label(self, alert: Alert, snapshot: object | None) -> str | None:
@@ -81,10 +83,13 @@ class GocdMemory:
 def stage_result(alert: Alert) -> str | None:
     """What a stage mail says of the run's result for the history: passed, failed or None.
 
-    GoCD's own verb counts, not the corrected event.
+    GoCD's own verb counts, not the corrected event; None too for a ``failed`` that may be
+    a cancel (an alert made from cctray.xml alone).
     """
     stage = stage_of(alert)
-    return _RESULTS.get(stage.verb) if stage else None
+    if stage is None or not stage.result_known:
+        return None
+    return _RESULTS.get(stage.verb)
 
 
 GOCD_MEMORY = GocdMemory()

@@ -20,6 +20,12 @@ VERBS: dict[str, str] = {
 }
 
 
+#: The value of :data:`~mail2alert.managers.memory.RECOVERED_HEADER` on an alert made for a
+#: run whose result only cctray.xml gave (a GoCD without the stage history API, before
+#: 20.9): cctray.xml shows a cancelled run as failed, so its ``failed`` may be a cancel.
+CCTRAY_SOURCE = "gocd-cctray"
+
+
 @dataclass(frozen=True)
 class Stage:
     """A GoCD stage run named by a stage mail's subject."""
@@ -30,6 +36,9 @@ class Stage:
     stage_counter: int
     verb: str
     """The verb as GoCD wrote it (``passed``, ``is broken``...)."""
+    result_known: bool = True
+    """False for an alert mail2alert made from cctray.xml alone (:data:`CCTRAY_SOURCE`),
+    whose ``failed`` may be a cancel: it corrects no event and teaches the history nothing."""
 
     @property
     def locator(self) -> str:

@@ -285,7 +285,8 @@ class GroupPoller:
         except GocdError as exc:
             self._reconcile_failed(exc)
             return False
-        # GoCD before 20.9 has no stage history: cctray's status is all there is.
+        # GoCD before 20.9 has no stage history: cctray's status is all there is, and its
+        # "failed" may be a cancel.
         result = found.result if found is not None else run.status
         if not result:
             return True  # not on the history's first page: nothing sure to say
@@ -303,6 +304,7 @@ class GroupPoller:
             now=now,
             cancelled_by=found.cancelled_by if found else "",
             changes=changes,
+            known=found is not None or result != "failed",
         )
         try:
             await r.recover(data)

@@ -21,7 +21,7 @@ import quopri
 from collections.abc import Callable, Iterable
 
 from mail2alert.gocd.memory import HISTORY, RUNS
-from mail2alert.gocd.model import StageRun
+from mail2alert.gocd.model import CCTRAY_SOURCE, StageRun
 from mail2alert.managers.memory import RECOVERED_HEADER, Key
 
 #: Where the baseline is kept: by GoCD's URL, the time it was first read (seconds).
@@ -89,17 +89,29 @@ def recovered_mail(
     now: float,
     cancelled_by: str = "",
     changes: str = "",
+    known: bool = True,
 ) -> bytes:
     """The stage mail GoCD would have sent for ``run`` (``result``: passed, failed or
     cancelled), marked with :data:`~mail2alert.managers.memory.RECOVERED_HEADER`; without
-    ``From:`` and ``To:``, which the core writes with the envelope it gives it."""
-    last = recall(HISTORY, (run.pipeline.lower(), run.stage.lower()))
+    ``From:`` and ``To:``, which the core writes with the envelope it gives it.
+
+    ``known`` False: the result is cctray.xml's alone, where a cancelled run shows as
+    failed. The mail then says ``failed`` (never ``is broken``), says that it may have been
+    a cancel, and is marked :data:`~mail2alert.gocd.model.CCTRAY_SOURCE`, so that it
+    teaches the history nothing.
+    """
+    last = recall(HISTORY, (run.pipeline.lower(), run.stage.lower())) if known else None
     subject = f"Stage [{run.locator}] {verb_of(result, last)}"
     lines = []
     if result == "cancelled" and cancelled_by:
         lines.append(f"The stage was cancelled by {cancelled_by}.")
     lines.append(f"See details: {run.url}")
     lines.append("(mail2alert made this alert from GoCD's API: GoCD's own mail never came.)")
+    if not known:
+        lines.append(
+            "(This GoCD has no stage history to read the result from, and its cctray.xml"
+            " shows a cancelled run as failed: this run may have been cancelled.)"
+        )
     lines += ["", "-- CHANGES --", ""]
     lines += (changes.strip() or "(not read from GoCD: see its page above)").splitlines()
     message_id = f"<{run.locator.replace('/', '.')}.{int(now)}.recovered@mail2alert>"
@@ -114,7 +126,7 @@ def recovered_mail(
         f"Date: {email.utils.formatdate(now)}",
         f"Message-ID: {message_id}",
         f"Subject: {subject}",
-        f"{RECOVERED_HEADER}: {SOURCE}",
+        f"{RECOVERED_HEADER}: {SOURCE if known else CCTRAY_SOURCE}",
         "MIME-Version: 1.0",
         f"Content-Type: text/plain; charset={charset}",
         f"Content-Transfer-Encoding: {encoding}",
