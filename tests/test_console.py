@@ -618,7 +618,7 @@ def test_the_gocd_poller_keeps_its_last_poll_and_its_last_error_after_recovering
             "gocd#0", client_from_options(options), interval=1, data_dir=tmp_path, clock=clock
         )
         before = poller.health()
-        gocd.failing = 503
+        gocd.failing = 500
         asyncio.run(poller.poll_once())
         failed_at = clock()
         clock.advance(60)
@@ -628,7 +628,7 @@ def test_the_gocd_poller_keeps_its_last_poll_and_its_last_error_after_recovering
     assert (before.last_poll, before.last_error, before.last_error_at) == (None, "", None)
     assert after.ok
     assert after.last_poll == clock()
-    assert "503" in after.last_error
+    assert "500" in after.last_error
     assert after.last_error_at == failed_at
 
 

@@ -339,9 +339,9 @@ def test_gocd_answering_503_holds_its_mail_and_routes_it_once_gocd_answers(
     tmp_path: Path, upstream: CaptureServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """GoCD answers 503 to every request (a restart under way) before mail2alert has any
-    pipeline groups: a stage mail that needs them is answered 250 and held; the failing
-    polls are logged once, with the status; once GoCD answers, the mail is routed by its
-    group, and the recovery is logged once."""
+    pipeline groups: a stage mail that needs them is answered 250 and held; GoCD starting is
+    logged once, at INFO with the status (no trouble to shout about); once GoCD answers,
+    the mail is routed by its group, and that GoCD has started is logged once."""
     caplog.set_level(logging.INFO)
     gocd = FakeGoCD(GROUPS)
     gocd.failing = 503
@@ -354,9 +354,10 @@ def test_gocd_answering_503_holds_its_mail_and_routes_it_once_gocd_answers(
     assert held is not None
     assert held["outcome"] == "hold"
     assert routed.rcpt_tos == ("cat@example.com",)
-    (failing,) = poller_lines(caplog, "GoCD failing")
-    assert "answered HTTP 503" in failing
-    assert len(poller_lines(caplog, "GoCD recovered")) == 1
+    (starting,) = poller_lines(caplog, "GoCD is starting")
+    assert "answered HTTP 503" in starting
+    assert poller_lines(caplog, "GoCD failing") == []
+    assert len(poller_lines(caplog, "GoCD has started")) == 1
 
 
 class _QuickClient(GocdClient):

@@ -30,7 +30,7 @@ from mail2alert.gocd.client import (
 )
 from mail2alert.gocd.manager import corrected_event, parse_subject, read_gocd_alert
 from mail2alert.gocd.model import stage_of
-from mail2alert.gocd.poller import GroupPoller, keeper, snapshot_path
+from mail2alert.gocd.poller import STILL_STARTING, GroupPoller, keeper, snapshot_path
 from mail2alert.gocd.testing import FakeGoCD, gocd_stage_mail
 from mail2alert.managers.base import Context
 from mail2alert.managers.memory import Feed, Note
@@ -39,7 +39,7 @@ from mail2alert.model import Envelope, Secret
 from mail2alert.outbox import Outbox
 from mail2alert.planning import accept
 from mail2alert.supervisor import woken
-from mail2alert.testing import CaptureServer, EndlessAnswer
+from mail2alert.testing import CaptureServer, EndlessAnswer, FakeClock
 from tests.helpers import OutboxView, example_managers, running, send, wait_until, write_config
 
 GROUPS = {"my-group": ["ppp", "my-pipeline"], "infra": ["deploy-infra"]}
@@ -538,6 +538,58 @@ def test_a_dashboard_answering_202_is_gocd_starting_logged_at_info_not_a_failure
     assert [m for _, m in lines if "GoCD is starting" in m] != []
     assert len([m for _, m in lines if "202" in m]) == 1
     assert len(fed.snapshots) == 1
+
+
+def test_an_admin_polling_a_starting_gocd_sees_503_from_the_admin_api_and_does_not_shout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While GoCD starts, its dashboard answers 202 and its other endpoints 503 (the admin
+    API an admin user is polled on): both are GoCD starting, said at INFO."""
+    with FakeGoCD(GROUPS) as gocd:
+        gocd.starting = True
+        fed = Fed()
+        poller = _poller(gocd, tmp_path, fed)
+        with caplog.at_level(logging.INFO, logger="mail2alert.gocd.poller"):
+            _polls(poller, 2)
+            while_starting = (poller.state, dict(poller.polls))
+            gocd.starting = False
+            _polls(poller, 1)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [m for level, m in lines if level >= logging.WARNING] == []
+    assert while_starting[0].startswith("starting: ")
+    assert "answered HTTP 503" in while_starting[0]
+    assert while_starting[1] == {"ok": 0, "starting": 2, "failed": 0}
+    assert [m for _, m in lines if "GoCD has started" in m] != []
+    assert len(fed.snapshots) == 1
+
+
+def test_a_gocd_still_starting_after_fifteen_minutes_is_trouble_said_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A GoCD that never comes up, or a proxy that answers 503 for one that is gone: after
+    STILL_STARTING it is a failure, warned once, and its recovery is said."""
+    clock = FakeClock()
+    with FakeGoCD(GROUPS) as gocd:
+        gocd.failing = 503
+        poller = _poller(gocd, tmp_path, Fed())
+        poller.clock = clock
+        with caplog.at_level(logging.INFO, logger="mail2alert.gocd.poller"):
+            _polls(poller, 1)
+            clock.advance(STILL_STARTING - 1)
+            _polls(poller, 1)
+            assert poller.health().ok is False
+            assert poller.polls == {"ok": 0, "starting": 2, "failed": 0}
+            clock.advance(1)
+            _polls(poller, 2)
+            failing = poller.health()
+            gocd.failing = None
+            _polls(poller, 1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "answered HTTP 503: GoCD is starting, for over 15 minutes" in warnings[0]
+    assert failing.polls == {"ok": 0, "starting": 2, "failed": 2}
+    assert "for over 15 minutes" in failing.last_error
+    assert [r for r in caplog.records if "GoCD recovered" in r.getMessage()] != []
 
 
 # -- end to end ------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ class AnswerTooLong(GocdError):
 
 
 class GocdStarting(GocdError):
-    """GoCD answered that it is still starting (202 from its dashboard): no failure."""
+    """GoCD answered that it is still starting (202 from its dashboard, 503 from its other
+    endpoints): no failure."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +74,9 @@ ENDPOINTS = (
 )
 REFUSED = frozenset({403, 404})
 UNAUTHORIZED = 401
-#: GoCD's dashboard answers 202 until it has computed its first state after a start.
-STARTING = 202
+#: GoCD's dashboard answers 202 until it has computed its first state after a start, and its
+#: other endpoints 503.
+STARTING = frozenset({202, 503})
 HISTORY_ACCEPT = "application/vnd.go.cd.v3+json"
 #: GoCD's pipeline instance API (``GET /api/pipelines/:name/:counter``): a run's changes.
 INSTANCE_ACCEPT = "application/vnd.go.cd.v1+json"
@@ -352,9 +354,10 @@ class GocdClient:
                 if answer.status == 304 and self._last is not None and self.endpoint is endpoint:
                     self._last = replace(self._last, fetched_at=time.time())
                     return self._last
-                if answer.status == STARTING:
+                if answer.status in STARTING:
                     raise GocdStarting(
-                        f"{target} answered HTTP {STARTING}: GoCD is starting", status=STARTING
+                        f"{target} answered HTTP {answer.status}: GoCD is starting",
+                        status=answer.status,
                     )
                 self._raise_unless_ok(target, answer.status)
                 groups = parse_groups(_json(target, answer.body), source=target)

@@ -101,6 +101,11 @@ class Reconciling:
     """Route and commit a made-up mail as one that arrived; its queue id."""
 
 
+#: How long GoCD may say that it is starting (its dashboard 202, other endpoints 503) before
+#: that is logged as trouble: a big GoCD takes minutes to start.
+STILL_STARTING = 900.0
+
+
 class GroupPoller:
     """Polls one GoCD for pipeline groups every ``interval`` seconds; keeps the last good."""
 
@@ -131,6 +136,8 @@ class GroupPoller:
         #: Polls of pipeline groups since start, by result (ok, starting, failed): /metrics.
         self.polls = {"ok": 0, "starting": 0, "failed": 0}
         self._seed_trouble = ""
+        self._starting_since: float | None = None
+        """When GoCD began to say that it is starting (None: it does not)."""
         self.reconciling = reconciling
         self.clock = clock
         self._reconcile_trouble = ""
@@ -170,14 +177,14 @@ class GroupPoller:
         try:
             groups = await self.client.pipeline_groups()
         except GocdStarting as exc:
-            self.polls["starting"] += 1
-            self.delay = self.interval
-            self._set_state(f"starting: {exc}")
+            self._still_starting(exc)
             return
         except GocdError as exc:
+            self._starting_since = None
             self.polls["failed"] += 1
             self._failed(exc)
             return
+        self._starting_since = None
         self.polls["ok"] += 1
         self.delay = self.interval
         await self._keep(groups)
@@ -350,6 +357,22 @@ class GroupPoller:
             self._trouble(f"reconciliation not done: {exc}")
             self._reconcile_trouble = str(exc)
             log.warning("%s: reconciliation not done (tried again each poll): %s", self.label, exc)
+
+    def _still_starting(self, exc: GocdStarting) -> None:
+        """GoCD says it is starting: said at INFO, unless it has said so for
+        :data:`STILL_STARTING`, which is trouble (a GoCD that never comes up, or a proxy
+        answering 503 for it)."""
+        now = self.clock()
+        if self._starting_since is None:
+            self._starting_since = now
+        if now - self._starting_since < STILL_STARTING:
+            self.polls["starting"] += 1
+            self.delay = self.interval
+            self._set_state(f"starting: {exc}")
+            return
+        self.polls["failed"] += 1
+        longer = f"{exc}, for over {STILL_STARTING / 60:.0f} minutes"
+        self._failed(GocdError(longer, status=exc.status))
 
     def _failed(self, exc: GocdError) -> None:
         self._trouble(str(exc))

@@ -32,6 +32,7 @@ from email.utils import getaddresses
 from typing import Any
 
 from mail2alert.gocd.client import (
+    STARTING,
     UNAUTHORIZED,
     Answer,
     AnswerTooLong,
@@ -475,8 +476,10 @@ async def _groups(
     """An admin's groups are every group GoCD has; anyone else's, its dashboard's."""
     endpoint = ADMIN_GROUPS if admin else DASHBOARD
     status, payload, _ = await asker.get(endpoint)
-    if status == 202:
-        judged.right("pipeline groups not checked: GoCD is starting (dashboard answered 202)")
+    if status in STARTING:
+        judged.right(
+            f"pipeline groups not checked: GoCD is starting ({endpoint[0]} answered {status})"
+        )
         return
     try:
         if status != 200:

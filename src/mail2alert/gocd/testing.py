@@ -98,7 +98,7 @@ class FakeGoCD:
     without one has a single run, as its cctray row says; :meth:`complete` runs one more.
     :attr:`material_revisions` are the changes the pipeline instance API shows of a
     pipeline run. :attr:`starting` makes the
-    dashboard answer 202, as GoCD does until it has computed its first state.
+    dashboard answer 202 and every other endpoint 503, as GoCD does while it starts.
     ``stop()`` and ``start()`` again keep the port, to play a GoCD that goes down. With
     ``tls`` (a server SSL context) it speaks HTTPS.
 
@@ -290,6 +290,8 @@ class FakeGoCD:
                 {"Content-Type": "application/vnd.go.cd.v4+json; charset=utf-8"},
                 '{"message": "Dashboard is being processed, this may take a few seconds."}',
             )
+        if self.starting:
+            return 503, {"Content-Type": "text/plain"}, "Service Unavailable"
         kind = self.VERSIONS.get(endpoint)
         ctype = f"application/vnd.go.cd.{kind}+json; charset=utf-8" if kind else "application/json"
         if endpoint in ("current_user", "filters", "mailserver"):
