@@ -245,6 +245,50 @@ def test_a_made_alert_names_the_committers_of_its_changes() -> None:
     assert [(p.name, p.address) for p in alert.committers] == [("Jane Doe", "jane@example.com")]
 
 
+#: A package's and a plugin SCM's revisions, as the pipeline instance API shows them.
+PACKAGE_AND_PLUGIN = [
+    {
+        "changed": True,
+        "material": {"type": "Package", "description": "repo_pkg"},
+        "modifications": [
+            {
+                "revision": "pkg-1.2.3-1.noarch",
+                "modified_time": 1710520000000,
+                "user_name": "Build Bot <bot@example.com>",
+                "comment": '{"TYPE":"PACKAGE_MATERIAL"}',
+            }
+        ],
+    },
+    {
+        "changed": True,
+        "material": {"type": "SCM", "description": "my-plugin-scm"},
+        "modifications": [
+            {
+                "revision": "deadbeef",
+                "modified_time": 1710520000000,
+                "user_name": "Jane Doe <jane@example.com>",
+                "comment": "plugin comment",
+            }
+        ],
+    },
+]
+
+
+def test_package_and_plugin_blocks_say_completed_on_and_name_no_one_as_gocds_mail() -> None:
+    """As in GoCD's own mail (gocd-mails/stage-materials.eml): only version control blocks
+    say who modified them, so a made alert mails no committer GoCD's mail would not name."""
+    changes = parse_changes({"build_cause": {"material_revisions": PACKAGE_AND_PLUGIN}})
+    assert changes == (
+        "Package : repo_pkg\n"
+        "revision: pkg-1.2.3-1.noarch, completed on 2024-03-15 16:26:40\n\n"
+        "SCM : my-plugin-scm\n"
+        "revision: deadbeef, completed on 2024-03-15 16:26:40\n"
+        "plugin comment"
+    )
+    alert = read_gocd_alert(_made("passed", changes=changes), OURS, Context())
+    assert alert.committers == ()
+
+
 def test_a_made_alert_with_non_ascii_changes_is_quoted_printable_as_gocds_own() -> None:
     """No hop on the way needs 8BITMIME, as for GoCD's JavaMail."""
     changes = "Git: app\nrevision: 1f55, modified by Jöns Ångström <jons@example.com> on 2024-03-15"

@@ -217,10 +217,17 @@ def parse_run_result(
     return RunResult(None)
 
 
+#: Materials whose revisions GoCD's stage mail says were "completed on", naming no one:
+#: a package's and a plugin SCM's (``Package : repo_pkg``, ``SCM : my-plugin-scm``).
+_COMPLETED = {"package": "Package", "scm": "SCM", "pluggablescm": "SCM"}
+
+
 def parse_changes(payload: Any, *, source: str = "") -> str:
     """The changes of a pipeline run, from GoCD's pipeline instance API, as GoCD's stage mail
     writes them under ``-- CHANGES --`` (so that they read, and name their committers, the
-    same): a block per changed material, a ``revision:`` line per modification."""
+    same): a block per changed material, a ``revision:`` line per modification. Only a
+    version control block says who ``modified`` it; an upstream pipeline's, a package's and
+    a plugin SCM's say when it ``completed``."""
     blocks: list[str] = []
     try:
         for revision in payload["build_cause"]["material_revisions"]:
@@ -229,12 +236,18 @@ def parse_changes(payload: Any, *, source: str = "") -> str:
             material = revision["material"]
             kind = str(material.get("type") or "Material")
             dependency = kind.lower() in ("pipeline", "dependency")
+            completed = _COMPLETED.get(kind.lower())
             what = str(material.get("description") or material.get("name") or "")
-            lines = [f"{'Dependency' if dependency else kind}: {what}"]
+            if completed:
+                lines = [f"{completed} : {what}"]
+            else:
+                lines = [f"{'Dependency' if dependency else kind}: {what}"]
             for change in revision.get("modifications") or []:
                 when = _date(change.get("modified_time"))
-                if dependency:
+                if dependency or completed:
                     lines.append(f"revision: {change['revision']}, completed on {when}")
+                    if completed == "SCM":
+                        lines += str(change.get("comment") or "").splitlines()
                     continue
                 who = str(change.get("user_name") or "")
                 lines.append(f"revision: {change['revision']}, modified by {who} on {when}")
