@@ -416,10 +416,14 @@ def test_the_fake_gocd_matches_the_accept_header_exactly() -> None:
         assert _get(url, Accept="application/vnd.go.cd.v3+json")[0] == 404
 
 
-def test_a_group_admin_sees_only_the_groups_it_administers_in_the_admin_api() -> None:
+def test_a_group_admin_sees_every_group_it_can_view_in_the_admin_api() -> None:
+    """As GoCD's admin API does (PipelineConfigsService.getGroupsForUser: the groups the user
+    may view), not only the groups it administers."""
     with FakeGoCD(GROUPS, admin_forbidden=True, group_admin_of=("infra",)) as gocd:
         client = GocdClient(gocd.url)
-        assert _fetch(client) == {"infra": ("deploy-infra",)}
+        assert _fetch(client) == {"my-group": ("ppp", "my-pipeline"), "infra": ("deploy-infra",)}
+        assert client.endpoint is not None
+        assert client.endpoint.path == "/api/admin/pipeline_groups"
     with FakeGoCD(GROUPS, admin_forbidden=True) as gocd:
         status = _get(
             f"{gocd.url}/api/admin/pipeline_groups", Accept="application/vnd.go.cd.v1+json"

@@ -92,9 +92,10 @@ class FakeGoCD:
     gzips) and answers If-None-Match with 304.
     ``endpoints`` limits which endpoints exist (the others answer 404, like an old or a
     restricted GoCD); ``admin_forbidden`` makes the admin API answer 403, as for a non-admin,
-    and ``group_admin_of`` makes the user an admin of those groups only, whom the admin API
-    shows only them. ``history`` gives the results of a stage's runs, newest first (GoCD's
-    ``Passed``, ``Failed``, ``Cancelled``, ``Unknown`` for one still running); a stage
+    and ``group_admin_of`` makes the user an admin of those groups only: like a full admin it
+    may read the admin API, which shows it, as GoCD does, every group it can view (here all
+    of them, as the dashboard). ``history`` gives the results of a stage's runs, newest
+    first (GoCD's ``Passed``, ``Failed``, ``Cancelled``, ``Unknown`` for one still running); a stage
     without one has a single run, as its cctray row says; :meth:`complete` runs one more.
     :attr:`material_revisions` are the changes the pipeline instance API shows of a
     pipeline run. :attr:`starting` makes the
@@ -192,11 +193,7 @@ class FakeGoCD:
         """The JSON GoCD would send for ``endpoint`` with the current groups."""
         base = f"{self.url}/api"
         if endpoint == "admin":
-            shown = {
-                g: ps
-                for g, ps in self.groups.items()
-                if self.group_admin_of is None or g in self.group_admin_of
-            }
+            shown = self.groups
             return {
                 "_links": {"self": {"href": f"{base}/admin/pipeline_groups"}},
                 "_embedded": {
