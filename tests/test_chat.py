@@ -123,10 +123,7 @@ def stage_mail(
     subject: str = "Stage [my-pipeline/6/my-stage/1] is broken", message_id: str | None = None
 ) -> bytes:
     """GoCD's stage mail, with its own Message-ID when given."""
-    data = gocd_stage_mail(subject, to=GOCD_TO)
-    if message_id is not None:
-        data = data.replace(b"<1234.5678.JavaMail.go@ci.example.com>", message_id.encode())
-    return data
+    return gocd_stage_mail(subject, to=GOCD_TO, message_id=message_id)
 
 
 def submit(

@@ -6,6 +6,9 @@ Everything here uses real sockets on loopback; nothing is mocked.
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
+import itertools
 import ssl
 import threading
 import time
@@ -14,6 +17,9 @@ from typing import Any, ClassVar
 
 from mail2alert.testing import LoopbackHttp, free_port
 
+#: Numbers the mails :func:`gocd_stage_mail` makes, as JavaMail's Message-IDs do.
+_MAILS = itertools.count(1)
+
 
 def gocd_stage_mail(
     subject: str = "Stage [my-pipeline/6/my-stage/1] is broken",
@@ -21,8 +27,14 @@ def gocd_stage_mail(
     to: str = "mail2alert@example.com",
     sender: str = "go@example.com",
     body: str | None = None,
+    message_id: str | None = None,
 ) -> bytes:
-    """A stage notification mail as GoCD's JavaMail writes it (CRLF line endings)."""
+    """A stage notification mail as GoCD's JavaMail writes it (CRLF line endings): a
+    ``Date`` and a ``Message-ID`` of its own, ``<hash.counter.millis@domain-of-sender>``,
+    unless ``message_id`` is given."""
+    if message_id is None:
+        millis = time.time_ns() // 1_000_000
+        message_id = f"<1361960727.{next(_MAILS)}.{millis}@{sender.rpartition('@')[2]}>"
     text = (
         body
         if body is not None
@@ -38,7 +50,8 @@ def gocd_stage_mail(
         f"Sender: {sender}",
         f"Reply-To: {sender}",
         f"To: {to}",
-        "Message-ID: <1234.5678.JavaMail.go@ci.example.com>",
+        f"Date: {email.utils.format_datetime(datetime.datetime.now(datetime.UTC))} (UTC)",
+        f"Message-ID: {message_id}",
         f"Subject: {subject}",
         "MIME-Version: 1.0",
         "Content-Type: text/plain; charset=us-ascii",
