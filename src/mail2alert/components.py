@@ -669,7 +669,11 @@ class Holds(Component):
             )
             if accepted.decision.outcome == "hold":
                 continue
-            original = self._outbox.release(accepted)
+            released_as = self._outbox.release(accepted)
+            if released_as is None:
+                log.info("%s: deleted while held: not released", one.queue_id)
+                continue
+            original = released_as.duplicate_of
             line = duplicate(accepted, original) if original is not None else describe(accepted)
             held = now - one.received
             log.info("%s (after holding %.0fs)", line, held, extra=decided(accepted, original))

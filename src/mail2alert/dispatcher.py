@@ -63,6 +63,10 @@ PURGE_EVERY = 300.0
 PURGE_ROUNDS = 1000
 #: How the dispatcher waits for storage to come back: from half a second up to 30 s.
 STORAGE_RETRY = RestartPolicy(initial=0.5, maximum=30.0)
+#: An item taken from the outbox longer ago than this is looked up again before it is sent:
+#: ``queue delete`` may have taken it meanwhile (a slow destination keeps items waiting for
+#: a free connection).
+STALE_CLAIM = 1.0
 
 
 def backoff(attempts: int, delivery: Delivery) -> float:
@@ -234,7 +238,10 @@ class Dispatcher:
         self._connect = connect or self._smtp_connection
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         self._outbox = Outbox(data_dir, durable=False)
-        self._queue: asyncio.Queue[tuple[Item, bool]] = asyncio.Queue()
+        #: Items taken for delivery: whether each is a probe, and when it was taken.
+        self._queue: asyncio.Queue[tuple[Item, bool, float]] = asyncio.Queue()
+        #: The recording under way, which a stop lets finish (its results are on disk then).
+        self._flushing: asyncio.Future[bool] | None = None
         self._inflight: set[int] = set()
         self._unrecorded: list[tuple[Result, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -377,7 +384,23 @@ class Dispatcher:
 
     def _claimed(self, item: Item, *, probe: bool) -> None:
         self._inflight.add(item.id)
-        self._queue.put_nowait((item, probe))
+        self._queue.put_nowait((item, probe, self._clock()))
+
+    async def _still_pending(self, item: Item, *, probe: bool) -> bool:
+        """Whether an item taken a while ago is still to be sent; if not, let go of it."""
+        try:
+            pending = await self._db(partial(self._outbox.still_pending, item))
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            return True  # sent once more rather than not at all
+        if not pending:
+            log.info("%s: deleted before it was sent: not sent", item.message_id)
+            self._inflight.discard(item.id)
+            if probe:
+                self.destination(destination_of(item)).probing = False
+            self._recorded.set()
+        return pending
 
     def _until_next(self, next_due: float | None) -> float:
         """How long to wait for the next due item or probe, at most :data:`POLL`."""
@@ -438,14 +461,18 @@ class Dispatcher:
         try:
             while True:
                 try:
-                    item, probe = self._queue.get_nowait()
+                    item, probe, taken = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     try:
                         async with asyncio.timeout(IDLE_CLOSE):
-                            item, probe = await self._queue.get()
+                            item, probe, taken = await self._queue.get()
                     except TimeoutError:
                         await connection.close_if_idle(IDLE_CLOSE)
                         continue
+                if self._clock() - taken > STALE_CLAIM and not await self._still_pending(
+                    item, probe=probe
+                ):
+                    continue
                 # A result that could not be recorded would be sent again after a crash: while
                 # the outbox cannot be written, nothing new is tried.
                 await self._recordable.wait()
@@ -515,7 +542,10 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._to_record.wait(), retry_in)
             self._to_record.clear()
-            ok = await self._flush()
+            # Shielded: a stop that cancels the recorder lets a recording under way finish
+            # (its transaction commits all the same), and does not record it again.
+            self._flushing = asyncio.ensure_future(self._flush())
+            ok = await asyncio.shield(self._flushing)
             retry_in = None if ok else STORAGE_RETRY.delay(self._storage_failures.get("write", 1))
 
     async def _flush(self) -> bool:
@@ -526,8 +556,6 @@ class Dispatcher:
         results = [result for result, _ in batch]
         try:
             await self._db(partial(self._outbox.record, results))
-            # Only a result that waits for its destination can make others wait too long.
-            expired = await self._expire(results) if any(r.waiting for r in results) else 0
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
@@ -536,13 +564,31 @@ class Dispatcher:
             return False
         self._storage_recovered("write")
         self._recordable.set()
+        # Recorded: whatever fails next, these results are never recorded again.
         del self._unrecorded[: len(batch)]
         for result, recorded in batch:
             self._inflight.discard(result.item.id)
             if not recorded.done():
                 recorded.set_result(None)
-        if expired:
-            log.error("%d items waited for their destination past give-up-after: dead", expired)
+        waited = {r.waiting for r in results if r.waiting}
+        for name in waited:
+            if not self.destination(name).down:
+                # It answered while this result was on its way to the disk, after its
+                # waiting items were released: release again, or this one would wait for a
+                # destination that is up, which nothing probes.
+                self._to_release.add(name)
+        if waited:
+            # Only a result that waits for its destination can make others wait too long;
+            # tried again with the next such result if the disk fails now.
+            try:
+                expired = await self._expire(results)
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                self._storage_failed("write", exc)
+                expired = 0
+            if expired:
+                log.error("%d items waited for their destination past give-up-after: dead", expired)
         self._recorded.set()
         self._wake.set()
         return True
@@ -577,6 +623,8 @@ class Dispatcher:
         for task in workers:
             task.cancel()
         await asyncio.gather(recorder, *workers, return_exceptions=True)
+        if self._flushing is not None:
+            await asyncio.gather(self._flushing, return_exceptions=True)
         if self._unrecorded and not await self._flush():
             log.error(
                 "%d delivery results could not be recorded; they will be sent again",

@@ -50,6 +50,7 @@ Every SQLite or file-system failure is raised as :class:`~mail2alert.errors.Outb
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -133,7 +134,8 @@ CREATE TABLE IF NOT EXISTS chat_threads (
 CREATE TABLE IF NOT EXISTS seen_events (
     key TEXT PRIMARY KEY,
     queue_id TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    until REAL
 );
 CREATE TABLE IF NOT EXISTS counters (
     name TEXT NOT NULL,
@@ -290,6 +292,8 @@ JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 #: before gets them when it is opened (items waiting for a destination; the decision history).
 _ADDED_COLUMNS = {
     "items": (("waiting", "TEXT NOT NULL DEFAULT ''"), ("log", "TEXT NOT NULL DEFAULT ''")),
+    # A claim's end (its window after ``at``); a claim kept before has none: a day.
+    "seen_events": (("until", "REAL"),),
     "messages": (
         ("facts", "TEXT NOT NULL DEFAULT ''"),
         ("facts_data", "TEXT"),
@@ -407,6 +411,14 @@ class Held:
     received: float
     envelope: Envelope
     raw: bytes
+
+
+@dataclass(frozen=True)
+class Released:
+    """What :meth:`Outbox.release` did with a held message."""
+
+    duplicate_of: str | None = None
+    """The queue id of the original when it turned out to be a duplicate (nothing sent)."""
 
 
 @dataclass
@@ -838,8 +850,8 @@ class Outbox:
         if row is not None and a.received - row[1] < a.claim.window:
             return str(row[0])
         db.execute(
-            "INSERT OR REPLACE INTO seen_events VALUES (?,?,?)",
-            (a.claim.key, a.queue_id, a.received),
+            "INSERT OR REPLACE INTO seen_events (key, queue_id, at, until) VALUES (?,?,?,?)",
+            (a.claim.key, a.queue_id, a.received, a.received + a.claim.window),
         )
         return None
 
@@ -911,16 +923,30 @@ class Outbox:
             for row, qid, at, sender, rcpts, raw in rows
         ]
 
-    def release(self, accepted: Accepted) -> str | None:
-        """Replace a held message's outcome with a new decision and queue its items; the
-        queue id of the original when it turned out to be a duplicate."""
+    def release(self, accepted: Accepted) -> Released | None:
+        """Replace a held message's outcome with a new decision and queue its items; None
+        when it is held no more (``queue delete`` took it meanwhile): nothing is queued.
+
+        The unchanged copy for recipients no manager took was queued when the message was
+        held: it is not queued again.
+        """
         with self.transaction() as db:
-            db.execute("DELETE FROM messages WHERE id=? AND outcome='hold'", (accepted.queue_id,))
+            gone = db.execute(
+                "DELETE FROM messages WHERE id=? AND outcome='hold'", (accepted.queue_id,)
+            )
+            if gone.rowcount == 0:
+                return None
+            queued = db.execute(
+                "SELECT 1 FROM items WHERE message_id=? LIMIT 1", (accepted.queue_id,)
+            ).fetchone()
+            if queued is not None:
+                items = tuple(item for item in accepted.items if not item.passthrough)
+                accepted = dataclasses.replace(accepted, items=items)
             original = self._seen_before(db, accepted)
             tally = _Tally()
             self._insert_message(db, accepted, tally, duplicate_of=original)
             tally.write(db)
-        return original
+        return Released(original)
 
     def learn(self, notes: Sequence[Note], at: float) -> None:
         """Keep notes learnt from outside, only where nothing is known yet."""
@@ -959,11 +985,12 @@ class Outbox:
     ) -> int:
         """Forget finished messages (nothing pending, dead or held) received more than
         ``keep`` seconds ago, and the oldest finished ones beyond the newest
-        ``max_messages``, with their items, recipients and attempts; and claims older than a
-        day. At most ``batch`` messages go in one call, which holds the writers' lock briefly:
-        call it again while it returns ``batch``. Returns how many messages went."""
+        ``max_messages``, with their items, recipients and attempts; and claims past their
+        window (a claim kept by an older version, a day after it was made). At most
+        ``batch`` messages go in one call, which holds the writers' lock briefly: call it
+        again while it returns ``batch``. Returns how many messages went."""
         with self.transaction("purge old messages from the outbox") as db:
-            db.execute("DELETE FROM seen_events WHERE at < ?", (now - 86400,))
+            db.execute("DELETE FROM seen_events WHERE coalesce(until, at + 86400) < ?", (now,))
             # Rows are in the order messages were decided (the rowid): no index on the time
             # of arrival, which would cost every commit one more page written.
             row = db.execute(
@@ -1054,6 +1081,14 @@ class Outbox:
         items = self._items(rows)
         return items[0] if items else None
 
+    def still_pending(self, item: Item) -> bool:
+        """Whether ``item`` is still to be sent (not deleted, nor finished, meanwhile)."""
+        row = self.db.execute(
+            "SELECT 1 FROM items WHERE id=? AND message_id=? AND state='pending'",
+            (item.id, item.message_id),
+        ).fetchone()
+        return row is not None
+
     def waiting_for(self) -> dict[str, int]:
         """The destinations items wait for, with how many wait for each."""
         rows = self.db.execute(
@@ -1081,7 +1116,8 @@ class Outbox:
             return cursor.rowcount
 
     def record(self, results: Sequence[Result]) -> None:
-        """Store delivery attempts: per recipient outcome, then the item's new state.
+        """Store delivery attempts: per recipient outcome, then the item's new state. The
+        result of an item deleted meanwhile is dropped.
 
         An item is done when no recipient is left pending, dead when all that are left are
         dead, and else pending again at ``next_try``; an item left waiting for its
@@ -1096,6 +1132,13 @@ class Outbox:
     @staticmethod
     def _record(db: sqlite3.Connection, result: Result, tally: _Tally) -> None:
         item, error = result.item, result.error
+        # The item may have been deleted while it was tried (``queue delete``), and its id
+        # taken since by a new message's item: its result is then nobody's.
+        mine = db.execute(
+            "SELECT 1 FROM items WHERE id=? AND message_id=?", (item.id, item.message_id)
+        ).fetchone()
+        if mine is None:
+            return
         db.executemany(
             "UPDATE recipients SET state=?, last_error=? WHERE item_id=? AND rcpt=?",
             [(r.state, r.reason, item.id, storable(r.rcpt)) for r in result.recipients],
