@@ -645,6 +645,53 @@ def test_a_template_that_cannot_render_is_reported_with_its_line() -> None:
     ]
 
 
+def test_an_apprise_mail_url_is_refused_without_showing_its_password() -> None:
+    """``mailto://user:password@host`` is Apprise's e-mail URL; taken for a mail action, its
+    login would be a recipient's address, in the outbox, the console and the log."""
+    found = problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - mailto://alerts:S3cretAppPW@gmail.com
+                filter:
+                  function: mail.in_subject
+                  args: [backup]
+        """
+    )
+    assert len(found) == 1
+    assert found[0].startswith("configuration.yml:8: managers[0].rules[0].actions[0]: ")
+    assert "mail2alert sends mail itself, through remote-smtp" in found[0]
+    assert "S3cretAppPW" not in found[0]
+
+
+def test_a_slack_webhook_written_short_of_a_slash_is_refused_without_its_token() -> None:
+    found = problems(
+        """\
+        remote-smtp: localhost:8025
+        managers:
+          - name: mail
+            messages-we-want:
+              from: go@example.com
+            rules:
+              - actions:
+                  - slack:/T0ABC/B0DEF/xyzSECRETwebhookTOKEN1234
+                filter:
+                  function: mail.in_subject
+                  args: [backup]
+        """
+    )
+    assert found == [
+        "configuration.yml:8: managers[0].rules[0].actions[0]: 'slack:***': write"
+        " slack:#channel, slack:@user, optionally with :brief or :full (or use a slack://"
+        " webhook URL)"
+    ]
+
+
 def test_a_mailto_action_with_a_bad_address_is_reported() -> None:
     assert problems(
         """\

@@ -465,6 +465,7 @@ def test_each_wrong_password_from_an_address_is_answered_later_than_the_last(
         ("Basic " + base64.b64encode(b"no-colon").decode(), None),
         ("Basic " + base64.b64encode(b"a:b:c").decode(), ("a", "b:c")),
         ("basic " + base64.b64encode("jörg:pä".encode()).decode(), ("jörg", "pä")),
+        ("Basic \xe9\xe9\xe9", None),  # not base64: a 401, not a 500 and a traceback
     ],
 )
 def test_basic_credentials_are_read_from_the_authorization_header(

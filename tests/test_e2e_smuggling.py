@@ -4,6 +4,8 @@ A message that has looped through 30 servers is refused; a rule never sends mail
 mail2alert; only ``<CRLF>.<CRLF>`` ends DATA, on the way in and on the way out; what mail2alert
 writes into a header stays in its field; and a relayed message reaches the upstream with its
 own bytes, line ends made CRLF only where the wire needs them and never so as to start a field.
+Text from the outside (a commit author's address, a relayed recipient) reaches no log line
+with a control character that a terminal would obey.
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from typing import Any
 
 import pytest
 
+from mail2alert.gocd.testing import gocd_stage_mail
 from mail2alert.testing import Captured, CaptureServer
 from mail2alert.transports.smtp import DATA_BLOCK
-from tests.helpers import Relay, compose, example_managers, relay, strip_received
+from tests.helpers import Relay, compose, example_managers, relay, strip_received, wait_until
 
 #: A gocd manager whose rules send mail to its own address: with others for BREAKS, alone
 #: for FIXED. ``pipelines.any`` needs no pipeline groups, so nothing is held.
@@ -278,3 +281,64 @@ def test_a_helo_name_with_a_cr_stays_inside_the_received_field(mail2alert: Relay
     (got,) = mail2alert.upstream.wait_for(1)
     assert field_names(got.data)[:2] == ["received", "from"]
     assert "bcc" not in field_names(got.data)
+
+
+def test_a_committer_address_with_control_characters_is_not_mailed_nor_logged_raw(
+    tmp_path: Path, upstream: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Git author address is whatever the commit's author wrote: ``ESC c`` resets the
+    operator's terminal. Such an address is no mail address."""
+    evil = "\x1bc\x08\x08eve@example.com"
+    body = (
+        "See details: https://ci.example.com/go/pipelines/my-pipeline/6/my-stage/1\n\n"
+        "-- CHANGES --\n\nGit: https://git.example.com/app.git\n"
+        f"revision: 1f5557f8a1c3, modified by Eve <{evil}> on 2024-03-15\n"
+        "harmless commit\n\nSent by Go on behalf of ci-robot\n"
+    )
+    manager = {
+        "name": "gocd",
+        "messages-we-want": {"to": "mail2alert@example.com"},
+        "rules": [
+            {
+                "actions": ["committers:", "mailto:team@example.com"],
+                "filter": {"function": "pipelines.any"},
+            }
+        ],
+    }
+    caplog.set_level(logging.INFO)
+    with relay(tmp_path, upstream, [manager]) as mail2alert:
+        mail2alert.send(gocd_stage_mail(body=body), rcpt_tos=["mail2alert@example.com"])
+        (got,) = upstream.wait_for(1)
+    assert got.rcpt_tos == ("team@example.com",)
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("mail2alert")]
+    assert [line for line in ours if "\x1b" in line or "\x08" in line] == []
+
+
+def test_a_relayed_recipient_reaches_the_delivery_log_line_escaped(
+    tmp_path: Path, upstream: CaptureServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """C1 controls (U+009B is CSI) and line separators may be in an SMTPUTF8 address; the
+    delivery line shows them escaped."""
+    rcpt = "ops\u009b2J\u2028x@example.net"
+    caplog.set_level(logging.INFO)
+    nobody = {
+        "name": "mail",
+        "messages-we-want": {"to": "nobody@example.com"},
+        "rules": [
+            {
+                "actions": ["mailto:a@example.com"],
+                "filter": {"function": "mail.in_subject", "args": ["x"]},
+            }
+        ],
+    }
+    with relay(tmp_path, upstream, [nobody]) as mail2alert:  # relayed unchanged
+        mail2alert.send(compose(), rcpt_tos=[rcpt], mail_options=["SMTPUTF8"])
+        (got,) = upstream.wait_for(1)
+        wait_until(
+            lambda: any("delivered to" in r.getMessage() for r in caplog.records),
+            what="the delivery line",
+        )
+    assert got.rcpt_tos == (rcpt,)
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("mail2alert")]
+    assert [line for line in ours if "\u009b" in line or "\u2028" in line] == []
+    assert any("ops\\x9b2J\\u2028x@example.net" in line for line in ours)

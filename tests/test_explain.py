@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import yaml
 
 from mail2alert import cli
 from mail2alert.gocd.testing import FakeGoCD
+from tests.helpers import BACKUP_MANAGER, compose, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -344,3 +346,26 @@ def test_route_of_a_file_whose_from_is_a_thousand_nested_comments_routes_it(
 
     assert code == 0
     assert "outcome:  deliver to mailto:cat@example.com" in out
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_route_shows_control_characters_of_the_mail_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A subject decoded from RFC 2047 may carry escape sequences: the terminal must not
+    obey them (as ``queue show`` and the log make them harmless)."""
+    path = write_config(
+        tmp_path / "configuration.yml",
+        remote_port=25,
+        data_dir=tmp_path / "data",
+        managers=[BACKUP_MANAGER],
+    )
+    evil = "backup \x1b]2;owned\x07\x1b[2J done"
+    encoded = "=?utf-8?b?" + base64.b64encode(evil.encode()).decode() + "?="
+    mail = tmp_path / "m.eml"
+    mail.write_bytes(compose(subject=encoded))
+    code = cli.main(["route", "--config", str(path), "--to", "admin@example.com", str(mail)])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "\x1b" not in out
+    assert "subject:  backup \\x1b]2;owned\\x07\\x1b[2J done" in out

@@ -27,7 +27,12 @@ from mail2alert.message import RawMessage, address_of, one_line, rewrite, valid_
 from mail2alert.model import Alert, ChatPost, ChatTemplate, Decision, Envelope, Outgoing
 from mail2alert.templates import PLAIN, Presentation, render
 
-_MAILBOX = re.compile(r"^[^@\s<>(),;:\"\[\]\\]+@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?$")
+# No control character either (a commit's author writes the address a committers: action
+# mails, and it reaches log lines and terminals).
+_MAILBOX = re.compile(
+    r"^[^@\s<>(),;:\"\[\]\\\x00-\x1f\x7f-\x9f\u2028\u2029]+"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?$"
+)
 
 
 def is_mailbox(address: str) -> bool:
@@ -52,8 +57,10 @@ _SLACK = re.compile(r"^slack:(?P<target>[#@][^\s:]+)(?::(?P<style>brief|full))?$
 
 def _check_slack(uri: str) -> str | None:
     if not _SLACK.match(uri):
+        # Not repeated whole: a webhook URL short of a slash carries its token.
+        shown = repr(uri) if uri[len("slack:") :].startswith(("#", "@")) else "'slack:***'"
         return (
-            f"{uri!r}: write slack:#channel, slack:@user, optionally with :brief or :full "
+            f"{shown}: write slack:#channel, slack:@user, optionally with :brief or :full "
             "(or use a slack:// webhook URL)"
         )
     return None
@@ -175,6 +182,13 @@ def check_action(uri: str) -> str | None:
     if not sep or not scheme:
         return f"{uri!r} is not a URI: write it as mailto:team@example.com or a chat URL"
     if rest.startswith("//"):
+        if scheme.lower() == "mailto":
+            # Apprise's e-mail URL (mailto://user:password@gmail.com) would be taken for a
+            # mail action, and its login for a recipient's address.
+            return (
+                f"{mask(uri)!r}: mail2alert sends mail itself, through remote-smtp: write"
+                " mailto:team@example.com, one address per action"
+            )
         return _check_notification_url(uri)
     check = SCHEMES.get(scheme.lower())
     if check is None:

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from mail2alert.background import RestartPolicy, is_storage_error
-from mail2alert.logs import about
+from mail2alert.logs import about, loggable
 from mail2alert.model import ChatSettings
 from mail2alert.outbox import PURGE_BATCH, Item, Outbox, Result
 from mail2alert.settings import Delivery, History, HostPort, Upstream
@@ -177,26 +177,31 @@ def judge(
     qid = item.message_id
     if done:
         sent = about(qid, "delivery", result="sent")
-        log.info("%s: delivered to %s via %s", qid, ", ".join(done), via, extra=sent)
+        log.info("%s: delivered to %s via %s", qid, loggable(", ".join(done)), via, extra=sent)
+    # Addresses and the other side's answers are not ours: escaped, as a client's text is.
     for r in dead:
         refused = about(qid, "delivery", result="dead")
-        log.error("%s: %s refused by %s: %s", qid, r.rcpt, via, r.reason, extra=refused)
+        shown = (loggable(r.rcpt), via, loggable(r.reason))
+        log.error("%s: %s refused by %s: %s", qid, *shown, extra=refused)
     if not attempt.recipients and attempt.permanent:
         refused = about(qid, "delivery", result="dead")
-        log.error("%s: refused by %s, giving up: %s", qid, via, attempt.error, extra=refused)
+        shown_error = loggable(attempt.error)
+        log.error("%s: refused by %s, giving up: %s", qid, via, shown_error, extra=refused)
         return result(None, attempt.error)
     if not attempt.recipients or retry:
         error = attempt.error or "; ".join(f"{r.rcpt}: {r.reason}" for r in retry)
         age = now - item.created
         if age >= delivery.give_up_after:
             reason = f"gave up after {_age(age)}: {error}"
-            log.error("%s: %s", qid, reason, extra=about(qid, "delivery", result="dead"))
+            log.error("%s: %s", qid, loggable(reason), extra=about(qid, "delivery", result="dead"))
             return result(None, reason)
         if waiting is not None:
             return result(waiting.next_probe, error, waiting.name)
         delay = attempt.retry_after or backoff(item.attempts + 1, delivery)
         later = about(qid, "delivery", result="retry")
-        log.warning("%s: deferred (%s), next try in %s", qid, error, _age(delay), extra=later)
+        log.warning(
+            "%s: deferred (%s), next try in %s", qid, loggable(error), _age(delay), extra=later
+        )
         return result(now + delay, error)
     return result(0.0, "; ".join(f"{r.rcpt}: {r.reason}" for r in dead))
 

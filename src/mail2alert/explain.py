@@ -20,6 +20,7 @@ import yaml
 from mail2alert.actions import mask
 from mail2alert.config import Config
 from mail2alert.errors import UsageError
+from mail2alert.logs import loggable
 from mail2alert.managers.base import Context
 from mail2alert.managers.explaining import Facts, Inventory, SetupReport
 from mail2alert.managers.registry import MANAGER_TYPES
@@ -193,7 +194,9 @@ def render(ex: Explanation, *, trace: bool) -> str:
         out.append(f"chat:     {post['action']} ({post['colour']})")
         out.append(f"          {post['title']}")
         out.extend(f"          | {line}".rstrip() for line in str(post["body"]).splitlines())
-    return "\n".join(out)
+    # The mail's own text (its subject decoded, the chat title and body made of it) must not
+    # drive the terminal: control characters are shown escaped, as in the log.
+    return "\n".join(loggable(line) for line in out)
 
 
 # -- test suites -----------------------------------------------------------------------------

@@ -17,14 +17,14 @@ from aiosmtpd.smtp import Envelope as SmtpEnvelope
 
 from mail2alert.actions import mask
 from mail2alert.errors import OutboxError, OutboxFull
-from mail2alert.logs import about
+from mail2alert.logs import about, loggable
 from mail2alert.managers.base import Context
 from mail2alert.message import RawMessage
 from mail2alert.model import Envelope
 from mail2alert.outbox import Accepted, GroupCommitter, new_queue_id
 from mail2alert.planning import accept
 from mail2alert.routing import Manager
-from mail2alert.session import REPLY_NO_SPACE, loggable
+from mail2alert.session import REPLY_NO_SPACE
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def describe(accepted: Accepted) -> str:
     )
     who = f"manager={d.manager} " if d.manager else ""
     if d.outcome == "deliver":
-        return f"{head} {who}deliver={','.join(mask(a) for a in d.actions)} ({d.reason})"
+        actions = loggable(",".join(mask(a) for a in d.actions))
+        return f"{head} {who}deliver={actions} ({d.reason})"
     return f"{head} {who}{d.outcome} ({d.reason})"
 
 

@@ -44,6 +44,7 @@ from aiosmtpd.smtp import (
 )
 from aiosmtpd.smtp import __ident__ as AIOSMTPD_IDENT
 
+from mail2alert.logs import loggable
 from mail2alert.message import DOT_ATOM
 from mail2alert.settings import Listener
 from mail2alert.users import read_users, verify
@@ -79,23 +80,6 @@ AUTH_DELAY = 1.0
 AUTH_DELAY_MAX = 30.0
 #: Failures from an address are forgotten after this long without one.
 AUTH_FORGET = 3600.0
-
-
-#: What must not reach a log line as it came: C0 and C1 controls (a terminal obeys ESC and
-#: CSI), DEL, line separators, and the surrogates that stand for undecodable bytes.
-_UNLOGGABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-
-
-def _escaped(found: re.Match[str]) -> str:
-    code = ord(found.group())
-    if 0xDC80 <= code <= 0xDCFF:
-        return f"\\x{code - 0xDC00:02x}"  # a byte that was not UTF-8, as that byte
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
-
-
-def loggable(text: str) -> str:
-    """``text`` fit for one log line: control characters and undecodable bytes escaped."""
-    return _UNLOGGABLE.sub(_escaped, text)
 
 
 class EscapeClientText(logging.Filter):
