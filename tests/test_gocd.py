@@ -596,6 +596,26 @@ def test_a_gocd_still_starting_after_fifteen_minutes_is_trouble_said_once(
     assert [r for r in caplog.records if "GoCD recovered" in r.getMessage()] != []
 
 
+def test_a_login_written_into_the_url_is_used_and_never_shown(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``url: https://olle:secret@ci.example.com/go`` works as ``user`` and ``passwd`` do, and
+    the URL that log lines and errors name is the one without them."""
+    with FakeGoCD(GROUPS, user="olle", password="pelle-S3cret") as gocd:
+        url = gocd.url.replace("://", "://olle:pelle-S3cret@")
+        poller = _poller(gocd, tmp_path, Fed(), url=url)
+        with caplog.at_level(logging.INFO, logger="mail2alert.gocd.poller"):
+            _polls(poller, 1)
+            gocd.failing = 500
+            _polls(poller, 1)
+    assert poller.client.url == gocd.url
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("2 pipeline groups" in line for line in lines)  # it logged in
+    assert any("answered HTTP 500" in line for line in lines)
+    assert not [line for line in lines if "S3cret" in line]
+    assert "S3cret" not in poller.health().last_error
+
+
 # -- end to end ------------------------------------------------------------------------------
 
 

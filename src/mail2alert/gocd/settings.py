@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -56,6 +57,19 @@ def _secret(options: Mapping[str, object], key: str) -> Secret | None:
     return value if isinstance(value, Secret) else None
 
 
+def _without_login(url: str) -> tuple[str, tuple[str, Secret] | None]:
+    """``url`` without the user and password written into it, and those (None: none)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.netloc.rpartition("@")[2]
+    login = (
+        urllib.parse.unquote(parts.username),
+        Secret(urllib.parse.unquote(parts.password or "")),
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)), login
+
+
 @dataclass(frozen=True)
 class GocdSettings:
     """A gocd manager's validated keys; what is not set has its declared default."""
@@ -80,11 +94,23 @@ class GocdSettings:
         """The settings in a manager's options (as :mod:`mail2alert.config` validated them)."""
         verify = options.get("verify", OPTIONS["verify"].default)
         reconcile = options.get("reconcile", OPTIONS["reconcile"].default)
+        url, user, passwd = (
+            _text(options, "url"),
+            _text(options, "user"),
+            _secret(options, "passwd"),
+        )
+        token = _secret(options, "token")
+        if url is not None:
+            # A login written into the URL (https://user:password@host/go) works as user and
+            # passwd do; kept in the URL it would be in every log line and error naming it.
+            url, login = _without_login(url)
+            if login is not None and user is None and token is None:
+                user, passwd = login
         return cls(
-            url=_text(options, "url"),
-            user=_text(options, "user"),
-            passwd=_secret(options, "passwd"),
-            token=_secret(options, "token"),
+            url=url,
+            user=user,
+            passwd=passwd,
+            token=token,
             poll_interval=_seconds(options, "poll-interval"),
             ca_file=_text(options, "ca-file"),
             verify=bool(verify),
