@@ -21,6 +21,7 @@ import pytest
 import trustme
 
 from mail2alert.app import COMMITTED, HELD, write_wake
+from mail2alert.components import Keepers
 from mail2alert.gocd.client import (
     AnswerTooLong,
     GocdClient,
@@ -756,6 +757,57 @@ def test_mail_an_intake_worker_held_without_a_snapshot_goes_out_once_the_holds_a
         assert upstream.wait_for(2, timeout=2.0)[1].rcpt_tos == ("cat@example.com",)
 
 
+def test_a_gocd_manager_whose_keeper_cannot_be_made_refuses_the_reload(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    """A ``ca-file`` that is there but is no CA bundle (half written by config management,
+    say): the reload is refused before anything switched, the poller goes on, and once the
+    file is fixed the next reload takes it."""
+    ca_path = tmp_path / "gocd-ca.pem"
+    with FakeGoCD(GROUPS) as gocd:
+        path = _config(tmp_path, upstream, data_dir, _gocd_manager(gocd.url))
+        with running(path) as service:
+            _wait_for_groups(data_dir, gocd)
+            before = service.service.managers
+            ca_path.write_text("being replaced\n")
+            broken = _gocd_manager(gocd.url, **{"ca-file": str(ca_path)})
+            _config(tmp_path, upstream, data_dir, broken)
+            first = service.call(service.service.reload())
+            refused = (service.service.managers is before, service.service.reload_status)
+            trustme.CA().cert_pem.write_to_path(str(ca_path))
+            second = service.call(service.service.reload())
+            keepers = service.service.component(Keepers)
+            assert keepers is not None
+            polling = [t for t in keepers._tasks if not t.done()]
+    assert first is False
+    assert refused[0]
+    assert not refused[1].ok
+    assert "gocd#0: SSLError" in refused[1].message
+    assert second is True
+    assert len(polling) == 1
+
+
+def test_a_gocd_manager_pointed_at_another_gocd_waits_for_its_groups(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    """The old server's pipeline groups say nothing of the new one's: mail that needs them is
+    held until the new GoCD answers, not routed by the old groups."""
+    old = FakeGoCD(GROUPS)
+    new = FakeGoCD({"other-group": ["something-else"]})  # not started: it has said nothing
+    path = _config(tmp_path, upstream, data_dir, _gocd_manager(old.url))
+    outbox = OutboxView(data_dir)
+    with old, running(path) as service:
+        _wait_for_groups(data_dir, old)
+        _config(tmp_path, upstream, data_dir, _gocd_manager(new.url))
+        assert service.call(service.service.reload()) is True
+        assert "gocd#0" not in service.service.context.snapshots
+        queue_id = send(
+            service.port, _stage("Stage [my-pipeline/6/my-stage/1] is broken"), rcpt_tos=[GOCD_TO]
+        ).queue_id
+        message = wait_until(lambda: outbox.message(queue_id), what="the decision")
+    assert message["outcome"] == "hold"
+
+
 def test_an_intake_worker_tells_the_main_process_what_it_committed_through_the_wake_pipe() -> None:
     class Main:
         def __init__(self) -> None:
@@ -777,6 +829,28 @@ def test_an_intake_worker_tells_the_main_process_what_it_committed_through_the_w
         os.close(read_fd)
         os.close(write_fd)
     assert main.told == [COMMITTED + COMMITTED + HELD, b""]
+
+
+def test_the_wake_pipe_at_its_end_is_no_more_listened_to() -> None:
+    """Once every intake worker has stopped, the pipe stays readable at its end: the main
+    process stops listening to it, instead of being called without end while it stops."""
+    told: list[bytes] = []
+    ended: list[bool] = []
+
+    class Main:
+        def woken(self, what: bytes) -> None:
+            told.append(what)
+
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    try:
+        write_wake(write_fd, COMMITTED)
+        os.close(write_fd)
+        woken(read_fd, Main(), lambda: ended.append(True))
+        woken(read_fd, Main(), lambda: ended.append(True))
+    finally:
+        os.close(read_fd)
+    assert (told, ended) == ([COMMITTED], [True])
 
 
 def test_each_message_held_while_gocd_is_down_is_looked_at_once_not_with_every_other(

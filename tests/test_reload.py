@@ -279,3 +279,69 @@ def test_a_changed_history_is_taken_by_the_running_dispatcher_without_stopping_d
     assert delivery.dispatcher is dispatcher
     assert dispatcher.history == History(86400.0, 10)
     assert "now delivering" not in caplog.text
+
+
+def test_a_reload_asked_while_stopping_switches_nothing_and_starts_nothing_again(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    """SIGHUP in the sessions' grace period of a stop (a client in the middle of a
+    transaction), with a moved listener: refused, and nothing listens once stopped."""
+    old_port, new_port = free_port(), free_port()
+    path = configure(tmp_path / "c.yml", upstream, data_dir, f"127.0.0.1:{old_port}", "a@x.test")
+
+    async def scenario() -> tuple[bool, bool]:
+        service = Service(load(path))
+        await service.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", old_port)
+        await reader.readline()
+        writer.write(b"EHLO c.test\r\n")
+        while not (await reader.readline()).startswith(b"250 "):
+            pass
+        writer.write(b"MAIL FROM:<a@b.test>\r\n")
+        assert (await reader.readline()).startswith(b"250")  # in a transaction now
+        stopping = asyncio.create_task(service.wait())
+        service.request_stop()
+        configure(path, upstream, data_dir, f"127.0.0.1:{new_port}", "b@x.test")
+        switched = await service.reload()
+        writer.close()
+        await stopping
+        return switched, await asyncio.to_thread(listening, new_port)
+
+    assert asyncio.run(scenario()) == (False, False)
+
+
+def test_a_reload_asked_while_starting_waits_until_everything_started(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGHUP's handler is there before the components start, so that an early SIGHUP is not
+    fatal: the reload it asks for runs once they all started, and moves the listener."""
+    old_port, new_port = free_port(), free_port()
+    path = configure(tmp_path / "c.yml", upstream, data_dir, f"127.0.0.1:{old_port}", "a@x.test")
+    entered, gate = asyncio.Event(), asyncio.Event()
+    real_start = components.Holds.start
+
+    async def slow_start(self: components.Holds) -> None:
+        entered.set()
+        await gate.wait()
+        await real_start(self)
+
+    monkeypatch.setattr(components.Holds, "start", slow_start)
+
+    async def scenario() -> tuple[bool, list[tuple[str, int]]]:
+        service = Service(load(path))
+        starting = asyncio.ensure_future(service.start())
+        await entered.wait()
+        configure(path, upstream, data_dir, f"127.0.0.1:{new_port}", "b@x.test")
+        reloading = asyncio.ensure_future(service.reload())  # what SIGHUP runs
+        await asyncio.sleep(0)
+        assert not reloading.done()
+        gate.set()
+        await starting
+        switched = await reloading
+        addresses = list(service.addresses)
+        await service.stop()
+        return switched, addresses
+
+    switched, addresses = asyncio.run(scenario())
+    assert switched is True
+    assert [port for _, port in addresses] == [new_port]

@@ -224,11 +224,12 @@ class Service:
 
     async def start(self) -> None:
         """Start every component in order; raise StartupError (having stopped those started)
-        if one cannot start."""
+        if one cannot start. A reload asked for meanwhile (SIGHUP) waits until all started."""
         try:
-            for component in self.components:
-                await component.start()
-                self._started.append(component)
+            async with self._reloading:
+                for component in self.components:
+                    await component.start()
+                    self._started.append(component)
         except StartupError:
             await self.stop()
             raise
@@ -268,6 +269,9 @@ class Service:
         switches; if that fails, the running configuration stays. Returns whether it switched.
         """
         async with self._reloading:
+            if self.stopping:
+                log.info("not reloading: %s is stopping", self.name)
+                return False
             path = self.config.path
             watch = self.component(ConfigWatch)
             if watch is not None:
@@ -284,6 +288,10 @@ class Service:
             why = await self._prepare(Change(new))
             if why is not None:
                 return self._refused(why)
+            if self.stopping:  # asked while the parts prepared: nothing switches now
+                await self._abort(self.components)
+                log.info("not reloading: %s is stopping", self.name)
+                return False
             await self._switch()
             log.info("configuration reloaded from %s: %s", path, new.summary())
             return True
@@ -291,11 +299,16 @@ class Service:
     async def prepare(self, change: Change) -> str | None:
         """The first half of a reload driven by another process: None, or why not."""
         async with self._reloading:
+            if self.stopping:
+                return f"{self.name} is stopping"
             return await self._prepare(change)
 
     async def commit(self) -> None:
-        """The second half: switch to what :meth:`prepare` accepted."""
+        """The second half: switch to what :meth:`prepare` accepted (unless stopping)."""
         async with self._reloading:
+            if self.stopping:
+                await self._abort(self.components)
+                return
             await self._switch()
 
     async def abort(self) -> None:
@@ -314,6 +327,11 @@ class Service:
         except ReloadRefused as exc:
             await self._abort(prepared)
             return str(exc)
+        except Exception as exc:  # a part that cannot take it refuses it
+            part = type(component).__name__
+            log.exception("preparing %s for the new configuration failed", part)
+            await self._abort(prepared)
+            return f"{part}: {type(exc).__name__}: {exc}"
         self._pending = change
         return None
 
@@ -329,7 +347,15 @@ class Service:
         self.config = change.config
         self.knowledge.managers = change.config.routing
         for component in self.components:
-            await component.switch(change)
+            try:
+                await component.switch(change)
+            except Exception as exc:
+                # Some parts run the new configuration, this one cannot: rather than run on
+                # a mix, stop (and be restarted on the file as it is).
+                part = type(component).__name__
+                log.exception("switching %s to the new configuration failed", part)
+                self.fail(f"a reload could not switch {part}: {exc}")
+                return
         self.reload_status = ReloadStatus(True, time.time(), f"reloaded: {change.config.summary()}")
         self.reloads["ok"] += 1
 
@@ -340,8 +366,11 @@ class Service:
         return False
 
     async def stop(self) -> None:
-        """Stop accepting, let sessions in a transaction finish, flush, close; newest first."""
+        """Stop accepting, let sessions in a transaction finish, flush, close; newest first.
+        A reload under way ends first (none starts once stopping)."""
         self.crew.stopping.set()
+        async with self._reloading:
+            pass
         for component in reversed(self._started):
             await component.stop()
         self._started = []

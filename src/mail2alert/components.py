@@ -138,6 +138,12 @@ class Knowledge:
         kept = {k: v for k, v in self.context.snapshots.items() if k in labels}
         self.context = replace(self.context, snapshots=kept)
 
+    def forget_snapshots(self, labels: set[str]) -> None:
+        """Forget the snapshots of managers whose source changed (another GoCD, say): what
+        their new source says is not known yet."""
+        kept = {k: v for k, v in self.context.snapshots.items() if k not in labels}
+        self.context = replace(self.context, snapshots=kept)
+
     def remember(self, notes: Sequence[Note]) -> None:
         """Notes of a decision that is durable now."""
         remember(self.notes, notes)
@@ -471,11 +477,13 @@ class Delivery(Component):
         self.config = config
         self._crew = crew
         self.dispatcher: Dispatcher | None = None
+        #: A dispatcher made for a reload under way, run when it switches.
+        self._next: Dispatcher | None = None
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    def _make(self) -> Dispatcher:
-        cfg = self.config
+    def _make(self, config: Config | None = None) -> Dispatcher:
+        cfg = config or self.config
         return Dispatcher(
             cfg.data_dir,
             cfg.remote_smtp,
@@ -511,16 +519,38 @@ class Delivery(Component):
         if self.dispatcher is not None:
             self.dispatcher.wake()
 
+    async def prepare(self, change: Change) -> None:
+        # The new dispatcher is made here, so that one that cannot be made (the outbox
+        # unusable) refuses the reload before anything switched.
+        self._discard_next()
+        if _delivery_settings(self.config) != _delivery_settings(change.config):
+            try:
+                self._next = _open(change.config.data_dir, partial(self._make, change.config))
+            except StartupError as exc:
+                raise ReloadRefused(str(exc)) from None
+
+    async def abort(self) -> None:
+        self._discard_next()
+
+    def _discard_next(self) -> None:
+        if self._next is not None:
+            self._next.close()
+            self._next = None
+
     async def switch(self, change: Change) -> None:
-        old, self.config = self.config, change.config
-        if _delivery_settings(old) == _delivery_settings(change.config):
+        self.config = change.config
+        dispatcher, self._next = self._next, None
+        if dispatcher is None:
             if self.dispatcher is not None:
                 # Read at its next purge: no need to stop deliveries in flight for it.
                 self.dispatcher.history = change.config.history
             return
         await self._finish()
+        if self._crew.stopping.is_set():  # stopped while deliveries under way finished
+            dispatcher.close()
+            return
         self._stop = asyncio.Event()
-        self.dispatcher = self._make()
+        self.dispatcher = dispatcher
         self._run()
         log.info("now delivering to %s", self.config.remote_smtp)
 
@@ -708,6 +738,13 @@ def _kept_by_keepers(config: Config) -> list[tuple[str, dict[str, object]]]:
     return [(m.label, dict(m.options)) for m in config.routing if m.type.background]
 
 
+def _changed_sources(old: Config, new: Config) -> set[str]:
+    """The labels of managers with background work whose options changed or which are new:
+    their snapshots (of the old source) no longer hold."""
+    before = dict(_kept_by_keepers(old))
+    return {label for label, options in _kept_by_keepers(new) if before.get(label) != options}
+
+
 class Keepers(Component):
     """Each manager type's background work (a poller, say): keeps its snapshot fresh."""
 
@@ -729,6 +766,8 @@ class Keepers(Component):
         self._tasks: list[asyncio.Task[None]] = []
         #: The keepers running, by manager label, with their manager type's name.
         self.keepers: dict[str, tuple[str, Keeper]] = {}
+        #: Keepers made for a reload under way, started when it switches.
+        self._next: dict[str, tuple[str, Keeper]] | None = None
 
     def health(self) -> dict[str, tuple[str, KeeperHealth]]:
         """How each keeper that reports it fares, by manager label (with its type's name)."""
@@ -739,40 +778,69 @@ class Keepers(Component):
         }
 
     async def start(self) -> None:
-        self._stop = asyncio.Event()
-        self.keepers = {}
+        try:
+            keepers = self._make(self.config)
+        except ReloadRefused as exc:
+            raise StartupError(str(exc)) from None
+        self._run(keepers)
+
+    def _make(self, config: Config) -> dict[str, tuple[str, Keeper]]:
+        """The keepers of ``config``, not started. Raises ReloadRefused when one cannot be
+        made (a CA file that is no CA bundle, say)."""
         feed = Feed(
             snapshot=self._knowledge.snapshot,
             notes=self._learn,
             recall=self._recall,
             recover=self._recover,
         )
-        keepers: list[Keeper] = []
-        for manager in self.config.routing:
+        keepers: dict[str, tuple[str, Keeper]] = {}
+        for manager in config.routing:
             background = manager.type.background
             if background is None:
                 continue
-            keeper = background.keeper(manager.label, manager.options, self.config.data_dir, feed)
-            if keeper is None:
-                continue
-            keepers.append(keeper)
-            self.keepers[manager.label] = (manager.type.name, keeper)
+            try:
+                keeper = background.keeper(manager.label, manager.options, config.data_dir, feed)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, this manager cannot run
+                raise ReloadRefused(f"{manager.label}: {type(exc).__name__}: {exc}") from None
+            if keeper is not None:
+                keepers[manager.label] = (manager.type.name, keeper)
+        return keepers
+
+    def _run(self, keepers: dict[str, tuple[str, Keeper]]) -> None:
+        self._stop = asyncio.Event()
+        self.keepers = keepers
+        for label, (_, keeper) in keepers.items():
             if keeper.snapshot is not None:
-                self._knowledge.snapshot(manager.label, keeper.snapshot)
+                self._knowledge.snapshot(label, keeper.snapshot)
         stop = self._stop
-        self._tasks = [self._crew.keep(k.name, partial(k.run, stop), stop) for k in keepers]
+        self._tasks = [
+            self._crew.keep(k.name, partial(k.run, stop), stop) for _, k in keepers.values()
+        ]
 
     def _recall(self, table: str, key: Key) -> str | None:
         # Read each time: the context is replaced as snapshots and notes arrive.
         return self._knowledge.context.recall(table, key)
 
+    async def prepare(self, change: Change) -> None:
+        # Made here, so that one that cannot be made refuses the reload before anything
+        # switched (in any process).
+        self._next = None
+        if _kept_by_keepers(self.config) != _kept_by_keepers(change.config):
+            self._next = self._make(change.config)
+
+    async def abort(self) -> None:
+        self._next = None
+
     async def switch(self, change: Change) -> None:
         old, self.config = self.config, change.config
-        if _kept_by_keepers(old) == _kept_by_keepers(change.config):
+        keepers, self._next = self._next, None
+        if keepers is None:
             return
         await self.stop()
         self._knowledge.keep_snapshots_of({m.label for m in change.config.routing})
-        await self.start()
+        self._knowledge.forget_snapshots(_changed_sources(old, change.config))
+        if not self._crew.stopping.is_set():
+            self._run(keepers)
 
     async def stop(self) -> None:
         self._stop.set()
@@ -785,16 +853,26 @@ class SnapshotWatch(Component):
 
     def __init__(self, knowledge: Knowledge, config: Config, crew: Crew) -> None:
         self._knowledge = knowledge
+        self.config = config
         self._data_dir = config.data_dir
         self._sender = config.upstream.sender
         self._crew = crew
         self._task: asyncio.Task[None] | None = None
+        #: When each manager's saved snapshot was last read (its file's mtime).
+        self._seen: dict[str, float] = {}
 
     async def start(self) -> None:
         self._task = self._crew.keep("snapshot watch", self._follow)
 
+    async def switch(self, change: Change) -> None:
+        old, self.config = self.config, change.config
+        changed = _changed_sources(old, change.config)
+        self._knowledge.forget_snapshots(changed)
+        for label in changed:
+            self._seen.pop(label, None)
+
     async def _follow(self) -> None:
-        seen: dict[str, float] = {}
+        seen = self._seen
         while not self._crew.stopping.is_set():
             # Recomputed each time: a reload may change the managers and their sources.
             for manager in self._knowledge.managers:

@@ -281,6 +281,11 @@ class Dispatcher:
             upstream=self.upstream,
         )
 
+    def close(self) -> None:
+        """Let go of a dispatcher that never ran (a reload that did not switch to it)."""
+        self._outbox.close()
+        self._executor.shutdown(wait=False)
+
     def wake(self) -> None:
         """Look at the outbox now (new items were committed)."""
         self._wake.set()

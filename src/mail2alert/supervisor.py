@@ -28,6 +28,7 @@ import signal
 import socket
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, Protocol, TypeVar
 
 from mail2alert.app import Role, Service, bind, warn_if_unreachable
@@ -313,11 +314,21 @@ class Woken(Protocol):
     def woken(self, told: bytes) -> None: ...
 
 
-def woken(read_fd: int, service: Woken) -> None:
-    """The wake pipe is readable: hand what the intake workers wrote to ``service``."""
-    told = b""
-    with contextlib.suppress(BlockingIOError):
+def woken(read_fd: int, service: Woken, ended: Callable[[], object] = lambda: None) -> None:
+    """The wake pipe is readable: hand what the intake workers wrote to ``service``.
+
+    Once every worker has closed its end (they stopped), ``ended`` is called instead: a pipe
+    at its end stays readable, and the loop would call this over and over while delivery
+    finishes.
+    """
+    try:
         told = os.read(read_fd, 4096)
+    except BlockingIOError:
+        told = b""
+    else:
+        if not told:
+            ended()
+            return
     service.woken(told)
 
 
@@ -378,7 +389,7 @@ async def _supervise(
                 service.request_stop()
 
     reaper = asyncio.create_task(reap())
-    loop.add_reader(read_fd, woken, read_fd, service)
+    loop.add_reader(read_fd, woken, read_fd, service, partial(loop.remove_reader, read_fd))
     console = _start_monitor(monitor, service) if monitor else None
     _handle_signals(loop, service)
     try:
