@@ -345,3 +345,29 @@ def test_a_reload_asked_while_starting_waits_until_everything_started(
     switched, addresses = asyncio.run(scenario())
     assert switched is True
     assert [port for _, port in addresses] == [new_port]
+
+
+def test_a_changed_intake_workers_leaves_each_process_its_share_until_the_restart(
+    tmp_path: Path, upstream: CaptureServer, data_dir: Path
+) -> None:
+    """``intake-workers`` changes at the next restart: until then the one process running
+    keeps the whole of ``max-sessions`` (4), not a quarter of it."""
+    path = write_config(
+        tmp_path / "c.yml",
+        remote_port=upstream.port,
+        data_dir=data_dir,
+        managers=example_managers("mail"),
+        local={"address": "127.0.0.1:0", "max-sessions": 4},
+    )
+    base = path.read_text()
+    path.write_text(base + "intake-workers: 1\n")
+    with running(path) as service:
+        path.write_text(base + "intake-workers: 4\n")
+        assert service.call(service.service.reload()) is True
+        clients = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(3)]
+        try:
+            greetings = [c.makefile("rb").readline()[:3] for c in clients]
+        finally:
+            for client in clients:
+                client.close()
+    assert greetings == [b"220", b"220", b"220"]

@@ -195,10 +195,11 @@ def _open(data_dir: Path, opening: Callable[[], T]) -> T:
         raise StartupError(f"data-dir {str(data_dir)!r}: {exc}") from None
 
 
-def _access_of(config: Config) -> Access:
-    """The listener's access rules, with its certificate and users loaded."""
+def _access_of(config: Config, processes: int) -> Access:
+    """The listener's access rules, with its certificate and users loaded; ``processes``
+    intake processes share its ``max-sessions``."""
     try:
-        return Access.of(config.listener, processes=config.intake_workers)
+        return Access.of(config.listener, processes=processes)
     except (OSError, ssl.SSLError, ValueError) as exc:
         raise ReloadRefused(f"local-smtp: {exc}") from None
 
@@ -317,12 +318,14 @@ class Intake(Component):
         self._sessions: weakref.WeakSet[SMTP] = weakref.WeakSet()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._access: Access | None = None
+        #: How many intake processes run (and share max-sessions) until the next restart.
+        self._processes = config.intake_workers
         self._next_access: Access | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         try:
-            self._access = _access_of(self.config)
+            self._access = _access_of(self.config, self._processes)
         except ReloadRefused as exc:
             raise StartupError(str(exc)) from None
         data_dir = self.config.data_dir
@@ -397,7 +400,8 @@ class Intake(Component):
         return servers, [sock.getsockname()[:2] for sock in sockets]
 
     async def prepare(self, change: Change) -> None:
-        self._next_access = _access_of(change.config)
+        # intake-workers changes at the next restart: as many processes share it until then.
+        self._next_access = _access_of(change.config, self._processes)
         new = change.config.local_smtp
         if new == self.config.local_smtp:
             if _listening_tls(change.config) != _listening_tls(self.config):
