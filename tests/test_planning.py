@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
+from mail2alert.components import Knowledge
 from mail2alert.managers.base import (
     Context,
     ManagerType,
@@ -359,3 +360,30 @@ def test_without_a_sender_routed_mail_is_from_the_envelope_sender_as_before() ->
     data = sent_with(None)
     assert field_value(data, "From") == "Go Server <go@example.com>"
     assert field_value(data, "Reply-To") == ""
+
+
+# -- what routing knows while another process's notes are read -----------------------------------
+
+
+def test_a_note_remembered_while_the_notes_are_read_again_survives_the_read() -> None:
+    """The read began before this process's commit: what it read is older than what the
+    commit taught, which must not be lost (a ``failed`` after it would not be a breakage)."""
+    knowledge = Knowledge(())
+    knowledge.reading()
+    read_before_the_commit: dict[str, dict[tuple[str, ...], str]] = {"history": {}}
+    knowledge.remember([Note("history", ("p", "s"), "passed")])
+    knowledge.replace_notes(read_before_the_commit)
+    assert knowledge.context.recall("history", ("p", "s")) == "passed"
+
+
+def test_notes_read_again_replace_the_old_whole_and_never_empty_them() -> None:
+    """Routing in another thread (the holds) may hold the old notes while they are read
+    again: it sees them as they were, never half emptied."""
+    knowledge = Knowledge(())
+    knowledge.reading()
+    knowledge.replace_notes({"history": {("p", "s"): "failed"}})
+    before = knowledge.context
+    knowledge.reading()
+    knowledge.replace_notes({"history": {("p", "s"): "passed"}})
+    assert before.recall("history", ("p", "s")) == "failed"
+    assert knowledge.context.recall("history", ("p", "s")) == "passed"

@@ -122,6 +122,9 @@ class Knowledge:
         #: By table and key; the context's ``state`` is this very mapping.
         self.notes: Notes = {}
         self.context = Context(state=self.notes)
+        #: The notes remembered since a refresh began to read the outbox (None: no refresh
+        #: under way): applied again over what it read, which may be older.
+        self._since_read: list[Note] | None = None
         #: Set when a snapshot arrives: held mail may be routable now.
         self.news = asyncio.Event()
 
@@ -147,6 +150,12 @@ class Knowledge:
     def remember(self, notes: Sequence[Note]) -> None:
         """Notes of a decision that is durable now."""
         remember(self.notes, notes)
+        if self._since_read is not None:
+            self._since_read.extend(notes)
+
+    def reading(self) -> None:
+        """A refresh begins to read the notes from the outbox (see :meth:`replace_notes`)."""
+        self._since_read = []
 
     def learn(self, notes: Sequence[Note]) -> None:
         """Notes learnt from outside: kept only where nothing is known yet."""
@@ -154,11 +163,20 @@ class Knowledge:
             self.notes.setdefault(note.table, {}).setdefault(note.key, note.value)
 
     def replace_notes(self, fresh: Mapping[str, Mapping[tuple[str, ...], str]]) -> None:
-        """Everything committed, as read back from the outbox."""
-        for table, rows in fresh.items():
-            kept = self.notes.setdefault(table, {})
-            kept.clear()
-            kept.update(rows)
+        """Everything committed, as read back from the outbox since :meth:`reading`; the
+        notes this process remembered meanwhile are applied again over it (the read may have
+        come before their commit).
+
+        A new mapping replaces the old one whole: routing in another thread (the holds) may
+        be reading the old one, which must never be seen half emptied.
+        """
+        notes: Notes = {table: dict(rows) for table, rows in fresh.items()}
+        for table in self.notes:
+            notes.setdefault(table, {})
+        remember(notes, self._since_read or ())
+        self._since_read = None
+        self.notes = notes
+        self.context = replace(self.context, state=notes)
 
 
 class Component:
@@ -264,6 +282,7 @@ class NotesWatch(Component):
 
     async def start(self) -> None:
         self._outbox = _open(self._data_dir, lambda: Outbox(self._data_dir, durable=False))
+        self._knowledge.reading()
         self._knowledge.replace_notes(self._outbox.notes())
         self._task = self._crew.keep("notes watch", self._follow)
 
@@ -277,6 +296,7 @@ class NotesWatch(Component):
             version = await loop.run_in_executor(self._reader, outbox.version)
             if version != seen:
                 seen = version
+                self._knowledge.reading()
                 fresh = await loop.run_in_executor(self._reader, outbox.notes)
                 self._knowledge.replace_notes(fresh)
 
