@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import trustme
 
@@ -250,3 +251,25 @@ def test_passwd_prints_a_users_file_line_for_a_password_read_from_stdin(tmp_path
     users = read_users(tmp_path / "users")
     assert verify(users, "ci", "right horse")
     assert not verify(users, "ci", "wrong horse")
+
+
+def test_a_name_that_is_no_users_costs_the_same_check_as_a_users_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bcrypt users file: a login as nobody is checked against a bcrypt hash of the same
+    cost as the file's, not the cheaper argon2 of an empty file, so that how long the answer
+    takes does not tell which names exist."""
+    checked: list[bytes] = []
+    real = bcrypt.checkpw
+
+    def checkpw(password: bytes, hashed: bytes) -> bool:
+        checked.append(hashed)
+        return real(password, hashed)
+
+    monkeypatch.setattr(bcrypt, "checkpw", checkpw)
+    alice = bcrypt.hashpw(b"wonderland", bcrypt.gensalt(rounds=5)).decode("ascii")
+    users = {"alice": alice}
+    assert verify(users, "alice", "wonderland")
+    assert not verify(users, "mallory", "wonderland")
+    assert [h[:7] for h in checked] == [b"$2b$05$", b"$2b$05$"]
+    assert checked[1] != alice.encode("ascii")  # not alice's own: no password of anyone's

@@ -8,6 +8,7 @@ user exists or not.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,18 +61,42 @@ def read_users(path: Path) -> Mapping[str, str]:
     return users
 
 
-def verify(users: Mapping[str, str], name: str, password: str) -> bool:
-    """Whether ``password`` is ``name``'s; slow by design (run it off the event loop)."""
-    hashed = users.get(name)
-    if hashed is None or not hashed.startswith("$2"):
-        try:
-            return _HASHER.verify(hashed or _NOBODY, password) and hashed is not None
-        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
-            return False
+@functools.lru_cache(maxsize=8)
+def _nobody_like(sample: str) -> str:
+    """A hash of no one's password that takes as long to check as ``sample`` (its kind and
+    its cost: bcrypt's rounds, argon2's memory, time and lanes)."""
     try:
-        return bcrypt.checkpw(password.encode("utf-8"), hashed.encode("ascii"))
-    except ValueError:
+        if sample.startswith("$2"):
+            rounds = int(sample.split("$")[2])
+            salt = bcrypt.gensalt(rounds=rounds, prefix=sample[1:3].encode("ascii"))
+            return bcrypt.hashpw(b"not a password of anyone", salt).decode("ascii")
+        hasher = argon2.PasswordHasher.from_parameters(argon2.extract_parameters(sample))
+        return hasher.hash("not a password of anyone")
+    except (ValueError, argon2.exceptions.InvalidHashError, argon2.exceptions.HashingError):
+        return _NOBODY
+
+
+def _matches(hashed: str, password: str) -> bool:
+    try:
+        if hashed.startswith("$2"):
+            return bcrypt.checkpw(password.encode("utf-8"), hashed.encode("ascii"))
+        return _HASHER.verify(hashed, password)
+    except (ValueError, argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False
+
+
+def verify(users: Mapping[str, str], name: str, password: str) -> bool:
+    """Whether ``password`` is ``name``'s; slow by design (run it off the event loop).
+
+    A name that is no user's is checked against a hash like the file's own (its first
+    user's kind and cost), so that the answer takes as long whether the user exists or not.
+    """
+    hashed = users.get(name)
+    if hashed is not None:
+        return _matches(hashed, password)
+    like = next(iter(users.values()), None)
+    _matches(_nobody_like(like) if like is not None else _NOBODY, password)
+    return False
 
 
 def hash_password(password: str) -> str:
