@@ -237,6 +237,26 @@ def test_a_port_scan_of_the_implicit_tls_listener_leaves_no_session_behind(
         gc.enable()
 
 
+def test_a_connection_silent_in_its_implicit_tls_handshake_is_closed_at_the_timeout(
+    tmp_path: Path, upstream: CaptureServer, tls_files: dict[str, str]
+) -> None:
+    """Until its handshake is done a connection is no session, which max-sessions and the
+    session's timeout would hold: the handshake has the listener's timeout (at most 10 s),
+    so that idle connections cannot pile up."""
+    local = {"tls": {"mode": "implicit", **tls_files}, "max-sessions": 2, "timeout": "1s"}
+    with serving(tmp_path, upstream, local) as service:
+        idle = [socket.create_connection(("127.0.0.1", service.port)) for _ in range(10)]
+        started = time.monotonic()
+        try:
+            for connection in idle:
+                connection.settimeout(8)
+                assert connection.recv(1) == b""  # closed by mail2alert
+        finally:
+            for connection in idle:
+                connection.close()
+    assert time.monotonic() - started < 5
+
+
 def test_passwd_prints_a_users_file_line_for_a_password_read_from_stdin(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "mail2alert", "passwd", "ci"],
@@ -273,3 +293,43 @@ def test_a_name_that_is_no_users_costs_the_same_check_as_a_users_name(
     assert not verify(users, "mallory", "wonderland")
     assert [h[:7] for h in checked] == [b"$2b$05$", b"$2b$05$"]
     assert checked[1] != alice.encode("ascii")  # not alice's own: no password of anyone's
+
+
+def test_a_renewed_certificate_is_served_after_a_reload_on_an_implicit_tls_listener(
+    tmp_path: Path, upstream: CaptureServer, ca: trustme.CA
+) -> None:
+    """certbot renews the files in place, then ``systemctl reload``: new connections get the
+    new certificate, though the listener stays bound."""
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+
+    def issue() -> None:
+        issued = ca.issue_cert("localhost", "127.0.0.1")
+        issued.cert_chain_pems[0].write_to_path(str(cert))
+        issued.private_key_pem.write_to_path(str(key))
+
+    def served(port: int) -> bytes:
+        client = ssl.create_default_context()
+        ca.configure_trust(client)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with client.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            der = tls.getpeercert(binary_form=True)
+        assert der is not None
+        return der
+
+    issue()
+    path = write_config(
+        tmp_path / "configuration.yml",
+        remote_port=upstream.port,
+        data_dir=tmp_path / "data",
+        managers=[BACKUP_MANAGER],
+        local={
+            "address": "127.0.0.1:0",
+            "tls": {"mode": "implicit", "cert": str(cert), "key": str(key)},
+        },
+    )
+    with running(path) as service:
+        before = served(service.port)
+        issue()
+        assert service.call(service.service.reload()) is True
+        after = served(service.port)
+    assert after != before

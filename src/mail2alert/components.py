@@ -65,6 +65,9 @@ T = TypeVar("T")
 
 #: How long a stop waits for SMTP sessions in the middle of a transaction.
 GRACE = 10.0
+#: The longest a TLS handshake on an implicit-TLS listener may take (at most the listener's
+#: ``timeout``): until it is done the connection counts against no limit.
+HANDSHAKE_TIMEOUT = 10.0
 #: How often held mail is looked at even when no new snapshot arrived (for hold-max).
 HOLD_CHECK = 5.0
 #: How often an intake process looks for a new snapshot in data-dir.
@@ -222,10 +225,10 @@ def _access_of(config: Config, processes: int) -> Access:
         raise ReloadRefused(f"local-smtp: {exc}") from None
 
 
-def _listening_tls(config: Config) -> tuple[object, ...]:
-    """What of TLS the listening socket itself carries (only implicit TLS does)."""
+def _implicit_tls(config: Config) -> bool:
+    """Whether the listening socket itself carries TLS."""
     tls = config.listener.tls
-    return (tls.cert, tls.key) if tls is not None and tls.mode == "implicit" else ()
+    return tls is not None and tls.mode == "implicit"
 
 
 def bind(address: HostPort) -> list[socket.socket]:
@@ -340,6 +343,8 @@ class Intake(Component):
         self._access: Access | None = None
         #: How many intake processes run (and share max-sessions) until the next restart.
         self._processes = config.intake_workers
+        #: The TLS context the listening servers were bound with (implicit TLS only).
+        self._bound_tls: ssl.SSLContext | None = None
         self._next_access: Access | None = None
 
     async def start(self) -> None:
@@ -361,6 +366,8 @@ class Intake(Component):
         )
         sockets = list(self._sockets) if self._sockets is not None else bind(self.config.local_smtp)
         self._servers, self.addresses = await self._serve(sockets, start=True)
+        if _implicit_tls(self.config):
+            self._bound_tls = self._access.tls_context
 
     def describe(self) -> str:
         return f"listening on {shown(self.addresses)}"
@@ -406,10 +413,16 @@ class Intake(Component):
 
         loop = asyncio.get_running_loop()
         servers: list[asyncio.Server] = []
+        # A connection still in its handshake has no session yet, so neither max-sessions
+        # nor the session's timeout holds it: the handshake has a timeout of its own.
+        tls: dict[str, Any] = {}
+        if context is not None and access is not None:
+            handshake = min(access.listener.timeout, HANDSHAKE_TIMEOUT)
+            tls = {"ssl": context, "ssl_handshake_timeout": handshake}
         try:
             for sock in sockets:
                 servers.append(
-                    await loop.create_server(factory, sock=sock, start_serving=start, ssl=context)
+                    await loop.create_server(factory, sock=sock, start_serving=start, **tls)
                 )
         except OSError as exc:
             for server in servers:
@@ -424,7 +437,7 @@ class Intake(Component):
         self._next_access = _access_of(change.config, self._processes)
         new = change.config.local_smtp
         if new == self.config.local_smtp:
-            if _listening_tls(change.config) != _listening_tls(self.config):
+            if _implicit_tls(change.config) != _implicit_tls(self.config):
                 raise ReloadRefused(
                     "local-smtp: implicit TLS is set up when the listener is bound;"
                     " restart mail2alert to change it, or change the address too"
@@ -443,8 +456,11 @@ class Intake(Component):
         self.config = change.config
         self._access, self._next_access = self._next_access or self._access, None
         if self._next is None:
+            self._renew_certificate()
             return
         (servers, addresses), self._next = self._next, None
+        access = self._access
+        self._bound_tls = access.tls_context if access and _implicit_tls(self.config) else None
         for server in servers:
             await server.start_serving()
         # Sessions already open on the old listener go on; only new connections move.
@@ -452,6 +468,19 @@ class Intake(Component):
             old.close()
         self._servers, self.addresses = servers, addresses
         log.info("now listening on %s", shown(addresses))
+
+    def _renew_certificate(self) -> None:
+        """On an implicit-TLS listener that stays, the certificate as the files hold it now
+        (a renewed one): its servers keep the TLS context they were bound with, so the new
+        certificate goes into that context; sessions under way keep theirs."""
+        tls = self.config.listener.tls
+        bound = self._bound_tls
+        if tls is None or tls.mode != "implicit" or bound is None:
+            return
+        try:
+            bound.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:  # the files changed again since the check
+            log.error("local-smtp: the certificate could not be loaded again: %s", exc)
 
     async def abort(self) -> None:
         self._next_access = None
