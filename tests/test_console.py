@@ -9,6 +9,7 @@ import asyncio
 import base64
 import dataclasses
 import fnmatch
+import http.client
 import re
 import threading
 import tomllib
@@ -23,6 +24,7 @@ import pytest
 import yaml
 
 from mail2alert import components, config
+from mail2alert.console import own_name
 from mail2alert.console.access import REMEMBERED, TOKEN_LIFE, Csrf, Logins, credentials
 from mail2alert.console.views import HOURS, hour_of, hourly_chart, url_shown
 from mail2alert.gocd.explaining import console_tables
@@ -300,6 +302,60 @@ def test_a_post_without_a_valid_token_is_403_and_changes_nothing(
     answer = fetch(f"{mail2alert.service.http_url}/outbox/{action}", form=form)
     assert answer.status == 403
     assert mail2alert.outbox.item(queue_id)["state"] == "dead"
+
+
+def by_host(url: str, host: str, form: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """GET (or POST ``form`` to) ``url`` with another ``Host`` header, as a page of another
+    site whose name resolves to 127.0.0.1 (DNS rebinding) sends it."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=15)
+    body = urllib.parse.urlencode(form) if form is not None else None
+    headers = {"Host": host}
+    if body is not None:
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    connection.request("POST" if form is not None else "GET", parts.path, body, headers)
+    answer = connection.getresponse()
+    text = answer.read().decode()
+    connection.close()
+    return answer.status, text
+
+
+def test_without_a_users_file_another_sites_name_gets_nothing_and_changes_nothing(
+    dead: tuple[Relay, str],
+) -> None:
+    """A page of another site whose name is made to resolve to 127.0.0.1 would be of the
+    console's own origin: it could read a form's token and use it. Without logins the
+    console answers only at localhost, an IP address or http's own host name."""
+    mail2alert, queue_id = dead
+    url = mail2alert.service.http_url
+    port = urllib.parse.urlsplit(url).port
+    status, page = by_host(url + "/outbox", f"rebind.attacker.example:{port}")
+    assert status == 421
+    assert "DNS rebinding" in page
+    token = token_in(fetch(url + "/outbox").body)  # as if it had got one all the same
+    form = {"csrf": token, "queue_id": queue_id}
+    assert by_host(url + "/outbox/delete", f"rebind.attacker.example:{port}", form)[0] == 421
+    assert mail2alert.outbox.item(queue_id)["state"] == "dead"
+    assert by_host(url + "/outbox", f"localhost:{port}")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("host", "ours"),
+    [
+        ("127.0.0.1:9025", True),
+        ("[::1]:9025", True),
+        ("::1", True),
+        ("10.0.0.5", True),
+        ("localhost:9025", True),
+        ("LocalHost", True),
+        ("console.localhost:9025", True),
+        ("mail2alert.example.com:9025", True),  # http's own host name
+        ("rebind.attacker.example:9025", False),
+        ("", False),
+    ],
+)
+def test_the_names_a_console_without_logins_answers_at(host: str, ours: bool) -> None:
+    assert own_name(host, "mail2alert.example.com") is ours
 
 
 def test_with_admin_false_a_post_is_403_even_with_a_valid_token(

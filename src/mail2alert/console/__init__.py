@@ -26,6 +26,7 @@ the last reload, keepers, snapshots and notes) comes from ``running`` on the eve
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import re
@@ -91,6 +92,32 @@ HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
+
+
+#: The answer to a request for another host name while no users file guards the console.
+NOT_OUR_NAME = (
+    "421: without http.users-file the console answers only at localhost, an IP address or"
+    " the host name of http's address (a page of another site could read it through DNS"
+    " rebinding, and use its forms)\n"
+)
+
+
+def own_name(host: str, configured: str) -> bool:
+    """Whether a request's ``Host`` (with or without a port) names this listener in a way no
+    other site can take over: an IP address, ``localhost``, or the host of ``http``'s
+    address. A DNS name of another site may resolve to 127.0.0.1 too (DNS rebinding)."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        pass
+    else:
+        return True
+    return name in ("localhost", configured.strip("[]").lower()) or name.endswith(".localhost")
 
 
 class Reloaded(Protocol):
@@ -195,6 +222,8 @@ class Console:
             http = self._running().config.http
             users_file = http.users_file if http is not None else None
             if users_file is None:
+                if not own_name(request.host, http.address.host if http else ""):
+                    return web.Response(status=421, text=NOT_OUR_NAME)
                 return await handler(request, "")
             try:
                 user = await self._logins.check(
