@@ -9,6 +9,7 @@ what the fakes and the outbox record.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import textwrap
@@ -21,8 +22,16 @@ import pytest
 import yaml
 
 from mail2alert import cli
+from mail2alert.actions import action_id
+from mail2alert.errors import OutboxFull
 from mail2alert.gocd.testing import gocd_stage_mail
+from mail2alert.model import ChatPost, ChatSettings, ChatTemplate, Secret
+from mail2alert.outbox import Item
+from mail2alert.templates import check as check_template
 from mail2alert.testing import CaptureServer, EndlessAnswer, FakeSlack, HookReceiver, free_port
+from mail2alert.transports import Attempt
+from mail2alert.transports.chat import ChatSender, ThreadStore
+from mail2alert.transports.chat import _seconds as retry_after_seconds
 from tests.helpers import (
     OutboxView,
     Relay,
@@ -773,3 +782,126 @@ def test_send_test_that_fails_exits_1_with_the_reason_and_without_the_secrets(
     assert "500" in err
     for secret in SECRETS:
         assert secret not in err
+
+
+# -- what a post must survive ----------------------------------------------------------------------
+
+
+def test_a_template_that_fails_on_a_real_alert_posts_the_default_text_and_loses_nothing(
+    tmp_path: Path, upstream: CaptureServer, slack: FakeSlack
+) -> None:
+    """The check at load renders samples; a real alert may take a branch they did not (a
+    committer with no address: a Mercurial change). The mail is taken all the same, its
+    mailto: recipient gets it, and the post goes out with the default text."""
+    template = {
+        "title": "{{ event }} {{ pipeline }}"
+        "{% if committers %} ({{ committers[0].address.split('@')[1] }}){% endif %}"
+    }
+    body = (
+        "See details: https://ci.example.com/go/pipelines/my-pipeline/6/my-stage/1\n\n"
+        "-- CHANGES --\n\nHg: https://hg.example.com/app\n"
+        "revision: 1f5557f8a1c3, modified by bob on 2024-03-15\n"
+        "Fix flaky test\n\nSent by Go on behalf of ci-robot\n"
+    )
+    path = write(
+        tmp_path,
+        upstream,
+        rule("mailto:team@example.com", "slack:#builds", template=template),
+        slack=slack,
+    )
+    with running(path) as service:
+        reply = send(service.port, gocd_stage_mail(to=GOCD_TO, body=body), rcpt_tos=[GOCD_TO])
+        (mail,) = upstream.wait_for(1)
+        (posted,) = slack.wait_for(1)
+    assert reply.code == 250
+    assert mail.rcpt_tos == ("team@example.com",)
+    assert "my-pipeline" in json.dumps(posted.body)
+
+
+def test_a_post_slack_took_is_not_sent_again_when_its_thread_cannot_be_kept(
+    slack: FakeSlack,
+) -> None:
+    """Slack answered ok; keeping the thread's ts then failed (a full disk): the post is
+    done, not retried (which would post it twice)."""
+
+    async def fail(*args: Any) -> None:
+        raise OutboxFull("cannot write to the outbox: database or disk is full")
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    async def scenario() -> Attempt:
+        settings = ChatSettings(
+            {action_id("slack:#builds"): "slack:#builds"}, Secret(TOKEN), slack.api_url, 5.0
+        )
+        sender = ChatSender(settings, ThreadStore(nothing, fail, nothing))
+        post = ChatPost(
+            "slack:#builds",
+            "BREAKS: p",
+            "body",
+            "#d50200",
+            event="BREAKS",
+            thread_key=("p", "s"),
+            thread="start",
+        )
+        item = Item(
+            1, "Q1", "chat", "", post.to_json().encode(), 0, 0.0, (action_id("slack:#builds"),)
+        )
+        try:
+            return await sender.send(item)
+        finally:
+            await sender.close()
+
+    attempt = asyncio.run(scenario())
+    assert [r.state for r in attempt.recipients] == ["done"]
+    assert len(slack.succeeded) == 1
+
+
+@pytest.mark.parametrize("error", ["token_expired", "access_denied", "not_allowed_token_type"])
+def test_a_slack_error_no_retry_cures_is_permanent(error: str) -> None:
+    class Refusing(FakeSlack):
+        def _answer(self, path: str, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
+            return 200, {"ok": False, "error": error}
+
+    async def nothing(*args: Any) -> None:
+        return None
+
+    with Refusing(TOKEN) as refusing:
+
+        async def scenario() -> Attempt:
+            action = action_id("slack:#builds")
+            settings = ChatSettings({action: "slack:#builds"}, Secret(TOKEN), refusing.api_url, 5.0)
+            sender = ChatSender(settings, ThreadStore(nothing, nothing, nothing))
+            post = ChatPost("slack:#builds", "BREAKS: p", "body", "#d50200", event="BREAKS")
+            item = Item(1, "Q1", "chat", "", post.to_json().encode(), 0, 0.0, (action,))
+            try:
+                return await sender.send(item)
+            finally:
+                await sender.close()
+
+        attempt = asyncio.run(scenario())
+    assert attempt.permanent
+    assert attempt.error == f"Slack: {error}"
+
+
+@pytest.mark.parametrize(
+    ("said", "taken"),
+    [
+        ("30", 30.0),
+        ("0", 1.0),
+        ("1e9", 3600.0),
+        ("inf", 3600.0),
+        ("nan", 30.0),
+        ("Wed, 21 Oct 2015 07:28:00 GMT", 30.0),
+        (None, 1.0),
+    ],
+)
+def test_retry_after_is_taken_in_seconds_within_an_hour(said: str | None, taken: float) -> None:
+    """A proxy may say anything: a retry is never put off for more than an hour."""
+    assert retry_after_seconds(said) == taken
+
+
+def test_a_template_that_raises_a_python_error_is_a_problem_at_its_line() -> None:
+    assert check_template(ChatTemplate(title="{{ '%s #%s'|format(pipeline) }}")) == (
+        "template error: TypeError: not enough arguments for format string"
+    )

@@ -17,6 +17,7 @@ Every action is checked when the configuration loads, so a malformed one is a lo
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -26,6 +27,8 @@ from mail2alert.managers.memory import Conversation
 from mail2alert.message import RawMessage, address_of, one_line, rewrite, valid_text
 from mail2alert.model import Alert, ChatPost, ChatTemplate, Decision, Envelope, Outgoing
 from mail2alert.templates import PLAIN, Presentation, render
+
+log = logging.getLogger(__name__)
 
 # No control character either (a commit's author writes the address a committers: action
 # mails, and it reaches log lines and terminals).
@@ -320,7 +323,18 @@ def chat_item(
         style = parse_slack(uri)[1]
         if style:
             template = replace(template, style=style)
-    rendered = render(template, decision.alert, label, shown)
+    try:
+        rendered = render(template, decision.alert, label, shown)
+    except Exception as exc:  # noqa: BLE001 - a template the samples did not trip up
+        # The check at load renders samples; a real alert may take another branch. The post
+        # goes out with the default text rather than the message being refused (which would
+        # lose its mail items too: GoCD never sends a mail again).
+        log.warning(
+            "a chat template failed on this alert (%s: %s); posting the default text",
+            type(exc).__name__,
+            exc,
+        )
+        rendered = render(replace(template, title=None, body=None), decision.alert, label, shown)
     role = conversation.role if conversation else None
     post = ChatPost(
         action=mask(uri),

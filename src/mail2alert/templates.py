@@ -140,4 +140,6 @@ def check(template: ChatTemplate) -> str | None:
             line = getattr(exc, "lineno", None)
             where = f" (template line {line})" if line else ""
             return f"template error{where}: {exc.message or exc}"
+        except Exception as exc:  # noqa: BLE001 - a filter or an operation failing ('%d' % text)
+            return f"template error: {type(exc).__name__}: {exc}"
     return None

@@ -44,6 +44,17 @@ SLACK_PERMANENT = frozenset(
         "no_permission",
         "invalid_arguments",
         "msg_too_long",
+        "token_expired",
+        "not_allowed_token_type",
+        "access_denied",
+        "team_access_not_granted",
+        "org_login_required",
+        "ekm_access_denied",
+        "cannot_reply_to_message",
+        "restricted_action",
+        "restricted_action_read_only_channel",
+        "restricted_action_thread_only_channel",
+        "restricted_action_non_threadable_channel",
     }
 )
 
@@ -147,10 +158,15 @@ class ChatSender:
         if not isinstance(answer, dict) or not answer.get("ok"):
             error = str(answer.get("error", "unknown")) if isinstance(answer, dict) else "?"
             return Attempt((), f"Slack: {error}", permanent=error in SLACK_PERMANENT)
-        if key is not None and post.thread == "start" and answer.get("ts"):
-            await self.threads.put(key, str(answer.get("channel") or channel), str(answer["ts"]))
-        elif key is not None and thread:
-            await self.threads.drop(key)
+        # Slack has the post: whatever happens to the thread's note now, it is not sent again.
+        try:
+            if key is not None and post.thread == "start" and answer.get("ts"):
+                where = str(answer.get("channel") or channel)
+                await self.threads.put(key, where, str(answer["ts"]))
+            elif key is not None and thread:
+                await self.threads.drop(key)
+        except Exception as exc:  # noqa: BLE001 - the post is made; only its thread suffers
+            log.error("posted to %s, but its thread could not be kept: %s", channel, exc)
         return Attempt((RecipientResult(action, "done", f"posted to {channel}"),))
 
     def _client(self) -> aiohttp.ClientSession:
@@ -210,11 +226,18 @@ def _scrub(text: str, uri: str) -> str:
     return text
 
 
+#: The longest Retry-After taken as said (a proxy may say anything): an hour.
+RETRY_AFTER_MAX = 3600.0
+
+
 def _seconds(value: str | None) -> float:
+    """Retry-After in seconds, from 1 s to :data:`RETRY_AFTER_MAX` (30 s when it is no
+    number of seconds, such as an HTTP date)."""
     try:
-        return max(1.0, float(value or 1))
+        wait = float(value or 1)
     except ValueError:
         return 30.0
+    return min(RETRY_AFTER_MAX, max(1.0, wait)) if wait == wait else 30.0
 
 
 def _client_error() -> type[Exception]:
