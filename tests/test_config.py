@@ -1081,3 +1081,84 @@ def test_a_stray_block_scalar_above_a_password_shows_no_password_in_the_error() 
     assert "managers: expected" in shown
     assert "pelle" not in shown
     assert "passwd: ***" in shown
+
+
+# -- what a value must be, beyond its type (found by a review) -----------------------------------
+
+MAIL = """\
+remote-smtp: localhost:8025
+managers:
+  - name: mail
+    messages-we-want: {from: go@example.com}
+    rules:
+      - actions: [mailto:a@example.com]
+        filter: {function: mail.in_subject, args: [x]}
+"""
+
+
+@pytest.mark.parametrize("value", ["0x10", "0b11", "1:30"])
+def test_a_number_not_written_in_decimal_is_a_problem_not_a_traceback(value: str) -> None:
+    """YAML 1.1 reads these as numbers too."""
+    assert problems(MAIL + f"delivery: {{connections: {value}}}\n") == [
+        f"configuration.yml:8: delivery.connections: expected a whole number of at least 1,"
+        f" got {value!r}"
+    ]
+
+
+def test_a_number_too_big_to_keep_is_a_problem() -> None:
+    found = problems(MAIL + "history: {max-messages: 9223372036854775808}\n")
+    assert found[0].startswith("configuration.yml:8: history.max-messages: expected a whole")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("sender", '"alerts@example.com\\r\\nRCPT TO:<x@evil.test>"'), ("helo", '"mx\\r\\nRSET"')],
+)
+def test_a_line_break_in_what_is_said_to_the_smarthost_is_a_problem(key: str, value: str) -> None:
+    """``sender`` and ``helo`` go onto the SMTP connection as they are: a line break would
+    start another command."""
+    text = MAIL.replace(
+        "remote-smtp: localhost:8025", f"remote-smtp: {{address: localhost:8025, {key}: {value}}}"
+    )
+    found = problems(text)
+    assert len(found) == 1
+    assert found[0].startswith(f"configuration.yml:1: remote-smtp.{key}: ")
+
+
+def test_an_empty_slack_token_with_slack_actions_is_a_problem() -> None:
+    """``slack-token: $T`` with T set to nothing: every post would be dead."""
+    text = "slack-token: $T\n" + MAIL.replace("[mailto:a@example.com]", '["slack:#builds"]')
+    assert problems(text, {"T": ""}) == [
+        "configuration.yml:7: managers[0].rules[0].actions[0]: slack: actions post with the"
+        " top-level 'slack-token'; set it"
+    ]
+
+
+def test_a_ca_file_that_is_no_ca_bundle_is_a_problem(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("being replaced\n")
+    text = MAIL.replace(
+        "remote-smtp: localhost:8025",
+        f"remote-smtp: {{address: localhost:8025, tls: starttls, ca-file: {bundle}}}",
+    )
+    (found,) = problems(text)
+    assert found.startswith(f"configuration.yml:1: remote-smtp.ca-file: '{bundle}' is no CA bundle")
+
+
+@pytest.mark.parametrize(
+    "url", ["https://ci.example.com:99999/go", "olle:s3cretpw@ci.example.com/go"]
+)
+def test_a_gocd_url_that_cannot_be_used_is_a_problem_that_shows_no_login(url: str) -> None:
+    text = """\
+remote-smtp: localhost:8025
+managers:
+  - name: gocd
+    url: URL
+    messages-we-want: {to: mail2alert@example.com}
+    rules:
+      - actions: [mailto:a@example.com]
+        filter: {function: pipelines.any}
+""".replace("URL", url)
+    (found,) = problems(text)
+    assert found.startswith("configuration.yml:4: managers[0].url: expected an http:// or https://")
+    assert "s3cretpw" not in found

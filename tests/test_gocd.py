@@ -762,7 +762,8 @@ def test_a_gocd_manager_whose_keeper_cannot_be_made_refuses_the_reload(
 ) -> None:
     """A ``ca-file`` that is there but is no CA bundle (half written by config management,
     say): the reload is refused before anything switched, the poller goes on, and once the
-    file is fixed the next reload takes it."""
+    file is fixed the next reload takes it. (A keeper that cannot be made for another reason
+    refuses it the same way, while the reload prepares.)"""
     ca_path = tmp_path / "gocd-ca.pem"
     with FakeGoCD(GROUPS) as gocd:
         path = _config(tmp_path, upstream, data_dir, _gocd_manager(gocd.url))
@@ -781,8 +782,7 @@ def test_a_gocd_manager_whose_keeper_cannot_be_made_refuses_the_reload(
             polling = [t for t in keepers._tasks if not t.done()]
     assert first is False
     assert refused[0]
-    assert not refused[1].ok
-    assert "gocd#0: SSLError" in refused[1].message
+    assert not refused[1].ok  # the file is checked as a CA bundle with the configuration
     assert second is True
     assert len(polling) == 1
 

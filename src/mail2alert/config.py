@@ -26,7 +26,14 @@ import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from mail2alert import yamlerrors
-from mail2alert.actions import action_id, check_action, is_chat, is_committers, is_slack_web
+from mail2alert.actions import (
+    action_id,
+    check_action,
+    is_chat,
+    is_committers,
+    is_mailbox,
+    is_slack_web,
+)
 from mail2alert.errors import ConfigError, ConfigProblem, RuleArgumentError
 from mail2alert.managers.base import ManagerType, Option
 from mail2alert.managers.registry import MANAGER_TYPES
@@ -53,6 +60,10 @@ DEFAULT_SLACK_API = "https://slack.com/api"
 DEFAULT_CONFIG = "configuration.yml"
 
 T = TypeVar("T")
+
+
+#: A host name (or an address literal) as HELO/EHLO says it.
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 
 
 @dataclass(frozen=True)
@@ -372,7 +383,7 @@ class _Walker(Checker):
                 built = self.manager(node, f"managers[{i}]", i)
                 if built is not None:
                     managers.append(built)
-        if slack_token is None:
+        if not slack_token:  # unset, or set to nothing (an empty environment variable)
             for node, path in self.slack_actions:
                 self.problem(
                     node, path, "slack: actions post with the top-level 'slack-token'; set it"
@@ -583,11 +594,15 @@ class _Walker(Checker):
                 f"{path}.passwd",
                 "a password is never sent in clear text: use tls: starttls or implicit",
             )
-        ca_file = self._optional_in(keys, path, "ca-file", self.readable_file)
+        ca_file = self._optional_in(keys, path, "ca-file", self.ca_bundle)
         verify = self._optional_in(keys, path, "verify", self.boolean)
         helo = self._optional_in(keys, path, "helo", self.text)
+        if helo is not None and not _HOST_NAME.fullmatch(helo):
+            # Said on the wire as it is: a line break in it would start another command.
+            self.problem(keys["helo"], f"{path}.helo", f"{helo!r} is not a host name")
+            helo = None
         sender = self._optional_in(keys, path, "sender", self.text)
-        if sender is not None and "@" not in sender:
+        if sender is not None and not is_mailbox(sender):
             self.problem(keys["sender"], f"{path}.sender", f"{sender!r} is not a mail address")
             sender = None
         if address is None:

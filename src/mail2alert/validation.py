@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import re
+import ssl
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -42,6 +43,10 @@ def did_you_mean(word: str, choices: Collection[str]) -> str:
 
 def line_of(node: Node) -> int:
     return int(node.start_mark.line) + 1
+
+
+#: A whole number as written in decimal (YAML 1.1 also reads 0x10, 0b11 and 1:30 as ints).
+_DECIMAL = re.compile(r"[-+]?[0-9][0-9_]*")
 
 
 class Checker:
@@ -168,11 +173,23 @@ class Checker:
             return None
         return float(found.group(1)) * _UNITS[found.group(2)]
 
-    def integer(self, node: Node, path: str, *, minimum: int) -> int | None:
-        if isinstance(node, ScalarNode) and node.tag == INT and int(node.value) >= minimum:
+    def integer(
+        self, node: Node, path: str, *, minimum: int, maximum: int = 2**31 - 1
+    ) -> int | None:
+        # YAML 1.1 also reads 0x10, 0b11 and 1:30 as numbers; only decimals are taken.
+        if (
+            isinstance(node, ScalarNode)
+            and node.tag == INT
+            and _DECIMAL.fullmatch(node.value)
+            and minimum <= int(node.value) <= maximum
+        ):
             return int(node.value)
         self.problem(
-            node, path, f"expected a whole number of at least {minimum}, got {shown(node)}"
+            node,
+            path,
+            f"expected a whole number from {minimum} to {maximum}, got {shown(node)}"
+            if maximum < 2**31 - 1
+            else f"expected a whole number of at least {minimum}, got {shown(node)}",
         )
         return None
 
@@ -220,6 +237,19 @@ class Checker:
                 good = False
         return tuple(out) if good else None
 
+    def ca_bundle(self, node: Node, path: str) -> Path | None:
+        """A readable file of CA certificates (PEM), loaded now as TLS will load it."""
+        file = self.readable_file(node, path)
+        if file is None:
+            return None
+        try:
+            ssl.create_default_context(cafile=str(file))
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            value = node.value if isinstance(node, ScalarNode) else str(file)
+            self.problem(node, path, f"{self.shown(str(value), file)} is no CA bundle: {exc}")
+            return None
+        return file
+
     def readable_file(self, node: Node, path: str) -> Path | None:
         """A path to a file mail2alert can read."""
         value = self.text(node, path)
@@ -247,11 +277,20 @@ class Checker:
             return Secret(value)
         if option.kind == "url":
             parts = urlsplit(value)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                shown = value if not parts.password else value.replace(parts.password, "***")
-                self.problem(node, path, f"expected an http:// or https:// URL, got {shown!r}")
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:  # a port above 65535, or no number
+                port_ok = False
+            if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+                # Not repeated as written: a login may be in it, with no scheme to find it by.
+                shown = f"{parts.scheme}://{parts.hostname}" if parts.hostname else "it"
+                what = "an http:// or https:// URL with a valid port"
+                self.problem(node, path, f"expected {what}, not {shown}")
                 return None
             return value.rstrip("/")
+        if option.kind == "ca-file":
+            bundle = self.ca_bundle(node, path)
+            return str(bundle) if bundle is not None else None
         if option.kind == "path":
             file = self.located(value)
             if not file.is_file():

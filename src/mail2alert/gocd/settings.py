@@ -15,7 +15,7 @@ OPTIONS: Mapping[str, Option] = {
     "passwd": Option("secret", "password for HTTP basic auth"),
     "token": Option("secret", "access token (Authorization: bearer)"),
     "poll-interval": Option("seconds", "how often to read pipeline groups", 30.0),
-    "ca-file": Option("path", "CA bundle for GoCD's TLS certificate"),
+    "ca-file": Option("ca-file", "CA bundle for GoCD's TLS certificate"),
     "verify": Option("bool", "verify GoCD's TLS certificate", True),
     "hold-max": Option("seconds", "how long to hold mail while GoCD data is missing", 600.0),
     "duplicate-window": Option(

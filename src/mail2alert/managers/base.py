@@ -100,7 +100,7 @@ class RuleFunction:
         return None
 
 
-OptionKind = Literal["text", "secret", "url", "seconds", "bool", "path"]
+OptionKind = Literal["text", "secret", "url", "seconds", "bool", "path", "ca-file"]
 
 
 @dataclass(frozen=True)
