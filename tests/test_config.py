@@ -1162,3 +1162,21 @@ managers:
     (found,) = problems(text)
     assert found.startswith("configuration.yml:4: managers[0].url: expected an http:// or https://")
     assert "s3cretpw" not in found
+
+
+@pytest.mark.parametrize("address", ["GoCD <go@example.com>", "a@example.com, b@example.com"])
+def test_messages_we_want_takes_plain_addresses_only(address: str) -> None:
+    """They are compared with the envelope as written: these would never match."""
+    text = MAIL.replace("{from: go@example.com}", f"{{from: '{address}'}}")
+    assert problems(text) == [
+        f"configuration.yml:4: managers[0].messages-we-want.from: {address.lower()!r} is not a"
+        " mail address (one plain address per entry; give several as a list)"
+    ]
+
+
+def test_an_action_that_is_no_uri_is_not_repeated_past_its_first_slash() -> None:
+    """A webhook written without its scheme carries its secret in the path."""
+    text = MAIL.replace("[mailto:a@example.com]", "[hooks.slack.com/services/T000/B000/SECRETXYZ]")
+    (found,) = problems(text)
+    assert "SECRETXYZ" not in found
+    assert "'hooks.slack.com/***' is not a URI" in found

@@ -183,7 +183,10 @@ def check_action(uri: str) -> str | None:
     """Why ``uri`` is not a usable action, or None when it is."""
     scheme, sep, rest = uri.partition(":")
     if not sep or not scheme:
-        return f"{uri!r} is not a URI: write it as mailto:team@example.com or a chat URL"
+        # Shown only up to its first slash: a webhook written without its scheme has its
+        # secret in the path.
+        shown = uri.split("/", 1)[0] + ("/***" if "/" in uri else "")
+        return f"{shown!r} is not a URI: write it as mailto:team@example.com or a chat URL"
     if rest.startswith("//"):
         if scheme.lower() == "mailto":
             # Apprise's e-mail URL (mailto://user:password@gmail.com) would be taken for a

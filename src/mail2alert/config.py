@@ -733,8 +733,14 @@ class _Walker(Checker):
                 # An empty list would leave the manager without criteria: it would take all mail.
                 self.problem(value, f"{path}.{key}", "needs at least one address")
             for address in addresses:
-                if "@" not in address:
-                    self.problem(value, f"{path}.{key}", f"{address!r} is not a mail address")
+                # Compared with the envelope as it is: 'GoCD <go@x>' or 'a@x, b@x' never match.
+                if not is_mailbox(address):
+                    self.problem(
+                        value,
+                        f"{path}.{key}",
+                        f"{address!r} is not a mail address (one plain address per entry;"
+                        " give several as a list)",
+                    )
             found[key] = tuple(addresses)
         return found.get("to", ()), found.get("from", ())
 
