@@ -1180,3 +1180,20 @@ def test_an_action_that_is_no_uri_is_not_repeated_past_its_first_slash() -> None
     (found,) = problems(text)
     assert "SECRETXYZ" not in found
     assert "'hooks.slack.com/***' is not a URI" in found
+
+
+@pytest.mark.parametrize(
+    ("local", "http"),
+    [("127.0.0.1:19525", "127.0.0.1:19525"), ("0.0.0.0:19525", "localhost:19525")],
+)
+def test_local_smtp_and_http_on_one_port_is_a_problem(local: str, http: str) -> None:
+    """``check`` said OK, and ``serve`` then stopped on a busy port."""
+    text = f"local-smtp: {local}\nhttp: {http}\n" + MAIL
+    assert problems(text) == [
+        f"configuration.yml:2: http: local-smtp ({local}) and http ({http}) would take the"
+        " same port: give each its own"
+    ]
+
+
+def test_each_listener_on_a_free_port_of_its_own_is_no_clash() -> None:
+    assert parse("local-smtp: 127.0.0.1:0\nhttp: 127.0.0.1:0\n" + MAIL).http is not None

@@ -62,6 +62,20 @@ DEFAULT_CONFIG = "configuration.yml"
 T = TypeVar("T")
 
 
+#: Host names that are one host however written, for two listeners' clash.
+_LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
+_ANY = frozenset({"", "0.0.0.0", "::", "*"})  # noqa: S104 - names, compared, never bound
+
+
+def _same_port(one: HostPort, other: HostPort) -> bool:
+    """Whether two listeners would take the same port on the same address (port 0: a free
+    port each)."""
+    if one.port == 0 or one.port != other.port:
+        return False
+    hosts = {one.host.lower(), other.host.lower()}
+    return len(hosts) == 1 or bool(hosts & _ANY) or hosts <= _LOOPBACK
+
+
 #: A host name (or an address literal) as HELO/EHLO says it.
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
 
@@ -371,6 +385,15 @@ class _Walker(Checker):
         data_dir = self._optional(top, "data-dir", self.text)
         workers = self._optional(top, "intake-workers", self.workers)
         http = self.http(top["http"], "http") if "http" in top else Http()
+        smtp_at = listener.address if listener else HostPort("localhost", 1025)
+        clash = top.get("http") or top.get("local-smtp")
+        if http is not None and clash is not None and _same_port(http.address, smtp_at):
+            self.problem(
+                clash,
+                "http" if "http" in top else "local-smtp",
+                f"local-smtp ({smtp_at}) and http ({http.address}) would take the same port:"
+                " give each its own" + ("" if "http" in top else " (http's default is 9025)"),
+            )
         history = self._optional(top, "history", self.history)
         delivery = self._optional(top, "delivery", self.delivery)
         slack_token = self._optional(top, "slack-token", self.text)
