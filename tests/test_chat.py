@@ -818,6 +818,36 @@ def test_a_template_that_fails_on_a_real_alert_posts_the_default_text_and_loses_
     assert "my-pipeline" in json.dumps(posted.body)
 
 
+async def _nothing(*args: Any) -> None:
+    return None
+
+
+def post_to(api_url: str, store: ThreadStore, *, thread: str | None = None) -> Attempt:
+    """Send one BREAKS post for ``slack:#builds`` through a ChatSender to the Slack API at
+    ``api_url``; what the sender made of Slack's answer."""
+
+    async def scenario() -> Attempt:
+        action = action_id("slack:#builds")
+        settings = ChatSettings({action: "slack:#builds"}, Secret(TOKEN), api_url, 5.0)
+        sender = ChatSender(settings, store)
+        post = ChatPost(
+            "slack:#builds",
+            "BREAKS: p",
+            "body",
+            "#d50200",
+            event="BREAKS",
+            thread_key=("p", "s") if thread else None,
+            thread=thread,
+        )
+        item = Item(1, "Q1", "chat", "", post.to_json().encode(), 0, 0.0, (action,))
+        try:
+            return await sender.send(item)
+        finally:
+            await sender.close()
+
+    return asyncio.run(scenario())
+
+
 def test_a_post_slack_took_is_not_sent_again_when_its_thread_cannot_be_kept(
     slack: FakeSlack,
 ) -> None:
@@ -827,32 +857,7 @@ def test_a_post_slack_took_is_not_sent_again_when_its_thread_cannot_be_kept(
     async def fail(*args: Any) -> None:
         raise OutboxFull("cannot write to the outbox: database or disk is full")
 
-    async def nothing(*args: Any) -> None:
-        return None
-
-    async def scenario() -> Attempt:
-        settings = ChatSettings(
-            {action_id("slack:#builds"): "slack:#builds"}, Secret(TOKEN), slack.api_url, 5.0
-        )
-        sender = ChatSender(settings, ThreadStore(nothing, fail, nothing))
-        post = ChatPost(
-            "slack:#builds",
-            "BREAKS: p",
-            "body",
-            "#d50200",
-            event="BREAKS",
-            thread_key=("p", "s"),
-            thread="start",
-        )
-        item = Item(
-            1, "Q1", "chat", "", post.to_json().encode(), 0, 0.0, (action_id("slack:#builds"),)
-        )
-        try:
-            return await sender.send(item)
-        finally:
-            await sender.close()
-
-    attempt = asyncio.run(scenario())
+    attempt = post_to(slack.api_url, ThreadStore(_nothing, fail, _nothing), thread="start")
     assert [r.state for r in attempt.recipients] == ["done"]
     assert len(slack.succeeded) == 1
 
@@ -863,23 +868,8 @@ def test_a_slack_error_no_retry_cures_is_permanent(error: str) -> None:
         def _answer(self, path: str, call_headers: dict[str, str], body: Any) -> tuple[int, Any]:
             return 200, {"ok": False, "error": error}
 
-    async def nothing(*args: Any) -> None:
-        return None
-
     with Refusing(TOKEN) as refusing:
-
-        async def scenario() -> Attempt:
-            action = action_id("slack:#builds")
-            settings = ChatSettings({action: "slack:#builds"}, Secret(TOKEN), refusing.api_url, 5.0)
-            sender = ChatSender(settings, ThreadStore(nothing, nothing, nothing))
-            post = ChatPost("slack:#builds", "BREAKS: p", "body", "#d50200", event="BREAKS")
-            item = Item(1, "Q1", "chat", "", post.to_json().encode(), 0, 0.0, (action,))
-            try:
-                return await sender.send(item)
-            finally:
-                await sender.close()
-
-        attempt = asyncio.run(scenario())
+        attempt = post_to(refusing.api_url, ThreadStore(_nothing, _nothing, _nothing))
     assert attempt.permanent
     assert attempt.error == f"Slack: {error}"
 

@@ -101,15 +101,12 @@ async def until(condition: Callable[[], bool], what: str) -> None:
         raise AssertionError(f"waited 5 s for {what}") from None
 
 
-@asynccontextmanager
-async def delivering(
-    tmp_path: Path, transport: RecordingTransport, **delivery: Any
-) -> AsyncIterator[tuple[Outbox, Dispatcher, FakeClock]]:
-    """A dispatcher on the outbox of ``tmp_path``, and the outbox as an operator's command
-    sees it."""
-    clock = FakeClock(T0)
+def dispatcher_of(
+    tmp_path: Path, transport: RecordingTransport, clock: FakeClock, **delivery: Any
+) -> Dispatcher:
+    """A dispatcher on the outbox of ``tmp_path`` that sends mail through ``transport``."""
     settings = Delivery(retry_initial=60.0, retry_max=3600.0, **{"connections": 1, **delivery})
-    dispatcher = Dispatcher(
+    return Dispatcher(
         tmp_path,
         HostPort("mx.example.com", 25),
         settings,
@@ -117,6 +114,16 @@ async def delivering(
         chat_transport=RecordingTransport(),
         clock=clock,
     )
+
+
+@asynccontextmanager
+async def delivering(
+    tmp_path: Path, transport: RecordingTransport, **delivery: Any
+) -> AsyncIterator[tuple[Outbox, Dispatcher, FakeClock]]:
+    """A dispatcher on the outbox of ``tmp_path``, and the outbox as an operator's command
+    sees it."""
+    clock = FakeClock(T0)
+    dispatcher = dispatcher_of(tmp_path, transport, clock, **delivery)
     outbox = Outbox(tmp_path)
     stop = asyncio.Event()
     task = asyncio.create_task(dispatcher.run(stop))
@@ -328,7 +335,6 @@ def test_a_stop_while_a_recording_waits_for_the_disk_records_it_once(tmp_path: P
     other.put([accepted("A")])
     clock = FakeClock(T0)
     smtp = Gated()
-    settings = Delivery(retry_initial=60.0, connections=1, timeout=0.1)
     held, let_go = threading.Event(), threading.Event()
 
     def hold_the_writers_lock() -> None:  # intake, or a `queue` command, writing
@@ -337,14 +343,7 @@ def test_a_stop_while_a_recording_waits_for_the_disk_records_it_once(tmp_path: P
             let_go.wait(5)
 
     async def scenario() -> None:
-        dispatcher = Dispatcher(
-            tmp_path,
-            HostPort("mx.example.com", 25),
-            settings,
-            connect=lambda: smtp,
-            chat_transport=RecordingTransport(),
-            clock=clock,
-        )
+        dispatcher = dispatcher_of(tmp_path, smtp, clock, timeout=0.1)
         stop = asyncio.Event()
         task = asyncio.create_task(dispatcher.run(stop))
         locker = threading.Thread(target=hold_the_writers_lock, daemon=True)
