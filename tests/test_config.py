@@ -1100,7 +1100,7 @@ managers:
 def test_a_number_not_written_in_decimal_is_a_problem_not_a_traceback(value: str) -> None:
     """YAML 1.1 reads these as numbers too."""
     assert problems(MAIL + f"delivery: {{connections: {value}}}\n") == [
-        f"configuration.yml:8: delivery.connections: expected a whole number of at least 1,"
+        f"configuration.yml:8: delivery.connections: expected a whole number from 1 to 1000,"
         f" got {value!r}"
     ]
 
@@ -1197,3 +1197,18 @@ def test_local_smtp_and_http_on_one_port_is_a_problem(local: str, http: str) -> 
 
 def test_each_listener_on_a_free_port_of_its_own_is_no_clash() -> None:
     assert parse("local-smtp: 127.0.0.1:0\nhttp: 127.0.0.1:0\n" + MAIL).http is not None
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "where", "most"),
+    [
+        ("delivery: {connections: 100000000000}\n", "8: delivery.connections", 1000),
+        ("intake-workers: 100000\n", "8: intake-workers", 64),
+    ],
+)
+def test_a_number_no_machine_could_run_is_a_problem(yaml_text: str, where: str, most: int) -> None:
+    """Each connection is a task, each worker a process: 10^11 of them would not start."""
+    value = yaml_text.split(":")[-1].strip(" }\n")
+    assert problems(MAIL + yaml_text) == [
+        f"configuration.yml:{where}: expected a whole number from 1 to {most}, got {value!r}"
+    ]

@@ -62,6 +62,12 @@ DEFAULT_CONFIG = "configuration.yml"
 T = TypeVar("T")
 
 
+#: The most delivery connections: each is a task and a connection to the smarthost, kept
+#: open; no smarthost takes more from one client.
+MAX_CONNECTIONS = 1000
+#: The most intake processes: each is a forked process with its own outbox connection.
+MAX_WORKERS = 64
+
 #: Host names that are one host however written, for two listeners' clash.
 _LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 _ANY = frozenset({"", "0.0.0.0", "::", "*"})  # noqa: S104 - names, compared, never bound
@@ -329,7 +335,7 @@ class _Walker(Checker):
     def workers(self, node: Node, path: str) -> int | None:
         if isinstance(node, ScalarNode) and node.tag == STR and node.value == "auto":
             return default_workers()
-        return self.integer(node, path, minimum=1)
+        return self.integer(node, path, minimum=1, maximum=MAX_WORKERS)
 
     def actions(
         self, node: Node, path: str, *, no_committers: str | None = None
@@ -658,7 +664,15 @@ class _Walker(Checker):
                     values[key] = seconds
         connections = default.connections
         if "connections" in keys:
-            connections = self.integer(keys["connections"], f"{path}.connections", minimum=1) or 1
+            connections = (
+                self.integer(
+                    keys["connections"],
+                    f"{path}.connections",
+                    minimum=1,
+                    maximum=MAX_CONNECTIONS,
+                )
+                or 1
+            )
         result = Delivery(
             retry_initial=values.get("retry-initial", default.retry_initial),
             retry_max=values.get("retry-max", default.retry_max),
