@@ -30,12 +30,12 @@ from mail2alert.templates import PLAIN, Presentation, render
 
 log = logging.getLogger(__name__)
 
+#: A host (domain) name: letters, digits, dots and hyphens, neither first nor last a dot or
+#: a hyphen.
+HOST_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?"
 # No control character either (a commit's author writes the address a committers: action
 # mails, and it reaches log lines and terminals).
-_MAILBOX = re.compile(
-    r"^[^@\s<>(),;:\"\[\]\\\x00-\x1f\x7f-\x9f\u2028\u2029]+"
-    r"@[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?$"
-)
+_MAILBOX = re.compile(rf"^[^@\s<>(),;:\"\[\]\\\x00-\x1f\x7f-\x9f\u2028\u2029]+@{HOST_NAME}$")
 
 
 def is_mailbox(address: str) -> bool:
@@ -101,9 +101,7 @@ def _apprise_schemes() -> frozenset[str]:
     return frozenset(schemes)
 
 
-_COMMITTERS = re.compile(
-    r"^committers:(?:@(?P<domain>[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?))?$", re.IGNORECASE
-)
+_COMMITTERS = re.compile(rf"^committers:(?:@(?P<domain>{HOST_NAME}))?$", re.IGNORECASE)
 
 
 def _check_committers(uri: str) -> str | None:

@@ -27,6 +27,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from mail2alert import yamlerrors
 from mail2alert.actions import (
+    HOST_NAME,
     action_id,
     check_action,
     is_chat,
@@ -83,7 +84,7 @@ def _same_port(one: HostPort, other: HostPort) -> bool:
 
 
 #: A host name (or an address literal) as HELO/EHLO says it.
-_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\]")
+_HOST_NAME = re.compile(rf"{HOST_NAME}|\[[0-9A-Fa-f:.]+\]")
 
 
 @dataclass(frozen=True)
