@@ -1212,3 +1212,11 @@ def test_a_number_no_machine_could_run_is_a_problem(yaml_text: str, where: str, 
     assert problems(MAIL + yaml_text) == [
         f"configuration.yml:{where}: expected a whole number from 1 to {most}, got {value!r}"
     ]
+
+
+def test_a_sender_ending_in_a_line_break_is_a_problem() -> None:
+    """A regular expression's $ also matches before a final line break: the check must not
+    let one through onto the wire."""
+    upstream = 'remote-smtp: {address: localhost:8025, sender: "alerts@example.com\\n"}'
+    (found,) = problems(MAIL.replace("remote-smtp: localhost:8025", upstream))
+    assert found.startswith("configuration.yml:1: remote-smtp.sender: ")

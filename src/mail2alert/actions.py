@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 HOST_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9.\-]*[A-Za-z0-9])?"
 # No control character either (a commit's author writes the address a committers: action
 # mails, and it reaches log lines and terminals).
-_MAILBOX = re.compile(rf"^[^@\s<>(),;:\"\[\]\\\x00-\x1f\x7f-\x9f\u2028\u2029]+@{HOST_NAME}$")
+# \Z, not $: $ also matches before a final line break.
+_MAILBOX = re.compile(rf"^[^@\s<>(),;:\"\[\]\\\x00-\x1f\x7f-\x9f\u2028\u2029]+@{HOST_NAME}\Z")
 
 
 def is_mailbox(address: str) -> bool:
@@ -101,7 +102,7 @@ def _apprise_schemes() -> frozenset[str]:
     return frozenset(schemes)
 
 
-_COMMITTERS = re.compile(rf"^committers:(?:@(?P<domain>{HOST_NAME}))?$", re.IGNORECASE)
+_COMMITTERS = re.compile(rf"^committers:(?:@(?P<domain>{HOST_NAME}))?\Z", re.IGNORECASE)
 
 
 def _check_committers(uri: str) -> str | None:
