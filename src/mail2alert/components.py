@@ -139,14 +139,9 @@ class Knowledge:
         self.context = replace(self.context, snapshots=snapshots)
         self.news.set()
 
-    def keep_snapshots_of(self, labels: set[str]) -> None:
-        """Forget the snapshots of managers that are gone."""
-        kept = {k: v for k, v in self.context.snapshots.items() if k in labels}
-        self.context = replace(self.context, snapshots=kept)
-
     def forget_snapshots(self, labels: set[str]) -> None:
-        """Forget the snapshots of managers whose source changed (another GoCD, say): what
-        their new source says is not known yet."""
+        """Forget the snapshots of managers that are gone or whose source changed (another
+        GoCD, say): what their new source says is not known yet."""
         kept = {k: v for k, v in self.context.snapshots.items() if k not in labels}
         self.context = replace(self.context, snapshots=kept)
 
@@ -792,10 +787,11 @@ def _kept_by_keepers(config: Config) -> list[tuple[str, dict[str, object]]]:
 
 
 def _changed_sources(old: Config, new: Config) -> set[str]:
-    """The labels of managers with background work whose options changed or which are new:
-    their snapshots (of the old source) no longer hold."""
-    before = dict(_kept_by_keepers(old))
-    return {label for label, options in _kept_by_keepers(new) if before.get(label) != options}
+    """The labels of managers with background work that are gone, new, or whose options
+    changed: their snapshots (of the old source) no longer hold."""
+    before, after = dict(_kept_by_keepers(old)), dict(_kept_by_keepers(new))
+    labels = before.keys() | after.keys()
+    return {label for label in labels if before.get(label) != after.get(label)}
 
 
 class Keepers(Component):
@@ -890,7 +886,6 @@ class Keepers(Component):
         if keepers is None:
             return
         await self.stop()
-        self._knowledge.keep_snapshots_of({m.label for m in change.config.routing})
         self._knowledge.forget_snapshots(_changed_sources(old, change.config))
         if not self._crew.stopping.is_set():
             self._run(keepers)
