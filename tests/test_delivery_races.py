@@ -116,6 +116,14 @@ def dispatcher_of(
     )
 
 
+async def being_sent(outbox: Outbox, dispatcher: Dispatcher, smtp: Gated, name: str) -> None:
+    """Queue the message ``name`` and wait until its attempt has begun (it waits at its gate)."""
+    outbox.put([accepted(name)])
+    dispatcher.wake()
+    async with asyncio.timeout(5):
+        await smtp.began(name).wait()
+
+
 @asynccontextmanager
 async def delivering(
     tmp_path: Path, transport: RecordingTransport, **delivery: Any
@@ -155,10 +163,7 @@ def test_the_late_result_of_a_deleted_item_is_not_taken_for_a_new_item_with_its_
     async def scenario() -> tuple[list[str], str]:
         smtp = Gated()
         async with delivering(tmp_path, smtp) as (outbox, dispatcher, _clock):
-            outbox.put([accepted("OLD")])
-            dispatcher.wake()
-            async with asyncio.timeout(5):
-                await smtp.began("OLD").wait()
+            await being_sent(outbox, dispatcher, smtp, "OLD")
             outbox.delete(["OLD"])
             outbox.put([accepted("NEW")])
             smtp.gate("OLD").set()
@@ -177,10 +182,7 @@ def test_a_4xx_for_an_item_deleted_while_it_was_tried_counts_no_delivery(tmp_pat
     async def scenario() -> dict[str, float]:
         smtp = Gated(deferred)
         async with delivering(tmp_path, smtp) as (outbox, dispatcher, _clock):
-            outbox.put([accepted("A")])
-            dispatcher.wake()
-            async with asyncio.timeout(5):
-                await smtp.began("A").wait()
+            await being_sent(outbox, dispatcher, smtp, "A")
             outbox.delete(["A"])
             smtp.gate("A").set()
             await until(lambda: len(smtp.sent) == 1, "the attempt")
@@ -204,10 +206,7 @@ def test_an_item_taken_a_while_ago_is_looked_up_again_and_sent_only_if_still_pen
     async def scenario() -> list[str]:
         smtp = Gated()
         async with delivering(tmp_path, smtp) as (outbox, dispatcher, clock):
-            outbox.put([accepted("A")])
-            dispatcher.wake()
-            async with asyncio.timeout(5):
-                await smtp.began("A").wait()
+            await being_sent(outbox, dispatcher, smtp, "A")
             outbox.put([accepted("B")])
             dispatcher.wake()
             (b,) = outbox.items_of("B")
@@ -241,10 +240,7 @@ def test_an_item_judged_waiting_just_before_the_destination_answered_is_delivere
         smtp.answers = {"P": refused_connection, "Z": refused_connection}
         async with delivering(tmp_path, smtp, connections=3) as (outbox, dispatcher, clock):
             for name in ("P", "Z", "B"):
-                outbox.put([accepted(name)])
-                dispatcher.wake()
-                async with asyncio.timeout(5):
-                    await smtp.began(name).wait()
+                await being_sent(outbox, dispatcher, smtp, name)
             outbox.put([accepted("X")])
             dispatcher.wake()
             (x,) = outbox.items_of("X")
