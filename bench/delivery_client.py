@@ -3,7 +3,9 @@
 over C connections to Postfix's ``smtp-sink``, in a process of its own on uvloop, with no
 outbox, dispatcher or intake. ``LABEL`` runs the sources given as ``--src LABEL=PATH``;
 ``LABEL/nopipe`` the same against a sink that does not offer PIPELINING (``smtp-sink -p``),
-so that the client goes one command at a time.
+so that the client goes one command at a time. ``LABEL/dispatcher`` is the whole of
+delivery without intake: a ``Dispatcher`` sends N items, committed to an outbox beforehand,
+over C connections, claiming them and recording their results as ``serve`` does.
 
 The table gives messages per second and the client process's CPU per message (user and
 system, from /proc, the sending only), medians over ``--repeat`` interleaved runs. Each item
@@ -11,6 +13,8 @@ is a 2 KB mail with one recipient. Everything is on 127.0.0.1 and bounded by N.
 
   .venv/bin/python bench/delivery_client.py -n 5000 -c 4 --repeat 3 \\
       --src before=/tmp/m2a-before/src --src now=src --clients before,now,now/nopipe
+  .venv/bin/python bench/delivery_client.py -n 5000 -c 8 --repeat 5 \\
+      --src before=/tmp/m2a-before/src --src now=src --clients before/dispatcher,now/dispatcher
 """
 
 from __future__ import annotations
@@ -72,6 +76,50 @@ def worker(port: int, messages: int, connections: int) -> None:
     uvloop.run(main())
 
 
+def dispatcher_worker(port: int, messages: int, connections: int) -> None:
+    """Deliver ``messages`` items from an outbox and print ``msg/s cpu_ms_per_msg``."""
+    import tempfile
+    from pathlib import Path
+
+    import uvloop
+
+    from mail2alert.dispatcher import Dispatcher
+    from mail2alert.model import Decision, Envelope, Outgoing
+    from mail2alert.outbox import Accepted, Outbox
+    from mail2alert.settings import Delivery, HostPort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        outbox = Outbox(data_dir)
+        envelope = Envelope("go@example.com", ("cat@example.com",))
+        item = Outgoing("go@example.com", ("cat@example.com",), BODY)
+        decision = Decision("deliver", None, "bench")
+        batch = [
+            Accepted(f"Q{n:07d}", time.time(), envelope, "s", decision, (item,))
+            for n in range(messages)
+        ]
+        for start in range(0, messages, 5):  # as intake commits them: a few a transaction
+            outbox.put(batch[start : start + 5])
+
+        async def main() -> None:
+            dispatcher = Dispatcher(
+                data_dir, HostPort(HOST, port), Delivery(connections=connections)
+            )
+            stop = asyncio.Event()
+            cpu, wall = cpu_seconds(), time.perf_counter()
+            running = asyncio.create_task(dispatcher.run(stop))
+            # Nothing in the outbox says when it is empty: a look every 20 ms (a cheap query).
+            while outbox.gauges().pending:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+            cpu, wall = cpu_seconds() - cpu, time.perf_counter() - wall
+            stop.set()
+            await running
+            print(f"{messages / wall:.0f} {cpu / messages * 1000:.3f}")
+
+        uvloop.run(main())
+        outbox.close()
+
+
 def run(client: str, sources: dict[str, str], args: argparse.Namespace) -> tuple[float, float]:
     label, _, mode = client.partition("/")
     port = free_port()
@@ -88,8 +136,9 @@ def run(client: str, sources: dict[str, str], args: argparse.Namespace) -> tuple
                     raise
                 time.sleep(0.05)
         env = dict(os.environ, PYTHONPATH=sources[label])
+        role = "--dispatcher" if mode == "dispatcher" else "--worker"
         done = subprocess.run(
-            [sys.executable, __file__, "--worker", str(port), str(args.messages), str(args.c)],
+            [sys.executable, __file__, role, str(port), str(args.messages), str(args.c)],
             env=env,
             capture_output=True,
             text=True,
@@ -110,11 +159,17 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--src", action="append", default=[], metavar="LABEL=PATH")
-    ap.add_argument("--clients", default="now", help="LABEL or LABEL/nopipe, comma-separated")
+    ap.add_argument(
+        "--clients", default="now", help="LABEL, LABEL/nopipe or LABEL/dispatcher, comma-separated"
+    )
     ap.add_argument("--worker", nargs=3, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--dispatcher", nargs=3, type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(*args.worker)
+        return 0
+    if args.dispatcher:
+        dispatcher_worker(*args.dispatcher)
         return 0
     sources = dict(s.split("=", 1) for s in args.src)
     sources.setdefault("now", "src")

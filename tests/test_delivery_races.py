@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import re
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -231,59 +232,56 @@ def test_an_item_judged_waiting_just_before_the_destination_answered_is_delivere
     tmp_path: Path,
 ) -> None:
     """X is taken while the smarthost is up; before a connection is free it goes down, so X
-    is judged waiting, untried. The smarthost answers again while that result waits for a
-    slow disk, after the items waiting for it were released: X must not be left waiting for
-    a destination that is up, which nothing probes."""
+    is judged waiting, untried. The smarthost answers again while that result waits for the
+    disk (full for a moment), after the items waiting for it were released: X must not be
+    left waiting for a destination that is up, which nothing probes."""
 
     async def scenario() -> tuple[list[str], str, str]:
         smtp = Gated()
-        smtp.answers = {"P": refused_connection, "Z": refused_connection}
-        async with delivering(tmp_path, smtp, connections=3) as (outbox, dispatcher, clock):
-            for name in ("P", "Z", "B"):
+        smtp.answers = {"P": refused_connection}
+        async with delivering(tmp_path, smtp, connections=2) as (outbox, dispatcher, clock):
+            for name in ("P", "B"):
                 await being_sent(outbox, dispatcher, smtp, name)
             outbox.put([accepted("X")])
             dispatcher.wake()
             (x,) = outbox.items_of("X")
             await until(lambda: x.id in dispatcher._inflight, "X to be taken")
-            # A slow disk: the first two recordings wait until let go.
             real = dispatcher._outbox.record
-            recorded: list[list[str]] = []
-            disk = [threading.Event(), threading.Event()]
+            full: list[list[str]] = []
 
-            def slow_record(results: Any) -> None:
-                recorded.append([r.item.message_id for r in results])
-                if len(recorded) <= len(disk):
-                    disk[len(recorded) - 1].wait(5)
+            def record(results: Any) -> None:
+                names = [r.item.message_id for r in results]
+                if "X" in names and not full:
+                    full.append(names)
+                    raise OutboxFull("cannot write to the outbox: the disk is full")
                 real(results)
 
-            dispatcher._outbox.record = slow_record  # type: ignore[method-assign]
-            try:
-                clock.advance(10)
-                smtp.gate("P").set()  # refused: the smarthost is down from now
-                await until(lambda: len(recorded) == 1, "P's result to be recorded")
-                smtp.gate("Z").set()
-                await until(lambda: len(dispatcher._unrecorded) == 2, "Z's result")
-                disk[0].set()  # P's worker is free: X, judged waiting, untried
-                await until(lambda: len(recorded) == 2, "Z's result to be recorded")
-                await until(
-                    lambda: any(r.item.message_id == "X" for r, _ in dispatcher._unrecorded),
-                    "X's result, behind Z's",
-                )
-                smtp.gate("B").set()  # delivered: the smarthost answers again
-                await until(lambda: not dispatcher.destination("smtp").down, "the answer")
-                disk[1].set()
-                smtp.gate("X").set()
-                for _ in range(20):
-                    clock.advance(1)
-                    dispatcher.wake()
-                    if "X" in [subject_of(s) for s in smtp.sent]:
-                        break
-                    await asyncio.sleep(0.05)
-                async with asyncio.timeout(5):
-                    await dispatcher.idle()
-            finally:
-                for event in disk:
-                    event.set()
+            dispatcher._outbox.record = record  # type: ignore[method-assign]
+            clock.advance(10)
+            smtp.gate("P").set()  # refused: the smarthost is down from now; X's turn comes
+            await until(
+                lambda: full == [["X"]], "X's result, judged waiting, to meet the full disk"
+            )
+            released = dispatcher._outbox.release_waiting
+            releases: list[str] = []  # what X waited for at each release
+
+            def release(destination: str, now: float) -> int:
+                releases.append(outbox.items_of("X")[0].waiting)
+                return released(destination, now)
+
+            dispatcher._outbox.release_waiting = release  # type: ignore[method-assign]
+            smtp.gate("B").set()  # delivered: the smarthost answers again
+            await until(lambda: bool(releases), "the release of what waits")
+            assert releases[0] == ""  # released before X's result was written
+            smtp.gate("X").set()
+            for _ in range(40):  # the recorder tries again after half a second
+                clock.advance(1)
+                dispatcher.wake()
+                if "X" in [subject_of(s) for s in smtp.sent]:
+                    break
+                await asyncio.sleep(0.05)
+            async with asyncio.timeout(5):
+                await dispatcher.idle()
             (after,) = outbox.items_of("X")
             return [subject_of(s) for s in smtp.sent], after.state, after.waiting
 
@@ -325,35 +323,29 @@ def test_a_result_recorded_before_the_disk_filled_is_not_recorded_again(tmp_path
 
 
 def test_a_stop_while_a_recording_waits_for_the_disk_records_it_once(tmp_path: Path) -> None:
-    """SIGTERM while the recorder's transaction waits for the writers' lock past the drain
-    deadline: the recording goes on to its end, and is not made again."""
+    """SIGTERM while another writer holds the writers' lock and a result waits for it, past
+    the drain deadline: the result is recorded once the lock is free, and only once."""
     other = Outbox(tmp_path)
     other.put([accepted("A")])
     clock = FakeClock(T0)
     smtp = Gated()
-    held, let_go = threading.Event(), threading.Event()
-
-    def hold_the_writers_lock() -> None:  # intake, or a `queue` command, writing
-        with other.write_lock():
-            held.set()
-            let_go.wait(5)
 
     async def scenario() -> None:
         dispatcher = dispatcher_of(tmp_path, smtp, clock, timeout=0.1)
         stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        def write_while_stopping() -> None:  # intake, or a `queue` command, writing
+            with other.write_lock():
+                loop.call_soon_threadsafe(smtp.gate("A").set)  # delivered; its result waits
+                loop.call_soon_threadsafe(stop.set)
+                time.sleep(0.3)  # past the drain deadline (timeout 0.1 s)
+
         task = asyncio.create_task(dispatcher.run(stop))
-        locker = threading.Thread(target=hold_the_writers_lock, daemon=True)
-        try:
-            async with asyncio.timeout(5):
-                await smtp.began("A").wait()
-            locker.start()
-            held.wait(5)
-            smtp.gate("A").set()  # delivered; its recording now waits for the lock
-            await until(lambda: len(smtp.sent) == 1, "A to be sent")
-            stop.set()
-            await asyncio.sleep(0.3)  # past the drain deadline (timeout 0.1 s)
-        finally:
-            let_go.set()
+        async with asyncio.timeout(5):
+            await smtp.began("A").wait()
+        locker = threading.Thread(target=write_while_stopping, daemon=True)
+        locker.start()
         async with asyncio.timeout(10):
             await task
         locker.join()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -237,3 +239,47 @@ def test_while_the_upstream_is_down_items_wait_without_spending_attempts_and_new
             assert (b.item("OLD").state, b.item("OLD").attempts) == ("done", 1)
 
     run(scenario)
+
+
+def test_a_result_waits_for_a_writer_holding_the_writers_lock_and_is_written_once(
+    tmp_path: Path,
+) -> None:
+    """Another writer (an intake process, a ``queue`` command) holds the writers' lock when
+    the item's answer comes: the result is written once the writer lets go, and only once."""
+    writer = Outbox(tmp_path)
+    holding = threading.Event()
+    let_go: list[float] = []
+
+    def hold() -> None:
+        with writer.write_lock():
+            holding.set()
+            time.sleep(0.2)  # the writer's transaction
+            let_go.append(time.monotonic())
+
+    def answer_while_the_lock_is_held(item: Item) -> Attempt:
+        threading.Thread(target=hold, daemon=True).start()
+        assert holding.wait(5)
+        return answer()(item)
+
+    async def scenario() -> None:
+        async with bench(tmp_path) as b:
+            real = b.dispatcher._outbox.record
+            written: list[float] = []
+
+            def record(results: Any) -> None:
+                real(results)
+                written.append(time.monotonic())
+
+            b.dispatcher._outbox.record = record  # type: ignore[method-assign]
+            b.mail.script(answer_while_the_lock_is_held)
+            b.put("HELD", "ann@example.com")
+            await b.attempts(b.mail, 1)
+            assert len(written) == 1
+            assert written[0] >= let_go[0]  # it waited for the writer
+            assert (b.item("HELD").state, b.item("HELD").attempts) == ("done", 1)
+            assert [c.value for c in b.outbox.counters() if c.name == "deliveries"] == [1.0]
+
+    try:
+        run(scenario)
+    finally:
+        writer.close()

@@ -34,11 +34,8 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 from mail2alert.background import RestartPolicy, is_storage_error
 from mail2alert.logs import about, loggable
@@ -50,8 +47,6 @@ from mail2alert.transports.chat import ChatSender, ThreadStore
 from mail2alert.transports.smtp import SmtpConnection
 
 log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 #: How long an idle upstream connection is kept open for reuse.
 IDLE_CLOSE = 5.0
@@ -213,8 +208,13 @@ Clock = Callable[[], float]
 class Dispatcher:
     """Delivers everything pending in the outbox of ``data_dir`` to ``remote``.
 
-    Threads: the event loop runs the workers and the recorder; the one outbox connection is
-    used only from the ``outbox-reader`` thread.
+    Threads: everything runs on the event loop's thread, the outbox connection's calls too.
+    They are short: reads never wait for a writer (WAL mode), and a write waits for the
+    writers' lock only while another writer writes its rows (an intake process syncs after
+    letting go of it). Handing each call to a thread of its own, so that the event loop never
+    waited, cost more CPU than the SQL itself (wakeups and handovers of the GIL: delivery
+    alone took 0.39 ms of CPU per item that way, 0.24 now); polling for the lock, so that
+    the loop never waited for it either, cost more still (``bench/README.md``).
 
     Each worker delivers mail through a transport of its own, made by ``connect`` (an SMTP
     connection to ``remote`` unless told otherwise); chat items go through ``chat_transport``
@@ -241,12 +241,9 @@ class Dispatcher:
         self.delivery = delivery
         self._clock = clock
         self._connect = connect or self._smtp_connection
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outbox-reader")
         self._outbox = Outbox(data_dir, durable=False)
         #: Items taken for delivery: whether each is a probe, and when it was taken.
         self._queue: asyncio.Queue[tuple[Item, bool, float]] = asyncio.Queue()
-        #: The recording under way, which a stop lets finish (its results are on disk then).
-        self._flushing: asyncio.Future[bool] | None = None
         self._inflight: set[int] = set()
         self._unrecorded: list[tuple[Result, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -264,11 +261,9 @@ class Dispatcher:
         self._chat: Transport = chat_transport or ChatSender(
             chat or ChatSettings(),
             ThreadStore(
-                get=lambda key: self._db(partial(self._outbox.chat_thread, key)),
-                put=lambda key, channel, ts: self._db(
-                    partial(self._outbox.set_chat_thread, key, channel, ts)
-                ),
-                drop=lambda key: self._db(partial(self._outbox.drop_chat_thread, key)),
+                get=self._chat_thread,
+                put=self._set_chat_thread,
+                drop=self._drop_chat_thread,
             ),
         )
 
@@ -284,7 +279,6 @@ class Dispatcher:
     def close(self) -> None:
         """Let go of a dispatcher that never ran (a reload that did not switch to it)."""
         self._outbox.close()
-        self._executor.shutdown(wait=False)
 
     def wake(self) -> None:
         """Look at the outbox now (new items were committed)."""
@@ -300,8 +294,14 @@ class Dispatcher:
         """The state of one destination (``smtp``, or ``chat:<action id>``)."""
         return self._destinations.setdefault(name, Destination(name))
 
-    async def _db(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def _chat_thread(self, key: Sequence[str]) -> tuple[str, str] | None:
+        return self._outbox.chat_thread(key)
+
+    async def _set_chat_thread(self, key: Sequence[str], channel: str, ts: str) -> None:
+        self._outbox.set_chat_thread(key, channel, ts)
+
+    async def _drop_chat_thread(self, key: Sequence[str]) -> None:
+        self._outbox.drop_chat_thread(key)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Deliver until ``stop`` is set; then finish the attempts under way and return.
@@ -358,7 +358,7 @@ class Dispatcher:
     async def _resume_waiting(self) -> None:
         """After a start: destinations that items wait for are probed at once."""
         now = self._clock()
-        for name, count in (await self._db(self._outbox.waiting_for)).items():
+        for name, count in self._outbox.waiting_for().items():
             destination = self.destination(name)
             destination.failures, destination.down_since, destination.next_probe = 1, now, now
             destination.error = "not reached before the restart"
@@ -371,7 +371,7 @@ class Dispatcher:
         for destination in self._destinations.values():
             if free > 0 and destination.may_probe(now):
                 exclude = tuple(self._inflight)
-                item = await self._db(partial(self._outbox.probe, destination.name, exclude))
+                item = self._outbox.probe(destination.name, exclude)
                 if item is not None:
                     destination.probing = True
                     self._claimed(item, probe=True)
@@ -379,18 +379,12 @@ class Dispatcher:
         if free <= 0:
             return True, None
         exclude = tuple(self._inflight)
-
-        def look() -> tuple[list[Item], float | None]:
-            # One trip to the outbox's thread for both: after every recorded batch of results.
-            items = self._outbox.due(now, free, exclude)
-            if len(items) == free:
-                return items, None
-            return items, self._outbox.next_due((*exclude, *(item.id for item in items)))
-
-        items, next_due = await self._db(look)
+        items = self._outbox.due(now, free, exclude)
         for item in items:
             self._claimed(item, probe=False)
-        return len(items) == free, next_due
+        if len(items) == free:
+            return True, None
+        return False, self._outbox.next_due((*exclude, *(item.id for item in items)))
 
     def _claimed(self, item: Item, *, probe: bool) -> None:
         self._inflight.add(item.id)
@@ -399,7 +393,7 @@ class Dispatcher:
     async def _still_pending(self, item: Item, *, probe: bool) -> bool:
         """Whether an item taken a while ago is still to be sent; if not, let go of it."""
         try:
-            pending = await self._db(partial(self._outbox.still_pending, item))
+            pending = self._outbox.still_pending(item)
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
@@ -443,17 +437,18 @@ class Dispatcher:
         """Forget finished messages past ``history.keep`` or ``history.max-messages``, a
         batch per transaction so that intake waits a few milliseconds at most (pending, dead
         and held ones stay)."""
-        purge = partial(
-            self._outbox.purge,
-            now,
-            keep=self.history.keep,
-            max_messages=self.history.max_messages,
-            batch=PURGE_BATCH,
-        )
         try:
             for _ in range(PURGE_ROUNDS):
-                if await self._db(purge) < PURGE_BATCH:
+                purged = self._outbox.purge(
+                    now,
+                    keep=self.history.keep,
+                    max_messages=self.history.max_messages,
+                    batch=PURGE_BATCH,
+                )
+                if purged < PURGE_BATCH:
                     break
+                # Deliveries go on between the batches of a long purge.
+                await asyncio.sleep(0)
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
@@ -539,7 +534,7 @@ class Dispatcher:
     async def _release(self) -> None:
         """Make the items that wait for destinations that answer again due now."""
         for name in sorted(self._to_release):
-            count = await self._db(partial(self._outbox.release_waiting, name, self._clock()))
+            count = self._outbox.release_waiting(name, self._clock())
             self._to_release.discard(name)
             if count:
                 log.info("%d items that waited for %s are due now", count, name)
@@ -552,20 +547,21 @@ class Dispatcher:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._to_record.wait(), retry_in)
             self._to_record.clear()
-            # Shielded: a stop that cancels the recorder lets a recording under way finish
-            # (its transaction commits all the same), and does not record it again.
-            self._flushing = asyncio.ensure_future(self._flush())
-            ok = await asyncio.shield(self._flushing)
+            # One turn of the event loop first: the workers whose answers came in the same
+            # turn add theirs, and one transaction records them all (a transaction costs
+            # more than the results in it).
+            await asyncio.sleep(0)
+            ok = self._flush()
             retry_in = None if ok else STORAGE_RETRY.delay(self._storage_failures.get("write", 1))
 
-    async def _flush(self) -> bool:
+    def _flush(self) -> bool:
         """Record what is waiting to be recorded; False when the outbox could not be written."""
         batch = list(self._unrecorded)
         if not batch:
             return True
         results = [result for result, _ in batch]
         try:
-            await self._db(partial(self._outbox.record, results))
+            self._outbox.record(results)
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
@@ -591,7 +587,7 @@ class Dispatcher:
             # Only a result that waits for its destination can make others wait too long;
             # tried again with the next such result if the disk fails now.
             try:
-                expired = await self._expire(results)
+                expired = self._expire(results)
             except Exception as exc:
                 if not is_storage_error(exc):
                     raise
@@ -603,19 +599,15 @@ class Dispatcher:
         self._wake.set()
         return True
 
-    def _expire(self, results: Sequence[Result]) -> asyncio.Future[int]:
+    def _expire(self, results: Sequence[Result]) -> int:
         """Items waiting for a destination longer than ``give-up-after`` are dead."""
-
-        def expire() -> int:
-            before = self._clock() - self.delivery.give_up_after
-            count = 0
-            for name in {r.waiting for r in results if r.waiting}:
-                reason = f"gave up after {_age(self.delivery.give_up_after)}: "
-                reason += self.destination(name).error or f"{name} could not be reached"
-                count += len(self._outbox.expire_waiting(name, before, reason))
-            return count
-
-        return asyncio.get_running_loop().run_in_executor(self._executor, expire)
+        before = self._clock() - self.delivery.give_up_after
+        count = 0
+        for name in {r.waiting for r in results if r.waiting}:
+            reason = f"gave up after {_age(self.delivery.give_up_after)}: "
+            reason += self.destination(name).error or f"{name} could not be reached"
+            count += len(self._outbox.expire_waiting(name, before, reason))
+        return count
 
     async def _drain(self, workers: list[asyncio.Task[None]], recorder: asyncio.Task[None]) -> None:
         """Let attempts under way finish (bounded by the SMTP timeout), record them, close."""
@@ -633,13 +625,10 @@ class Dispatcher:
         for task in workers:
             task.cancel()
         await asyncio.gather(recorder, *workers, return_exceptions=True)
-        if self._flushing is not None:
-            await asyncio.gather(self._flushing, return_exceptions=True)
-        if self._unrecorded and not await self._flush():
+        if self._unrecorded and not self._flush():
             log.error(
                 "%d delivery results could not be recorded; they will be sent again",
                 len(self._unrecorded),
             )
         await self._chat.close()
-        await self._db(self._outbox.close)
-        self._executor.shutdown(wait=True)
+        self._outbox.close()
