@@ -322,9 +322,11 @@ def test_a_result_recorded_before_the_disk_filled_is_not_recorded_again(tmp_path
     assert asyncio.run(scenario()) == 1
 
 
-def test_a_stop_while_a_recording_waits_for_the_disk_records_it_once(tmp_path: Path) -> None:
-    """SIGTERM while another writer holds the writers' lock and a result waits for it, past
-    the drain deadline: the result is recorded once the lock is free, and only once."""
+def test_a_stop_requested_while_a_result_waits_for_the_writers_lock_records_it_once(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM while another writer holds the writers' lock and a result waits for it: the
+    result is recorded once the lock is free (the stop is acted on after), and only once."""
     other = Outbox(tmp_path)
     other.put([accepted("A")])
     clock = FakeClock(T0)
@@ -355,6 +357,59 @@ def test_a_stop_while_a_recording_waits_for_the_disk_records_it_once(tmp_path: P
     other.close()
     assert len(attempts) == 1
     assert counted == {"sent": 1.0}
+
+
+def stopped_with_a_full_disk(tmp_path: Path, *, full_after_stop: bool) -> Outbox:
+    """A is delivered while the disk is full, so its result cannot be recorded; then a stop,
+    whose drain deadline (timeout 0.1 s) passes before the recorder tries again (0.5 s). The
+    disk has room again when the stop comes, unless ``full_after_stop``."""
+    other = Outbox(tmp_path)
+    other.put([accepted("A")])
+    clock = FakeClock(T0)
+    smtp = Gated()
+
+    async def scenario() -> None:
+        dispatcher = dispatcher_of(tmp_path, smtp, clock, timeout=0.1)
+        real = dispatcher._outbox.record
+        full = [True]
+
+        def record(results: Any) -> None:
+            if full[0]:
+                raise OutboxFull("cannot write to the outbox: the disk is full")
+            real(results)
+
+        dispatcher._outbox.record = record  # type: ignore[method-assign]
+        stop = asyncio.Event()
+        task = asyncio.create_task(dispatcher.run(stop))
+        smtp.gate("A").set()
+        await until(lambda: bool(dispatcher._storage_failures), "the full disk")
+        full[0] = full_after_stop
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
+
+    asyncio.run(scenario())
+    return other
+
+
+def test_a_result_the_full_disk_kept_out_is_recorded_once_by_the_stop(tmp_path: Path) -> None:
+    other = stopped_with_a_full_disk(tmp_path, full_after_stop=False)
+    attempts, counted, (item,) = other.attempts_of("A"), deliveries(other), other.items_of("A")
+    other.close()
+    assert len(attempts) == 1
+    assert counted == {"sent": 1.0}
+    assert item.state == "done"
+
+
+def test_a_result_the_disk_never_took_is_said_at_the_stop_and_the_item_stays_pending(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = stopped_with_a_full_disk(tmp_path, full_after_stop=True)
+    attempts, (item,) = other.attempts_of("A"), other.items_of("A")
+    other.close()
+    assert attempts == []
+    assert item.state == "pending"  # sent again after the restart: at least once
+    assert "1 delivery results could not be recorded; they will be sent again" in caplog.text
 
 
 # -- held mail -----------------------------------------------------------------------------------

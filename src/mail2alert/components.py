@@ -24,8 +24,9 @@ syncs the WAL (:meth:`~mail2alert.outbox.Outbox.sync`) before it answers.
 Everything else (SMTP sessions, routing, keepers, the watches) runs on the event loop and
 touches no database: routing reads :class:`Knowledge`, which only the event loop's thread
 changes. Delivery's outbox calls are short: reads never wait in WAL mode, and a write waits
-for the writers' lock only while another writer writes its rows; handing each call to a
-thread of its own cost more CPU than the SQL itself.
+for the writers' lock as long as another writer's transaction lasts (with its fsync, for the
+durable ones: Holds, ``queue`` commands), or runs a WAL checkpoint now and then; handing
+each call to a thread of its own cost more CPU than the SQL itself.
 """
 
 from __future__ import annotations

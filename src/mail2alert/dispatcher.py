@@ -209,12 +209,14 @@ class Dispatcher:
     """Delivers everything pending in the outbox of ``data_dir`` to ``remote``.
 
     Threads: everything runs on the event loop's thread, the outbox connection's calls too.
-    They are short: reads never wait for a writer (WAL mode), and a write waits for the
-    writers' lock only while another writer writes its rows (an intake process syncs after
-    letting go of it). Handing each call to a thread of its own, so that the event loop never
-    waited, cost more CPU than the SQL itself (wakeups and handovers of the GIL: delivery
-    alone took 0.39 ms of CPU per item that way, 0.24 now); polling for the lock, so that
-    the loop never waited for it either, cost more still (``bench/README.md``).
+    Reads never wait for a writer (WAL mode). A write waits for the writers' lock for as long
+    as another writer's transaction lasts: an intake process's rows (it syncs after letting
+    go), a durable writer's rows and fsync (held mail, a ``queue`` command); and a commit of
+    delivery's own may run a WAL checkpoint, fsyncs included. Handing each call to a thread
+    of its own, so that the event loop never waited, cost more CPU than the SQL itself
+    (wakeups and handovers of the GIL: delivery alone took 0.39 ms of CPU per item that way,
+    0.24 now); polling for the lock, so that the loop never waited for it either, cost more
+    still (``bench/README.md``).
 
     Each worker delivers mail through a transport of its own, made by ``connect`` (an SMTP
     connection to ``remote`` unless told otherwise); chat items go through ``chat_transport``
