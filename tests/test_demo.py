@@ -31,9 +31,19 @@ def test_a_busy_port_is_named_in_one_line_with_the_make_variable_and_nothing_sta
 ) -> None:
     holder, port = _occupied()
     smtp = free_port()
+    # Every other port is chosen free too: the defaults (8025, 9025) may be taken here.
+    others = [f"--{name}-port={free_port()}" for name in ("sink", "http")]
     with holder:
         done = subprocess.run(
-            [sys.executable, str(DEMO), "--smtp-port", str(smtp), "--gocd-port", str(port)],
+            [
+                sys.executable,
+                str(DEMO),
+                "--smtp-port",
+                str(smtp),
+                "--gocd-port",
+                str(port),
+                *others,
+            ],
             capture_output=True,
             text=True,
             timeout=60,
