@@ -337,14 +337,14 @@ class Dispatcher:
                 full = False
                 try:
                     if not started:
-                        await self._resume_waiting()
+                        self._resume_waiting()
                         started = True
                     now = self._clock()
                     if now - purged >= PURGE_EVERY:
                         purged = now
                         await self._purge(now)
-                    await self._release()
-                    full, next_due = await self._claim(now)
+                    self._release()
+                    full, next_due = self._claim(now)
                     delay = POLL if full else self._until_next(next_due)
                     self._storage_recovered("read")
                 except Exception as exc:
@@ -357,7 +357,7 @@ class Dispatcher:
         finally:
             stopper.cancel()
 
-    async def _resume_waiting(self) -> None:
+    def _resume_waiting(self) -> None:
         """After a start: destinations that items wait for are probed at once."""
         now = self._clock()
         for name, count in self._outbox.waiting_for().items():
@@ -366,7 +366,7 @@ class Dispatcher:
             destination.error = "not reached before the restart"
             log.info("%d items wait for %s; probing it now", count, name)
 
-    async def _claim(self, now: float) -> tuple[bool, float | None]:
+    def _claim(self, now: float) -> tuple[bool, float | None]:
         """Queue the due items and the probes that are due. Whether no room was left, and
         else when the next item not taken is due (None: none is pending)."""
         free = 4 * self.delivery.connections - len(self._inflight)
@@ -392,7 +392,7 @@ class Dispatcher:
         self._inflight.add(item.id)
         self._queue.put_nowait((item, probe, self._clock()))
 
-    async def _still_pending(self, item: Item, *, probe: bool) -> bool:
+    def _still_pending(self, item: Item, *, probe: bool) -> bool:
         """Whether an item taken a while ago is still to be sent; if not, let go of it."""
         try:
             pending = self._outbox.still_pending(item)
@@ -476,7 +476,7 @@ class Dispatcher:
                     except TimeoutError:
                         await connection.close_if_idle(IDLE_CLOSE)
                         continue
-                if self._clock() - taken > STALE_CLAIM and not await self._still_pending(
+                if self._clock() - taken > STALE_CLAIM and not self._still_pending(
                     item, probe=probe
                 ):
                     continue
@@ -533,7 +533,7 @@ class Dispatcher:
             self._wake.set()
         return judge(item, attempt, now=now, delivery=self.delivery, via=via)
 
-    async def _release(self) -> None:
+    def _release(self) -> None:
         """Make the items that wait for destinations that answer again due now."""
         for name in sorted(self._to_release):
             count = self._outbox.release_waiting(name, self._clock())
@@ -589,7 +589,7 @@ class Dispatcher:
             # Only a result that waits for its destination can make others wait too long;
             # tried again with the next such result if the disk fails now.
             try:
-                expired = self._expire(results)
+                expired = self._expire(waited)
             except Exception as exc:
                 if not is_storage_error(exc):
                     raise
@@ -601,11 +601,11 @@ class Dispatcher:
         self._wake.set()
         return True
 
-    def _expire(self, results: Sequence[Result]) -> int:
-        """Items waiting for a destination longer than ``give-up-after`` are dead."""
+    def _expire(self, destinations: set[str]) -> int:
+        """Items waiting for one of ``destinations`` longer than ``give-up-after`` are dead."""
         before = self._clock() - self.delivery.give_up_after
         count = 0
-        for name in {r.waiting for r in results if r.waiting}:
+        for name in destinations:
             reason = f"gave up after {_age(self.delivery.give_up_after)}: "
             reason += self.destination(name).error or f"{name} could not be reached"
             count += len(self._outbox.expire_waiting(name, before, reason))
