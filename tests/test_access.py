@@ -4,6 +4,7 @@ connects from 127.0.0.2."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import gc
 import logging
@@ -132,6 +133,51 @@ def test_auth_is_offered_only_after_starttls_and_lets_an_outsider_send(
             client.sendmail("go@example.com", ["admin@example.com"], compose())
         (got,) = upstream.wait_for(1)
     assert got.rcpt_tos == ("ops@example.com",)
+
+
+def test_each_mechanism_takes_its_first_answer_with_the_command_or_asked_for(
+    tmp_path: Path,
+    upstream: CaptureServer,
+    tls_files: dict[str, str],
+    users_file: Path,
+    client_context: ssl.SSLContext,
+) -> None:
+    """AUTH PLAIN and AUTH LOGIN alike: the first answer given with the command, or asked
+    for with a 334; one that is no base64 is a 501, and ``*`` abandons the login."""
+    local = {"tls": {"mode": "starttls", **tls_files}, "auth": {"users-file": str(users_file)}}
+    plain = base64.b64encode(b"\x00ci\x00right horse")
+    user, password = base64.b64encode(b"ci"), base64.b64encode(b"right horse")
+    ways = {
+        "PLAIN given": [b"AUTH PLAIN " + plain],
+        "PLAIN asked for": [b"AUTH PLAIN", plain],
+        "LOGIN given": [b"AUTH LOGIN " + user, password],
+        "LOGIN asked for": [b"AUTH LOGIN", user, password],
+    }
+    with serving(tmp_path, upstream, local) as service:
+        for way, lines in ways.items():
+            with smtplib.SMTP("localhost", service.port) as client:
+                client.starttls(context=client_context)
+                client.ehlo()
+                codes = []
+                for line in lines:
+                    client.send(line + b"\r\n")
+                    codes.append(client.getreply()[0])
+                assert codes[-1] == 235, way
+                assert set(codes[:-1]) <= {334}, way
+        for command in (b"AUTH PLAIN not-base64!", b"AUTH LOGIN not-base64!"):
+            with smtplib.SMTP("localhost", service.port) as client:
+                client.starttls(context=client_context)
+                client.ehlo()
+                client.send(command + b"\r\n")
+                assert client.getreply() == (501, b"5.5.2 Cannot decode the base64 answer")
+        for command in (b"AUTH PLAIN", b"AUTH LOGIN"):
+            with smtplib.SMTP("localhost", service.port) as client:
+                client.starttls(context=client_context)
+                client.ehlo()
+                client.send(command + b"\r\n")
+                assert client.getreply()[0] == 334
+                client.send(b"*\r\n")
+                assert client.getreply()[0] == 501
 
 
 def test_a_failed_login_is_answered_after_a_delay(

@@ -1239,20 +1239,24 @@ class LeanSMTP(SMTP):
         if transport is not None:
             transport.write(data + b"\r\n")
 
+    async def _first_answer(self, args: list[str], challenge: str) -> bytes | AuthResult:
+        """The client's first answer to AUTH: given with the command (base64), or asked for
+        with ``challenge``; the AuthResult to end with when there is none to take."""
+        if len(args) == 1:
+            answer = await self.challenge_auth(challenge)
+            return AuthResult(success=False) if answer is MISSING else answer
+        try:
+            return b64decode(args[1].encode("ascii"), validate=True)
+        except ValueError:
+            await self.push("501 5.5.2 Cannot decode the base64 answer")
+            return AuthResult(success=False, handled=True)
+
     async def auth_PLAIN(self, _: object, args: list[str]) -> AuthResult:
         """AUTH PLAIN: ``authzid NUL login NUL password``, given with the command or after
         an empty challenge."""
-        if len(args) == 1:
-            answer = await self.challenge_auth("")
-            if answer is MISSING:
-                return AuthResult(success=False)
-            data = answer
-        else:
-            try:
-                data = b64decode(args[1].encode("ascii"), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Cannot decode the base64 answer")
-                return AuthResult(success=False, handled=True)
+        data = await self._first_answer(args, "")
+        if isinstance(data, AuthResult):
+            return data
         parts = data.split(b"\x00")
         if len(parts) != 3:
             await self.push("501 5.5.2 Expected authzid NUL login NUL password")
@@ -1261,17 +1265,9 @@ class LeanSMTP(SMTP):
 
     async def auth_LOGIN(self, _: object, args: list[str]) -> AuthResult:
         """AUTH LOGIN: the user name (with the command or asked for), then the password."""
-        if len(args) == 1:
-            answer = await self.challenge_auth(self.AuthLoginUsernameChallenge)
-            if answer is MISSING:
-                return AuthResult(success=False)
-            login = answer
-        else:
-            try:
-                login = b64decode(args[1].encode("ascii"), validate=True)
-            except ValueError:
-                await self.push("501 5.5.2 Cannot decode the base64 answer")
-                return AuthResult(success=False, handled=True)
+        login = await self._first_answer(args, self.AuthLoginUsernameChallenge)
+        if isinstance(login, AuthResult):
+            return login
         password = await self.challenge_auth(self.AuthLoginPasswordChallenge)
         if password is MISSING:
             return AuthResult(success=False)
