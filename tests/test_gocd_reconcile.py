@@ -405,23 +405,32 @@ def test_the_keeper_makes_nothing_for_a_run_whose_mail_came(tmp_path: Path) -> N
 NO_STAGE_HISTORY = ("admin", "dashboard", "legacy", "cctray")
 
 
+def made_from_cctray(tmp_path: Path, *, known: str, result: str) -> tuple[str, bytes]:
+    """A run of ppp/test completes as ``result`` on a GoCD without a stage history, after a
+    run whose result the keeper knew as ``known``: what cctray.xml shows of it, and the alert
+    the keeper made of it once its mail did not come."""
+    clock = Clock(1_800_000_000.0)
+    fed = Fed()
+    fed.notes[HISTORY] = {("ppp", "test"): known}
+    with FakeGoCD(GROUPS, endpoints=NO_STAGE_HISTORY) as gocd:
+        poller = _keeper(gocd, tmp_path, fed, clock)
+        _poll(poller)
+        gocd.complete("ppp", "test", result, at=clock.now + 1)
+        shown = gocd.cctray[("ppp", "test")]
+        clock.now += 600
+        _poll(poller)
+    [data] = fed.recovered
+    return shown, data
+
+
 def test_without_a_stage_history_a_cctray_failure_is_made_failed_and_may_be_a_cancel(
     tmp_path: Path,
 ) -> None:
     """cctray.xml shows a cancelled run as failed: the alert is made all the same (it may be
     a failure, and GoCD never retries its mail), as ``failed`` even after a known pass, and
     says that it may have been a cancel."""
-    clock = Clock(1_800_000_000.0)
-    fed = Fed()
-    fed.notes[HISTORY] = {("ppp", "test"): "passed"}
-    with FakeGoCD(GROUPS, endpoints=NO_STAGE_HISTORY) as gocd:
-        poller = _keeper(gocd, tmp_path, fed, clock)
-        _poll(poller)
-        gocd.complete("ppp", "test", "Cancelled", at=clock.now + 1)
-        assert gocd.cctray[("ppp", "test")] == "Failure"
-        clock.now += 600
-        _poll(poller)
-    [data] = fed.recovered
+    shown, data = made_from_cctray(tmp_path, known="passed", result="Cancelled")
+    assert shown == "Failure"
     made = RawMessage.parse(b"From: a@example.com\r\nTo: b@example.com\r\n" + data)
     assert made.get("subject") == "Stage [ppp/1/test/1] failed"
     assert made.get("x-mail2alert-recovered") == "gocd-cctray"
@@ -458,16 +467,8 @@ def test_without_a_stage_history_a_cctray_success_is_made_as_gocd_would_have_sen
     tmp_path: Path,
 ) -> None:
     """A pass is a pass in cctray.xml too: after a known failure it is ``is fixed``."""
-    clock = Clock(1_800_000_000.0)
-    fed = Fed()
-    fed.notes[HISTORY] = {("ppp", "test"): "failed"}
-    with FakeGoCD(GROUPS, endpoints=NO_STAGE_HISTORY) as gocd:
-        poller = _keeper(gocd, tmp_path, fed, clock)
-        _poll(poller)
-        gocd.complete("ppp", "test", "Passed", at=clock.now + 1)
-        clock.now += 600
-        _poll(poller)
-    [data] = fed.recovered
+    shown, data = made_from_cctray(tmp_path, known="failed", result="Passed")
+    assert shown == "Success"
     assert b"Subject: Stage [ppp/1/test/1] is fixed" in data
     assert b"X-Mail2alert-Recovered: gocd-api" in data
 
